@@ -1,0 +1,64 @@
+"""The files around the weights: edited config.json, hcconvert.json and a model card."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .source import Checkpoint
+from .writer import write_json
+
+if TYPE_CHECKING:
+    from .convert import Conversion
+    from .options import ConvertOptions
+
+
+def reduced_config(config: dict, family, experts: int, top_k: int) -> dict:
+    """config.json as JSON with only the expert count (and top-k where it must drop) changed."""
+    out = dict(config)
+    out[family.experts_key] = experts
+    if top_k < config[family.top_k_key]:
+        print(f"warning: top-k drops from {config[family.top_k_key]} to {top_k} "
+              f"(only {experts} experts remain)", file=sys.stderr)
+        out[family.top_k_key] = top_k
+    return out
+
+
+def command_line(source: str, options: ConvertOptions, out: Path) -> str:
+    return f"hcconvert {source} --experts {options.experts} --out {out.name}"
+
+
+def write_metadata(directory: Path, ckpt: Checkpoint, conversion: Conversion,
+                   options: ConvertOptions) -> None:
+    plan = conversion.plan
+    config = reduced_config(ckpt.config, plan.spec.family, plan.experts_out, plan.top_k_out)
+    write_json(directory / "config.json", config)
+    layers = [{"layer": r.layer, "groups": r.groups, "frequencies": r.counts,
+               "tokens": r.tokens} for r in conversion.layers]
+    write_json(directory / "hcconvert.json", {
+        "source": conversion.source,
+        "method": "hc-smoe",
+        "options": options.to_json(),
+        "experts_before": plan.spec.num_experts,
+        "experts_after": plan.experts_out,
+        "layers": layers,
+    })
+    (directory / "README.md").write_text(model_card(conversion, options))
+
+
+def model_card(conversion: Conversion, options: ConvertOptions) -> str:
+    plan = conversion.plan
+    is_hub_id = conversion.source.count("/") == 1 and not Path(conversion.source).exists()
+    front = ["---", "library_name: transformers", "tags:", "- moe", "- hc-smoe", "- hcconvert"]
+    if is_hub_id:
+        front.insert(1, f"base_model: {conversion.source}")
+    groups = "\n".join(f"| {r.layer} | {json.dumps(r.groups)} |" for r in conversion.layers)
+    return "\n".join(front + ["---", "", f"# {conversion.out.name}", "",
+        f"`{conversion.source}` with its MoE layers reduced from {plan.spec.num_experts} to "
+        f"{plan.experts_out} experts by HC-SMoE (hierarchical clustering of expert outputs, "
+        f"{options.linkage} linkage, {options.merge} merge, {options.router} router) with "
+        "[hcconvert](https://github.com/hcconvert/hcconvert), without retraining.", "",
+        "```", command_line(conversion.source, options, conversion.out), "```", "",
+        "| layer | expert groups (original indices) |", "| --- | --- |", groups, ""])

@@ -1,0 +1,72 @@
+"""What hcconvert prints: the dry-run plan, `inspect`, and the final conversion summary."""
+
+from __future__ import annotations
+
+import click
+
+from .convert import Conversion, open_source
+from .options import ConvertOptions
+from .plan import build_plan
+from .resources import human_bytes, peak_gpu_bytes, peak_rss_bytes
+
+# Resident during a conversion besides one layer's weights: hidden states and the MoE input
+# ([T, H] each), the attention output and a routed-expert buffer, all in the compute dtype.
+RESIDENT_TOKEN_BUFFERS = 4
+
+
+def print_plan(src: str, options: ConvertOptions) -> None:
+    ckpt, spec = open_source(src, options.revision)
+    plan = build_plan(ckpt, spec, options.experts)
+    tokens = options.calib_samples * options.seq_len
+    layer_bytes = plan.max_layer_bytes(ckpt)
+    hidden_bytes = RESIDENT_TOKEN_BUFFERS * tokens * spec.hidden * 4
+    lines = [
+        f"source        {ckpt.root}",
+        f"family        {spec.family.model_type}",
+        f"layers        {spec.num_layers} ({len(spec.moe_layers)} MoE: "
+        f"{_ranges(spec.moe_layers)})",
+        f"experts       {spec.num_experts} -> {plan.experts_out} per MoE layer",
+        f"top-k         {spec.top_k} -> {plan.top_k_out}",
+        f"tensors       {len(ckpt.tensors)} -> {len(plan.outputs)}",
+        f"size          {human_bytes(plan.bytes_in)} -> {human_bytes(plan.bytes_out)}",
+        f"calibration   {options.calib_samples} x {options.seq_len} tokens",
+        f"memory (est.) {human_bytes(2 * layer_bytes + hidden_bytes)} "
+        f"(largest layer {human_bytes(layer_bytes)}, token buffers {human_bytes(hidden_bytes)})",
+    ]
+    click.echo("\n".join(lines))
+
+
+def _ranges(layers: tuple[int, ...]) -> str:
+    if not layers:
+        return "none"
+    if list(layers) == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
+
+
+def print_inspection(src: str, revision: str | None) -> None:
+    ckpt, spec = open_source(src, revision)
+    dtypes = sorted({info.dtype for info in ckpt.tensors.values()})
+    click.echo("\n".join([
+        f"family        {spec.family.model_type} (supported)",
+        f"layers        {spec.num_layers}, MoE: {_ranges(spec.moe_layers)}",
+        f"experts       {spec.num_experts} routed, top-{spec.top_k}, "
+        f"shared expert: {'yes' if spec.family.shared_expert else 'no'}",
+        f"dtype         {', '.join(dtypes)}",
+        f"size          {human_bytes(ckpt.total_bytes)} in {len(ckpt.tensors)} tensors",
+        "layout        per-expert tensors",
+    ]))
+
+
+def print_summary(conversion: Conversion) -> None:
+    plan, timer = conversion.plan, conversion.timer
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in timer.seconds.items())
+    gpu = peak_gpu_bytes()
+    click.echo("\n".join([
+        f"wrote {conversion.out}: {plan.spec.num_experts} -> {plan.experts_out} experts "
+        f"in {len(plan.spec.moe_layers)} MoE layers",
+        f"size        {human_bytes(plan.bytes_in)} -> {human_bytes(plan.bytes_out)}",
+        f"wall time   {timer.wall:.1f}s ({stages})",
+        f"peak memory host {human_bytes(peak_rss_bytes())}"
+        + (f", GPU {human_bytes(gpu)}" if gpu is not None else ""),
+    ]))

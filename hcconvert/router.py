@@ -1,0 +1,51 @@
+"""The reduced router: one row per merged expert.
+
+- dominant: the row of the group's most frequently picked member.
+- freq-avg: the frequency-weighted average of the members' rows.
+- lse-fit:  ridge least squares on calibration inputs so that x·w_c ≈ log Σ_{i∈c} exp(x·w_i),
+            i.e. the merged expert's softmax mass matches its members' combined mass.
+            The ridge pulls towards the freq-avg row, so directions calibration never saw
+            keep a sensible row instead of collapsing to zero.
+Singleton groups always keep their original row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .merging import member_weights, weighted_sum
+from .options import ROUTERS
+
+# Ridge strength relative to the mean diagonal of XᵀX: small enough to fit the targets,
+# large enough to keep the solve well-posed when calibration spans few directions.
+RIDGE = 1e-3
+
+
+def reduce_router(router: torch.Tensor, groups: list[list[int]], counts: torch.Tensor,
+                  method: str, gram: torch.Tensor | None = None,
+                  cross: torch.Tensor | None = None) -> torch.Tensor:
+    """[R, H] router rows for the groups. lse-fit needs XᵀX (gram) and Xᵀy (cross)."""
+    if method not in ROUTERS:
+        raise ValueError(f"unknown router {method!r}; choose from {', '.join(ROUTERS)}")
+    if method == "dominant":
+        leaders = [max(g, key=lambda e: (counts[e].item(), -e)) for g in groups]
+        return router[leaders].clone()
+    rows = torch.stack([weighted_sum(router, g, member_weights(g, counts, "freq"))
+                        for g in groups])
+    if method == "lse-fit":
+        rows = _lse_fit(router, rows, groups, gram, cross)
+    return rows
+
+
+def _lse_fit(router, prior, groups, gram, cross) -> torch.Tensor:
+    if gram is None or cross is None:
+        raise ValueError("lse-fit needs the calibration Gram matrices")
+    ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    w0 = prior.to(gram).T  # [H, R]
+    fitted = w0 + torch.linalg.solve(gram + ridge * eye, cross - gram @ w0)
+    rows = fitted.T.to(router.dtype).to(router.device)
+    for c, group in enumerate(groups):
+        if len(group) == 1:
+            rows[c] = router[group[0]]
+    return rows

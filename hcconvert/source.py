@@ -1,0 +1,158 @@
+"""Reading a checkpoint: resolve SRC, read config and shard index, open tensors lazily.
+
+Nothing here loads more than the tensor asked for: shards are memory-mapped by
+`safetensors.safe_open`, and the headers alone answer names, shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import UserError
+from .families import LAYER_PREFIX
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# What a conversion needs from a Hub repo: never pickles, never remote code.
+HUB_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "*.safetensors",
+    INDEX_FILE,
+]
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's place and shape, read from its shard's header."""
+
+    shard: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * DTYPE_BYTES[self.dtype]
+
+
+def resolve_source(src: str, revision: str | None = None) -> Path:
+    """A local directory as is, or a Hub repo id downloaded (safetensors and config only)."""
+    path = Path(src)
+    if path.is_dir():
+        return path
+    if path.exists() or src.startswith((".", "/", "~")) or src.count("/") != 1:
+        raise UserError(f"source {src!r} is not a directory or a Hub repo id (owner/name)")
+    return _download(src, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise UserError(f"cannot download {repo_id!r}: offline and not in the HF cache") from None
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"cannot download {repo_id!r}: {first_line}") from None
+
+
+def read_shard_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header and check that the file holds every byte it promises."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError("header longer than file")
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError, struct.error) as err:
+        raise UserError(f"shard {path.name} is unreadable or truncated ({err})") from None
+    header.pop("__metadata__", None)
+    data_end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + header_len + data_end > size:
+        raise UserError(f"shard {path.name} is truncated: {size} bytes, header promises "
+                        f"{8 + header_len + data_end}")
+    return {name: TensorInfo(path.name, v["dtype"], tuple(v["shape"]))
+            for name, v in header.items()}
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint directory: config, tensor index, lazy tensor access."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.config = self._read_config()
+        self.tensors = self._read_index()
+        self._handles: dict[str, object] = {}
+
+    def _read_config(self) -> dict:
+        path = self.root / "config.json"
+        if not path.is_file():
+            raise UserError(f"{self.root} has no config.json")
+        try:
+            return json.loads(path.read_text())
+        except ValueError as err:
+            raise UserError(f"{path} is not valid JSON: {err}") from None
+
+    def _read_index(self) -> dict[str, TensorInfo]:
+        index = self.root / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        elif (self.root / SINGLE_FILE).is_file():
+            weight_map, shards = None, [SINGLE_FILE]
+        else:
+            raise UserError(f"{self.root} has no {INDEX_FILE} or {SINGLE_FILE}")
+        headers: dict[str, TensorInfo] = {}
+        for shard in shards:
+            if not (self.root / shard).is_file():
+                raise UserError(f"shard {shard} named in the index is missing from {self.root}")
+            headers.update(read_shard_header(self.root / shard))
+        if weight_map is None:
+            return headers
+        for name, shard in weight_map.items():
+            if name not in headers or headers[name].shard != shard:
+                raise UserError(f"tensor {name} is in the index but not in shard {shard}")
+        return {name: headers[name] for name in weight_map}
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (a copy out of the memory-mapped shard)."""
+        info = self.tensors[name]
+        handle = self._handles.get(info.shard)
+        if handle is None:
+            handle = safe_open(str(self.root / info.shard), framework="pt")
+            self._handles[info.shard] = handle
+        return handle.get_tensor(name)
+
+    def layer_tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        """One decoder layer's tensors as stored, keyed by their name below the layer prefix."""
+        prefix = LAYER_PREFIX.format(layer=layer)
+        return {n.removeprefix(prefix): self.get(n) for n in self.tensors if n.startswith(prefix)}
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    def file_bytes(self) -> int:
+        return sum(os.path.getsize(self.root / s) for s in {i.shard for i in self.tensors.values()})
