@@ -52,7 +52,13 @@ def parse_size(text: str) -> int:
 
 @click.group(cls=DefaultToConvert, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Reduce the experts of a Mixture-of-Experts checkpoint (HC-SMoE), one layer at a time."""
+    """Reduce the experts of a Mixture-of-Experts checkpoint (HC-SMoE), one layer at a time.
+
+    \b
+      hcconvert SRC --experts R --out DIR [OPTIONS]   (see: hcconvert convert --help)
+      hcconvert inspect SRC
+      hcconvert eval ORIGINAL REDUCED --text FILE
+    """
 
 
 @main.command()

@@ -36,8 +36,9 @@ __all__ = ["expert_act_sums", "expert_act_sums_torch"]
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # ---------------------------------------------------------------------------------------------
-# Tuning constants (GPU). Chosen for Hopper/Ampere-class GPUs (H100, A100) at MoE shapes
-# (H 2048-7168, F 1408-14336); see bench/bench_kernel.py to re-measure.
+# Tuning constants (GPU), for Hopper/Ampere-class GPUs (H100, A100) at MoE shapes
+# (H 2048-7168, F 1408-14336). Set from the tile arithmetic below and checked by compiling for
+# sm_80/sm_90 (ptxas -v), but not yet timed on a GPU: re-tune with bench/bench_kernel.py.
 # ---------------------------------------------------------------------------------------------
 # Tokens per tile = the M dimension of both GEMM tiles. 128 rows keep the tensor cores busy and
 # amortise each weight tile load over 128 tokens (weights are re-read once per token tile).
@@ -49,11 +50,16 @@ BLOCK_F = 64
 # Reduction step over H for half-precision inputs: 64 x 2 B = 128 B rows (whole cache lines).
 # One pipeline stage holds x [128, 64] + 2 x w [64, 64] = 32 KB of shared memory.
 BLOCK_H = 64
-# Reduction step for fp32 inputs: fp32 elements are twice as wide, so halve the step to keep a
-# stage at 32 KB; with NUM_STAGES stages that still fits A100 (164 KB) and H100 (228 KB) smem.
-BLOCK_H_FP32 = 32
+# Reduction step for fp32 inputs. tl.dot with input_precision="ieee" runs on the CUDA cores
+# (FMA) with operand fragments held in registers: a step of 32 needs 255 registers and spills
+# on sm_90 (ptxas -v), 16 compiles spill-free (32 KB smem per stage). FMA throughput, not the K
+# step, bounds this path, so the shorter step costs little.
+BLOCK_H_FP32 = 16
 NUM_WARPS = 8  # 256 threads share the two [128, 64] accumulators (see BLOCK_F)
-NUM_STAGES = 3  # 3 x 32 KB software pipeline: enough to hide HBM latency, fits every target
+# 3 x 32 KB software-pipeline stages (cp.async, no TMA): hides HBM latency and fits A100
+# (164 KB) and H100 (228 KB) smem. Triton 3.9 compiles the bf16 kernel for sm_90 to wgmma with
+# 96 KB smem, 172 registers/thread and no spills (1 CTA of 8 warps per SM).
+NUM_STAGES = 3
 # Launch-order swizzle: consecutive programs cover GROUP_F feature blocks x all token splits of
 # one expert, so a weight tile is read by ~`splits` concurrently running programs and an x tile
 # by GROUP_F of them -- both mostly hit L2 instead of HBM (as in the Triton matmul tutorial).
@@ -61,7 +67,8 @@ GROUP_F = 8
 # Occupancy target: at least this many programs per SM so that the tail of the grid is short.
 PROGRAMS_PER_SM = 4
 # Lower bound on token splits (when T allows it) so that the swizzle above has several programs
-# sharing each weight tile; without it weight traffic per FLOP is 1/BLOCK_T, i.e. HBM-bound.
+# sharing each weight tile. Without that sharing every program streams its weight tile from
+# HBM once per token tile: BLOCK_T = 128 bf16 FLOP/B, under H100's ~300 FLOP/B ridge point.
 MIN_SPLITS = 8
 # Each split should loop over at least this many token tiles, so the per-program setup and the
 # partial-sum write are amortised.

@@ -1,9 +1,75 @@
+"""Shared fixtures: tiny Mixtral checkpoints saved by transformers, with a tokenizer and text.
+
+Triton kernels run under the interpreter on machines without CUDA; the variable must be set
+before triton decorates any kernel, hence here, before the package is imported.
+"""
+
 import os
 
 import torch
 
-# Triton reads TRITON_INTERPRET when a kernel is decorated (module import), so it must be set
-# before any test module imports hcconvert.kernels. Without a GPU, run Triton kernels in the
-# CPU interpreter; with one, leave the environment alone so the real kernels are tested.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from hcconvert.demo import data_file, write_tokenizer  # noqa: E402
+
+TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2,
+            max_position_embeddings=512, rms_norm_eps=1e-5)
+
+
+def save_tiny_mixtral(directory: Path, dtype=torch.float32, hub_style_config=False,
+                      seed=0, **overrides) -> Path:
+    """A random MixtralForCausalLM saved by transformers in several shards, plus a tokenizer.
+
+    hub_style_config rewrites config.json the way the Hub's original repos have it
+    (rope_theta and torch_dtype instead of transformers 5's rope_parameters and dtype).
+    """
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(directory)
+    config = MixtralConfig(vocab_size=vocab, **{**TINY, **overrides})
+    model = MixtralForCausalLM(config).to(dtype)
+    _spread_weights(model)
+    model.save_pretrained(directory, max_shard_size="40KB")
+    if hub_style_config:
+        cfg = json.loads((directory / "config.json").read_text())
+        cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
+        cfg["torch_dtype"] = cfg.pop("dtype")
+        (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    return directory
+
+
+def _spread_weights(model) -> None:
+    """transformers' init (std 0.02) makes every expert's output near zero and every router
+    row alike; unit-variance-ish weights make routing and merging differences visible."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5 * (4 if "gate" in name.split(".")[-2:] else 1))
+            if "embed" in name:
+                p.normal_(0, 1)
+
+
+@pytest.fixture
+def calib_text() -> Path:
+    return data_file("demo_calib.txt")
+
+
+@pytest.fixture
+def eval_text() -> Path:
+    return data_file("demo_eval.txt")
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """sha256 of every file below directory, keyed by relative path."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}

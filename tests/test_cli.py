@@ -1,0 +1,188 @@
+"""The command line: bad input gives one line on stderr, exit code 2, and writes nothing."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import save_tiny_mixtral, tree_digest
+
+from hcconvert.cli import main
+
+
+@pytest.fixture
+def src(tmp_path):
+    return save_tiny_mixtral(tmp_path / "src")
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def convert_args(src, out, calib, *extra):
+    return (src, "--experts", 3, "--out", out, "--calib", calib, "--calib-samples", 2,
+            "--seq-len", 32, *extra)
+
+
+def assert_user_error(result, fragment):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hcconvert: error: "), result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def break_index(src):
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    name, shard = next(iter(index["weight_map"].items()))
+    index["weight_map"]["model.layers.0.self_attn.q_proj.extra"] = shard
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    return "model.layers.0.self_attn.q_proj.extra"
+
+
+def truncate_shard(src):
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    return shard.name
+
+
+def set_config(src, **changes):
+    config = json.loads((src / "config.json").read_text())
+    config.update(changes)
+    (src / "config.json").write_text(json.dumps(config))
+
+
+BAD_SOURCES = {
+    # damage done to a valid checkpoint -> a fragment the one-line error must contain
+    "shard missing": (lambda s: sorted(s.glob("model-*.safetensors"))[0].unlink(), "missing"),
+    "shard truncated": (truncate_shard, "truncated"),
+    "index names a missing tensor": (break_index, "q_proj.extra"),
+    "tensor missing from index": (
+        lambda s: (s / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+            k: v for k, v in json.loads((s / "model.safetensors.index.json").read_text())
+            ["weight_map"].items() if "layers.1.block_sparse_moe.gate" not in k}})),
+        "model.layers.1.block_sparse_moe.gate.weight"),
+    "non-MoE model_type": (lambda s: set_config(s, model_type="llama"), "'llama'"),
+    "unknown model_type": (lambda s: set_config(s, model_type="frobnicator"), "supported:"),
+    "tokenizer missing": (lambda s: (s / "tokenizer.json").unlink(), "tokenizer.json"),
+    "config missing": (lambda s: (s / "config.json").unlink(), "config.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SOURCES))
+def test_bad_source_fails_cleanly(tmp_path, src, calib_text, case):
+    damage, fragment = BAD_SOURCES[case]
+    damage(src)
+    before = tree_digest(src)
+    result = run(*convert_args(src, tmp_path / "out", calib_text))
+    assert_user_error(result, fragment)
+    assert not (tmp_path / "out").exists()
+    assert tree_digest(src) == before
+    assert not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("experts,fragment", [(0, "at least 1"), (6, "between 1 and 5"),
+                                              (9, "between 1 and 5")])
+def test_bad_expert_count(tmp_path, src, calib_text, experts, fragment):
+    args = list(convert_args(src, tmp_path / "out", calib_text))
+    args[2] = experts
+    assert_user_error(run(*args), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_source(tmp_path, calib_text):
+    assert_user_error(run(*convert_args(tmp_path / "nope", tmp_path / "out", calib_text)),
+                      "not a directory")
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_calibration(tmp_path, src, content):
+    calib = tmp_path / "empty.txt"
+    calib.write_text(content)
+    assert_user_error(run(*convert_args(src, tmp_path / "out", calib)), "no text")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_calibration_file(tmp_path, src):
+    assert_user_error(run(*convert_args(src, tmp_path / "out", tmp_path / "nope.jsonl")),
+                      "does not exist")
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_out_equal_to_or_inside_source(src, calib_text, where):
+    out = src if where == "same" else src / "sub"
+    before = tree_digest(src)
+    assert_user_error(run(*convert_args(src, out, calib_text)), "source directory")
+    assert tree_digest(src) == before
+
+
+def test_non_empty_out_needs_overwrite(tmp_path, src, calib_text):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_user_error(run(*convert_args(src, out, calib_text)), "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    result = run(*convert_args(src, out, calib_text, "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_convert_prints_summary(tmp_path, src, calib_text):
+    result = run(*convert_args(src, tmp_path / "out", calib_text))
+    assert result.exit_code == 0, result.stderr
+    assert "6 -> 3 experts" in result.stdout and "peak memory" in result.stdout
+
+
+def test_dry_run_writes_nothing(tmp_path, src):
+    result = run(src, "--experts", 3, "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    assert "experts       6 -> 3" in result.stdout and "memory (est.)" in result.stdout
+    assert list(tmp_path.iterdir()) == [src]
+
+
+def test_calibration_jsonl_and_gzip(tmp_path, src, calib_text):
+    import gzip
+
+    docs = calib_text.read_text().split("\n\n")
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in docs)
+    (tmp_path / "c.jsonl").write_text(lines)
+    with gzip.open(tmp_path / "c.json.gz", "wt") as f:
+        f.write(lines)
+    for i, name in enumerate(("c.jsonl", "c.json.gz")):
+        result = run(*convert_args(src, tmp_path / f"out{i}", tmp_path / name))
+        assert result.exit_code == 0, result.stderr
+
+
+def test_eval_reports_perplexity_and_kl(tmp_path, src, calib_text, eval_text):
+    assert run(*convert_args(src, tmp_path / "out", calib_text)).exit_code == 0
+    result = run("eval", src, tmp_path / "out", "--text", eval_text, "--seq-len", 64,
+                 "--samples", 4)
+    assert result.exit_code == 0, result.stderr
+    assert "perplexity original" in result.stdout and "KL(" in result.stdout
+    same = run("eval", src, src, "--text", eval_text, "--seq-len", 64, "--samples", 4)
+    assert "0.00000 nats" in same.stdout
+
+
+def test_inspect(src):
+    result = run("inspect", src)
+    assert result.exit_code == 0, result.stderr
+    assert "mixtral" in result.stdout and "6 routed, top-2" in result.stdout
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+
+
+def test_offline_without_calib_is_a_clear_error(tmp_path, src, offline):
+    result = run(src, "--experts", 3, "--out", tmp_path / "out")
+    assert_user_error(result, "--calib")
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_hub_id_is_a_clear_error(tmp_path, offline):
+    assert_user_error(run("someone/some-moe", "--experts", 2, "--out", tmp_path / "out"),
+                      "cannot download")

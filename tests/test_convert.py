@@ -1,0 +1,150 @@
+"""End to end on tiny Mixtrals: the output loads in transformers and equals a reference merge."""
+
+import json
+
+import pytest
+import torch
+from conftest import save_tiny_mixtral, tree_digest
+from safetensors.torch import load_file, save_file
+
+from hcconvert.convert import convert
+from hcconvert.options import ConvertOptions
+
+EXPERT = "model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"
+ROUTER = "model.layers.{layer}.block_sparse_moe.gate.weight"
+
+
+def load_all(directory):
+    tensors = {}
+    for shard in directory.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def reference_merge(src, out, router_method):
+    """Rebuild the reduced tensors in the test from hcconvert.json's groups and frequencies."""
+    record = json.loads((out / "hcconvert.json").read_text())
+    tensors = load_all(src)
+    for entry in record["layers"]:
+        layer, groups = entry["layer"], entry["groups"]
+        freq = torch.tensor(entry["frequencies"], dtype=torch.float64)
+        originals = {k: tensors.pop(k) for k in list(tensors)
+                     if k.startswith(f"model.layers.{layer}.block_sparse_moe.")}
+        rows = []
+        for c, group in enumerate(groups):
+            f = freq[group] if freq[group].sum() > 0 else torch.ones(len(group))
+            weights = (f / f.sum()).float()
+            for w in ("w1", "w2", "w3"):
+                stacked = torch.stack([originals[EXPERT.format(layer=layer, e=e, w=w)]
+                                       for e in group])
+                merged = (stacked.float() * weights.view(-1, 1, 1)).sum(0)
+                tensors[EXPERT.format(layer=layer, e=c, w=w)] = merged.to(stacked.dtype)
+            router = originals[ROUTER.format(layer=layer)]
+            if router_method == "dominant":
+                rows.append(router[max(group, key=lambda e: (freq[e], -e))])
+            else:
+                rows.append((router[group].float() * weights[:, None]).sum(0).to(router.dtype))
+        tensors[ROUTER.format(layer=layer)] = torch.stack(rows)
+    return tensors
+
+
+def logits_of(directory, tokens):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("dtype,hub_style", [
+    (torch.float32, False),  # transformers 5 config: rope_parameters, dtype
+    (torch.float32, True),  # the Hub's original config: rope_theta, torch_dtype
+    (torch.bfloat16, True),  # bf16 weights: merge in fp32, cast back
+])
+@pytest.mark.parametrize("router", ["freq-avg", "dominant"])
+def test_output_loads_and_equals_reference_merge(tmp_path, calib_text, dtype, hub_style, router):
+    src = save_tiny_mixtral(tmp_path / "src", dtype=dtype, hub_style_config=hub_style)
+    out = tmp_path / "out"
+    options = ConvertOptions(experts=4, calib=str(calib_text), calib_samples=4, seq_len=64,
+                             router=router)
+    convert(str(src), out, options, progress=False)
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_local_experts"] == 4
+    assert {k: v for k, v in config.items() if k != "num_local_experts"} == \
+        {k: v for k, v in json.loads((src / "config.json").read_text()).items()
+         if k != "num_local_experts"}
+    written = load_all(out)
+    expected = reference_merge(src, out, router)
+    assert written.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert written[name].dtype == tensor.dtype, name
+        torch.testing.assert_close(written[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+    ref_dir = tmp_path / "reference"
+    ref_dir.mkdir()
+    save_file(expected, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
+    (ref_dir / "config.json").write_text((out / "config.json").read_text())
+    tokens = torch.randint(3, 200, (2, 24))
+    torch.testing.assert_close(logits_of(out, tokens), logits_of(ref_dir, tokens))
+
+
+def test_output_layout_and_files(tmp_path, calib_text):
+    src = save_tiny_mixtral(tmp_path / "src")
+    out = tmp_path / "out"
+    options = ConvertOptions(experts=3, calib=str(calib_text), calib_samples=2, seq_len=32,
+                             max_shard_size=30_000)
+    convert(str(src), out, options, progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    written = load_all(out)
+    assert set(written) == set(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for t in written.values())
+    for layer in range(2):
+        experts = {k for k in written if f"layers.{layer}.block_sparse_moe.experts." in k}
+        assert experts == {EXPERT.format(layer=layer, e=e, w=w) for e in range(3)
+                           for w in ("w1", "w2", "w3")}
+        assert written[ROUTER.format(layer=layer)].shape == (3, 32)
+    assert all(torch.isfinite(t.float()).all() for t in written.values())
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                 "hcconvert.json", "README.md"):
+        assert (out / name).is_file(), name
+    record = json.loads((out / "hcconvert.json").read_text())
+    assert [len(sum(entry["groups"], [])) for entry in record["layers"]] == [6, 6]
+    assert "base_model" not in (out / "README.md").read_text()  # a local source has no Hub id
+    assert not list(tmp_path.glob(".out*")), "staging directory left behind"
+
+
+def test_top_k_drops_with_a_warning(tmp_path, calib_text, capsys):
+    src = save_tiny_mixtral(tmp_path / "src")
+    options = ConvertOptions(experts=1, calib=str(calib_text), calib_samples=2, seq_len=32)
+    convert(str(src), tmp_path / "out", options, progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["num_local_experts"], config["num_experts_per_tok"]) == (1, 1)
+    assert "top-k drops from 2 to 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("propagate", ["original", "merged"])
+def test_source_bytes_unchanged(tmp_path, calib_text, propagate):
+    src = save_tiny_mixtral(tmp_path / "src")
+    before = tree_digest(src)
+    options = ConvertOptions(experts=2, calib=str(calib_text), calib_samples=2, seq_len=32,
+                             propagate=propagate, router="lse-fit")
+    convert(str(src), tmp_path / "out", options, progress=False)
+    assert tree_digest(src) == before
+
+
+def test_propagate_changes_only_later_layers(tmp_path, calib_text):
+    src = save_tiny_mixtral(tmp_path / "src")
+    records = {}
+    for propagate in ("original", "merged"):
+        out = tmp_path / propagate
+        options = ConvertOptions(experts=3, calib=str(calib_text), calib_samples=2, seq_len=32,
+                                 propagate=propagate)
+        convert(str(src), out, options, progress=False)
+        records[propagate] = json.loads((out / "hcconvert.json").read_text())["layers"]
+    # Layer 0 sees the same inputs either way; layer 1's inputs differ.
+    assert records["original"][0] == records["merged"][0]
+    assert records["original"][1]["frequencies"] != records["merged"][1]["frequencies"]
