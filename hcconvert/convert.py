@@ -26,8 +26,10 @@ from .metadata import write_metadata
 from .modeling import (
     Experts,
     ModelSpec,
+    add_residual,
     attention_residual,
     dense_mlp,
+    embed,
     ffn_input,
     moe_block,
     rope_tables,
@@ -125,10 +127,10 @@ class LayerPipeline:
 
     def run(self, tokens: torch.Tensor, progress: bool) -> None:
         with self.timer.stage("read"):
-            embed = self.ckpt.get("model.embed_tokens.weight")
-        self.dtype = compute_dtype(self.device, embed.dtype)
-        hidden = embed[tokens].to(self.device, self.dtype)  # [N, S, H]
-        del embed
+            table = self.ckpt.get("model.embed_tokens.weight")
+        self.dtype = compute_dtype(self.device, table.dtype)
+        hidden = embed(self.spec, table, tokens).to(self.device, self.dtype)  # [N, S, H]
+        del table
         rope = rope_tables(self.spec, tokens.shape[1], self.device, self.dtype)
         with self.timer.stage("write"):
             for tensor in self.plan.global_outputs:
@@ -155,7 +157,7 @@ class LayerPipeline:
             if layer in self.spec.moe_layers:
                 produced = self.reduce_moe(layer, w, x, flat)
             else:
-                flat += dense_mlp(self.spec, w, x)
+                add_residual(self.spec, flat, dense_mlp(self.spec, w, x))
                 produced = {}
         status("writing")
         with self.timer.stage("write"):
@@ -172,7 +174,7 @@ class LayerPipeline:
         family = spec.family
         router = w[family.router]
         experts = Experts.from_layer(w, family.experts, spec.num_experts)
-        stats = collect_layer_stats(x, router, experts, spec.top_k)
+        stats = collect_layer_stats(x, router, experts, spec.routing)
         groups = self.choose_groups(stats)
         merged = merge_experts(experts, groups, stats.counts, options.merge)
         gram = cross = None
@@ -180,27 +182,36 @@ class LayerPipeline:
             gram, cross = group_logsumexp_gram(x, router, groups)
         new_router = reduce_router(router, groups, stats.counts, options.router, gram, cross)
         if options.propagate == "merged":
-            flat += moe_block(spec, w, x, new_router, merged)
+            add_residual(spec, flat, moe_block(spec, w, x, new_router, merged))
         else:
-            flat += moe_block(spec, w, x, router, experts)
+            add_residual(spec, flat, moe_block(spec, w, x, router, experts))
         self.conversion.layers.append(
             LayerResult(layer, groups, stats.counts.tolist(), stats.tokens))
         return self.merged_tensors(layer, new_router, merged)
 
     def choose_groups(self, stats: LayerStats) -> list[list[int]]:
+        """The expert groups. Under group-limited routing each routing group of experts is
+        reduced on its own, to R/n_group experts, so every merged expert stays in its group."""
+        size = self.spec.num_experts // self.spec.routing.groups
+        keep = self.options.experts // self.spec.routing.groups
+        groups = []
+        for start in range(0, self.spec.num_experts, size):
+            local = self.group_slice(stats, slice(start, start + size), keep)
+            groups += [[start + e for e in group] for group in local]
+        return groups
+
+    def group_slice(self, stats: LayerStats, members: slice, keep: int) -> list[list[int]]:
         options = self.options
+        counts = stats.counts[members]
         if options.method == "prune":
-            return prune_groups(stats.counts, options.experts)
-        return group_experts(stats.output_mean.double().numpy(), stats.counts.numpy(),
-                             options.experts, grouping=options.grouping,
-                             linkage=options.linkage, seed=options.seed)
+            return prune_groups(counts, keep)
+        return group_experts(stats.output_mean[members].double().numpy(), counts.numpy(), keep,
+                             grouping=options.grouping, linkage=options.linkage,
+                             seed=options.seed)
 
     def merged_tensors(self, layer: int, router: torch.Tensor, merged: Experts) -> dict:
+        """Reduced router and experts by full name, in the source's expert layout."""
         prefix = self.plan.layer_prefix(layer)
-        names = self.spec.family.experts
-        out = {prefix + self.spec.family.router: router}
-        for e in range(len(merged)):
-            out[prefix + names.gate.format(expert=e)] = merged.gate[e]
-            out[prefix + names.up.format(expert=e)] = merged.up[e]
-            out[prefix + names.down.format(expert=e)] = merged.down[e]
-        return out
+        family = self.spec.family
+        tensors = {family.router: router, **merged.to_layer(family.experts)}
+        return {prefix + name: tensor for name, tensor in tensors.items()}

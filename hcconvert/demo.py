@@ -18,8 +18,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-from .convert import convert
-from .evaluate import evaluate
+from .compare import Result, compare, markdown_table
 from .options import ConvertOptions
 from .resources import human_bytes
 
@@ -146,30 +145,23 @@ def run_demo(workdir: Path | None = None) -> None:
         planted = build_planted_mixtral(src)
         base = ConvertOptions(experts=4, calib=str(data_file("demo_calib.txt")),
                               calib_samples=16, seq_len=512)
-        variants = {"HC-SMoE": base, "random grouping": dataclasses.replace(base, grouping="random"),
+        variants = {"HC-SMoE": base,
+                    "random grouping": dataclasses.replace(base, grouping="random"),
                     "F-prune (drop least used)": dataclasses.replace(base, method="prune")}
-        rows = []
-        for label, options in variants.items():
-            out = root / label.split()[0].lower()
-            conversion = convert(str(src), out, options, overwrite=True, progress=False)
-            fidelity = evaluate(str(src), str(out), data_file("demo_eval.txt"), seq_len=256,
-                                samples=16, device="cpu", progress=False)
-            rows.append((label, conversion, fidelity))
-        _print_report(planted, rows)
+        results = compare(str(src), variants, data_file("demo_eval.txt"), root, seq_len=256,
+                          samples=16, device="cpu")
+        _print_report(planted, results)
 
 
-def _print_report(planted, rows) -> None:
-    hc = rows[0][1]
+def _print_report(planted, results: list[Result]) -> None:
+    hc = results[0].conversion
     print("\nplanted vs recovered expert groups (HC-SMoE):")
     for groups, result in zip(planted, hc.layers, strict=True):
         mark = "ok" if groups == result.groups else "DIFFERENT"
         print(f"  layer {result.layer}: planted {groups}  recovered {result.groups}  {mark}")
     print(f"\nsize: {human_bytes(hc.plan.bytes_in)} -> {human_bytes(hc.plan.bytes_out)} "
           f"({hc.plan.spec.num_experts} -> {hc.plan.experts_out} experts per layer)")
-    print(f"\n{'method':28s} {'KL(orig||reduced)':>18s} {'ppl reduced':>12s} {'ppl orig':>9s}")
-    for label, _, fid in rows:
-        print(f"{label:28s} {fid.kl:18.5f} {fid.perplexity_reduced:12.3f} "
-              f"{fid.perplexity_original:9.3f}")
+    print("\n" + markdown_table(results))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .calibration import TextTokenizer, calibration_tokens, read_documents
 from .convert import compute_dtype, open_source, pick_device
 from .errors import UserError
-from .modeling import ModelSpec, decoder_layer, final_logits, rope_tables
+from .modeling import ModelSpec, decoder_layer, embed, final_logits, rope_tables
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,9 @@ class StreamedModel:
 
     def __init__(self, src: str, tokens: torch.Tensor, device: torch.device):
         self.ckpt, self.spec = open_source(src)
-        embed = self.ckpt.get("model.embed_tokens.weight")
-        self.device, self.dtype = device, compute_dtype(device, embed.dtype)
-        self.hidden = embed[tokens].to(device, self.dtype)
+        table = self.ckpt.get("model.embed_tokens.weight")
+        self.device, self.dtype = device, compute_dtype(device, table.dtype)
+        self.hidden = embed(self.spec, table, tokens).to(device, self.dtype)
         self.rope = rope_tables(self.spec, tokens.shape[1], device, self.dtype)
 
     def advance(self, layer: int) -> None:

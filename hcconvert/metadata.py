@@ -12,13 +12,20 @@ from .writer import write_json
 
 if TYPE_CHECKING:
     from .convert import Conversion
+    from .families import Family
     from .options import ConvertOptions
 
 
-def reduced_config(config: dict, family, experts: int, top_k: int) -> dict:
-    """config.json as JSON with only the expert count (and top-k where it must drop) changed."""
+def reduced_config(config: dict, family: Family, experts: int, top_k: int) -> dict:
+    """config.json as JSON with only the expert count (and top-k where it must drop) changed.
+
+    Every expert-count key the family knows is rewritten where present (a config may carry
+    both the Hub's and transformers 5's name); routing keys such as n_group stay as they are.
+    """
     out = dict(config)
-    out[family.experts_key] = experts
+    for key in family.experts_keys:
+        if key in config:
+            out[key] = experts
     if top_k < config[family.top_k_key]:
         print(f"warning: top-k drops from {config[family.top_k_key]} to {top_k} "
               f"(only {experts} experts remain)", file=sys.stderr)

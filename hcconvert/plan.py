@@ -9,13 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import UserError
-from .families import LAYER_PREFIX, ExpertNames
+from .families import LAYER_PREFIX
 from .modeling import ModelSpec
 from .source import Checkpoint
 from .writer import OutputTensor
 
-ATTENTION = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-             "self_attn.o_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")
+GQA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLA_ATTENTION = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
+LAYER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
 
 
 @dataclass
@@ -46,31 +47,37 @@ class Plan:
 
 def moe_suffixes(spec: ModelSpec, count: int) -> list[str]:
     """The per-layer tensors a MoE reduction replaces: router and routed experts."""
-    names = spec.family.experts
-    return [spec.family.router] + [template.format(expert=e) for e in range(count)
-                                   for template in (names.gate, names.up, names.down)]
+    return [spec.family.router, *spec.family.experts.shapes(count, spec.ffn, spec.hidden)]
+
+
+def attention_suffixes(spec: ModelSpec) -> list[str]:
+    """Every attention tensor our forward reads, with the layer norms around it."""
+    family = spec.family
+    if family.attention == "mla":
+        q = (["self_attn.q_proj.weight"] if spec.mla.q_lora_rank is None else
+             [f"self_attn.{n}.weight" for n in ("q_a_proj", "q_a_layernorm", "q_b_proj")])
+        names = q + [f"self_attn.{n}.weight" for n in MLA_ATTENTION]
+    else:
+        names = [f"self_attn.{n}.weight" for n in GQA_ATTENTION]
+    if family.qk_norm:
+        names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    if spec.attention_bias:
+        names += [f"self_attn.{p}.bias" for p in family.biased_projections]
+    return names + list(LAYER_NORMS)
 
 
 def required_suffixes(spec: ModelSpec, layer: int) -> list[str]:
     """Every tensor our forward reads in this layer."""
     family = spec.family
-    names = list(ATTENTION)
-    if family.attention_bias:
-        names += [f"self_attn.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]
-    if family.qk_norm:
-        names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    names = attention_suffixes(spec)
     if layer not in spec.moe_layers:
-        return names + _expert_list(family.dense_mlp)
+        return names + family.dense_mlp.all()
     names += moe_suffixes(spec, spec.num_experts)
     if family.shared_expert:
-        names += _expert_list(family.shared_expert)
+        names += family.shared_expert.all()
     if family.shared_expert_gate:
         names.append(family.shared_expert_gate)
     return names
-
-
-def _expert_list(names: ExpertNames) -> list[str]:
-    return [names.gate, names.up, names.down]
 
 
 def build_plan(ckpt: Checkpoint, spec: ModelSpec, experts_out: int) -> Plan:
@@ -79,13 +86,27 @@ def build_plan(ckpt: Checkpoint, spec: ModelSpec, experts_out: int) -> Plan:
                         f"(the model has {spec.num_experts} experts per MoE layer)")
     if not spec.moe_layers:
         raise UserError("the config marks no layer as MoE: nothing to reduce")
-    _check_global(ckpt, spec)
-    layer_names = _layer_names(ckpt, spec)
+    _check_routing_groups(spec, experts_out)
+    layer_names = validate_tensors(ckpt, spec)
     global_outputs = [_copied(ckpt, n) for n in ckpt.tensors if not n.startswith("model.layers.")]
     layer_outputs = [_layer_outputs(ckpt, spec, layer, names, experts_out)
                      for layer, names in enumerate(layer_names)]
     return Plan(spec, experts_out, min(spec.top_k, experts_out), global_outputs, layer_names,
                 layer_outputs, ckpt.total_bytes)
+
+
+def _check_routing_groups(spec: ModelSpec, experts_out: int) -> None:
+    """Group-limited routing needs whole groups: each group is reduced on its own."""
+    groups = spec.routing.groups
+    if groups > 1 and (spec.num_experts % groups or experts_out % groups):
+        raise UserError(f"--experts {experts_out}: with group-limited routing (n_group={groups}) "
+                        f"the expert count must be a multiple of {groups}")
+
+
+def validate_tensors(ckpt: Checkpoint, spec: ModelSpec) -> list[list[str]]:
+    """Check every tensor our forward needs against the headers; return each layer's names."""
+    _check_global(ckpt, spec)
+    return _layer_names(ckpt, spec)
 
 
 def _check_global(ckpt: Checkpoint, spec: ModelSpec) -> None:
@@ -108,12 +129,27 @@ def _layer_names(ckpt: Checkpoint, spec: ModelSpec) -> list[list[str]]:
     for layer, names in enumerate(per_layer):
         prefix = LAYER_PREFIX.format(layer=layer)
         present = set(names)
-        for suffix in required_suffixes(spec, layer):
+        required = required_suffixes(spec, layer)
+        for suffix in required:
             if prefix + suffix not in present:
                 raise UserError(f"tensor {prefix + suffix} is missing from the checkpoint")
         if layer in spec.moe_layers:
+            _check_no_unknown_moe_tensors(spec, prefix, names, set(required))
             _check_moe_shapes(ckpt, spec, layer)
     return per_layer
+
+
+def _check_no_unknown_moe_tensors(spec: ModelSpec, prefix: str, names: list[str],
+                                  known: set[str]) -> None:
+    """A tensor beside the router or the experts that we do not know (a router bias, say)
+    would be copied with E rows into a model with R experts: refuse rather than corrupt."""
+    family = spec.family
+    owned = (family.router.rsplit(".", 1)[0] + ".", *family.experts.prefixes())
+    for name in names:
+        suffix = name.removeprefix(prefix)
+        if suffix not in known and suffix.startswith(owned):
+            raise UserError(f"tensor {name} belongs to the MoE block but the "
+                            f"{family.model_type} family does not know how to reduce it")
 
 
 def _copied(ckpt: Checkpoint, name: str) -> OutputTensor:
@@ -122,7 +158,7 @@ def _copied(ckpt: Checkpoint, name: str) -> OutputTensor:
 
 
 def _layer_outputs(ckpt, spec: ModelSpec, layer: int, names: list[str], experts_out: int):
-    """Copied tensors in source order, then the reduced router and experts 0..R-1."""
+    """Copied tensors in source order, then the reduced router and experts (same layout)."""
     if layer not in spec.moe_layers:
         return [_copied(ckpt, n) for n in names]
     prefix = LAYER_PREFIX.format(layer=layer)
@@ -131,28 +167,27 @@ def _layer_outputs(ckpt, spec: ModelSpec, layer: int, names: list[str], experts_
     router = ckpt.tensors[prefix + spec.family.router]
     outputs.append(OutputTensor(prefix + spec.family.router, router.dtype,
                                 (experts_out, *router.shape[1:])))
-    for expert in range(experts_out):
-        for template in _expert_list(spec.family.experts):
-            info = ckpt.tensors[prefix + template.format(expert=0)]  # merged shape = expert 0's
-            outputs.append(OutputTensor(prefix + template.format(expert=expert), info.dtype,
-                                        info.shape))
+    expert_shapes = spec.family.experts.shapes(experts_out, spec.ffn, spec.hidden)
+    dtype = ckpt.tensors[prefix + next(iter(_source_expert_shapes(spec)))].dtype
+    outputs += [OutputTensor(prefix + name, dtype, shape) for name, shape in expert_shapes.items()]
     return outputs
 
 
+def _source_expert_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    return spec.family.experts.shapes(spec.num_experts, spec.ffn, spec.hidden)
+
+
 def _check_moe_shapes(ckpt: Checkpoint, spec: ModelSpec, layer: int) -> None:
-    """Router [E, H]; every expert's gate and up [F, H] and down [H, F], one dtype."""
+    """Router [E, H]; experts as the layout stores them (config's F and H), all one dtype."""
     prefix = LAYER_PREFIX.format(layer=layer)
-    router = ckpt.tensors[prefix + spec.family.router]
-    if router.shape != (spec.num_experts, spec.hidden):
-        raise UserError(f"tensor {prefix + spec.family.router} has shape {list(router.shape)}, "
-                        f"expected [{spec.num_experts}, {spec.hidden}]")
-    names = spec.family.experts
-    ffn = ckpt.tensors[prefix + names.gate.format(expert=0)].shape[0]
-    expected = {names.gate: (ffn, spec.hidden), names.up: (ffn, spec.hidden),
-                names.down: (spec.hidden, ffn)}
-    for expert in range(spec.num_experts):
-        for template, shape in expected.items():
-            name = prefix + template.format(expert=expert)
-            if ckpt.tensors[name].shape != shape:
-                raise UserError(f"tensor {name} has shape {list(ckpt.tensors[name].shape)}, "
-                                f"expected {list(shape)}")
+    expected = {spec.family.router: (spec.num_experts, spec.hidden), **_source_expert_shapes(spec)}
+    expert_dtype = None
+    for suffix, shape in expected.items():
+        name = prefix + suffix
+        info = ckpt.tensors[name]
+        if info.shape != shape:
+            raise UserError(f"tensor {name} has shape {list(info.shape)}, expected {list(shape)}")
+        if suffix != spec.family.router:
+            expert_dtype = expert_dtype or info.dtype
+            if info.dtype != expert_dtype:
+                raise UserError(f"tensor {name} is {info.dtype}, the other experts {expert_dtype}")

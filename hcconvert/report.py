@@ -5,9 +5,13 @@ from __future__ import annotations
 import click
 
 from .convert import Conversion, open_source
+from .errors import UserError
+from .families import family_for
+from .modeling import ModelSpec
 from .options import ConvertOptions
-from .plan import build_plan
+from .plan import build_plan, validate_tensors
 from .resources import human_bytes, peak_gpu_bytes, peak_rss_bytes
+from .source import Checkpoint, resolve_source
 
 # Resident during a conversion besides one layer's weights: hidden states and the MoE input
 # ([T, H] each), the attention output and a routed-expert buffer, all in the compute dtype.
@@ -45,17 +49,51 @@ def _ranges(layers: tuple[int, ...]) -> str:
 
 
 def print_inspection(src: str, revision: str | None) -> None:
-    ckpt, spec = open_source(src, revision)
+    """Describe SRC from its config and shard headers; an unsupported model is described too,
+    with the reason, rather than failing."""
+    ckpt = Checkpoint(resolve_source(src, revision))
     dtypes = sorted({info.dtype for info in ckpt.tensors.values()})
+    footer = [f"dtype         {', '.join(dtypes)}",
+              f"size          {human_bytes(ckpt.total_bytes)} in {len(ckpt.tensors)} tensors"]
+    try:
+        spec = ModelSpec.from_config(ckpt.config, family_for(ckpt.config))
+    except UserError as err:
+        click.echo("\n".join([f"family        {ckpt.config.get('model_type')!r}: not supported "
+                              f"({err})",
+                              f"layers        {ckpt.config.get('num_hidden_layers', '?')}",
+                              *footer]))
+        return
+    family = spec.family
+    try:
+        validate_tensors(ckpt, spec)
+        status = "supported"
+    except UserError as err:
+        status = f"supported family, but {err}"
     click.echo("\n".join([
-        f"family        {spec.family.model_type} (supported)",
+        f"family        {family.model_type} ({status})",
         f"layers        {spec.num_layers}, MoE: {_ranges(spec.moe_layers)}",
         f"experts       {spec.num_experts} routed, top-{spec.top_k}, "
-        f"shared expert: {'yes' if spec.family.shared_expert else 'no'}",
-        f"dtype         {', '.join(dtypes)}",
-        f"size          {human_bytes(ckpt.total_bytes)} in {len(ckpt.tensors)} tensors",
-        "layout        per-expert tensors",
+        f"shared expert: {_shared(family)}",
+        f"routing       {_routing(spec)}",
+        *footer,
+        f"layout        {family.experts.description}",
     ]))
+
+
+def _shared(family) -> str:
+    if family.shared_expert is None:
+        return "no"
+    return "yes (sigmoid-gated)" if family.shared_expert_gate else "yes"
+
+
+def _routing(spec: ModelSpec) -> str:
+    routing = spec.routing
+    parts = ["softmax top-k", "renormalized" if routing.renormalize else "not renormalized"]
+    if routing.scale != 1.0:
+        parts.append(f"scaled by {routing.scale:g}")
+    if routing.groups > 1:
+        parts.append(f"within the best {routing.top_groups} of {routing.groups} expert groups")
+    return ", ".join(parts)
 
 
 def print_summary(conversion: Conversion) -> None:

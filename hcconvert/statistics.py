@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .kernels.expert_sums import expert_act_sums, expert_act_sums_torch
-from .modeling import Experts, route
+from .modeling import Experts, Routing, route, router_logits
 
 ROUTER_CHUNK_TOKENS = 16384
 
@@ -41,23 +40,23 @@ class LayerStats:
         return self.counts / max(self.tokens, 1)
 
 
-def router_stats(x: torch.Tensor, router: torch.Tensor, top_k: int):
+def router_stats(x: torch.Tensor, router: torch.Tensor, routing: Routing):
     """Top-k selection counts [E] and router-logit sums [E] (fp32), chunked over tokens."""
     counts = torch.zeros(router.shape[0], dtype=torch.float64, device=x.device)
     logit_sum = torch.zeros(router.shape[0], dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[0], ROUTER_CHUNK_TOKENS):
-        logits = F.linear(x[start:start + ROUTER_CHUNK_TOKENS], router).float()
-        _, index = route(logits, top_k, renormalize=False)
+        logits = router_logits(x[start:start + ROUTER_CHUNK_TOKENS], router, routing)
+        _, index = route(logits, routing)
         counts += torch.bincount(index.flatten(), minlength=router.shape[0]).double()
         logit_sum += logits.sum(0).double()
     return counts.float(), logit_sum.float()
 
 
 def collect_layer_stats(x: torch.Tensor, router: torch.Tensor, experts: Experts,
-                        top_k: int) -> LayerStats:
+                        routing: Routing) -> LayerStats:
     """Statistics for one MoE layer from its inputs x: [T, H] (post-attention-norm)."""
     tokens = x.shape[0]
-    counts, logit_sum = router_stats(x, router, top_k)
+    counts, logit_sum = router_stats(x, router, routing)
     sums = activation_sums(x, experts.gate, experts.up)  # [E, F]
     mean_act = (sums / tokens).unsqueeze(1)  # [E, 1, F]
     output_mean = torch.bmm(mean_act, experts.down.float().transpose(1, 2)).squeeze(1)  # [E, H]

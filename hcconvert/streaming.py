@@ -1,0 +1,65 @@
+"""Overlapping disk and compute: read the next layer and write the last one in the background.
+
+At most three layers' tensors are in host memory at once: the one being read, the one being
+computed, and the one being written. Each background stage is a single thread, so reads and
+writes keep their order; torch and safetensors release the GIL during the heavy copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from .source import Checkpoint
+
+
+def read_layer(ckpt: Checkpoint, layer: int, pin: bool) -> dict[str, torch.Tensor]:
+    """A layer's tensors as stored; in pinned memory when they go to a GPU next, so the
+    host-to-device copy is asynchronous and runs at full PCIe speed."""
+    tensors = ckpt.layer_tensors(layer)
+    if pin:
+        tensors = {k: v.pin_memory() for k, v in tensors.items()}
+    return tensors
+
+
+def prefetched_layers(ckpt: Checkpoint, num_layers: int,
+                      pin: bool = False) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Yield (layer, tensors) in order while the next layer is read on a background thread."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hcconvert-read") as pool:
+        pending: Future | None = pool.submit(read_layer, ckpt, 0, pin) if num_layers else None
+        for layer in range(num_layers):
+            tensors = pending.result()
+            pending = (pool.submit(read_layer, ckpt, layer + 1, pin)
+                       if layer + 1 < num_layers else None)
+            yield layer, tensors
+
+
+class BackgroundWriter:
+    """Runs write jobs in submission order on one thread; at most one job waits in line.
+
+    Errors surface at the next submit or at close, so a failed write stops the conversion.
+    """
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hcconvert-write")
+        self._last: Future | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._last is not None:
+            self._last.result()  # bound memory: the previous layer's writes must be done
+        self._last = self._pool.submit(job)
+
+    def close(self) -> None:
+        try:
+            if self._last is not None:
+                self._last.result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,133 @@
+"""Tiny random checkpoints of every supported family, saved by transformers itself.
+
+Each case says, independently of hcconvert's family table, where the router and the experts
+are on disk, so the tests can rebuild a reference merge from hcconvert.json on their own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hcconvert.demo import write_tokenizer
+
+COMMON = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=512)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+        "beta_fast": 32, "beta_slow": 1}
+
+
+@dataclass(frozen=True)
+class Case:
+    model_type: str
+    config: dict
+    experts_key: str  # as transformers 5 saves it
+    router: str  # below model.layers.{layer}.
+    experts: tuple[str, ...]  # per-expert templates with {e} (gate, up, down), or fused names
+    reduce_to: int  # --experts for the end-to-end test
+    fused: bool = False
+    # Keys the Hub's original config.json spells differently: transformers 5 name -> Hub name.
+    hub_renames: dict = field(default_factory=dict)
+
+
+def _per_expert(block: str, gate="gate_proj", up="up_proj", down="down_proj") -> tuple:
+    return tuple(f"{block}.experts.{{e}}.{w}.weight" for w in (gate, up, down))
+
+
+CASES = {
+    "qwen2_moe": Case("qwen2_moe", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, intermediate_size=56, mlp_only_layers=[1],
+        norm_topk_prob=False), "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4),
+    "qwen3_moe": Case("qwen3_moe", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        head_dim=16, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0]),
+        "num_local_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+        hub_renames={"num_local_experts": "num_experts"}),
+    # top-k 4 from 8 experts, reduced to 3: top-k must drop to 3.
+    "olmoe": Case("olmoe", dict(
+        num_experts=8, num_experts_per_tok=4, intermediate_size=24, clip_qkv=2.0,
+        norm_topk_prob=False), "num_experts", "mlp.gate.weight", _per_expert("mlp"), 3),
+    # V2-Lite's shape: plain q_proj, greedy routing, YaRN with mscale == mscale_all_dim.
+    "deepseek_v2_lite": Case("deepseek_v2", dict(
+        n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, first_k_dense_replace=1, n_shared_experts=2, kv_lora_rank=16,
+        q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+        num_key_value_heads=4, topk_method="greedy", n_group=1, topk_group=1,
+        rope_parameters={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707}),
+        "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4),
+    # V2's shape: q LoRA, group-limited routing with a scaling factor, YaRN's attention factor.
+    "deepseek_v2": Case("deepseek_v2", dict(
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=16,
+        q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+        num_key_value_heads=4, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+        routed_scaling_factor=1.5, rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 0.8}),
+        "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4),
+    "granitemoe": Case("granitemoe", dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=24,
+        embedding_multiplier=12.0, attention_multiplier=0.1, residual_multiplier=0.22,
+        logits_scaling=6.0, tie_word_embeddings=True), "num_local_experts",
+        "block_sparse_moe.router.layer.weight",
+        ("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"), 4,
+        fused=True),
+}
+
+# Keys the Hub's DeepSeek-V2 config.json carries that transformers 5 does not write.
+HUB_EXTRAS = {"deepseek_v2": {"scoring_func": "softmax", "moe_layer_freq": 1, "seq_aux": True,
+                              "aux_loss_alpha": 0.001}}
+
+
+def save_family_model(case: Case, directory: Path, dtype=torch.float32, hub_style=False,
+                      seed=0) -> Path:
+    """A random model of the case's family saved by transformers in several shards, with a
+    byte tokenizer. hub_style rewrites config.json as the Hub's original repos write it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(directory)
+    config = AutoConfig.for_model(case.model_type, vocab_size=vocab, bos_token_id=1,
+                                  eos_token_id=2, pad_token_id=0,
+                                  **{**COMMON, **case.config})
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    spread_weights(model)
+    model.save_pretrained(directory, max_shard_size="40KB")
+    if hub_style:
+        hub_style_config(case, directory)
+    return directory
+
+
+def spread_weights(model) -> None:
+    """transformers' init (std 0.02, unit norms) makes experts' outputs tiny and alike and
+    every norm a no-op; spread weights and norms so mistakes show."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed" in name:
+                p.normal_(0, 1)
+            elif p.dim() >= 2:
+                router = name.endswith(("mlp.gate.weight", "router.weight"))
+                p.normal_(0, p.shape[-1] ** -0.5 * (4 if router else 1))
+            elif "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.1)  # biases
+
+
+def hub_style_config(case: Case, directory: Path) -> None:
+    """rope_theta/rope_scaling and torch_dtype instead of rope_parameters and dtype."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    rope_type = rope.pop("rope_type")
+    rope.pop("type", None)
+    config["rope_scaling"] = {"type": rope_type, **rope} if rope_type != "default" else None
+    config["torch_dtype"] = config.pop("dtype")
+    for old, new in case.hub_renames.items():
+        config[new] = config.pop(old)
+    config.update(HUB_EXTRAS.get(case.model_type, {}))
+    path.write_text(json.dumps(config, indent=2))

@@ -1,0 +1,297 @@
+"""Every supported family on tiny random models saved by transformers 5.
+
+(a) our layer-by-layer forward equals transformers' hidden states and logits (fp32 tight,
+    bf16 loose); (b) a conversion's output loads in transformers and equals a reference merge
+    rebuilt here from hcconvert.json; (c) config.json changes only the expert count (and top-k
+    where it must drop); (d) fused on-disk experts stay fused, with R experts.
+"""
+
+import json
+
+import pytest
+import torch
+from family_models import CASES, Case, save_family_model
+from safetensors.torch import load_file, save_file
+
+from hcconvert.convert import convert, open_source
+from hcconvert.errors import UserError
+from hcconvert.families import FAMILIES
+from hcconvert.modeling import decoder_layer, embed, final_logits, rms_norm, rope_tables
+from hcconvert.options import ConvertOptions
+from hcconvert.plan import build_plan
+
+# bf16: both sides round every matmul, so agreement is to bf16's ~2-3 significant digits.
+TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=0.05, atol=0.05)}
+TOKENS = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def test_every_family_has_a_case():
+    assert {case.model_type for case in CASES.values()} == set(FAMILIES) - {"mixtral"}
+
+
+def our_forward(directory, tokens, dtype, teacher=None):
+    """Hidden states after the embeddings and after each layer (the last one final-normed, as
+    transformers reports it), and the logits. With teacher (transformers' hidden states), each
+    layer starts from the teacher's input: in bf16 a chained forward drifts until some token's
+    near-tied top-k flips, which says nothing about either implementation."""
+    ckpt, spec = open_source(str(directory))
+    hidden = embed(spec, ckpt.get("model.embed_tokens.weight").to(dtype), tokens)
+    rope = rope_tables(spec, tokens.shape[1], "cpu", dtype)
+    states = [hidden.clone()]
+    for layer in range(spec.num_layers):
+        w = {k: v.to(dtype) for k, v in ckpt.layer_tensors(layer).items()}
+        start = hidden if teacher is None else teacher[layer].clone()
+        hidden = decoder_layer(spec, layer, w, start, rope)
+        states.append(hidden.clone())
+    norm = ckpt.get("model.norm.weight").to(dtype)
+    states[-1] = rms_norm(states[-1], norm, spec.rms_eps)
+    head = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
+    return states, final_logits(spec, norm, ckpt.get(head).to(dtype), hidden)
+
+
+def transformers_forward(directory, tokens, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    with torch.no_grad():
+        return model(tokens, output_hidden_states=True)
+
+
+@pytest.mark.parametrize("dtype,hub_style", [(torch.float32, False), (torch.float32, True),
+                                             (torch.bfloat16, True)],
+                         ids=["fp32", "fp32-hub-config", "bf16-hub-config"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_layer_forward_matches_transformers(tmp_path, name, dtype, hub_style):
+    src = save_family_model(CASES[name], tmp_path / "m", dtype=dtype, hub_style=hub_style)
+    reference = transformers_forward(src, TOKENS, dtype)
+    teacher = reference.hidden_states if dtype == torch.bfloat16 else None
+    states, logits = our_forward(src, TOKENS, dtype, teacher)
+    for layer, (ours, theirs) in enumerate(zip(states, reference.hidden_states, strict=True)):
+        torch.testing.assert_close(ours, theirs, **TOLERANCE[dtype], msg=f"after layer {layer}")
+    torch.testing.assert_close(logits, reference.logits.float(), **TOLERANCE[dtype])
+
+
+def load_all(directory):
+    tensors = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def member_weights(group, counts):
+    freq = counts[group]
+    freq = freq if freq.sum() > 0 else torch.ones(len(group), dtype=torch.float64)
+    return (freq / freq.sum()).float()
+
+
+def merge(stacked, group, weights):
+    """Σ weights[i] · stacked[group[i]] in fp32, cast back to the source dtype."""
+    members = stacked[group].float()
+    return (members * weights.view(-1, *[1] * (members.dim() - 1))).sum(0).to(stacked.dtype)
+
+
+def reference_merge(case: Case, src, out, router_method):
+    """The reduced checkpoint rebuilt here from the source and hcconvert.json's groups."""
+    record = json.loads((out / "hcconvert.json").read_text())
+    tensors = load_all(src)
+    count = record["experts_before"]
+    for entry in record["layers"]:
+        prefix = f"model.layers.{entry['layer']}."
+        groups, counts = entry["groups"], torch.tensor(entry["frequencies"], dtype=torch.float64)
+        weights = [member_weights(g, counts) for g in groups]
+        router = tensors[prefix + case.router]
+        if router_method == "dominant":
+            rows = [router[max(g, key=lambda e: (counts[e], -e))] for g in groups]
+        else:
+            rows = [merge(router, g, wg) for g, wg in zip(groups, weights, strict=True)]
+        tensors[prefix + case.router] = torch.stack(rows)
+        for template in case.experts:
+            if case.fused:  # one [E, ...] tensor: merge along its first axis
+                stacked = tensors[prefix + template]
+                tensors[prefix + template] = torch.stack(
+                    [merge(stacked, g, wg) for g, wg in zip(groups, weights, strict=True)])
+                continue
+            stacked = torch.stack([tensors.pop(prefix + template.format(e=e))
+                                   for e in range(count)])
+            for c, (g, wg) in enumerate(zip(groups, weights, strict=True)):
+                tensors[prefix + template.format(e=c)] = merge(stacked, g, wg)
+    return tensors
+
+
+def logits_of(directory, tokens):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("dtype,hub_style,router", [
+    (torch.float32, True, "freq-avg"),  # the Hub's config spelling
+    (torch.bfloat16, False, "dominant"),  # transformers 5's spelling; merge in fp32, cast back
+], ids=["fp32-hub-config-freq-avg", "bf16-dominant"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_conversion_equals_reference_merge(tmp_path, calib_text, name, dtype, hub_style, router):
+    case = CASES[name]
+    src = save_family_model(case, tmp_path / "src", dtype=dtype, hub_style=hub_style)
+    out = tmp_path / "out"
+    options = ConvertOptions(experts=case.reduce_to, calib=str(calib_text), calib_samples=4,
+                             seq_len=64, router=router, max_shard_size=50_000)
+    convert(str(src), out, options, progress=False)
+
+    written, expected = load_all(out), reference_merge(case, src, out, router)
+    assert written.keys() == expected.keys()
+    for tensor_name, tensor in expected.items():
+        assert written[tensor_name].dtype == tensor.dtype, tensor_name
+        torch.testing.assert_close(written[tensor_name], tensor, msg=tensor_name)
+    # The output loads in transformers and computes what the reference weights compute.
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / "config.json").write_bytes((out / "config.json").read_bytes())
+    save_file(expected, str(reference / "model.safetensors"), metadata={"format": "pt"})
+    torch.testing.assert_close(logits_of(out, TOKENS), logits_of(reference, TOKENS))
+    assert_config_changes_only_counts(case, src, out)
+    if "n_group" in case.config and case.config.get("topk_method") == "group_limited_greedy":
+        assert_groups_within_routing_groups(case, out)
+
+
+def assert_config_changes_only_counts(case: Case, src, out):
+    before = json.loads((src / "config.json").read_text())
+    after = json.loads((out / "config.json").read_text())
+    experts_key = case.hub_renames.get(case.experts_key, case.experts_key)
+    if experts_key not in before:
+        experts_key = case.experts_key
+    top_k = before["num_experts_per_tok"]
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert after[experts_key] == case.reduce_to
+    if case.reduce_to < top_k:  # only then may top-k drop, and only to R
+        assert after["num_experts_per_tok"] == case.reduce_to
+        assert changed == {experts_key, "num_experts_per_tok"}
+    else:
+        assert changed == {experts_key}
+
+
+def assert_groups_within_routing_groups(case: Case, out):
+    """Group-limited routing: merged expert c comes from routing group c // (R / n_group)."""
+    record = json.loads((out / "hcconvert.json").read_text())
+    n_group = case.config["n_group"]
+    size, kept = record["experts_before"] // n_group, case.reduce_to // n_group
+    for entry in record["layers"]:
+        for c, group in enumerate(entry["groups"]):
+            assert {e // size for e in group} == {c // kept}, (entry["layer"], group)
+
+
+def test_fused_experts_stay_fused(tmp_path, calib_text):
+    case = CASES["granitemoe"]
+    src = save_family_model(case, tmp_path / "src")
+    out = tmp_path / "out"
+    convert(str(src), out, ConvertOptions(experts=3, calib=str(calib_text), calib_samples=2,
+                                          seq_len=32, router="dominant"), progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    written = load_all(out)
+    config = json.loads((src / "config.json").read_text())
+    hidden, ffn = config["hidden_size"], config["intermediate_size"]
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}.block_sparse_moe."
+        assert sorted(k for k in index if k.startswith(prefix)) == [
+            prefix + "input_linear.weight", prefix + "output_linear.weight",
+            prefix + "router.layer.weight"]
+        assert written[prefix + "input_linear.weight"].shape == (3, 2 * ffn, hidden)
+        assert written[prefix + "output_linear.weight"].shape == (3, hidden, ffn)
+        assert written[prefix + "router.layer.weight"].shape == (3, hidden)
+
+
+def rewrite_tensor(src, name, change, new_name=None):
+    """Replace tensor `name` in its shard by change(tensor), stored as new_name (default: the
+    same name); change returning None drops it."""
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = src / index["weight_map"][name]
+    tensors = load_file(shard)
+    new = change(tensors[name])
+    if new_name is None:
+        del tensors[name], index["weight_map"][name]
+    if new is not None:
+        tensors[new_name or name] = new
+        index["weight_map"][new_name or name] = shard.name
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("name,tensor,change,fragment", [
+    ("granitemoe", "model.layers.1.block_sparse_moe.input_linear.weight",
+     lambda t: t[:, :-1].contiguous(),
+     r"model.layers.1.block_sparse_moe.input_linear.weight has shape \[6, 47, 32\], "
+     r"expected \[6, 48, 32\]"),
+    ("granitemoe", "model.layers.2.block_sparse_moe.output_linear.weight",
+     lambda t: None, "model.layers.2.block_sparse_moe.output_linear.weight is missing"),
+    ("qwen2_moe", "model.layers.2.mlp.experts.3.down_proj.weight",
+     lambda t: t.to(torch.bfloat16), "model.layers.2.mlp.experts.3.down_proj.weight is BF16"),
+    ("qwen2_moe", "model.layers.0.mlp.shared_expert_gate.weight",
+     lambda t: None, "model.layers.0.mlp.shared_expert_gate.weight is missing"),
+    ("deepseek_v2", "model.layers.1.self_attn.kv_a_layernorm.weight",
+     lambda t: None, "model.layers.1.self_attn.kv_a_layernorm.weight is missing"),
+])
+def test_bad_tensors_are_named(tmp_path, name, tensor, change, fragment):
+    src = save_family_model(CASES[name], tmp_path / "src")
+    rewrite_tensor(src, tensor, change)
+    ckpt, spec = open_source(str(src))
+    with pytest.raises(UserError, match=fragment):
+        build_plan(ckpt, spec, CASES[name].reduce_to)
+
+
+def test_unknown_moe_tensor_is_refused(tmp_path):
+    """A per-expert tensor the family does not describe (here a router bias) must not be
+    copied with E rows into an R-expert model."""
+    src = save_family_model(CASES["olmoe"], tmp_path / "src")
+    rewrite_tensor(src, "model.layers.0.mlp.gate.weight", lambda t: torch.zeros(t.shape[0]),
+                   new_name="model.layers.0.mlp.gate.bias")
+    ckpt, spec = open_source(str(src))
+    with pytest.raises(UserError, match="model.layers.0.mlp.gate.bias belongs to the MoE block"):
+        build_plan(ckpt, spec, 4)
+
+
+@pytest.mark.parametrize("experts", [3, 6])
+def test_group_limited_routing_needs_whole_groups(tmp_path, experts):
+    src = save_family_model(CASES["deepseek_v2"], tmp_path / "src")
+    ckpt, spec = open_source(str(src))
+    with pytest.raises(UserError, match="multiple of 4"):
+        build_plan(ckpt, spec, experts)
+
+
+INSPECTED = {  # case -> (MoE layers, expert line, layout)
+    "qwen2_moe": ("MoE: 0,2", "6 routed, top-2, shared expert: yes (sigmoid-gated)", "per-expert"),
+    "qwen3_moe": ("MoE: 1-2", "6 routed, top-2, shared expert: no", "per-expert"),
+    "olmoe": ("MoE: 0-2", "8 routed, top-4, shared expert: no", "per-expert"),
+    "deepseek_v2": ("MoE: 1-2", "8 routed, top-2, shared expert: yes", "per-expert"),
+    "granitemoe": ("MoE: 0-2", "6 routed, top-2, shared expert: no", "fused"),
+}
+
+
+@pytest.mark.parametrize("name", list(INSPECTED))
+def test_inspect_describes_each_family(tmp_path, name):
+    from click.testing import CliRunner
+
+    from hcconvert.cli import main
+
+    src = save_family_model(CASES[name], tmp_path / "src", hub_style=True)
+    result = CliRunner().invoke(main, ["inspect", str(src)])
+    assert result.exit_code == 0, result.output
+    moe_layers, experts, layout = INSPECTED[name]
+    assert f"family        {CASES[name].model_type} (supported)" in result.output
+    for fragment in (moe_layers, experts, f"layout        {layout}", "F32"):
+        assert fragment in result.output
+
+
+def test_inspect_unknown_family_says_not_supported(tmp_path):
+    from click.testing import CliRunner
+
+    from hcconvert.cli import main
+
+    src = save_family_model(CASES["olmoe"], tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "model_type": "frobnicator"}))
+    result = CliRunner().invoke(main, ["inspect", str(src)])
+    assert result.exit_code == 0, result.output
+    assert "'frobnicator': not supported" in result.output
+    assert ", ".join(sorted(FAMILIES)) in result.output
