@@ -41,6 +41,7 @@ from .resources import StageTimer
 from .router import reduce_router
 from .source import Checkpoint, resolve_source
 from .statistics import LayerStats, collect_layer_stats, group_logsumexp_gram
+from .streaming import BackgroundWriter, prefetched_layers
 from .writer import (
     TORCH_DTYPES,
     ShardWriter,
@@ -135,45 +136,59 @@ class LayerPipeline:
         with self.timer.stage("write"):
             for tensor in self.plan.global_outputs:
                 self.writer.write(tensor.name, self.ckpt.get(tensor.name))
-        layers = tqdm(range(self.spec.num_layers), desc="layers", unit="layer",
-                      disable=not progress, file=sys.stderr)
-        for layer in layers:
-            hidden = self.layer(layer, hidden, rope, layers)
+        bar = tqdm(total=self.spec.num_layers, desc="layers", unit="layer",
+                   disable=not progress, file=sys.stderr)
+        layers = prefetched_layers(self.ckpt, self.spec.num_layers,
+                                   pin=self.device.type == "cuda")
+        with BackgroundWriter() as background, bar:
+            while True:
+                bar.set_postfix_str(f"layer {bar.n + 1}/{self.spec.num_layers}: reading")
+                with self.timer.stage("read"):  # time spent waiting for the prefetch
+                    layer, raw = next(layers, (None, None))
+                if layer is None:
+                    break
+                bar.set_postfix_str(f"layer {layer + 1}/{self.spec.num_layers}: calibrating")
+                with self.timer.stage("compute"):
+                    hidden, produced = self.layer(layer, raw, hidden, rope)
+                background.submit(lambda layer=layer, raw=raw, produced=produced:
+                                  self.write_layer(layer, raw, produced))
+                bar.update()
 
-    def layer(self, layer: int, hidden: torch.Tensor, rope, bar: tqdm) -> torch.Tensor:
-        def status(stage: str) -> None:
-            bar.set_postfix_str(f"layer {layer + 1}/{self.spec.num_layers}: {stage}")
+    def layer(self, layer: int, raw: dict, hidden: torch.Tensor, rope):
+        """Advance the hidden states through one layer; returns them and the layer's new
+        tensors (by full name, on the CPU)."""
+        layout = self.spec.family.experts
+        w = {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in raw.items()
+             if not k.startswith(layout.prefixes())}
+        hidden = attention_residual(self.spec, w, hidden, rope)
+        flat = hidden.view(-1, self.spec.hidden)  # [T, H], shares hidden's storage
+        x = ffn_input(self.spec, w, flat)
+        produced = {}
+        if layer in self.spec.moe_layers:
+            experts = Experts.from_layer(raw, layout, self.spec.num_experts)
+            produced = self.reduce_moe(layer, w, experts.to(self.device, self.dtype), x, flat)
+        else:
+            add_residual(self.spec, flat, dense_mlp(self.spec, w, x))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # so the stage timer measures the work, not the launches
+        return hidden, {name: t.to("cpu") for name, t in produced.items()}
 
+    def write_layer(self, layer: int, raw: dict, produced: dict) -> None:
+        """Write one layer's tensors in plan order: new ones, and the rest copied as stored."""
         prefix = self.plan.layer_prefix(layer)
-        status("reading")
-        with self.timer.stage("read"):
-            raw = self.ckpt.layer_tensors(layer)
-        status("calibrating")
-        with self.timer.stage("compute"):
-            w = {k: v.to(self.device, self.dtype) for k, v in raw.items()}
-            hidden = attention_residual(self.spec, w, hidden, rope)
-            flat = hidden.view(-1, self.spec.hidden)  # [T, H], shares hidden's storage
-            x = ffn_input(self.spec, w, flat)
-            if layer in self.spec.moe_layers:
-                produced = self.reduce_moe(layer, w, x, flat)
-            else:
-                add_residual(self.spec, flat, dense_mlp(self.spec, w, x))
-                produced = {}
-        status("writing")
         with self.timer.stage("write"):
             for tensor in self.plan.layer_outputs[layer]:
                 value = produced.get(tensor.name)
                 if value is None:
                     value = raw[tensor.name.removeprefix(prefix)]
                 self.writer.write(tensor.name, value.to(TORCH_DTYPES[tensor.dtype]))
-        return hidden
 
-    def reduce_moe(self, layer: int, w: dict, x: torch.Tensor, flat: torch.Tensor) -> dict:
+    def reduce_moe(self, layer: int, w: dict, experts: Experts, x: torch.Tensor,
+                   flat: torch.Tensor) -> dict:
         """Group and merge one MoE layer's experts; add the chosen MoE output to flat."""
         spec, options = self.spec, self.options
         family = spec.family
         router = w[family.router]
-        experts = Experts.from_layer(w, family.experts, spec.num_experts)
         stats = collect_layer_stats(x, router, experts, spec.routing)
         groups = self.choose_groups(stats)
         merged = merge_experts(experts, groups, stats.counts, options.merge)

@@ -295,6 +295,9 @@ class Experts:
                 out[template.format(expert=e)] = stacked[e]
         return out
 
+    def to(self, device, dtype) -> Experts:
+        return Experts(*(t.to(device, dtype) for t in (self.gate, self.up, self.down)))
+
     def __len__(self) -> int:
         return self.gate.shape[0]
 
