@@ -186,6 +186,7 @@ def roff_to_text(src: str, width: int = 79) -> str:
     out: list[str] = []  # finished lines
     para: list[str] = []  # words of the current filled paragraph
     nofill = False
+    tp_tag = False  # the next text line is a .TP tag: put it on a line of its own
     skip_until: str | None = None
     in_table = table_fmt = False
 
@@ -201,10 +202,14 @@ def roff_to_text(src: str, width: int = 79) -> str:
             out.append("")
 
     def emit_text(text: str) -> None:
+        nonlocal tp_tag
         if nofill:
             out.append(text.rstrip())
         elif text.strip():
             para.append(text.strip())
+            if tp_tag:
+                tp_tag = False
+                flush(False)
 
     for raw in src.split("\n"):
         line = raw
@@ -265,6 +270,7 @@ def roff_to_text(src: str, width: int = 79) -> str:
                     flush(False)
                 else:
                     flush(True)
+                tp_tag = name in ("TP", "TQ")
                 if name == "IP":
                     args = _macro_args(rest)
                     if args and args[0].strip():
@@ -490,7 +496,8 @@ def build(args: argparse.Namespace) -> dict:
 
     write_txt("train.txt", splits["train"])
     write_txt("eval.txt", splits["eval"])
-    records = [(src, t) for src, _, doc in splits["calib"] for t in _chunks(doc, args.calib_chunk_chars)]
+    records = [(src, t) for src, _, doc in splits["calib"]
+               for t in _chunks(doc, args.calib_chunk_chars)]
     rng.shuffle(records)
     with open(out / "calib.jsonl", "w", encoding="utf-8", newline="\n") as fh:
         for src, t in records:
@@ -535,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-kb", type=int, default=150, help="held-out size (all sources)")
     ap.add_argument("--calib-kb", type=int, default=300, help="calibration size (all sources)")
     ap.add_argument("--train-mb-per-source", type=float, default=2.0)
-    ap.add_argument("--max-doc-chars", type=int, default=8000,
+    ap.add_argument("--max-doc-chars", type=int, default=5000,
                     help="a file contributes at most this much to eval/calib")
     ap.add_argument("--calib-chunk-chars", type=int, default=4000)
     ap.add_argument("--vocab-size", type=int, default=4096)

@@ -6,11 +6,11 @@ import threading
 import pytest
 import torch
 from conftest import save_tiny_mixtral
+from hcconvert.kernels.expert_sums import expert_act_sums
 from test_convert import load_all
 
 import hcconvert.statistics
 from hcconvert.convert import convert
-from hcconvert.kernels.expert_sums import expert_act_sums
 from hcconvert.options import ConvertOptions
 from hcconvert.source import Checkpoint
 from hcconvert.streaming import BackgroundWriter, prefetched_layers
