@@ -101,7 +101,6 @@ class Checkpoint:
         self.root = root
         self.config = self._read_config()
         self.tensors = self._read_index()
-        self._handles: dict[str, object] = {}
 
     def _read_config(self) -> dict:
         path = self.root / "config.json"
@@ -133,22 +132,29 @@ class Checkpoint:
                 raise UserError(f"tensor {name} is in the index but not in shard {shard}")
         return {name: headers[name] for name in weight_map}
 
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read tensors (copies out of the memory-mapped shards), opening each shard once.
+
+        The maps close again before returning: pages of a map stay counted in the resident
+        set while it is open, so a cached handle would grow RSS with every layer read.
+        """
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            by_shard.setdefault(self.tensors[name].shard, []).append(name)
+        tensors = {}
+        for shard, members in by_shard.items():
+            with safe_open(str(self.root / shard), framework="pt") as handle:
+                tensors.update({name: handle.get_tensor(name) for name in members})
+        return tensors
+
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (a copy out of the memory-mapped shard)."""
-        info = self.tensors[name]
-        handle = self._handles.get(info.shard)
-        if handle is None:
-            handle = safe_open(str(self.root / info.shard), framework="pt")
-            self._handles[info.shard] = handle
-        return handle.get_tensor(name)
+        return self.read([name])[name]
 
     def layer_tensors(self, layer: int) -> dict[str, torch.Tensor]:
         """One decoder layer's tensors as stored, keyed by their name below the layer prefix."""
         prefix = LAYER_PREFIX.format(layer=layer)
-        return {n.removeprefix(prefix): self.get(n) for n in self.tensors if n.startswith(prefix)}
-
-    def close(self) -> None:
-        self._handles.clear()
+        names = [n for n in self.tensors if n.startswith(prefix)]
+        return {n.removeprefix(prefix): t for n, t in self.read(names).items()}
 
     @property
     def total_bytes(self) -> int:
