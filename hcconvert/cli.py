@@ -1,19 +1,33 @@
-"""The `hcconvert` command: convert (the default), inspect, eval.
+"""The `hcconvert` command: convert (the default), compare, inspect, eval.
 
 `hcconvert SRC --experts R --out DIR` converts; a first argument that names no subcommand is
-taken as SRC. Bad input ends with one line on stderr and exit code 2.
+taken as SRC. Bad input, a bad option value included, ends with one line on stderr and exit
+code 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import tempfile
 from pathlib import Path
 
 import click
 
-from .clustering import LINKAGES
+from .clustering import GROUPINGS, LINKAGES
 from .errors import UserError
-from .options import DEVICES, MERGES, PROPAGATIONS, ROUTERS, ConvertOptions
+from .options import (
+    DEFAULT_COMPARISON,
+    DEVICES,
+    MERGES,
+    METHODS,
+    METRICS,
+    NAMED_METHODS,
+    PROPAGATIONS,
+    PRUNE_BY,
+    ROUTERS,
+    ConvertOptions,
+)
 from .resources import human_bytes, peak_gpu_bytes, peak_rss_bytes
 
 
@@ -24,6 +38,13 @@ class DefaultToConvert(click.Group):
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
             args = ["convert", *args]
         return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context):
+        """A subcommand's usage error (a bad --merge value, say) in one line, exit code 2."""
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as err:
+            fail(err.format_message())
 
 
 def fail(message: str) -> None:
@@ -56,9 +77,35 @@ def main() -> None:
 
     \b
       hcconvert SRC --experts R --out DIR [OPTIONS]   (see: hcconvert convert --help)
+      hcconvert compare SRC --experts R --calib FILE --eval FILE [--methods a,b,c]
       hcconvert inspect SRC
       hcconvert eval ORIGINAL REDUCED --text FILE
     """
+
+
+def options_of(*decorators):
+    """Several click options as one decorator, for the options commands share."""
+    def apply(function):
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+calibration_numbers = options_of(
+    click.option("--calib-samples", type=int, default=32, show_default=True,
+                 help="Calibration sequences."),
+    click.option("--seq-len", type=int, default=2048, show_default=True,
+                 help="Tokens per calibration sequence."),
+    click.option("--seed", type=int, default=42, show_default=True,
+                 help="Seed of the calibration sample and of random choices."))
+router_option = click.option(
+    "--router", type=click.Choice(ROUTERS), default="lse-fit", show_default=True,
+    help="Router row of a merged expert: its most used member's, the frequency-weighted "
+    "average, or a least-squares fit of the members' softmax mass.")
+device_option = click.option("--device", type=click.Choice(DEVICES), default="auto",
+                             show_default=True)
 
 
 @main.command()
@@ -67,16 +114,32 @@ def main() -> None:
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--calib", help="Calibration text: .jsonl / .json.gz with a 'text' field, or .txt. "
               "Default: the paper's C4 shard from the Hub.")
-@click.option("--calib-samples", type=int, default=32, show_default=True)
-@click.option("--seq-len", type=int, default=2048, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--linkage", type=click.Choice(LINKAGES), default="average", show_default=True)
-@click.option("--merge", type=click.Choice(MERGES), default="freq", show_default=True)
-@click.option("--router", type=click.Choice(ROUTERS), default="lse-fit", show_default=True)
+@calibration_numbers
+@click.option("--method", type=click.Choice(METHODS), default="merge", show_default=True,
+              help="Merge groups of experts, or prune (keep R experts, drop the rest).")
+@click.option("--metric", type=click.Choice(METRICS), default="output", show_default=True,
+              help="Expert similarity for grouping: mean output over the calibration tokens, "
+              "router-logit column on sampled tokens, or the flattened weights.")
+@click.option("--grouping", type=click.Choice(GROUPINGS), default="hierarchical",
+              show_default=True, help="hierarchical: HC-SMoE; dominant: the R most used "
+              "experts lead and the rest join the nearest; kmeans; random.")
+@click.option("--linkage", type=click.Choice(LINKAGES), default="average", show_default=True,
+              help="Linkage of hierarchical grouping.")
+@click.option("--max-group-size", type=click.IntRange(min=1), metavar="N",
+              help="Merge at most N experts into one (default: no limit).")
+@click.option("--merge", type=click.Choice(MERGES), default="freq", show_default=True,
+              help="freq / average: weighted / plain average of weights; fix-dom: the most "
+              "used member's neurons absorb the others' most correlated ones; msmoe: neurons "
+              "aligned to the most used member (Hungarian), then freq; mergemoe: msmoe's gate "
+              "and up, down fitted by least squares to the members' outputs.")
+@click.option("--prune-by", type=click.Choice(PRUNE_BY), default="frequency",
+              show_default=True, help="With --method prune, keep the experts picked most often "
+              "(F-prune) or with the largest routed output, REAP's saliency (O-prune).")
+@router_option
 @click.option("--propagate", type=click.Choice(PROPAGATIONS), default="original",
               show_default=True, help="Next layer's input: the original or the merged output.")
 @click.option("--max-shard-size", default="5GB", show_default=True)
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@device_option
 @click.option("--revision", help="Hub revision of SRC.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and exit; reads headers only.")
@@ -116,6 +179,69 @@ def validate_numbers(options: ConvertOptions) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
 
 
+def parse_methods(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    """The comma-separated method names, each once, in order."""
+    names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    unknown = [n for n in names if n not in NAMED_METHODS]
+    if unknown or not names:
+        given = f"unknown method {unknown[0]!r}" if unknown else "no method named"
+        raise click.BadParameter(f"{given}; choose from {', '.join(NAMED_METHODS)}")
+    return names
+
+
+@main.command("compare")
+@click.argument("src")
+@click.option("--experts", "-r", type=int, required=True, help="Experts to keep per MoE layer.")
+@click.option("--calib", required=True,
+              help="Calibration text: .jsonl / .json.gz with a 'text' field, or .txt.")
+@click.option("--eval", "eval_text", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Held-out text for perplexity and KL (.txt, .jsonl, .json.gz).")
+@click.option("--methods", default=",".join(DEFAULT_COMPARISON), show_default=True,
+              callback=parse_methods, metavar="A,B,...",
+              help=f"Reductions to compare, from: {', '.join(NAMED_METHODS)}.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Keep each reduced checkpoint in DIR/<method> (default: a temporary "
+              "directory, removed at the end).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the results as CSV.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the results as JSON.")
+@calibration_numbers
+@router_option
+@click.option("--eval-seq-len", type=int, default=512, show_default=True,
+              help="Tokens per evaluation sequence.")
+@click.option("--eval-samples", type=int, default=64, show_default=True,
+              help="Evaluation sequences.")
+@device_option
+@click.option("--overwrite", is_flag=True, help="Replace non-empty DIR/<method> directories.")
+def compare(src, methods, eval_text, out_dir, csv_path, json_path, eval_seq_len, eval_samples,
+            overwrite, **kwargs) -> None:
+    """Reduce SRC with several methods from one calibration pass (each layer's statistics are
+    computed once for all), then score each against SRC: perplexity, KL and minutes."""
+    def action():
+        base = ConvertOptions(**kwargs)
+        validate_numbers(base)
+        if min(eval_seq_len, eval_samples) < 1:
+            raise UserError("--eval-seq-len and --eval-samples must be at least 1")
+        from .compare import compare as run_comparison
+        from .compare import markdown_table, named_variants, write_csv, write_json
+
+        variants = named_variants(methods, base)
+        keep = contextlib.nullcontext(out_dir) if out_dir else tempfile.TemporaryDirectory()
+        with keep as workdir:
+            results = run_comparison(src, variants, eval_text, Path(workdir), eval_seq_len,
+                                     eval_samples, base.device, progress=True,
+                                     overwrite=overwrite)
+        click.echo(markdown_table(results))
+        for path, write in ((csv_path, write_csv), (json_path, write_json)):
+            if path:
+                write(results, path)
+                click.echo(f"wrote {path}")
+
+    run_guarded(action)
+
+
 @main.command()
 @click.argument("src")
 @click.option("--revision", help="Hub revision of SRC.")
@@ -133,7 +259,7 @@ def inspect(src, revision) -> None:
               help="Held-out text (.txt, .jsonl, .json.gz).")
 @click.option("--seq-len", type=int, default=512, show_default=True)
 @click.option("--samples", type=int, default=64, show_default=True)
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@device_option
 def evaluate_command(original, reduced, text, seq_len, samples, device) -> None:
     """Perplexity of ORIGINAL and REDUCED on TEXT, and KL(original ‖ reduced)."""
     from .evaluate import evaluate

@@ -1,15 +1,24 @@
-"""Several reductions of one checkpoint, each scored against the original on held-out text."""
+"""Several reductions of one checkpoint, each scored against the original on held-out text.
+
+Reductions that share the calibration options and propagate the original outputs are converted
+in one pass over the layers, so each layer's statistics are computed once for all of them
+(convert_many); each output is then evaluated with the streamed perplexity and KL.
+Serves `hcconvert compare` and the demo.
+"""
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import json
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .convert import Conversion, convert
+from .convert import Conversion, convert_many
 from .evaluate import Fidelity, evaluate
-from .options import ConvertOptions
+from .options import NAMED_METHODS, ConvertOptions
 
 
 @dataclass(frozen=True)
@@ -17,25 +26,56 @@ class Result:
     label: str
     conversion: Conversion
     fidelity: Fidelity
-    minutes: float
+    convert_minutes: float  # the shared pass plus this output's own reduction and writing
+    eval_minutes: float
+
+    @property
+    def minutes(self) -> float:
+        return self.convert_minutes + self.eval_minutes
 
 
 def slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
+def named_variants(names: list[str], base: ConvertOptions) -> dict[str, ConvertOptions]:
+    """The named reductions (options.NAMED_METHODS) as options built on base."""
+    unknown = [name for name in names if name not in NAMED_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(NAMED_METHODS)}")
+    return {name: dataclasses.replace(base, **NAMED_METHODS[name]) for name in names}
+
+
+def shared_passes(variants: dict[str, ConvertOptions]) -> list[list[str]]:
+    """The labels grouped by the pass over the layers that can serve them: one per set of
+    calibration options, and one of its own for each variant that propagates merged outputs."""
+    passes: dict[tuple, list[str]] = {}
+    for label, options in variants.items():
+        key = (options.calibration_key() if options.propagate == "original"
+               else ("merged", label))
+        passes.setdefault(key, []).append(label)
+    return list(passes.values())
+
+
 def compare(src: str, variants: dict[str, ConvertOptions], eval_text: Path, workdir: Path,
             seq_len: int = 512, samples: int = 64, device: str = "auto",
-            progress: bool = False) -> list[Result]:
-    """Convert SRC once per variant into workdir/<label> and evaluate each against SRC."""
+            progress: bool = False, overwrite: bool = True) -> list[Result]:
+    """Convert SRC once per variant into workdir/<slug of its label>, sharing passes where
+    possible, and evaluate each output against SRC. Results are in the variants' order."""
+    outs = {label: workdir / slug(label) for label in variants}
+    conversions: dict[str, Conversion] = {}
+    for labels in shared_passes(variants):
+        done = convert_many(src, [(outs[label], variants[label]) for label in labels],
+                            overwrite=overwrite, progress=progress)
+        conversions.update(zip(labels, done, strict=True))
     results = []
-    for label, options in variants.items():
+    for label, conversion in ((label, conversions[label]) for label in variants):
         start = time.perf_counter()
-        out = workdir / slug(label)
-        conversion = convert(src, out, options, overwrite=True, progress=progress)
-        fidelity = evaluate(src, str(out), eval_text, seq_len=seq_len, samples=samples,
+        fidelity = evaluate(src, str(outs[label]), eval_text, seq_len=seq_len, samples=samples,
                             device=device, progress=progress)
-        results.append(Result(label, conversion, fidelity, (time.perf_counter() - start) / 60))
+        convert_minutes = sum(conversion.timer.seconds.values()) / 60
+        results.append(Result(label, conversion, fidelity, convert_minutes,
+                              (time.perf_counter() - start) / 60))
     return results
 
 
@@ -45,3 +85,25 @@ def markdown_table(results: list[Result]) -> str:
     rows += [f"| {r.label} | {r.fidelity.kl:.4f} | {r.fidelity.perplexity_reduced:.3f} | "
              f"{r.fidelity.perplexity_original:.3f} | {r.minutes:.2f} |" for r in results]
     return "\n".join(rows)
+
+
+def records(results: list[Result]) -> list[dict]:
+    """One flat record per result, for CSV and JSON."""
+    return [{"method": r.label, "kl": r.fidelity.kl,
+             "perplexity": r.fidelity.perplexity_reduced,
+             "perplexity_original": r.fidelity.perplexity_original,
+             "eval_tokens": r.fidelity.tokens, "experts": r.conversion.plan.experts_out,
+             "convert_minutes": r.convert_minutes, "eval_minutes": r.eval_minutes,
+             "minutes": r.minutes, "out": str(r.conversion.out)} for r in results]
+
+
+def write_csv(results: list[Result], path: Path) -> None:
+    rows = records(results)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_json(results: list[Result], path: Path) -> None:
+    path.write_text(json.dumps(records(results), indent=2, ensure_ascii=False) + "\n")

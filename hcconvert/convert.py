@@ -1,27 +1,29 @@
 """The conversion pipeline, one decoder layer at a time: read, calibrate, cluster, merge, write.
 
 Per layer: attention with the original weights; for a MoE layer, statistics over all calibration
-tokens, grouping, merging and router reduction; then the next layer's input (the original
-layer's output, as in the paper, or the merged layer's with --propagate merged). Only the
-calibration hidden states stay resident; a layer's weights are freed before the next is read.
+tokens, then each output's grouping, merging and router reduction (reduction.py); then the next
+layer's input (the original layer's output, as in the paper, or the merged layer's with
+--propagate merged). Only the calibration hidden states stay resident; a layer's weights are
+freed before the next is read. With the original outputs propagated, several reductions share
+one pass (convert_many): each layer's statistics are computed once and feed every output.
 T tokens, H hidden, E experts, R groups.
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
-from dataclasses import dataclass, field
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from .alignment import NeuronMatcher
 from .calibration import load_calibration
-from .clustering import group_experts
 from .errors import UserError
 from .families import family_for
-from .merging import merge_experts
 from .metadata import write_metadata
 from .modeling import (
     Experts,
@@ -35,40 +37,15 @@ from .modeling import (
     rope_tables,
 )
 from .options import ConvertOptions
-from .plan import Plan, build_plan
-from .pruning import prune_groups
+from .plan import build_plan
+from .reduction import Conversion, LayerResult, Reducer
 from .resources import StageTimer
-from .router import reduce_router
 from .source import Checkpoint, resolve_source
-from .statistics import LayerStats, collect_layer_stats, group_logsumexp_gram
+from .statistics import collect_layer_stats
 from .streaming import BackgroundWriter, prefetched_layers
-from .writer import (
-    TORCH_DTYPES,
-    ShardWriter,
-    check_output_dir,
-    copy_side_files,
-    publish,
-    staging_dir,
-)
+from .writer import ShardWriter, check_output_dir, copy_side_files, publish, staging_dir
 
-
-@dataclass
-class LayerResult:
-    layer: int
-    groups: list[list[int]]
-    counts: list[float]  # top-k selections per original expert
-    tokens: int
-
-
-@dataclass
-class Conversion:
-    """What a conversion did, for hcconvert.json, the model card and the summary."""
-
-    source: str
-    out: Path
-    plan: Plan
-    layers: list[LayerResult] = field(default_factory=list)
-    timer: StageTimer = field(default_factory=StageTimer)
+__all__ = ["Conversion", "LayerResult", "LayerPipeline", "convert", "convert_many"]
 
 
 def open_source(src: str, revision: str | None = None) -> tuple[Checkpoint, ModelSpec]:
@@ -94,36 +71,87 @@ def compute_dtype(device: torch.device, source_dtype: torch.dtype) -> torch.dtyp
 def convert(src: str, out: Path, options: ConvertOptions, overwrite: bool = False,
             progress: bool = True) -> Conversion:
     """Convert SRC into a reduced checkpoint at OUT; nothing appears at OUT unless it succeeds."""
-    ckpt, spec = open_source(src, options.revision)
+    return convert_many(src, [(out, options)], overwrite, progress)[0]
+
+
+def convert_many(src: str, outputs: list[tuple[Path, ConvertOptions]], overwrite: bool = False,
+                 progress: bool = True) -> list[Conversion]:
+    """Several reductions of SRC from one pass over its layers, each into its own directory
+    (its own shards, staging directory and hcconvert.json). They must share the calibration
+    options; with more than one, all must propagate the original outputs, since merged
+    propagation gives each its own hidden states. Nothing appears unless all succeed."""
+    check_shareable([options for _, options in outputs])
+    if len({out.resolve() for out, _ in outputs}) < len(outputs):
+        raise ValueError("every output needs its own directory")
+    first = outputs[0][1]
+    ckpt, spec = open_source(src, first.revision)
+    conversions = [prepare_output(src, ckpt, spec, out, options, overwrite)
+                   for out, options in outputs]
+    device = pick_device(first.device)
+    tokens = load_calibration(ckpt.root, first.calib, first.calib_samples, first.seq_len,
+                              first.seed)
+    stagings = [staging_dir(out) for out, _ in outputs]
+    try:
+        reducers = run_pass(ckpt, spec, device, tokens, conversions, outputs, stagings, progress)
+        for reducer, staging in zip(reducers, stagings, strict=True):
+            copy_side_files(ckpt.root, staging)
+            write_metadata(staging, ckpt, reducer.conversion, reducer.options)
+        for staging, (out, _) in zip(stagings, outputs, strict=True):
+            publish(staging, out)
+    except BaseException:
+        for staging in stagings:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return conversions
+
+
+def run_pass(ckpt: Checkpoint, spec: ModelSpec, device: torch.device, tokens: torch.Tensor,
+             conversions: list[Conversion], outputs: list[tuple[Path, ConvertOptions]],
+             stagings: list[Path], progress: bool) -> list[Reducer]:
+    """One pass over the layers writing every output's shards into its staging directory."""
+    with ExitStack() as writers:
+        reducers = [Reducer(conversion, options, writers.enter_context(
+                        ShardWriter(staging, conversion.plan.outputs, options.max_shard_size)))
+                    for conversion, (_, options), staging
+                    in zip(conversions, outputs, stagings, strict=True)]
+        LayerPipeline(ckpt, spec, device, reducers, outputs[0][1].seed).run(tokens, progress)
+    return reducers
+
+
+def check_shareable(options: list[ConvertOptions]) -> None:
+    """Programming errors in a caller of convert_many (the CLI never builds such a list)."""
+    if not options:
+        raise ValueError("convert_many needs at least one output")
+    if len({o.calibration_key() for o in options}) > 1:
+        raise ValueError("outputs that share a pass must share the calibration options")
+    if len(options) > 1 and any(o.propagate == "merged" for o in options):
+        raise ValueError("--propagate merged gives each output its own pass")
+
+
+def prepare_output(src: str, ckpt: Checkpoint, spec: ModelSpec, out: Path,
+                   options: ConvertOptions, overwrite: bool) -> Conversion:
+    """Plan one output and check its options against the model before any weight is read."""
     plan = build_plan(ckpt, spec, options.experts)
     check_output_dir(out, ckpt.root, overwrite)
-    device = pick_device(options.device)
-    tokens = load_calibration(ckpt.root, options.calib, options.calib_samples, options.seq_len,
-                              options.seed)
-    conversion = Conversion(src, out, plan)
-    staging = staging_dir(out)
-    try:
-        with ShardWriter(staging, plan.outputs, options.max_shard_size) as writer:
-            LayerPipeline(ckpt, plan, options, device, conversion, writer).run(tokens, progress)
-        copy_side_files(ckpt.root, staging)
-        write_metadata(staging, ckpt, conversion, options)
-        publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        ckpt.close()
-    return conversion
+    size = options.max_group_size
+    if options.method == "merge" and size is not None and options.experts * size < spec.num_experts:
+        raise UserError(f"--max-group-size {size}: {options.experts} groups of at most {size} "
+                        f"cannot hold {spec.num_experts} experts")
+    return Conversion(src, out, plan)
 
 
 class LayerPipeline:
-    """Streams the checkpoint through the calibration hidden states, layer by layer."""
+    """Streams the checkpoint through the calibration hidden states, layer by layer, feeding
+    every reducer; each MoE layer's statistics are collected once, for all of them."""
 
-    def __init__(self, ckpt: Checkpoint, plan: Plan, options: ConvertOptions,
-                 device: torch.device, conversion: Conversion, writer: ShardWriter):
-        self.ckpt, self.plan, self.spec = ckpt, plan, plan.spec
-        self.options, self.device, self.conversion = options, device, conversion
-        self.writer, self.timer = writer, conversion.timer
+    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, device: torch.device,
+                 reducers: list[Reducer], seed: int):
+        self.ckpt, self.spec, self.device, self.reducers = ckpt, spec, device, reducers
+        self.seed = seed
+        self.needs = frozenset().union(*(r.needs for r in reducers))
+        # The reducer whose output feeds the next layer (--propagate merged), if any.
+        self.propagator = next((r for r in reducers if r.options.propagate == "merged"), None)
+        self.timer = StageTimer()  # the shared stages, credited to every conversion at the end
         self.dtype = torch.float32
 
     def run(self, tokens: torch.Tensor, progress: bool) -> None:
@@ -133,9 +161,8 @@ class LayerPipeline:
         hidden = embed(self.spec, table, tokens).to(self.device, self.dtype)  # [N, S, H]
         del table
         rope = rope_tables(self.spec, tokens.shape[1], self.device, self.dtype)
-        with self.timer.stage("write"):
-            for tensor in self.plan.global_outputs:
-                self.writer.write(tensor.name, self.ckpt.get(tensor.name))
+        for reducer in self.reducers:
+            reducer.write_globals(self.ckpt)
         bar = tqdm(total=self.spec.num_layers, desc="layers", unit="layer",
                    disable=not progress, file=sys.stderr)
         layers = prefetched_layers(self.ckpt, self.spec.num_layers,
@@ -148,85 +175,54 @@ class LayerPipeline:
                 if layer is None:
                     break
                 bar.set_postfix_str(f"layer {layer + 1}/{self.spec.num_layers}: calibrating")
-                with self.timer.stage("compute"):
-                    hidden, produced = self.layer(layer, raw, hidden, rope)
-                background.submit(lambda layer=layer, raw=raw, produced=produced:
-                                  self.write_layer(layer, raw, produced))
+                hidden = self.layer(layer, raw, hidden, rope, background)
                 bar.update()
+        for reducer in self.reducers:
+            for stage, seconds in self.timer.seconds.items():
+                reducer.timer.seconds[stage] += seconds
 
-    def layer(self, layer: int, raw: dict, hidden: torch.Tensor, rope):
-        """Advance the hidden states through one layer; returns them and the layer's new
-        tensors (by full name, on the CPU)."""
+    def layer(self, layer: int, raw: dict, hidden: torch.Tensor, rope,
+              background: BackgroundWriter) -> torch.Tensor:
+        """Advance the hidden states through one layer; every reducer writes its version."""
         layout = self.spec.family.experts
-        w = {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in raw.items()
-             if not k.startswith(layout.prefixes())}
-        hidden = attention_residual(self.spec, w, hidden, rope)
-        flat = hidden.view(-1, self.spec.hidden)  # [T, H], shares hidden's storage
-        x = ffn_input(self.spec, w, flat)
-        produced = {}
+        with self.timer.stage("compute"):
+            w = {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in raw.items()
+                 if not k.startswith(layout.prefixes())}
+            hidden = attention_residual(self.spec, w, hidden, rope)
+            flat = hidden.view(-1, self.spec.hidden)  # [T, H], shares hidden's storage
+            x = ffn_input(self.spec, w, flat)
         if layer in self.spec.moe_layers:
-            experts = Experts.from_layer(raw, layout, self.spec.num_experts)
-            produced = self.reduce_moe(layer, w, experts.to(self.device, self.dtype), x, flat)
-        else:
+            self.moe_layer(layer, raw, w, x, flat, background)
+            return hidden
+        with self.timer.stage("compute"):
             add_residual(self.spec, flat, dense_mlp(self.spec, w, x))
+            self.synchronize()
+        for reducer in self.reducers:
+            background.submit(functools.partial(reducer.write_layer, layer, raw, {}))
+        return hidden
+
+    def moe_layer(self, layer: int, raw: dict, w: dict, x: torch.Tensor, flat: torch.Tensor,
+                  background: BackgroundWriter) -> None:
+        """Statistics once, then each reducer in turn (its write overlapping the next one's
+        compute); then the layer's output, original or merged, added to flat."""
+        spec = self.spec
+        with self.timer.stage("compute"):
+            experts = Experts.from_layer(raw, spec.family.experts, spec.num_experts)
+            experts = experts.to(self.device, self.dtype)
+            router = w[spec.family.router]
+            stats = collect_layer_stats(x, router, experts, spec.routing, self.needs, self.seed)
+            matcher = NeuronMatcher(x, stats.selected, experts)
+        chosen = experts
+        for reducer in self.reducers:
+            new_router, merged, produced = reducer.reduce(layer, w, experts, x, stats, matcher)
+            background.submit(functools.partial(reducer.write_layer, layer, raw, produced))
+            if reducer is self.propagator:
+                router, chosen = new_router, merged
+        with self.timer.stage("compute"):
+            add_residual(spec, flat, moe_block(spec, w, x, router, chosen))
+            self.synchronize()
+
+    def synchronize(self) -> None:
+        """On CUDA, wait for the queued kernels, so the stage timer measures the work."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize()  # so the stage timer measures the work, not the launches
-        return hidden, {name: t.to("cpu") for name, t in produced.items()}
-
-    def write_layer(self, layer: int, raw: dict, produced: dict) -> None:
-        """Write one layer's tensors in plan order: new ones, and the rest copied as stored."""
-        prefix = self.plan.layer_prefix(layer)
-        with self.timer.stage("write"):
-            for tensor in self.plan.layer_outputs[layer]:
-                value = produced.get(tensor.name)
-                if value is None:
-                    value = raw[tensor.name.removeprefix(prefix)]
-                self.writer.write(tensor.name, value.to(TORCH_DTYPES[tensor.dtype]))
-
-    def reduce_moe(self, layer: int, w: dict, experts: Experts, x: torch.Tensor,
-                   flat: torch.Tensor) -> dict:
-        """Group and merge one MoE layer's experts; add the chosen MoE output to flat."""
-        spec, options = self.spec, self.options
-        family = spec.family
-        router = w[family.router]
-        stats = collect_layer_stats(x, router, experts, spec.routing)
-        groups = self.choose_groups(stats)
-        merged = merge_experts(experts, groups, stats.counts, options.merge)
-        gram = cross = None
-        if options.router == "lse-fit":
-            gram, cross = group_logsumexp_gram(x, router, groups)
-        new_router = reduce_router(router, groups, stats.counts, options.router, gram, cross)
-        if options.propagate == "merged":
-            add_residual(spec, flat, moe_block(spec, w, x, new_router, merged))
-        else:
-            add_residual(spec, flat, moe_block(spec, w, x, router, experts))
-        self.conversion.layers.append(
-            LayerResult(layer, groups, stats.counts.tolist(), stats.tokens))
-        return self.merged_tensors(layer, new_router, merged)
-
-    def choose_groups(self, stats: LayerStats) -> list[list[int]]:
-        """The expert groups. Under group-limited routing each routing group of experts is
-        reduced on its own, to R/n_group experts, so every merged expert stays in its group."""
-        size = self.spec.num_experts // self.spec.routing.groups
-        keep = self.options.experts // self.spec.routing.groups
-        groups = []
-        for start in range(0, self.spec.num_experts, size):
-            local = self.group_slice(stats, slice(start, start + size), keep)
-            groups += [[start + e for e in group] for group in local]
-        return groups
-
-    def group_slice(self, stats: LayerStats, members: slice, keep: int) -> list[list[int]]:
-        options = self.options
-        counts = stats.counts[members]
-        if options.method == "prune":
-            return prune_groups(counts, keep)
-        return group_experts(stats.output_mean[members].double().numpy(), counts.numpy(), keep,
-                             grouping=options.grouping, linkage=options.linkage,
-                             seed=options.seed)
-
-    def merged_tensors(self, layer: int, router: torch.Tensor, merged: Experts) -> dict:
-        """Reduced router and experts by full name, in the source's expert layout."""
-        prefix = self.plan.layer_prefix(layer)
-        family = self.spec.family
-        tensors = {family.router: router, **merged.to_layer(family.experts)}
-        return {prefix + name: tensor for name, tensor in tensors.items()}
+            torch.cuda.synchronize()

@@ -1,14 +1,36 @@
-"""Merging each group of experts into one expert: a weighted average of their weights.
+"""Merging each group of experts into one expert (--merge).
 
-E experts, R groups, F expert ffn, H hidden. Arithmetic in fp32, results cast back to the
-source dtype.
+- freq:     the members' weights averaged, weighted by router frequency (HC-SMoE's default).
+- average:  the plain average.
+- msmoe:    M-SMoE: every member's neurons permuted to match the dominant (most frequently
+            picked) member's by activation correlation (Hungarian method), then freq.
+- fix-dom:  HC-SMoE's fix-dominant merge: the dominant's neurons stay; each neuron of another
+            member is averaged, frequency-weighted, into the dominant neuron it correlates
+            with most (several may land on one, some on none).
+- mergemoe: msmoe's gate and up, and the down projection fitted by least squares so the merged
+            expert's output matches the members' frequency-weighted outputs (mergemoe.py).
+A group of one is its expert unchanged. E experts, R groups, G members, F expert ffn, H hidden.
+Arithmetic in fp32, results cast back to the source dtype.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from .alignment import NeuronMatcher, aligned_members
+from .mergemoe import least_squares_down
 from .modeling import Experts
+from .options import MERGES
+
+WEIGHTS = ("gate", "up", "down")
+Merged = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate, up [F, H]; down [H, F]
+
+
+def dominant(group: list[int], counts: torch.Tensor) -> int:
+    """The group's most frequently picked member (ties to the lower index)."""
+    return max(group, key=lambda e: (counts[e].item(), -e))
 
 
 def member_weights(group: list[int], counts: torch.Tensor, merge: str) -> torch.Tensor:
@@ -32,11 +54,71 @@ def weighted_sum(stacked: torch.Tensor, group: list[int], weights: torch.Tensor)
 
 
 def merge_experts(experts: Experts, groups: list[list[int]], counts: torch.Tensor,
-                  merge: str = "freq") -> Experts:
-    """One merged expert per group, in group order. Returns gate, up [R, F, H]; down [R, H, F]."""
-    merged = {"gate": [], "up": [], "down": []}
-    for group in groups:
-        weights = member_weights(group, counts, merge)
-        for name, parts in merged.items():
-            parts.append(weighted_sum(getattr(experts, name), group, weights))
-    return Experts(*(torch.stack(merged[name]) for name in ("gate", "up", "down")))
+                  merge: str = "freq", matcher: NeuronMatcher | None = None) -> Experts:
+    """One merged expert per group, in group order. Returns gate, up [R, F, H]; down [R, H, F].
+
+    fix-dom, msmoe and mergemoe read activations: they need the layer's NeuronMatcher.
+    """
+    if merge not in MERGES:
+        raise ValueError(f"unknown merge {merge!r}; choose from {', '.join(MERGES)}")
+    merged = [merge_group(experts, group, counts, merge, matcher) for group in groups]
+    return Experts(*(torch.stack(parts) for parts in zip(*merged, strict=True)))
+
+
+def merge_group(experts: Experts, group: list[int], counts: torch.Tensor, merge: str,
+                matcher: NeuronMatcher | None) -> Merged:
+    if len(group) == 1:
+        return tuple(getattr(experts, name)[group[0]] for name in WEIGHTS)
+    if merge in ACTIVATION_RULES and matcher is None:
+        raise ValueError(f"the {merge} merge needs calibration activations (a NeuronMatcher)")
+    return RULES[merge](experts, group, counts, matcher)
+
+
+def _averaged(experts: Experts, group: list[int], counts: torch.Tensor, matcher, *,
+              rule: str) -> Merged:
+    weights = member_weights(group, counts, rule)
+    return tuple(weighted_sum(getattr(experts, name), group, weights) for name in WEIGHTS)
+
+
+def _msmoe(experts: Experts, group: list[int], counts: torch.Tensor,
+           matcher: NeuronMatcher) -> Merged:
+    aligned = aligned_members(experts, group, dominant(group, counts), matcher)
+    return _averaged(aligned, list(range(len(group))), counts[group], None, rule="freq")
+
+
+def _fix_dom(experts: Experts, group: list[int], counts: torch.Tensor,
+             matcher: NeuronMatcher) -> Merged:
+    leader = dominant(group, counts)
+    share = dict(zip(group, member_weights(group, counts, "freq").tolist(), strict=True))
+    gate, up, down = (getattr(experts, name)[leader].float() * share[leader]
+                      for name in WEIGHTS)
+    mass = torch.full((gate.shape[0],), share[leader], device=gate.device)  # per merged neuron
+    for e in group:
+        if e == leader:
+            continue
+        target = matcher.assignment(group, leader, e)  # [F]: each neuron's dominant neuron
+        gate.index_add_(0, target, experts.gate[e].float() * share[e])
+        up.index_add_(0, target, experts.up[e].float() * share[e])
+        down.index_add_(1, target, experts.down[e].float() * share[e])
+        mass.index_add_(0, target, torch.full_like(mass, share[e]))
+    dtype = experts.gate.dtype
+    return ((gate / mass[:, None]).to(dtype), (up / mass[:, None]).to(dtype),
+            (down / mass[None, :]).to(dtype))
+
+
+def _mergemoe(experts: Experts, group: list[int], counts: torch.Tensor,
+              matcher: NeuronMatcher) -> Merged:
+    gate, up, prior = _msmoe(experts, group, counts, matcher)
+    weights = member_weights(group, counts, "freq")
+    down = least_squares_down(matcher, experts, group, weights, gate, up, prior)
+    return gate, up, down.to(prior.dtype)
+
+
+RULES = {
+    "freq": functools.partial(_averaged, rule="freq"),
+    "average": functools.partial(_averaged, rule="average"),
+    "msmoe": _msmoe,
+    "fix-dom": _fix_dom,
+    "mergemoe": _mergemoe,
+}
+ACTIVATION_RULES = ("msmoe", "fix-dom", "mergemoe")

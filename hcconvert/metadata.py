@@ -7,13 +7,16 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .options import ConvertOptions
 from .source import Checkpoint
 from .writer import write_json
 
 if TYPE_CHECKING:
     from .convert import Conversion
     from .families import Family
-    from .options import ConvertOptions
+
+REDUCTION_FIELDS = ("method", "metric", "grouping", "linkage", "max_group_size", "merge",
+                    "prune_by", "router", "propagate")
 
 
 def reduced_config(config: dict, family: Family, experts: int, top_k: int) -> dict:
@@ -34,7 +37,13 @@ def reduced_config(config: dict, family: Family, experts: int, top_k: int) -> di
 
 
 def command_line(source: str, options: ConvertOptions, out: Path) -> str:
-    return f"hcconvert {source} --experts {options.experts} --out {out.name}"
+    """The command that repeats the reduction: the reduction options that differ from the
+    defaults are spelled out."""
+    defaults = ConvertOptions(options.experts)
+    extra = "".join(f" --{name.replace('_', '-')} {getattr(options, name)}"
+                    for name in REDUCTION_FIELDS
+                    if getattr(options, name) != getattr(defaults, name))
+    return f"hcconvert {source} --experts {options.experts}{extra} --out {out.name}"
 
 
 def write_metadata(directory: Path, ckpt: Checkpoint, conversion: Conversion,
@@ -46,7 +55,7 @@ def write_metadata(directory: Path, ckpt: Checkpoint, conversion: Conversion,
                "tokens": r.tokens} for r in conversion.layers]
     write_json(directory / "hcconvert.json", {
         "source": conversion.source,
-        "method": "hc-smoe",
+        "method": options.method,
         "options": options.to_json(),
         "experts_before": plan.spec.num_experts,
         "experts_after": plan.experts_out,
@@ -64,8 +73,7 @@ def model_card(conversion: Conversion, options: ConvertOptions) -> str:
     groups = "\n".join(f"| {r.layer} | {json.dumps(r.groups)} |" for r in conversion.layers)
     return "\n".join(front + ["---", "", f"# {conversion.out.name}", "",
         f"`{conversion.source}` with its MoE layers reduced from {plan.spec.num_experts} to "
-        f"{plan.experts_out} experts by HC-SMoE (hierarchical clustering of expert outputs, "
-        f"{options.linkage} linkage, {options.merge} merge, {options.router} router) with "
+        f"{plan.experts_out} experts by {options.describe()} with "
         "[hcconvert](https://github.com/hcconvert/hcconvert), without retraining.", "",
         "```", command_line(conversion.source, options, conversion.out), "```", "",
         "| layer | expert groups (original indices) |", "| --- | --- |", groups, ""])

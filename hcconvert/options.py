@@ -6,10 +6,15 @@ import dataclasses
 from dataclasses import dataclass
 
 METHODS = ("merge", "prune")
+METRICS = ("output", "router-logits", "weights")
 ROUTERS = ("dominant", "freq-avg", "lse-fit")
-MERGES = ("freq", "average")
+MERGES = ("freq", "average", "fix-dom", "msmoe", "mergemoe")
+PRUNE_BY = ("frequency", "output")
 PROPAGATIONS = ("original", "merged")
 DEVICES = ("auto", "cpu", "cuda")
+# What decides the calibration hidden states: conversions that agree on these (and propagate
+# the original outputs) can share one pass over the layers.
+CALIBRATION_FIELDS = ("calib", "calib_samples", "seq_len", "seed", "device", "revision")
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,48 @@ class ConvertOptions:
     max_shard_size: int = 5 * 10**9
     device: str = "auto"
     revision: str | None = None
+    metric: str = "output"
+    max_group_size: int | None = None
+    prune_by: str = "frequency"
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    def calibration_key(self) -> tuple:
+        return tuple(getattr(self, name) for name in CALIBRATION_FIELDS)
+
+    def describe(self) -> str:
+        """One phrase naming the reduction, for the model card."""
+        if self.method == "prune":
+            kept = ("the router picks most often (F-prune)" if self.prune_by == "frequency"
+                    else "with the largest routed output (O-prune, REAP's saliency)")
+            return f"pruning, keeping the experts {kept},"
+        how = f"{self.linkage}-linkage hierarchical" if self.grouping == "hierarchical" \
+            else self.grouping
+        size = f", groups of at most {self.max_group_size}" if self.max_group_size else ""
+        return (f"merging ({how} grouping of expert {self.metric} features{size}, "
+                f"{self.merge} merge, {self.router} router)")
+
+
+# The reductions `hcconvert compare` knows by name: each is ConvertOptions' defaults (HC-SMoE:
+# average-linkage clustering of expert outputs, frequency merge) with these fields changed.
+NAMED_METHODS: dict[str, dict] = {
+    "hc-smoe": {},
+    "hc-smoe-single": {"linkage": "single"},
+    "hc-smoe-complete": {"linkage": "complete"},
+    "hc-smoe-ward": {"linkage": "ward"},
+    "router-logits": {"metric": "router-logits"},
+    "weights": {"metric": "weights"},
+    "dominant": {"grouping": "dominant"},
+    "kmeans": {"grouping": "kmeans"},
+    "random": {"grouping": "random"},
+    "average": {"merge": "average"},
+    "fix-dom": {"merge": "fix-dom"},
+    # M-SMoE's recipe: the most used experts lead, the rest join the one whose router logits
+    # they resemble most; members are neuron-aligned before the frequency merge.
+    "msmoe": {"grouping": "dominant", "metric": "router-logits", "merge": "msmoe"},
+    "mergemoe": {"merge": "mergemoe"},
+    "f-prune": {"method": "prune", "prune_by": "frequency"},
+    "o-prune": {"method": "prune", "prune_by": "output"},
+}
+DEFAULT_COMPARISON = ("hc-smoe", "random", "f-prune", "o-prune", "msmoe", "mergemoe")

@@ -6,14 +6,14 @@
             i.e. the merged expert's softmax mass matches its members' combined mass.
             The ridge pulls towards the freq-avg row, so directions calibration never saw
             keep a sensible row instead of collapsing to zero.
-Singleton groups always keep their original row.
+Singleton groups always keep their original row (so pruning keeps the survivors' rows).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .merging import member_weights, weighted_sum
+from .merging import dominant, member_weights, weighted_sum
 from .options import ROUTERS
 
 # Ridge strength relative to the mean diagonal of XᵀX: small enough to fit the targets,
@@ -27,9 +27,8 @@ def reduce_router(router: torch.Tensor, groups: list[list[int]], counts: torch.T
     """[R, H] router rows for the groups. lse-fit needs XᵀX (gram) and Xᵀy (cross)."""
     if method not in ROUTERS:
         raise ValueError(f"unknown router {method!r}; choose from {', '.join(ROUTERS)}")
-    if method == "dominant":
-        leaders = [max(g, key=lambda e: (counts[e].item(), -e)) for g in groups]
-        return router[leaders].clone()
+    if method == "dominant" or all(len(g) == 1 for g in groups):
+        return router[[dominant(g, counts) for g in groups]].clone()
     rows = torch.stack([weighted_sum(router, g, member_weights(g, counts, "freq"))
                         for g in groups])
     if method == "lse-fit":

@@ -1,7 +1,9 @@
-"""Per-MoE-layer calibration statistics: expert output means, router frequencies, logit means.
+"""Per-MoE-layer calibration statistics, computed once per layer for every reduction that
+reads them: router frequencies and choices, and on request expert output means, router-logit
+and weight features, and routed saliency.
 
-T tokens, E experts, F expert ffn, H hidden, R groups.
-An expert's feature is its mean output over ALL calibration tokens, routed to it or not.
+T tokens, E experts, F expert ffn, H hidden, K top-k, R groups.
+An expert's output feature is its mean output over ALL calibration tokens, routed to it or not.
 By linearity, mean_t down(silu(gate x_t) * up x_t) = (sum_t silu(gate x_t) * up x_t / T) @ downᵀ,
 so only the [E, F] activation sums are needed; `expert_act_sums` fuses that on the GPU.
 """
@@ -12,10 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .features import router_logit_features, weight_features
 from .kernels.expert_sums import expert_act_sums, expert_act_sums_torch
-from .modeling import Experts, Routing, route, router_logits
+from .modeling import MOE_CHUNK_TOKENS, Experts, Routing, route, router_logits, swiglu
 
 ROUTER_CHUNK_TOKENS = 16384
+# What collect_layer_stats can compute besides the routing: the three similarity metrics
+# (options.METRICS) and O-prune's saliency.
+OPTIONAL_STATS = ("output", "router-logits", "weights", "saliency")
 
 
 def activation_sums(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -27,40 +33,95 @@ def activation_sums(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> to
 
 @dataclass
 class LayerStats:
-    """What one MoE layer's calibration pass measured."""
+    """What one MoE layer's calibration pass measured; optional parts are None unless asked."""
 
     tokens: int
     counts: torch.Tensor  # [E] times each expert was in a token's top-k
     logit_mean: torch.Tensor  # [E] mean router logit
-    output_mean: torch.Tensor  # [E, H] mean expert output over all tokens, fp32
+    selected: torch.Tensor  # [T, K] each token's top-k experts, on the device of the inputs
+    output_mean: torch.Tensor | None = None  # [E, H] mean expert output over all tokens, fp32
+    router_features: torch.Tensor | None = None  # [E, S] router logits on sampled tokens
+    weight_features: torch.Tensor | None = None  # [E, E] isometric image of flattened weights
+    saliency: torch.Tensor | None = None  # [E] mean routed weight x output norm (REAP)
 
     @property
     def frequencies(self) -> torch.Tensor:
         """Fraction of tokens that picked each expert (sums to top-k)."""
         return self.counts / max(self.tokens, 1)
 
+    def features(self, metric: str) -> torch.Tensor:
+        """The [E, D] similarity features of one metric (options.METRICS)."""
+        found = {"output": self.output_mean, "router-logits": self.router_features,
+                 "weights": self.weight_features}[metric]
+        if found is None:
+            raise ValueError(f"the {metric!r} features were not collected")
+        return found
+
 
 def router_stats(x: torch.Tensor, router: torch.Tensor, routing: Routing):
-    """Top-k selection counts [E] and router-logit sums [E] (fp32), chunked over tokens."""
+    """Top-k counts [E] and logit sums [E] (fp32), and each token's choices: the experts
+    [T, K] and their routing weights [T, K]. Chunked over tokens."""
     counts = torch.zeros(router.shape[0], dtype=torch.float64, device=x.device)
     logit_sum = torch.zeros(router.shape[0], dtype=torch.float64, device=x.device)
+    indices, weights = [], []
     for start in range(0, x.shape[0], ROUTER_CHUNK_TOKENS):
         logits = router_logits(x[start:start + ROUTER_CHUNK_TOKENS], router, routing)
-        _, index = route(logits, routing)
+        weight, index = route(logits, routing)
         counts += torch.bincount(index.flatten(), minlength=router.shape[0]).double()
         logit_sum += logits.sum(0).double()
-    return counts.float(), logit_sum.float()
+        indices.append(index)
+        weights.append(weight)
+    return counts.float(), logit_sum.float(), torch.cat(indices), torch.cat(weights)
+
+
+def output_means(x: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """[E, H] fp32 mean output of every expert over all tokens x: [T, H]."""
+    sums = activation_sums(x, experts.gate, experts.up)  # [E, F]
+    mean_act = (sums / x.shape[0]).unsqueeze(1)  # [E, 1, F]
+    return torch.bmm(mean_act, experts.down.float().transpose(1, 2)).squeeze(1)
+
+
+def routed_saliency(x: torch.Tensor, experts: Experts, selected: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+    """REAP's saliency [E]: over the tokens routed to an expert, the mean of its routing
+    weight times the norm of its output. Experts no token picked score 0."""
+    total = torch.zeros(len(experts), dtype=torch.float64, device=x.device)
+    picked = torch.zeros(len(experts), dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], MOE_CHUNK_TOKENS):
+        index = selected[start:start + MOE_CHUNK_TOKENS]
+        for e in range(len(experts)):
+            token, slot = torch.where(index == e)
+            if token.numel() == 0:
+                continue
+            out = swiglu(x[start + token], experts.gate[e], experts.up[e], experts.down[e])
+            gate = weights[start + token, slot]
+            total[e] += (gate * out.float().norm(dim=-1)).sum().double()
+            picked[e] += token.numel()
+    return (total / picked.clamp_min(1)).float()
 
 
 def collect_layer_stats(x: torch.Tensor, router: torch.Tensor, experts: Experts,
-                        routing: Routing) -> LayerStats:
-    """Statistics for one MoE layer from its inputs x: [T, H] (post-attention-norm)."""
+                        routing: Routing, needs: frozenset[str] = frozenset({"output"}),
+                        seed: int = 42) -> LayerStats:
+    """Statistics for one MoE layer from its inputs x: [T, H] (post-attention-norm).
+
+    needs names the optional parts (OPTIONAL_STATS) to compute; the routing is always measured.
+    """
+    unknown = set(needs) - set(OPTIONAL_STATS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}")
     tokens = x.shape[0]
-    counts, logit_sum = router_stats(x, router, routing)
-    sums = activation_sums(x, experts.gate, experts.up)  # [E, F]
-    mean_act = (sums / tokens).unsqueeze(1)  # [E, 1, F]
-    output_mean = torch.bmm(mean_act, experts.down.float().transpose(1, 2)).squeeze(1)  # [E, H]
-    return LayerStats(tokens, counts.cpu(), (logit_sum / tokens).cpu(), output_mean.cpu())
+    counts, logit_sum, selected, weights = router_stats(x, router, routing)
+    stats = LayerStats(tokens, counts.cpu(), (logit_sum / tokens).cpu(), selected)
+    if "output" in needs:
+        stats.output_mean = output_means(x, experts).cpu()
+    if "router-logits" in needs:
+        stats.router_features = router_logit_features(x, router, routing, seed)
+    if "weights" in needs:
+        stats.weight_features = weight_features(experts)
+    if "saliency" in needs:
+        stats.saliency = routed_saliency(x, experts, selected, weights).cpu()
+    return stats
 
 
 def group_logsumexp_gram(x: torch.Tensor, router: torch.Tensor, groups: list[list[int]]):

@@ -1,0 +1,93 @@
+"""`hcconvert compare`: several methods from one calibration pass, each evaluated; a table,
+CSV and JSON; the shared pass computes each layer's statistics once and writes what separate
+conversions would."""
+
+import csv
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import save_tiny_mixtral
+from test_cli import assert_user_error, run
+from test_convert import load_all
+
+import hcconvert.convert
+from hcconvert.compare import compare, named_variants, shared_passes
+from hcconvert.convert import convert, convert_many
+from hcconvert.options import ConvertOptions
+
+SMALL = dict(calib_samples=2, seq_len=32)
+
+
+@pytest.fixture
+def src(tmp_path):
+    return save_tiny_mixtral(tmp_path / "src")
+
+
+def test_compare_prints_a_row_per_method_and_writes_csv_and_json(tmp_path, src, calib_text,
+                                                                   eval_text):
+    methods = ["hc-smoe", "f-prune", "o-prune", "msmoe"]
+    result = run("compare", src, "--experts", 3, "--calib", calib_text, "--eval", eval_text,
+                 "--methods", ",".join(methods), "--calib-samples", 2, "--seq-len", 32,
+                 "--eval-seq-len", 32, "--eval-samples", 2, "--out-dir", tmp_path / "runs",
+                 "--csv", tmp_path / "r.csv", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[2:]] == methods
+    with open(tmp_path / "r.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [row["method"] for row in table] == methods
+    records = json.loads((tmp_path / "r.json").read_text())
+    assert [r["method"] for r in records] == methods
+    for record in records:
+        assert record["kl"] >= 0 and record["perplexity"] > 0 and record["minutes"] > 0
+        assert (tmp_path / "runs" / record["method"] / "hcconvert.json").is_file()
+
+
+def test_statistics_are_collected_once_per_layer(tmp_path, src, calib_text, eval_text,
+                                                 monkeypatch):
+    calls = []
+    collect = hcconvert.convert.collect_layer_stats
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("needs", args[4] if len(args) > 4 else None))
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(hcconvert.convert, "collect_layer_stats", counting)
+    base = ConvertOptions(experts=3, calib=str(calib_text), **SMALL)
+    variants = named_variants(["hc-smoe", "weights", "router-logits", "o-prune", "mergemoe"],
+                              base)
+    results = compare(str(src), variants, eval_text, tmp_path / "runs", seq_len=32, samples=2)
+    assert len(results) == 5
+    assert len(calls) == 2  # two MoE layers, one collection each for all five methods
+    assert calls[0] == {"output", "weights", "router-logits", "saliency"}
+
+
+def test_shared_pass_writes_what_separate_conversions_write(tmp_path, src, calib_text):
+    base = ConvertOptions(experts=3, calib=str(calib_text), **SMALL)
+    variants = named_variants(["msmoe", "o-prune", "mergemoe", "fix-dom"], base)
+    convert_many(str(src), [(tmp_path / "shared" / name, options)
+                            for name, options in variants.items()], progress=False)
+    for name, options in variants.items():
+        convert(str(src), tmp_path / "alone" / name, options, progress=False)
+        shared, alone = load_all(tmp_path / "shared" / name), load_all(tmp_path / "alone" / name)
+        assert shared.keys() == alone.keys()
+        for key, tensor in alone.items():
+            assert torch.equal(shared[key], tensor), (name, key)
+
+
+def test_merged_propagation_gets_a_pass_of_its_own():
+    base = ConvertOptions(experts=3)
+    variants = {"a": base, "b": dataclasses.replace(base, merge="average"),
+                "c": dataclasses.replace(base, propagate="merged"),
+                "d": dataclasses.replace(base, seed=1)}
+    assert shared_passes(variants) == [["a", "b"], ["c"], ["d"]]
+    with pytest.raises(ValueError, match="propagate merged"):
+        convert_many("unused", [("x", base), ("y", variants["c"])])
+
+
+def test_unknown_method_is_a_one_line_error(tmp_path, src, calib_text, eval_text):
+    result = run("compare", src, "--experts", 3, "--calib", calib_text, "--eval", eval_text,
+                 "--methods", "hc-smoe,nope")
+    assert_user_error(result, "unknown method 'nope'")
