@@ -101,7 +101,7 @@ calibration_numbers = options_of(
     click.option("--seed", type=int, default=42, show_default=True,
                  help="Seed of the calibration sample and of random choices."))
 router_option = click.option(
-    "--router", type=click.Choice(ROUTERS), default="lse-fit", show_default=True,
+    "--router", type=click.Choice(ROUTERS), default="freq-avg", show_default=True,
     help="Router row of a merged expert: its most used member's, the frequency-weighted "
     "average, or a least-squares fit of the members' softmax mass.")
 device_option = click.option("--device", type=click.Choice(DEVICES), default="auto",

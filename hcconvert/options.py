@@ -24,7 +24,7 @@ class ConvertOptions:
     grouping: str = "hierarchical"
     linkage: str = "average"
     merge: str = "freq"
-    router: str = "lse-fit"
+    router: str = "freq-avg"  # measured best on trained models: docs/BENCHMARKS.md
     propagate: str = "original"
     calib: str | None = None
     calib_samples: int = 32
