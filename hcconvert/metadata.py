@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from .convert import Conversion
     from .families import Family
 
-REDUCTION_FIELDS = ("method", "metric", "grouping", "linkage", "max_group_size", "merge",
-                    "prune_by", "router", "propagate")
+# The options that shape the result (not where or how it is written), in CLI order.
+REDUCTION_FIELDS = ("calib", "calib_samples", "seq_len", "seed", "method", "metric", "grouping",
+                    "linkage", "max_group_size", "merge", "prune_by", "router", "propagate")
 
 
 def reduced_config(config: dict, family: Family, experts: int, top_k: int) -> dict:
@@ -74,6 +75,6 @@ def model_card(conversion: Conversion, options: ConvertOptions) -> str:
     return "\n".join(front + ["---", "", f"# {conversion.out.name}", "",
         f"`{conversion.source}` with its MoE layers reduced from {plan.spec.num_experts} to "
         f"{plan.experts_out} experts by {options.describe()} with "
-        "[hcconvert](https://github.com/hcconvert/hcconvert), without retraining.", "",
+        "hcconvert, without retraining.", "",
         "```", command_line(conversion.source, options, conversion.out), "```", "",
         "| layer | expert groups (original indices) |", "| --- | --- |", groups, ""])

@@ -35,6 +35,14 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor with this safetensors dtype code and shape."""
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * DTYPE_BYTES[dtype]
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """A tensor's place and shape, read from its shard's header."""
@@ -45,10 +53,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count * DTYPE_BYTES[self.dtype]
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 def resolve_source(src: str, revision: str | None = None) -> Path:

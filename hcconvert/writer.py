@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .source import DTYPE_BYTES
+from .source import tensor_nbytes
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
@@ -35,10 +35,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count * DTYPE_BYTES[self.dtype]
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 def assign_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:

@@ -73,3 +73,22 @@ def tree_digest(directory: Path) -> dict[str, str]:
     """sha256 of every file below directory, keyed by relative path."""
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def load_all(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (tests only: small models)."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in directory.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def logits_of(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of the checkpoint as stock transformers loads it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    with torch.no_grad():
+        return model(tokens).logits

@@ -8,9 +8,8 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny_mixtral
+from conftest import load_all, save_tiny_mixtral
 from test_cli import assert_user_error, run
-from test_convert import load_all
 
 import hcconvert.convert
 from hcconvert.compare import compare, named_variants, shared_passes

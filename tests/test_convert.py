@@ -4,21 +4,14 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny_mixtral, tree_digest
-from safetensors.torch import load_file, save_file
+from conftest import load_all, logits_of, save_tiny_mixtral, tree_digest
+from safetensors.torch import save_file
 
 from hcconvert.convert import convert
 from hcconvert.options import ConvertOptions
 
 EXPERT = "model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"
 ROUTER = "model.layers.{layer}.block_sparse_moe.gate.weight"
-
-
-def load_all(directory):
-    tensors = {}
-    for shard in directory.glob("*.safetensors"):
-        tensors.update(load_file(shard))
-    return tensors
 
 
 def reference_merge(src, out, router_method):
@@ -46,14 +39,6 @@ def reference_merge(src, out, router_method):
                 rows.append((router[group].float() * weights[:, None]).sum(0).to(router.dtype))
         tensors[ROUTER.format(layer=layer)] = torch.stack(rows)
     return tensors
-
-
-def logits_of(directory, tokens):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    with torch.no_grad():
-        return model(tokens).logits
 
 
 @pytest.mark.parametrize("dtype,hub_style", [

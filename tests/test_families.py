@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from conftest import load_all, logits_of
 from family_models import CASES, Case, save_family_model
 from safetensors.torch import load_file, save_file
 
@@ -71,13 +72,6 @@ def test_layer_forward_matches_transformers(tmp_path, name, dtype, hub_style):
     torch.testing.assert_close(logits, reference.logits.float(), **TOLERANCE[dtype])
 
 
-def load_all(directory):
-    tensors = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
-
-
 def member_weights(group, counts):
     freq = counts[group]
     freq = freq if freq.sum() > 0 else torch.ones(len(group), dtype=torch.float64)
@@ -116,14 +110,6 @@ def reference_merge(case: Case, src, out, router_method):
             for c, (g, wg) in enumerate(zip(groups, weights, strict=True)):
                 tensors[prefix + template.format(e=c)] = merge(stacked, g, wg)
     return tensors
-
-
-def logits_of(directory, tokens):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    with torch.no_grad():
-        return model(tokens).logits
 
 
 @pytest.mark.parametrize("dtype,hub_style,router", [

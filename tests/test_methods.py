@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny_mixtral
+from conftest import load_all, save_tiny_mixtral
 from scipy.spatial.distance import pdist
 from test_cli import assert_user_error, convert_args, run
-from test_convert import EXPERT, ROUTER, load_all
+from test_convert import EXPERT, ROUTER
 
 from hcconvert.alignment import NeuronMatcher, aligned_members
 from hcconvert.convert import convert, convert_many

@@ -5,9 +5,8 @@ import threading
 
 import pytest
 import torch
-from conftest import save_tiny_mixtral
+from conftest import load_all, save_tiny_mixtral
 from hcconvert.kernels.expert_sums import expert_act_sums
-from test_convert import load_all
 
 import hcconvert.statistics
 from hcconvert.convert import convert
