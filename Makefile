@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench bench-quality lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,18 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_memory.py
 	$(PY) bench/bench_kernel.py
+
+MODELS := bench-out/models
+
+bench-quality: $(STAMP)
+	$(PY) bench/corpus.py --out bench-out/corpus
+	$(PY) bench/train_moe.py --kind scratch --family mixtral --minutes 4 --out $(MODELS)/mixtral-scratch
+	$(PY) bench/train_moe.py --kind upcycled --family mixtral --minutes 4 --out $(MODELS)/mixtral-upcycled
+	$(PY) bench/train_moe.py --kind scratch --family qwen2_moe --steps 300 --fixed-threads \
+		--out $(MODELS)/qwen2_moe-scratch
+	$(PY) bench/router_table.py --model $(MODELS)/mixtral-scratch \
+		--calib bench-out/corpus/calib.jsonl --eval bench-out/corpus/eval.txt
+	$(PY) bench/quality.py $(MODELS)/mixtral-scratch $(MODELS)/mixtral-upcycled $(MODELS)/qwen2_moe-scratch
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hcconvert kernels tests bench
