@@ -69,15 +69,16 @@ class NeuronMatcher:
         for chunk in self.chunks(group):
             act_a, act_b = activations(chunk, gate_a, up_a), activations(chunk, gate_b, up_b)
             sums += torch.stack([act_a.sum(0), act_b.sum(0), act_a.square().sum(0),
-                                 act_b.square().sum(0)]).double()
-            cross += (act_a.T @ act_b).double()
+                                 act_b.square().sum(0)])
+            cross += act_a.T @ act_b  # the in-place add promotes into fp64 without a copy
             count += chunk.shape[0]
         mean_a, mean_b, square_a, square_b = sums / count
         std_a = (square_a - mean_a**2).clamp_min(0).sqrt()
         std_b = (square_b - mean_b**2).clamp_min(0).sqrt()
         # In place: at F = 14336 every [F, F] fp64 temporary is 1.6 GB.
-        covariance = cross.div_(count).sub_(torch.outer(mean_a, mean_b))
-        return covariance.div_(torch.outer(std_a, std_b).clamp_min_(STD_FLOOR))
+        covariance = cross.div_(count).addr_(mean_a, mean_b, alpha=-1)
+        covariance.div_(std_a.clamp_min(STD_FLOOR)[:, None])
+        return covariance.div_(std_b.clamp_min(STD_FLOOR)[None, :])
 
     def permutation(self, group: list[int], dominant: int, member: int) -> torch.Tensor:
         """[F] one-to-one matching (Hungarian method, total correlation maximised): the

@@ -44,7 +44,8 @@ def read_documents(path: Path) -> list[str]:
         raise UserError(f"calibration file {path} does not exist")
     try:
         docs = list(_iter_documents(path))
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError,
+            AttributeError) as err:
         raise UserError(f"cannot read calibration file {path}: {err}") from None
     docs = [d for d in docs if d.strip()]
     if not docs:
@@ -68,22 +69,29 @@ def _iter_documents(path: Path) -> Iterator[str]:
 
 
 class TextTokenizer:
-    """The model's tokenizer.json, with BOS handled as tokenizer_config.json says."""
+    """The model's tokenizer.json; BOS as its post-processor adds it, and also where
+    tokenizer_config.json sets add_bos_token (Llama-style tokenizers add BOS that way)."""
 
     def __init__(self, model_dir: Path):
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise UserError(f"{model_dir} has no tokenizer.json (needed for calibration text)")
-        self.tokenizer = Tokenizer.from_file(str(path))
-        config_path = model_dir / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+            config_path = model_dir / "tokenizer_config.json"
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        except Exception as err:  # tokenizers raises a bare Exception on a malformed file
+            raise UserError(f"cannot read the tokenizer in {model_dir}: {err}") from None
+        # A saved truncation or padding setting would cut or pad every document.
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
         self.bos_id = self._bos_id(config)
 
     def _bos_id(self, config: dict) -> int | None:
         bos = config.get("bos_token")
         if isinstance(bos, dict):
             bos = bos.get("content")
-        if not bos or config.get("add_bos_token") is False:
+        if not bos or config.get("add_bos_token") is not True:
             return None
         return self.tokenizer.token_to_id(bos)
 

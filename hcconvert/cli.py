@@ -58,6 +58,8 @@ def run_guarded(action):
         return action()
     except UserError as err:
         fail(str(err))
+    except OSError as err:  # a full disk, an unwritable --out: after cleanup, one line
+        fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
     except KeyboardInterrupt:
         fail("interrupted; nothing was written")
 
@@ -98,7 +100,7 @@ calibration_numbers = options_of(
                  help="Calibration sequences."),
     click.option("--seq-len", type=int, default=2048, show_default=True,
                  help="Tokens per calibration sequence."),
-    click.option("--seed", type=int, default=42, show_default=True,
+    click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True,
                  help="Seed of the calibration sample and of random choices."))
 router_option = click.option(
     "--router", type=click.Choice(ROUTERS), default="freq-avg", show_default=True,
@@ -150,7 +152,7 @@ def convert(src, out, overwrite, dry_run, push_repo, private, max_shard_size, **
     def action():
         try:
             shard_bytes = parse_size(max_shard_size)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise UserError(f"--max-shard-size {max_shard_size!r} is not a size like 5GB") from None
         options = ConvertOptions(max_shard_size=shard_bytes, **kwargs)
         validate_numbers(options)

@@ -218,6 +218,7 @@ class LayerPipeline:
             background.submit(functools.partial(reducer.write_layer, layer, raw, produced))
             if reducer is self.propagator:
                 router, chosen = new_router, merged
+            del new_router, merged, produced  # free the merged experts no later layer needs
         with self.timer.stage("compute"):
             add_residual(spec, flat, moe_block(spec, w, x, router, chosen))
             self.synchronize()

@@ -52,8 +52,8 @@ def least_squares_down(matcher: NeuronMatcher, experts: Experts, group: list[int
             # The members' fp32 weights one at a time, so memory stays one expert's worth.
             member = activations(chunk, experts.gate[e].float(), experts.up[e].float())
             target += share * (member @ experts.down[e].float().T)
-        gram += (merged.T @ merged).double()
-        cross += (merged.T @ target).double()
+        gram += merged.T @ merged  # in-place add promotes into fp64 without a copy
+        cross += merged.T @ target
     ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-12)
     gram.diagonal().add_(ridge)  # in place: at F = 14336 an [F, F] fp64 copy is 1.6 GB
     solution = torch.linalg.solve(gram, cross.add_(prior.double().T, alpha=ridge.item()))

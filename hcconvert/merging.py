@@ -47,10 +47,12 @@ def member_weights(group: list[int], counts: torch.Tensor, merge: str) -> torch.
 
 
 def weighted_sum(stacked: torch.Tensor, group: list[int], weights: torch.Tensor) -> torch.Tensor:
-    """Σ_i weights[i] · stacked[group[i]] in fp32, cast back to stacked's dtype."""
-    members = stacked[group].float()  # [G, ...]
-    scale = weights.float().to(members.device).view(-1, *([1] * (members.dim() - 1)))
-    return (members * scale).sum(0).to(stacked.dtype)
+    """Σ_i weights[i] · stacked[group[i]] in fp32, cast back to stacked's dtype. One member at
+    a time: a [G, F, H] fp32 copy of a big group would cost GBs at Mixtral sizes."""
+    total = torch.zeros(stacked.shape[1:], dtype=torch.float32, device=stacked.device)
+    for member, weight in zip(group, weights.tolist(), strict=True):
+        total += stacked[member].float() * weight
+    return total.to(stacked.dtype)
 
 
 def merge_experts(experts: Experts, groups: list[list[int]], counts: torch.Tensor,

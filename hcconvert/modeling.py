@@ -97,7 +97,7 @@ class ModelSpec:
         head_dim = config.get("head_dim") or hidden // heads
         mla = _mla(config) if family.attention == "mla" else None
         rope = rotary.rope_from_config(config, mla.rope_dim if mla else head_dim)
-        return cls(
+        spec = cls(
             family=family,
             num_layers=layers,
             hidden=hidden,
@@ -105,7 +105,7 @@ class ModelSpec:
             kv_heads=config.get("num_key_value_heads") or heads,
             head_dim=head_dim,
             rope=rope,
-            rms_eps=config.get("rms_norm_eps", 1e-6),
+            rms_eps=config.get("rms_norm_eps") or 1e-6,
             num_experts=config[family.experts_key(config)],
             ffn=_required(config, family.ffn_key),
             routing=_routing(config, family),
@@ -120,6 +120,13 @@ class ModelSpec:
             residual_scale=config.get("residual_multiplier") or 1.0,
             logits_divisor=config.get("logits_scaling") or 1.0,
         )
+        if not 1 <= spec.top_k <= spec.num_experts:
+            raise UserError(f"config.json asks for top-{spec.top_k} routing over "
+                            f"{spec.num_experts} experts")
+        if mla is None and spec.heads * spec.head_dim != hidden and not config.get("head_dim"):
+            raise UserError(f"config.json: {heads} attention heads do not divide hidden_size "
+                            f"{hidden} and no head_dim is given")
+        return spec
 
 
 def _required(config: dict, key: str):
@@ -248,13 +255,13 @@ def add_residual(spec: ModelSpec, h: torch.Tensor, branch: torch.Tensor) -> None
 
 
 def attention_residual(spec: ModelSpec, w: dict, h: torch.Tensor, rope) -> torch.Tensor:
-    """h + attention(norm(h)), in batches of sequences. h: [N, S, H]."""
-    out = h.clone()
+    """h + attention(norm(h)), in batches of sequences, updating h in place (each batch's
+    attention reads only its own sequences; a copy would cost [T, H] more). h: [N, S, H]."""
     for start in range(0, h.shape[0], ATTENTION_BATCH):
         chunk = h[start:start + ATTENTION_BATCH]
         normed = rms_norm(chunk, w["input_layernorm.weight"], spec.rms_eps)
-        add_residual(spec, out[start:start + ATTENTION_BATCH], attention(spec, w, normed, rope))
-    return out
+        add_residual(spec, chunk, attention(spec, w, normed, rope))
+    return h
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):

@@ -20,17 +20,11 @@ from .families import LAYER_PREFIX
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# What a conversion needs from a Hub repo: never pickles, never remote code.
-HUB_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "*.safetensors",
-    INDEX_FILE,
-]
+# What a conversion needs from a Hub repo besides the weights: never pickles or remote code.
+HUB_SIDE_FILES = ["config.json", "generation_config.json", "tokenizer.json",
+                  "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                  "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                  INDEX_FILE]
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -71,12 +65,32 @@ def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_SIDE_FILES))
+        # Only the shards the index names: some repos also carry other-format weights.
+        shards = _indexed_shards(root)
+        return Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=HUB_SIDE_FILES + shards))
     except LocalEntryNotFoundError:
         raise UserError(f"cannot download {repo_id!r}: offline and not in the HF cache") from None
     except (HfHubHTTPError, OSError, ValueError) as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"cannot download {repo_id!r}: {first_line}") from None
+
+
+def _indexed_shards(root: Path) -> list[str]:
+    if not (root / INDEX_FILE).is_file():
+        return [SINGLE_FILE]
+    return sorted(set(_read_index_map(root / INDEX_FILE).values()))
+
+
+def _read_index_map(path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path} is not a valid safetensors index ({err})") from None
+    if not isinstance(weight_map, dict):
+        raise UserError(f"{path} is not a valid safetensors index (weight_map is not a map)")
+    return weight_map
 
 
 def read_shard_header(path: Path) -> dict[str, TensorInfo]:
@@ -91,6 +105,10 @@ def read_shard_header(path: Path) -> dict[str, TensorInfo]:
     except (OSError, ValueError, struct.error) as err:
         raise UserError(f"shard {path.name} is unreadable or truncated ({err})") from None
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        if entry.get("dtype") not in DTYPE_BYTES:
+            raise UserError(f"tensor {name} in {path.name} has dtype {entry.get('dtype')!r}, "
+                            f"which hcconvert does not handle")
     data_end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + header_len + data_end > size:
         raise UserError(f"shard {path.name} is truncated: {size} bytes, header promises "
@@ -119,7 +137,7 @@ class Checkpoint:
     def _read_index(self) -> dict[str, TensorInfo]:
         index = self.root / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_index_map(index)
             shards = sorted(set(weight_map.values()))
         elif (self.root / SINGLE_FILE).is_file():
             weight_map, shards = None, [SINGLE_FILE]

@@ -10,6 +10,7 @@ so only the [E, F] activation sums are needed; `expert_act_sums` fuses that on t
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +26,20 @@ OPTIONAL_STATS = ("output", "router-logits", "weights", "saliency")
 
 
 def activation_sums(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """[E, F] fp32 sums over tokens of silu(x·gate)·(x·up): Triton on CUDA, torch elsewhere."""
-    if x.is_cuda:
-        return expert_act_sums(x, gate, up)
+    """[E, F] fp32 sums over tokens of silu(x·gate)·(x·up): Triton on CUDA, torch elsewhere,
+    and torch on CUDA too once the kernel has failed to build here."""
+    if x.is_cuda and not _triton_failed:
+        try:
+            return expert_act_sums(x, gate, up)
+        except Exception as err:  # Triton's build errors vary: no C compiler, unsupported GPU
+            _triton_failed.append(err)
+            print(f"warning: the Triton kernel failed ({type(err).__name__}: "
+                  f"{str(err).splitlines()[0] if str(err) else ''}); using the torch path",
+                  file=sys.stderr)
     return expert_act_sums_torch(x, gate, up)
+
+
+_triton_failed: list[Exception] = []  # set once per process: never retry a broken build
 
 
 @dataclass
@@ -76,9 +87,9 @@ def router_stats(x: torch.Tensor, router: torch.Tensor, routing: Routing):
 
 def output_means(x: torch.Tensor, experts: Experts) -> torch.Tensor:
     """[E, H] fp32 mean output of every expert over all tokens x: [T, H]."""
-    sums = activation_sums(x, experts.gate, experts.up)  # [E, F]
-    mean_act = (sums / x.shape[0]).unsqueeze(1)  # [E, 1, F]
-    return torch.bmm(mean_act, experts.down.float().transpose(1, 2)).squeeze(1)
+    mean_act = activation_sums(x, experts.gate, experts.up) / x.shape[0]  # [E, F]
+    # Expert by expert: an fp32 copy of every down projection at once would cost GBs.
+    return torch.stack([experts.down[e].float() @ mean_act[e] for e in range(len(experts))])
 
 
 def routed_saliency(x: torch.Tensor, experts: Experts, selected: torch.Tensor,

@@ -21,10 +21,12 @@ from .source import tensor_nbytes
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+                "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+                "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 SAFETENSORS_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "tokenizer.model", "generation_config.json")
+                "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
+                "chat_template.jinja", "chat_template.json")
 
 
 @dataclass(frozen=True)
@@ -122,10 +124,15 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def check_output_dir(out: Path, src: Path, overwrite: bool) -> None:
-    """Refuse an --out that is SRC or inside it, or that holds files (unless --overwrite)."""
-    out_abs, src_abs = out.resolve(), src.resolve()
+    """Refuse an --out that is SRC, inside it or holding it, or the working directory or one
+    above it (--overwrite replaces --out whole), or one that holds files (unless --overwrite)."""
+    out_abs, src_abs, cwd = out.resolve(), src.resolve(), Path.cwd().resolve()
     if out_abs == src_abs or src_abs in out_abs.parents:
         raise UserError(f"--out {out} is the source directory or inside it")
+    if out_abs in src_abs.parents:
+        raise UserError(f"--out {out} contains the source directory")
+    if out_abs == cwd or out_abs in cwd.parents:
+        raise UserError(f"--out {out} is the working directory or holds it; name a new directory")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -142,10 +149,17 @@ def staging_dir(out: Path) -> Path:
 
 
 def publish(staging: Path, out: Path) -> None:
-    """Move the finished staging directory into place, replacing an old --out."""
-    if out.exists():
-        shutil.rmtree(out)
+    """Move the finished staging directory into place. An old --out is moved aside first and
+    deleted only once the new one is in place, so a crash never leaves neither."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    previous = out.parent / f".{out.name}.hcconvert-old"
+    if previous.exists():
+        shutil.rmtree(previous)
+    os.replace(out, previous)
     os.replace(staging, out)
+    shutil.rmtree(previous)
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

@@ -186,3 +186,51 @@ def test_offline_without_calib_is_a_clear_error(tmp_path, src, offline):
 def test_offline_hub_id_is_a_clear_error(tmp_path, offline):
     assert_user_error(run("someone/some-moe", "--experts", 2, "--out", tmp_path / "out"),
                       "cannot download")
+
+
+def test_out_holding_the_source_is_refused_even_with_overwrite(tmp_path, src, calib_text):
+    before = tree_digest(src)
+    result = run(*convert_args(src, tmp_path, calib_text, "--overwrite"))
+    assert_user_error(result, "contains the source")
+    assert tree_digest(src) == before
+
+
+def test_out_holding_the_working_directory_is_refused(tmp_path, src, calib_text, monkeypatch):
+    work = tmp_path / "work"
+    (work / "inner").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work / "inner")
+    for out in (".", ".."):  # the working directory, and one above it (SRC is elsewhere)
+        assert_user_error(run(*convert_args(src, out, calib_text, "--overwrite")),
+                          "working directory")
+    assert (work / "notes.txt").read_text() == "mine"
+
+
+BAD_FILES = {
+    # a file of a valid checkpoint replaced by garbage -> a fragment of the one-line error
+    "model.safetensors.index.json": "not a valid safetensors index",
+    "tokenizer.json": "cannot read the tokenizer",
+    "tokenizer_config.json": "cannot read the tokenizer",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FILES))
+def test_malformed_side_file(tmp_path, src, calib_text, name):
+    (src / name).write_text("{not json")
+    assert_user_error(run(*convert_args(src, tmp_path / "out", calib_text)), BAD_FILES[name])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option,value,fragment", [
+    ("--seed", "-1", "--seed"),
+    ("--max-shard-size", "infGB", "--max-shard-size"),
+])
+def test_bad_numbers(tmp_path, src, calib_text, option, value, fragment):
+    assert_user_error(run(*convert_args(src, tmp_path / "out", calib_text, option, value)),
+                      fragment)
+
+
+def test_unwritable_out_parent(tmp_path, src, calib_text):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert_user_error(run(*convert_args(src, blocker / "out", calib_text)), str(blocker))

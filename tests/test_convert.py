@@ -28,10 +28,11 @@ def reference_merge(src, out, router_method):
             f = freq[group] if freq[group].sum() > 0 else torch.ones(len(group))
             weights = (f / f.sum()).float()
             for w in ("w1", "w2", "w3"):
-                stacked = torch.stack([originals[EXPERT.format(layer=layer, e=e, w=w)]
-                                       for e in group])
-                merged = (stacked.float() * weights.view(-1, 1, 1)).sum(0)
-                tensors[EXPERT.format(layer=layer, e=c, w=w)] = merged.to(stacked.dtype)
+                members = [originals[EXPERT.format(layer=layer, e=e, w=w)] for e in group]
+                # fp32, members added in group order: a bf16 result is then bit-exact
+                merged = sum(m.float() * weight for m, weight in zip(members, weights,
+                                                                    strict=True))
+                tensors[EXPERT.format(layer=layer, e=c, w=w)] = merged.to(members[0].dtype)
             router = originals[ROUTER.format(layer=layer)]
             if router_method == "dominant":
                 rows.append(router[max(group, key=lambda e: (freq[e], -e))])
