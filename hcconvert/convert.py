@@ -168,12 +168,10 @@ class LayerPipeline:
         layers = prefetched_layers(self.ckpt, self.spec.num_layers,
                                    pin=self.device.type == "cuda")
         with BackgroundWriter() as background, bar:
-            while True:
+            for _ in range(self.spec.num_layers):
                 bar.set_postfix_str(f"layer {bar.n + 1}/{self.spec.num_layers}: reading")
                 with self.timer.stage("read"):  # time spent waiting for the prefetch
-                    layer, raw = next(layers, (None, None))
-                if layer is None:
-                    break
+                    layer, raw = next(layers)
                 bar.set_postfix_str(f"layer {layer + 1}/{self.spec.num_layers}: calibrating")
                 hidden = self.layer(layer, raw, hidden, rope, background)
                 bar.update()
@@ -207,8 +205,8 @@ class LayerPipeline:
         compute); then the layer's output, original or merged, added to flat."""
         spec = self.spec
         with self.timer.stage("compute"):
-            experts = Experts.from_layer(raw, spec.family.experts, spec.num_experts)
-            experts = experts.to(self.device, self.dtype)
+            experts = Experts.from_layer(raw, spec.family.experts, spec.num_experts,
+                                         self.device, self.dtype)
             router = w[spec.family.router]
             stats = collect_layer_stats(x, router, experts, spec.routing, self.needs, self.seed)
             matcher = NeuronMatcher(x, stats.selected, experts)

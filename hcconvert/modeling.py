@@ -278,14 +278,23 @@ class Experts:
     down: torch.Tensor
 
     @classmethod
-    def from_layer(cls, w: dict, layout: ExpertLayout, count: int) -> Experts:
-        """Read the experts whichever way the checkpoint stores them."""
+    def from_layer(cls, w: dict, layout: ExpertLayout, count: int, device=None,
+                   dtype: torch.dtype | None = None) -> Experts:
+        """Read the experts whichever way the checkpoint stores them, onto device and dtype
+        (default: where and as w holds them)."""
         if isinstance(layout, Fused):
             gate, up = w[layout.gate_up].chunk(2, dim=1)
-            return cls(gate, up, w[layout.down])
+            return cls(gate, up, w[layout.down]).to(device, dtype)
 
         def stack(template: str) -> torch.Tensor:
-            return torch.stack([w[template.format(expert=e)] for e in range(count)])
+            # Straight into the destination, expert by expert: no host-side stacked copy, and
+            # pinned sources copy to the GPU asynchronously.
+            first = w[template.format(expert=0)]
+            out = torch.empty((count, *first.shape), dtype=dtype or first.dtype,
+                              device=device or first.device)
+            for e in range(count):
+                out[e].copy_(w[template.format(expert=e)], non_blocking=True)
+            return out
 
         names = layout.names
         return cls(stack(names.gate), stack(names.up), stack(names.down))
@@ -302,8 +311,9 @@ class Experts:
                 out[template.format(expert=e)] = stacked[e]
         return out
 
-    def to(self, device, dtype) -> Experts:
-        return Experts(*(t.to(device, dtype) for t in (self.gate, self.up, self.down)))
+    def to(self, device=None, dtype: torch.dtype | None = None) -> Experts:
+        return Experts(*(t.to(device=device, dtype=dtype) for t in (self.gate, self.up,
+                                                                       self.down)))
 
     def __len__(self) -> int:
         return self.gate.shape[0]
