@@ -27,7 +27,6 @@ from .families import family_for
 from .metadata import write_metadata
 from .modeling import (
     Experts,
-    ModelSpec,
     add_residual,
     attention_residual,
     dense_mlp,
@@ -41,6 +40,7 @@ from .plan import build_plan
 from .reduction import Conversion, LayerResult, Reducer
 from .resources import StageTimer
 from .source import Checkpoint, resolve_source
+from .spec import ModelSpec
 from .statistics import collect_layer_stats
 from .streaming import BackgroundWriter, prefetched_layers
 from .writer import ShardWriter, check_output_dir, copy_side_files, publish, staging_dir

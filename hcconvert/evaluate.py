@@ -17,7 +17,8 @@ from tqdm import tqdm
 from .calibration import TextTokenizer, calibration_tokens, read_documents
 from .convert import compute_dtype, open_source, pick_device
 from .errors import UserError
-from .modeling import ModelSpec, decoder_layer, embed, final_logits, rope_tables
+from .modeling import decoder_layer, embed, final_logits, rope_tables
+from .spec import ModelSpec
 
 
 @dataclass(frozen=True)

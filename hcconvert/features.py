@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .modeling import Experts, Routing, router_logits
+from .modeling import Experts, router_logits
+from .spec import Routing
 
 ROUTER_SAMPLE_TOKENS = 8192
 # Values per Gram block (E x rows x H): bounds its fp64 copy to 256 MB.

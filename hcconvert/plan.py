@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from .errors import UserError
 from .families import LAYER_PREFIX
-from .modeling import ModelSpec
 from .source import Checkpoint
+from .spec import ModelSpec
 from .writer import OutputTensor
 
 GQA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -7,11 +7,11 @@ import click
 from .convert import Conversion, open_source
 from .errors import UserError
 from .families import family_for
-from .modeling import ModelSpec
 from .options import ConvertOptions
 from .plan import build_plan, validate_tensors
 from .resources import human_bytes, peak_gpu_bytes, peak_rss_bytes
 from .source import Checkpoint, resolve_source
+from .spec import ModelSpec
 
 # Resident during a conversion besides one layer's weights: hidden states and the MoE input
 # ([T, H] each), the attention output and a routed-expert buffer, all in the compute dtype.

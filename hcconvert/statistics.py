@@ -17,7 +17,8 @@ import torch
 
 from .features import router_logit_features, weight_features
 from .kernels.expert_sums import expert_act_sums, expert_act_sums_torch
-from .modeling import MOE_CHUNK_TOKENS, Experts, Routing, route, router_logits, swiglu
+from .modeling import MOE_CHUNK_TOKENS, Experts, route, router_logits, swiglu
+from .spec import Routing
 
 ROUTER_CHUNK_TOKENS = 16384
 # What collect_layer_stats can compute besides the routing: the three similarity metrics

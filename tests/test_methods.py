@@ -17,9 +17,10 @@ from hcconvert.convert import convert, convert_many
 from hcconvert.demo import DemoShape, build_planted_mixtral, data_file
 from hcconvert.features import router_logit_features, weight_features
 from hcconvert.merging import member_weights, merge_experts
-from hcconvert.modeling import Experts, Routing, swiglu
+from hcconvert.modeling import Experts, swiglu
 from hcconvert.options import NAMED_METHODS, ConvertOptions
 from hcconvert.pruning import prune_groups
+from hcconvert.spec import Routing
 from hcconvert.statistics import collect_layer_stats
 
 SHAPE = DemoShape(layers=2, hidden=64, ffn=64, experts=8, heads=4, kv_heads=2)
