@@ -133,10 +133,31 @@ def _layer_names(ckpt: Checkpoint, spec: ModelSpec) -> list[list[str]]:
         for suffix in required:
             if prefix + suffix not in present:
                 raise UserError(f"tensor {prefix + suffix} is missing from the checkpoint")
+        _check_shapes(ckpt, prefix, _attention_shapes(spec))
         if layer in spec.moe_layers:
             _check_no_unknown_moe_tensors(spec, prefix, names, set(required))
             _check_moe_shapes(ckpt, spec, layer)
     return per_layer
+
+
+def _attention_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Grouped-query projections as the config's heads and head_dim imply (MLA's are
+    checked by the forward's own reshapes)."""
+    if spec.family.attention != "gqa":
+        return {}
+    q, kv = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    return {"self_attn.q_proj.weight": (q, spec.hidden),
+            "self_attn.k_proj.weight": (kv, spec.hidden),
+            "self_attn.v_proj.weight": (kv, spec.hidden),
+            "self_attn.o_proj.weight": (spec.hidden, q)}
+
+
+def _check_shapes(ckpt: Checkpoint, prefix: str, expected: dict[str, tuple[int, ...]]) -> None:
+    for suffix, shape in expected.items():
+        info = ckpt.tensors[prefix + suffix]
+        if info.shape != shape:
+            raise UserError(f"tensor {prefix + suffix} has shape {list(info.shape)}, "
+                            f"expected {list(shape)} from config.json")
 
 
 def _check_no_unknown_moe_tensors(spec: ModelSpec, prefix: str, names: list[str],

@@ -64,6 +64,9 @@ BAD_SOURCES = {
     "non-MoE model_type": (lambda s: set_config(s, model_type="llama"), "'llama'"),
     "unknown model_type": (lambda s: set_config(s, model_type="frobnicator"), "supported:"),
     "tokenizer missing": (lambda s: (s / "tokenizer.json").unlink(), "tokenizer.json"),
+    "heads disagree with weights": (lambda s: set_config(s, num_attention_heads=8),
+                                    "k_proj.weight has shape [16, 32], expected [8, 32]"),
+    "top-k above expert count": (lambda s: set_config(s, num_experts_per_tok=7), "top-7"),
     "config missing": (lambda s: (s / "config.json").unlink(), "config.json"),
 }
 
