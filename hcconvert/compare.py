@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .convert import Conversion, convert_many
-from .evaluate import Fidelity, evaluate
+from .evaluate import Fidelity, evaluate_many
 from .options import NAMED_METHODS, ConvertOptions
 
 
@@ -68,15 +68,14 @@ def compare(src: str, variants: dict[str, ConvertOptions], eval_text: Path, work
         done = convert_many(src, [(outs[label], variants[label]) for label in labels],
                             overwrite=overwrite, progress=progress)
         conversions.update(zip(labels, done, strict=True))
-    results = []
-    for label, conversion in ((label, conversions[label]) for label in variants):
-        start = time.perf_counter()
-        fidelity = evaluate(src, str(outs[label]), eval_text, seq_len=seq_len, samples=samples,
-                            device=device, progress=progress)
-        convert_minutes = sum(conversion.timer.seconds.values()) / 60
-        results.append(Result(label, conversion, fidelity, convert_minutes,
-                              (time.perf_counter() - start) / 60))
-    return results
+    start = time.perf_counter()
+    fidelities = evaluate_many(src, [str(outs[label]) for label in variants], eval_text,
+                               seq_len=seq_len, samples=samples, device=device,
+                               progress=progress)
+    eval_minutes = (time.perf_counter() - start) / 60 / len(variants)  # one shared pass
+    return [Result(label, conversions[label], fidelity,
+                   sum(conversions[label].timer.seconds.values()) / 60, eval_minutes)
+            for label, fidelity in zip(variants, fidelities, strict=True)]
 
 
 def markdown_table(results: list[Result]) -> str:

@@ -30,10 +30,9 @@ from .modeling import (
     add_residual,
     attention_residual,
     dense_mlp,
-    embed,
     ffn_input,
     moe_block,
-    rope_tables,
+    start_stream,
 )
 from .options import ConvertOptions
 from .plan import build_plan
@@ -59,13 +58,6 @@ def pick_device(device: str) -> torch.device:
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def compute_dtype(device: torch.device, source_dtype: torch.dtype) -> torch.dtype:
-    """Half-precision weights compute in their dtype on the GPU; the CPU computes in fp32."""
-    if device.type == "cuda" and source_dtype in (torch.bfloat16, torch.float16):
-        return source_dtype
-    return torch.float32
 
 
 def convert(src: str, out: Path, options: ConvertOptions, overwrite: bool = False,
@@ -152,17 +144,16 @@ class LayerPipeline:
         # The reducer whose output feeds the next layer (--propagate merged), if any.
         self.propagator = next((r for r in reducers if r.options.propagate == "merged"), None)
         self.timer = StageTimer()  # the shared stages, credited to every conversion at the end
-        self.dtype = torch.float32
+        self.dtype = torch.float32  # the compute dtype, set by run from the embedding's
 
     def run(self, tokens: torch.Tensor, progress: bool) -> None:
-        with self.timer.stage("read"):
-            table = self.ckpt.get("model.embed_tokens.weight")
-        self.dtype = compute_dtype(self.device, table.dtype)
-        hidden = embed(self.spec, table, tokens).to(self.device, self.dtype)  # [N, S, H]
-        del table
-        rope = rope_tables(self.spec, tokens.shape[1], self.device, self.dtype)
+        with self.timer.stage("read"):  # once, for every output
+            globals_ = self.ckpt.read([t.name for t in self.reducers[0].plan.global_outputs])
+        table = globals_["model.embed_tokens.weight"]
+        hidden, rope, self.dtype = start_stream(self.spec, table, tokens, self.device)
         for reducer in self.reducers:
-            reducer.write_globals(self.ckpt)
+            reducer.write_globals(globals_)
+        del globals_, table
         bar = tqdm(total=self.spec.num_layers, desc="layers", unit="layer",
                    disable=not progress, file=sys.stderr)
         layers = prefetched_layers(self.ckpt, self.spec.num_layers,

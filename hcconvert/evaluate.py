@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .calibration import TextTokenizer, calibration_tokens, read_documents
-from .convert import compute_dtype, open_source, pick_device
+from .convert import open_source, pick_device
 from .errors import UserError
-from .modeling import decoder_layer, embed, final_logits, rope_tables
+from .modeling import decoder_layer, final_logits, start_stream
+from .source import Checkpoint
 from .spec import ModelSpec
 
 
@@ -32,12 +33,13 @@ class Fidelity:
 class StreamedModel:
     """A checkpoint's hidden states for fixed tokens, advanced one layer per call."""
 
-    def __init__(self, src: str, tokens: torch.Tensor, device: torch.device):
-        self.ckpt, self.spec = open_source(src)
-        table = self.ckpt.get("model.embed_tokens.weight")
-        self.device, self.dtype = device, compute_dtype(device, table.dtype)
-        self.hidden = embed(self.spec, table, tokens).to(device, self.dtype)
-        self.rope = rope_tables(self.spec, tokens.shape[1], device, self.dtype)
+    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, tokens: torch.Tensor,
+                 device: torch.device):
+        self.ckpt, self.spec, self.device = ckpt, spec, device
+        self.table = self.ckpt.get("model.embed_tokens.weight")
+        self.hidden, self.rope, self.dtype = start_stream(self.spec, self.table, tokens, device)
+        if not self.spec.tie_embeddings:
+            self.table = None  # only a tied LM head needs it again
 
     def advance(self, layer: int) -> None:
         w = {k: v.to(self.device, self.dtype) for k, v in self.ckpt.layer_tensors(layer).items()}
@@ -45,9 +47,9 @@ class StreamedModel:
 
     def load_head(self) -> None:
         """Final norm and LM head, read once after the last layer."""
-        head = "model.embed_tokens.weight" if self.spec.tie_embeddings else "lm_head.weight"
+        head = self.table if self.table is not None else self.ckpt.get("lm_head.weight")
         self.norm = self.ckpt.get("model.norm.weight").to(self.device, self.dtype)
-        self.lm_head = self.ckpt.get(head).to(self.device, self.dtype)
+        self.lm_head = head.to(self.device, self.dtype)
 
     def log_probs(self, sequence: int) -> torch.Tensor:
         """[S, V] next-token log-probabilities of one sequence."""
@@ -57,20 +59,29 @@ class StreamedModel:
 
 def evaluate(original: str, reduced: str, text: Path, seq_len: int = 512, samples: int = 64,
              device: str = "auto", progress: bool = True) -> Fidelity:
-    ckpt, _ = open_source(original)
+    return evaluate_many(original, [reduced], text, seq_len, samples, device, progress)[0]
+
+
+def evaluate_many(original: str, reduced: list[str], text: Path, seq_len: int = 512,
+                  samples: int = 64, device: str = "auto",
+                  progress: bool = True) -> list[Fidelity]:
+    """Score several reductions of one original: the original streams through the layers
+    once, beside all of them."""
+    torch_device = pick_device(device)
+    ckpt, spec = open_source(original)
     tokens = calibration_tokens(read_documents(text), TextTokenizer(ckpt.root), samples,
                                 seq_len, seed=0)
-    torch_device = pick_device(device)
-    models = [StreamedModel(original, tokens, torch_device),
-              StreamedModel(reduced, tokens, torch_device)]
-    _check_compatible(*(m.spec for m in models))
-    for layer in tqdm(range(models[0].spec.num_layers), desc="eval", disable=not progress,
-                      file=sys.stderr):
-        for model in models:
-            model.advance(layer)
+    reference = StreamedModel(ckpt, spec, tokens, torch_device)
+    models = [StreamedModel(*open_source(src), tokens, torch_device) for src in reduced]
     for model in models:
+        _check_compatible(reference.spec, model.spec)
+    for layer in tqdm(range(reference.spec.num_layers), desc="eval", disable=not progress,
+                      file=sys.stderr):
+        for model in (reference, *models):
+            model.advance(layer)
+    for model in (reference, *models):
         model.load_head()
-    return _score(models, tokens)
+    return _score(reference, models, tokens)
 
 
 def _check_compatible(a: ModelSpec, b: ModelSpec) -> None:
@@ -79,16 +90,21 @@ def _check_compatible(a: ModelSpec, b: ModelSpec) -> None:
                         "reduction")
 
 
-def _score(models: list[StreamedModel], tokens: torch.Tensor) -> Fidelity:
-    nll = torch.zeros(2, dtype=torch.float64)
-    kl = 0.0
+def _score(reference: StreamedModel, models: list[StreamedModel],
+           tokens: torch.Tensor) -> list[Fidelity]:
+    """Perplexity of every model and each reduction's mean KL(original ‖ reduced)."""
+    nll = torch.zeros(1 + len(models), dtype=torch.float64)
+    kl = torch.zeros(len(models), dtype=torch.float64)
     count = 0
     for i in range(tokens.shape[0]):
-        target = tokens[i, 1:].to(models[0].device)
-        orig, red = (m.log_probs(i)[:-1] for m in models)
-        for k, lp in enumerate((orig, red)):
-            nll[k] += -lp.gather(1, target[:, None]).sum().item()
-        kl += (orig.exp() * (orig - red)).sum().item()
+        target = tokens[i, 1:, None].to(reference.device)
+        orig = reference.log_probs(i)[:-1]
+        nll[0] += -orig.gather(1, target).sum().item()
+        for k, model in enumerate(models):
+            red = model.log_probs(i)[:-1]
+            nll[k + 1] += -red.gather(1, target).sum().item()
+            kl[k] += (orig.exp() * (orig - red)).sum().item()
         count += target.numel()
     ppl = torch.exp(nll / count)
-    return Fidelity(count, ppl[0].item(), ppl[1].item(), kl / count)
+    return [Fidelity(count, ppl[0].item(), ppl[k + 1].item(), kl[k].item() / count)
+            for k in range(len(models))]

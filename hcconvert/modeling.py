@@ -23,6 +23,25 @@ MOE_CHUNK_TOKENS = 8192
 MLA_NORM_EPS = 1e-6
 
 
+RopeTables = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [S, rotary dim]
+
+
+def compute_dtype(device: torch.device, source_dtype: torch.dtype) -> torch.dtype:
+    """Half-precision weights compute in their dtype on the GPU; the CPU computes in fp32."""
+    if device.type == "cuda" and source_dtype in (torch.bfloat16, torch.float16):
+        return source_dtype
+    return torch.float32
+
+
+def start_stream(spec: ModelSpec, table: torch.Tensor, tokens: torch.Tensor,
+                 device: torch.device) -> tuple[torch.Tensor, RopeTables, torch.dtype]:
+    """The first layer's input [N, S, H] for tokens [N, S], the RoPE tables, and the compute
+    dtype (from the embedding table's dtype)."""
+    dtype = compute_dtype(device, table.dtype)
+    hidden = embed(spec, table, tokens).to(device, dtype)
+    return hidden, rope_tables(spec, tokens.shape[1], device, dtype), dtype
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' RMSNorm: normalise in fp32, cast back, then scale."""
     xf = x.float()

@@ -23,7 +23,6 @@ from .plan import Plan
 from .pruning import prune_groups, prune_scores
 from .resources import StageTimer
 from .router import reduce_router
-from .source import Checkpoint
 from .statistics import LayerStats, group_logsumexp_gram
 from .writer import TORCH_DTYPES, ShardWriter
 
@@ -63,10 +62,11 @@ class Reducer:
         # Random grouping never looks at the features.
         return frozenset() if options.grouping == "random" else frozenset({options.metric})
 
-    def write_globals(self, ckpt: Checkpoint) -> None:
+    def write_globals(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The tensors outside the decoder layers, copied as stored."""
         with self.timer.stage("write"):
             for tensor in self.plan.global_outputs:
-                self.writer.write(tensor.name, ckpt.get(tensor.name))
+                self.writer.write(tensor.name, tensors[tensor.name])
 
     def reduce(self, layer: int, w: dict, experts: Experts, x: torch.Tensor,
                stats: LayerStats, matcher: NeuronMatcher):

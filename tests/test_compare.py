@@ -14,6 +14,7 @@ from test_cli import assert_user_error, run
 import hcconvert.convert
 from hcconvert.compare import compare, named_variants, shared_passes
 from hcconvert.convert import convert, convert_many
+from hcconvert.evaluate import evaluate, evaluate_many
 from hcconvert.options import ConvertOptions
 
 SMALL = dict(calib_samples=2, seq_len=32)
@@ -90,3 +91,18 @@ def test_unknown_method_is_a_one_line_error(tmp_path, src, calib_text, eval_text
     result = run("compare", src, "--experts", 3, "--calib", calib_text, "--eval", eval_text,
                  "--methods", "hc-smoe,nope")
     assert_user_error(result, "unknown method 'nope'")
+
+
+def test_evaluate_many_equals_one_at_a_time(tmp_path, calib_text, eval_text):
+    """The original streams once beside every reduction; the scores are unchanged."""
+    src = save_tiny_mixtral(tmp_path / "src")
+    outs = []
+    for experts in (2, 4):
+        outs.append(str(tmp_path / f"out{experts}"))
+        convert(str(src), tmp_path / f"out{experts}", ConvertOptions(
+            experts=experts, calib=str(calib_text), calib_samples=2, seq_len=32), progress=False)
+    together = evaluate_many(str(src), outs, eval_text, seq_len=32, samples=3, progress=False)
+    alone = [evaluate(str(src), out, eval_text, seq_len=32, samples=3, progress=False)
+             for out in outs]
+    assert together == alone
+    assert together[0].kl > together[1].kl > 0  # fewer experts, further from the original
