@@ -1,6 +1,12 @@
 """The one exception type the CLI turns into a one-line message and exit code 2."""
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (library errors can run to pages)."""
+    text = str(err)
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class UserError(Exception):
     """Bad input from the user: a missing file, an impossible option, an unsupported model.
 

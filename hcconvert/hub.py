@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 def push(directory: Path, repo_id: str, private: bool) -> str:
@@ -18,7 +18,6 @@ def push(directory: Path, repo_id: str, private: bool) -> str:
         commit = api.upload_folder(folder_path=str(directory), repo_id=repo_id,
                                    commit_message="Upload hcconvert reduced checkpoint")
     except (HfHubHTTPError, OSError, ValueError) as err:
-        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"push to {repo_id} failed: {first_line}") from None
+        raise UserError(f"push to {repo_id} failed: {first_line(err)}") from None
     print(f"pushed to https://huggingface.co/{repo_id}")
     return commit.commit_url

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .options import ConvertOptions
-from .source import Checkpoint
+from .source import Checkpoint, is_hub_id
 from .writer import write_json
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ def write_metadata(directory: Path, ckpt: Checkpoint, conversion: Conversion,
     config = reduced_config(ckpt.config, plan.spec.family, plan.experts_out, plan.top_k_out)
     write_json(directory / "config.json", config)
     layers = [{"layer": r.layer, "groups": r.groups, "frequencies": r.counts,
+               "router_logit_mean": r.logit_mean,
                "tokens": r.tokens} for r in conversion.layers]
     write_json(directory / "hcconvert.json", {
         "source": conversion.source,
@@ -67,9 +68,9 @@ def write_metadata(directory: Path, ckpt: Checkpoint, conversion: Conversion,
 
 def model_card(conversion: Conversion, options: ConvertOptions) -> str:
     plan = conversion.plan
-    is_hub_id = conversion.source.count("/") == 1 and not Path(conversion.source).exists()
+    hub_source = is_hub_id(conversion.source)
     front = ["---", "library_name: transformers", "tags:", "- moe", "- hc-smoe", "- hcconvert"]
-    if is_hub_id:
+    if hub_source:
         front.insert(1, f"base_model: {conversion.source}")
     groups = "\n".join(f"| {r.layer} | {json.dumps(r.groups)} |" for r in conversion.layers)
     return "\n".join(front + ["---", "", f"# {conversion.out.name}", "",

@@ -32,6 +32,7 @@ class LayerResult:
     layer: int
     groups: list[list[int]]
     counts: list[float]  # top-k selections per original expert
+    logit_mean: list[float]  # mean router logit per original expert
     tokens: int
 
 
@@ -80,7 +81,8 @@ class Reducer:
             new_router = reduce_router(router, groups, stats.counts, self.options.router,
                                        gram, cross)
             self.conversion.layers.append(
-                LayerResult(layer, groups, stats.counts.tolist(), stats.tokens))
+                LayerResult(layer, groups, stats.counts.tolist(), stats.logit_mean.tolist(),
+                            stats.tokens))
             produced = {name: t.to("cpu") for name, t in
                         self.merged_tensors(layer, new_router, merged).items()}
         return new_router, merged, produced

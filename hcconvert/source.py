@@ -7,7 +7,6 @@ Nothing here loads more than the tensor asked for: shards are memory-mapped by
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,16 +14,18 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .families import LAYER_PREFIX
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# What a conversion needs from a Hub repo besides the weights: never pickles or remote code.
-HUB_SIDE_FILES = ["config.json", "generation_config.json", "tokenizer.json",
-                  "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                  "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-                  INDEX_FILE]
+# Files copied beside the weights into the output as they are: tokenizer, chat template,
+# generation settings. Never pickles or remote code.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
+              "chat_template.jinja", "chat_template.json")
+# What a conversion needs from a Hub repo besides the shards.
+HUB_SIDE_FILES = ["config.json", *SIDE_FILES, INDEX_FILE]
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -50,12 +51,17 @@ class TensorInfo:
         return tensor_nbytes(self.dtype, self.shape)
 
 
+def is_hub_id(src: str) -> bool:
+    """owner/name that is no local path."""
+    return (not Path(src).exists() and not src.startswith((".", "/", "~"))
+            and src.count("/") == 1)
+
+
 def resolve_source(src: str, revision: str | None = None) -> Path:
     """A local directory as is, or a Hub repo id downloaded (safetensors and config only)."""
-    path = Path(src)
-    if path.is_dir():
-        return path
-    if path.exists() or src.startswith((".", "/", "~")) or src.count("/") != 1:
+    if Path(src).is_dir():
+        return Path(src)
+    if not is_hub_id(src):
         raise UserError(f"source {src!r} is not a directory or a Hub repo id (owner/name)")
     return _download(src, revision)
 
@@ -73,8 +79,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
     except LocalEntryNotFoundError:
         raise UserError(f"cannot download {repo_id!r}: offline and not in the HF cache") from None
     except (HfHubHTTPError, OSError, ValueError) as err:
-        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"cannot download {repo_id!r}: {first_line}") from None
+        raise UserError(f"cannot download {repo_id!r}: {first_line(err)}") from None
 
 
 def _indexed_shards(root: Path) -> list[str]:
@@ -183,5 +188,3 @@ class Checkpoint:
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
 
-    def file_bytes(self) -> int:
-        return sum(os.path.getsize(self.root / s) for s in {i.shard for i in self.tensors.values()})

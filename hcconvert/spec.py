@@ -69,10 +69,6 @@ class ModelSpec:
     def top_k(self) -> int:
         return self.routing.top_k
 
-    @property
-    def renormalize(self) -> bool:
-        return self.routing.renormalize
-
     @classmethod
     def from_config(cls, config: dict, family: Family) -> ModelSpec:
         if config.get("use_sliding_window"):

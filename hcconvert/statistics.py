@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import first_line
 from .features import router_logit_features, weight_features
 from .kernels.expert_sums import expert_act_sums, expert_act_sums_torch
 from .modeling import MOE_CHUNK_TOKENS, Experts, route, router_logits, swiglu
@@ -35,8 +36,7 @@ def activation_sums(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> to
         except Exception as err:  # Triton's build errors vary: no C compiler, unsupported GPU
             _triton_failed.append(err)
             print(f"warning: the Triton kernel failed ({type(err).__name__}: "
-                  f"{str(err).splitlines()[0] if str(err) else ''}); using the torch path",
-                  file=sys.stderr)
+                  f"{first_line(err)}); using the torch path", file=sys.stderr)
     return expert_act_sums_torch(x, gate, up)
 
 
@@ -55,11 +55,6 @@ class LayerStats:
     router_features: torch.Tensor | None = None  # [E, S] router logits on sampled tokens
     weight_features: torch.Tensor | None = None  # [E, E] isometric image of flattened weights
     saliency: torch.Tensor | None = None  # [E] mean routed weight x output norm (REAP)
-
-    @property
-    def frequencies(self) -> torch.Tensor:
-        """Fraction of tokens that picked each expert (sums to top-k)."""
-        return self.counts / max(self.tokens, 1)
 
     def features(self, metric: str) -> torch.Tensor:
         """The [E, D] similarity features of one metric (options.METRICS)."""

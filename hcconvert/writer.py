@@ -17,16 +17,13 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .source import tensor_nbytes
+from .source import SIDE_FILES, tensor_nbytes
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
                 "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 SAFETENSORS_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
-                "chat_template.jinja", "chat_template.json")
 
 
 @dataclass(frozen=True)
@@ -163,6 +160,6 @@ def publish(staging: Path, out: Path) -> None:
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
-    for name in COPIED_FILES:
+    for name in SIDE_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
