@@ -259,8 +259,8 @@ def inspect(src, revision) -> None:
 @click.argument("reduced")
 @click.option("--text", required=True, type=click.Path(path_type=Path),
               help="Held-out text (.txt, .jsonl, .json.gz).")
-@click.option("--seq-len", type=int, default=512, show_default=True)
-@click.option("--samples", type=int, default=64, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True)
 @device_option
 def evaluate_command(original, reduced, text, seq_len, samples, device) -> None:
     """Perplexity of ORIGINAL and REDUCED on TEXT, and KL(original ‖ reduced)."""

@@ -28,11 +28,8 @@ from __future__ import annotations
 import torch
 
 from .alignment import NeuronMatcher, activations
+from .lstsq import ridge_solve
 from .modeling import Experts
-
-# Ridge strength relative to the mean diagonal of AᵀA: small enough to fit the targets,
-# large enough to keep the solve well-posed when the tokens span few directions.
-RIDGE = 1e-3
 
 
 def least_squares_down(matcher: NeuronMatcher, experts: Experts, group: list[int],
@@ -54,7 +51,4 @@ def least_squares_down(matcher: NeuronMatcher, experts: Experts, group: list[int
             target += share * (member @ experts.down[e].float().T)
         gram += merged.T @ merged  # in-place add promotes into fp64 without a copy
         cross += merged.T @ target
-    ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-12)
-    gram.diagonal().add_(ridge)  # in place: at F = 14336 an [F, F] fp64 copy is 1.6 GB
-    solution = torch.linalg.solve(gram, cross.add_(prior.double().T, alpha=ridge.item()))
-    return solution.T.float()
+    return ridge_solve(gram, cross, prior.T).T.float()

@@ -201,14 +201,12 @@ def _source_expert_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 def _check_moe_shapes(ckpt: Checkpoint, spec: ModelSpec, layer: int) -> None:
     """Router [E, H]; experts as the layout stores them (config's F and H), all one dtype."""
     prefix = LAYER_PREFIX.format(layer=layer)
-    expected = {spec.family.router: (spec.num_experts, spec.hidden), **_source_expert_shapes(spec)}
+    experts = _source_expert_shapes(spec)
+    _check_shapes(ckpt, prefix, {spec.family.router: (spec.num_experts, spec.hidden), **experts})
     expert_dtype = None
-    for suffix, shape in expected.items():
-        name = prefix + suffix
-        info = ckpt.tensors[name]
-        if info.shape != shape:
-            raise UserError(f"tensor {name} has shape {list(info.shape)}, expected {list(shape)}")
-        if suffix != spec.family.router:
-            expert_dtype = expert_dtype or info.dtype
-            if info.dtype != expert_dtype:
-                raise UserError(f"tensor {name} is {info.dtype}, the other experts {expert_dtype}")
+    for suffix in experts:
+        info = ckpt.tensors[prefix + suffix]
+        expert_dtype = expert_dtype or info.dtype
+        if info.dtype != expert_dtype:
+            raise UserError(f"tensor {prefix + suffix} is {info.dtype}, the other experts "
+                            f"{expert_dtype}")

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from .lstsq import ridge_solve
 from .merging import dominant, member_weights, weighted_sum
 from .options import ROUTERS
-
-# Ridge strength relative to the mean diagonal of XᵀX: small enough to fit the targets,
-# large enough to keep the solve well-posed when calibration spans few directions.
-RIDGE = 1e-3
 
 
 def reduce_router(router: torch.Tensor, groups: list[list[int]], counts: torch.Tensor,
@@ -39,10 +36,7 @@ def reduce_router(router: torch.Tensor, groups: list[list[int]], counts: torch.T
 def _lse_fit(router, prior, groups, gram, cross) -> torch.Tensor:
     if gram is None or cross is None:
         raise ValueError("lse-fit needs the calibration Gram matrices")
-    ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    w0 = prior.to(gram).T  # [H, R]
-    fitted = w0 + torch.linalg.solve(gram + ridge * eye, cross - gram @ w0)
+    fitted = ridge_solve(gram, cross, prior.T)  # [H, R]
     rows = fitted.T.to(router.dtype).to(router.device)
     for c, group in enumerate(groups):
         if len(group) == 1:
