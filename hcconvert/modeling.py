@@ -222,15 +222,20 @@ def _mask_to_top_groups(scores: torch.Tensor, routing: Routing) -> torch.Tensor:
     return grouped.masked_fill(~keep[..., None], 0.0).view_as(scores)
 
 
+def routed_outputs(x: torch.Tensor, experts: Experts, index: torch.Tensor):
+    """For each expert e some token picked: (e, token, slot, output) with index[token, slot] = e
+    and output = expert e on x[token]. x: [T, H]; index: [T, K]."""
+    for e in range(len(experts)):
+        token, slot = torch.where(index == e)
+        if token.numel():
+            yield e, token, slot, swiglu(x[token], experts.gate[e], experts.up[e], experts.down[e])
+
+
 def routed_experts(x: torch.Tensor, experts: Experts, weights: torch.Tensor,
                    index: torch.Tensor) -> torch.Tensor:
     """Sum of each token's top-k experts' outputs, weighted. x: [T, H]; weights, index: [T, K]."""
     out = torch.zeros_like(x)
-    for e in range(len(experts)):
-        token, slot = torch.where(index == e)
-        if token.numel() == 0:
-            continue
-        y = swiglu(x[token], experts.gate[e], experts.up[e], experts.down[e])
+    for _, token, slot, y in routed_outputs(x, experts, index):
         out.index_add_(0, token, (y * weights[token, slot, None]).to(x.dtype))
     return out
 

@@ -18,7 +18,7 @@ import torch
 from .errors import first_line
 from .features import router_logit_features, weight_features
 from .kernels.expert_sums import expert_act_sums, expert_act_sums_torch
-from .modeling import MOE_CHUNK_TOKENS, Experts, route, router_logits, swiglu
+from .modeling import MOE_CHUNK_TOKENS, Experts, route, routed_outputs, router_logits
 from .spec import Routing
 
 ROUTER_CHUNK_TOKENS = 16384
@@ -95,13 +95,10 @@ def routed_saliency(x: torch.Tensor, experts: Experts, selected: torch.Tensor,
     total = torch.zeros(len(experts), dtype=torch.float64, device=x.device)
     picked = torch.zeros(len(experts), dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[0], MOE_CHUNK_TOKENS):
-        index = selected[start:start + MOE_CHUNK_TOKENS]
-        for e in range(len(experts)):
-            token, slot = torch.where(index == e)
-            if token.numel() == 0:
-                continue
-            out = swiglu(x[start + token], experts.gate[e], experts.up[e], experts.down[e])
-            gate = weights[start + token, slot]
+        end = start + MOE_CHUNK_TOKENS
+        chunk_weights = weights[start:end]
+        for e, token, slot, out in routed_outputs(x[start:end], experts, selected[start:end]):
+            gate = chunk_weights[token, slot]
             total[e] += (gate * out.float().norm(dim=-1)).sum().double()
             picked[e] += token.numel()
     return (total / picked.clamp_min(1)).float()
