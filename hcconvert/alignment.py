@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from .modeling import Experts
+from .experts import Experts
 
 ALIGN_CHUNK_TOKENS = 4096
 # Guards the correlation of a neuron that never varies (dead on the group's tokens).

@@ -22,20 +22,13 @@ from tqdm import tqdm
 
 from .alignment import NeuronMatcher
 from .calibration import load_calibration
+from .decoder import Decoder, HiddenStream, compute_dtype
 from .errors import UserError
+from .experts import Experts, RoutedExperts, RoutingRecord
 from .families import family_for
-from .metadata import write_metadata
-from .modeling import (
-    Experts,
-    add_residual,
-    attention_residual,
-    dense_mlp,
-    ffn_input,
-    moe_block,
-    start_stream,
-)
+from .metadata import reduced_config, write_metadata
 from .options import ConvertOptions
-from .plan import build_plan
+from .plan import build_plan, router_suffixes
 from .reduction import Conversion, LayerResult, Reducer
 from .resources import StageTimer
 from .source import Checkpoint, resolve_source
@@ -149,68 +142,83 @@ class LayerPipeline:
     def run(self, tokens: torch.Tensor, progress: bool) -> None:
         with self.timer.stage("read"):  # once, for every output
             globals_ = self.ckpt.read([t.name for t in self.reducers[0].plan.global_outputs])
-        table = globals_["model.embed_tokens.weight"]
-        hidden, rope, self.dtype = start_stream(self.spec, table, tokens, self.device)
+        embedding = next(t for n, t in globals_.items() if n.endswith("embed_tokens.weight"))
+        self.dtype = compute_dtype(self.device, embedding.dtype)
+        self.decoder = self.spec.decoder(self.dtype)
+        with self.timer.stage("compute"):
+            self.decoder.load_globals(globals_, self.device)
+            stream = HiddenStream(self.decoder, tokens, self.device)
+            self.decoder.drop_globals()
         for reducer in self.reducers:
             reducer.write_globals(globals_)
-        del globals_, table
-        bar = tqdm(total=self.spec.num_layers, desc="layers", unit="layer",
-                   disable=not progress, file=sys.stderr)
-        layers = prefetched_layers(self.ckpt, self.spec.num_layers,
-                                   pin=self.device.type == "cuda")
+        del globals_, embedding
+        num_layers = self.spec.num_layers
+        bar = tqdm(total=num_layers, desc="layers", unit="layer", disable=not progress,
+                   file=sys.stderr)
+        prefixes = [self.spec.family.layer_prefix(i) for i in range(num_layers)]
+        layers = prefetched_layers(self.ckpt, prefixes, pin=self.device.type == "cuda")
         with BackgroundWriter() as background, bar:
-            for _ in range(self.spec.num_layers):
-                bar.set_postfix_str(f"layer {bar.n + 1}/{self.spec.num_layers}: reading")
+            for _ in range(num_layers):
+                bar.set_postfix_str(f"layer {bar.n + 1}/{num_layers}: reading")
                 with self.timer.stage("read"):  # time spent waiting for the prefetch
                     layer, raw = next(layers)
-                bar.set_postfix_str(f"layer {layer + 1}/{self.spec.num_layers}: calibrating")
-                hidden = self.layer(layer, raw, hidden, rope, background)
+                bar.set_postfix_str(f"layer {layer + 1}/{num_layers}: calibrating")
+                self.layer(layer, raw, stream, background)
                 bar.update()
         for reducer in self.reducers:
             for stage, seconds in self.timer.seconds.items():
                 reducer.timer.seconds[stage] += seconds
 
-    def layer(self, layer: int, raw: dict, hidden: torch.Tensor, rope,
-              background: BackgroundWriter) -> torch.Tensor:
+    def layer(self, layer: int, raw: dict, stream: HiddenStream,
+              background: BackgroundWriter) -> None:
         """Advance the hidden states through one layer; every reducer writes its version."""
-        layout = self.spec.family.experts
-        with self.timer.stage("compute"):
-            w = {k: v.to(self.device, self.dtype, non_blocking=True) for k, v in raw.items()
-                 if not k.startswith(layout.prefixes())}
-            hidden = attention_residual(self.spec, w, hidden, rope)
-            flat = hidden.view(-1, self.spec.hidden)  # [T, H], shares hidden's storage
-            x = ffn_input(self.spec, w, flat)
         if layer in self.spec.moe_layers:
-            self.moe_layer(layer, raw, w, x, flat, background)
-            return hidden
+            self.moe_layer(layer, raw, stream, background)
+            return
         with self.timer.stage("compute"):
-            add_residual(self.spec, flat, dense_mlp(self.spec, w, x))
+            tensors, _ = self.decoder.layer_parts(layer, raw, self.device)
+            stream.advance(layer, self.decoder.build_layer(layer, tensors))
             self.synchronize()
         for reducer in self.reducers:
             background.submit(functools.partial(reducer.write_layer, layer, raw, {}))
-        return hidden
 
-    def moe_layer(self, layer: int, raw: dict, w: dict, x: torch.Tensor, flat: torch.Tensor,
+    def moe_layer(self, layer: int, raw: dict, stream: HiddenStream,
                   background: BackgroundWriter) -> None:
-        """Statistics once, then each reducer in turn (its write overlapping the next one's
-        compute); then the layer's output, original or merged, added to flat."""
-        spec = self.spec
+        """One forward of the original layer (its output advances the stream, its router's
+        choices feed the statistics), each reducer in turn (its write overlapping the next
+        one's compute), then with --propagate merged the reduced layer's output instead."""
+        spec, family = self.spec, self.spec.family
         with self.timer.stage("compute"):
-            experts = Experts.from_layer(raw, spec.family.experts, spec.num_experts,
-                                         self.device, self.dtype)
-            router = w[spec.family.router]
-            stats = collect_layer_stats(x, router, experts, spec.routing, self.needs, self.seed)
-            matcher = NeuronMatcher(x, stats.selected, experts)
-        chosen = experts
+            tensors, experts = self.decoder.layer_parts(layer, raw, self.device)
+            record = RoutingRecord(stream.tokens, saliency="saliency" in self.needs)
+            module = self.decoder.build_layer(layer, tensors, RoutedExperts(experts, record))
+            layer_input = stream.hidden.clone() if self.propagator is not None else None
+            stream.advance(layer, module)
+            del module
+            x, selected, _ = record.routing()
+            router = {s: raw[s].to(self.device) for s in router_suffixes(spec)}
+            stats = collect_layer_stats(x, selected, router[family.router], experts,
+                                        self.needs, self.seed, record)
+            matcher = NeuronMatcher(x, selected, experts)
         for reducer in self.reducers:
-            new_router, merged, produced = reducer.reduce(layer, w, experts, x, stats, matcher)
+            reduced_router, merged, produced = reducer.reduce(layer, router, experts, x, stats,
+                                                              matcher)
             background.submit(functools.partial(reducer.write_layer, layer, raw, produced))
             if reducer is self.propagator:
-                router, chosen = new_router, merged
-            del new_router, merged, produced  # free the merged experts no later layer needs
-        with self.timer.stage("compute"):
-            add_residual(spec, flat, moe_block(spec, w, x, router, chosen))
-            self.synchronize()
+                with self.timer.stage("compute"):
+                    self.propagate(layer, tensors, reduced_router, merged, stream, layer_input)
+            del reduced_router, merged, produced  # free the merged experts no later layer needs
+        self.synchronize()
+
+    def propagate(self, layer: int, tensors: dict, router: dict, merged: Experts,
+                  stream: HiddenStream, layer_input: torch.Tensor) -> None:
+        """The reduced layer's output, from the layer's input, replaces the original's."""
+        config = reduced_config(self.spec.config, self.spec.family, len(merged),
+                                min(self.spec.top_k, len(merged)))
+        reduced = Decoder(config, self.spec.family, self.dtype)
+        named = self.decoder.layer_names(layer, self.spec.family.layer_prefix(layer), router)
+        module = reduced.build_layer(layer, {**tensors, **named}, RoutedExperts(merged))
+        stream.advance(layer, module, layer_input)
 
     def synchronize(self) -> None:
         """On CUDA, wait for the queued kernels, so the stage timer measures the work."""

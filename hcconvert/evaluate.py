@@ -16,8 +16,9 @@ from tqdm import tqdm
 
 from .calibration import TextTokenizer, calibration_tokens, read_documents
 from .convert import open_source, pick_device
+from .decoder import HiddenStream, compute_dtype
 from .errors import UserError
-from .modeling import decoder_layer, final_logits, start_stream
+from .experts import RoutedExperts
 from .source import Checkpoint
 from .spec import ModelSpec
 
@@ -34,27 +35,34 @@ class StreamedModel:
     """A checkpoint's hidden states for fixed tokens, advanced one layer per call."""
 
     def __init__(self, ckpt: Checkpoint, spec: ModelSpec, tokens: torch.Tensor,
-                 device: torch.device):
-        self.ckpt, self.spec, self.device = ckpt, spec, device
-        self.table = self.ckpt.get("model.embed_tokens.weight")
-        self.hidden, self.rope, self.dtype = start_stream(self.spec, self.table, tokens, device)
-        if not self.spec.tie_embeddings:
-            self.table = None  # only a tied LM head needs it again
+                 device: torch.device, dtype: torch.dtype | None = None):
+        """dtype: the compute dtype (default: the checkpoint's on a GPU, fp32 on the CPU)."""
+        self.ckpt, self.spec, self.device, self.tokens = ckpt, spec, device, tokens
+        self.global_names = [n for n in ckpt.tensors
+                             if not n.startswith(spec.family.layers_prefix)]
+        globals_ = ckpt.read(self.global_names)
+        embedding = next(t for n, t in globals_.items() if n.endswith("embed_tokens.weight"))
+        self.decoder = spec.decoder(dtype or compute_dtype(device, embedding.dtype))
+        self.decoder.load_globals(globals_, device)
+        self.stream = HiddenStream(self.decoder, tokens, device)
+        self.decoder.drop_globals()  # the head is read again after the last layer
 
     def advance(self, layer: int) -> None:
-        w = {k: v.to(self.device, self.dtype) for k, v in self.ckpt.layer_tensors(layer).items()}
-        self.hidden = decoder_layer(self.spec, layer, w, self.hidden, self.rope)
+        raw = self.ckpt.layer_tensors(self.spec.family.layer_prefix(layer))
+        tensors, experts = self.decoder.layer_parts(layer, raw, self.device)
+        module = self.decoder.build_layer(layer, tensors,
+                                          None if experts is None else RoutedExperts(experts))
+        self.stream.advance(layer, module)
 
     def load_head(self) -> None:
-        """Final norm and LM head, read once after the last layer."""
-        head = self.table if self.table is not None else self.ckpt.get("lm_head.weight")
-        self.norm = self.ckpt.get("model.norm.weight").to(self.device, self.dtype)
-        self.lm_head = head.to(self.device, self.dtype)
+        """Embeddings, final norm and LM head, read once after the last layer."""
+        self.decoder.load_globals(self.ckpt.read(self.global_names), self.device)
 
     def log_probs(self, sequence: int) -> torch.Tensor:
         """[S, V] next-token log-probabilities of one sequence."""
-        logits = final_logits(self.spec, self.norm, self.lm_head, self.hidden[sequence])
-        return F.log_softmax(logits, -1)
+        logits = self.decoder.logits(self.tokens[sequence:sequence + 1].to(self.device),
+                                     self.stream.hidden[sequence:sequence + 1])
+        return F.log_softmax(logits[0], -1)
 
 
 def evaluate(original: str, reduced: str, text: Path, seq_len: int = 512, samples: int = 64,

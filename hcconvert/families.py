@@ -1,8 +1,10 @@
-"""Model families as data: tensor names, config keys and routing flags of each supported MoE.
+"""Model families as data: where each MoE keeps its routed experts and router on disk, which
+config keys hold the expert count and top-k, and how its router scores experts.
 
-Tensor names are suffixes below a decoder layer's prefix (`model.layers.{layer}.`), so a
-layer's tensors load into a dict keyed by the suffixes below. `{expert}` stands for the expert
-index. Code appears only where a table cannot say it (which layers are MoE).
+Tensor names are suffixes below a decoder layer's prefix (`model.layers.{layer}.`, or the
+text model's prefix inside a vision-language wrapper); `{expert}` stands for the expert index.
+Everything else in a layer is transformers' business (decoder.py): its modules say which layers
+are MoE, what attention they run and which tensors they load.
 
 Config keys are the ones the Hub's config.json files write; where transformers 5 saves a key
 under another name (Qwen3-MoE's expert count), the family lists both.
@@ -15,43 +17,10 @@ from dataclasses import dataclass
 
 from .errors import UserError
 
-LAYER_PREFIX = "model.layers.{layer}."
-
-
-def every_layer(config: dict, layer: int) -> bool:
-    return True
-
-
-def qwen_sparse_layer(config: dict, layer: int) -> bool:
-    """Qwen MoE: every `decoder_sparse_step`-th layer, minus `mlp_only_layers`."""
-    step = config.get("decoder_sparse_step", 1) or 1
-    return layer not in (config.get("mlp_only_layers") or []) and (layer + 1) % step == 0
-
-
-def deepseek_sparse_layer(config: dict, layer: int) -> bool:
-    """DeepSeek: dense MLPs below `first_k_dense_replace`, then every `moe_layer_freq`-th layer."""
-    freq = config.get("moe_layer_freq", 1) or 1
-    return layer >= config.get("first_k_dense_replace", 0) and layer % freq == 0
-
-
-@dataclass(frozen=True)
-class ConfigFlag:
-    """A yes/no setting read from config.json, with the default its transformers config uses."""
-
-    key: str
-    default: bool
-
-
-def read_flag(config: dict, flag: bool | ConfigFlag) -> bool:
-    if isinstance(flag, bool):
-        return flag
-    value = config.get(flag.key)
-    return flag.default if value is None else bool(value)
-
 
 @dataclass(frozen=True)
 class ExpertNames:
-    """A SwiGLU MLP's gate, up and down projections (an expert, a shared expert, a dense MLP)."""
+    """One expert's gate, up and down projection names."""
 
     gate: str
     up: str
@@ -109,118 +78,128 @@ def _mlp(module: str, gate: str = "gate_proj", up: str = "up_proj",
                        f"{module}.{down}.weight")
 
 
+def _group_limited(method_key: str | None = None, method: str = "", min_per_group: int = 1):
+    """Routing groups read from n_group / topk_group (DeepSeek): a token picks its experts
+    within its best topk_group groups, each group ranked by its top `min_per_group` scores.
+    method_key: a config key that must equal `method` for the groups to apply (DeepSeek-V2's
+    topk_method)."""
+    def groups(config: dict) -> RoutingGroups | None:
+        if method_key is not None and config.get(method_key, "greedy") != method:
+            return None
+        n_group, topk_group = config.get("n_group") or 1, config.get("topk_group") or 1
+        return RoutingGroups(n_group, topk_group, min_per_group) if n_group > 1 else None
+    return groups
+
+
+@dataclass(frozen=True)
+class RoutingGroups:
+    """Group-limited routing: experts form `count` contiguous groups; a token picks from its
+    best `picked` groups, each group ranked by its best `ranked_by` scores."""
+
+    count: int
+    picked: int
+    ranked_by: int
+
+
+def no_groups(config: dict) -> RoutingGroups | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Family:
-    """One model_type: where its tensors are, which config keys say what, how it routes."""
+    """One model_type: where its routed experts and router are on disk, which config keys say
+    what, and how the router scores experts. Everything else in a layer (attention, norms,
+    dense MLPs, shared experts) is loaded by name into transformers' own modules."""
 
     model_type: str
     experts_keys: tuple[str, ...]  # config keys of the routed-expert count: the keys we rewrite
-    top_k_key: str
-    ffn_key: str  # config key of one routed expert's intermediate size
-    router: str
-    experts: ExpertLayout
-    # Top-k weights renormalised to sum to one.
-    renormalize: bool | ConfigFlag = True
-    shared_expert: ExpertNames | None = None
-    shared_expert_gate: str | None = None  # sigmoid gate scaling the shared expert's output
-    dense_mlp: ExpertNames = _mlp("mlp")  # the MLP of non-MoE layers
-    attention: str = "gqa"  # "gqa" (q/k/v/o projections) or "mla" (DeepSeek latent attention)
-    attention_bias: bool | ConfigFlag = False  # the projections below carry a bias
-    biased_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    qk_norm: str | None = None  # None, "head" (per-head RMSNorm) or "proj" (whole projection)
-    routed_scaling_key: str | None = None  # config key of a factor on the top-k weights
-    # DeepSeek's topk_method "group_limited_greedy": experts form n_group contiguous groups and
-    # a token picks its top-k among the topk_group groups holding its best-scoring experts.
-    group_routing: bool = False
-    fp32_router: bool = False  # router logits computed in fp32 whatever the weights' dtype
-    is_moe_layer: Callable[[dict, int], bool] = every_layer
+    experts: ExpertLayout  # below the layer prefix
+    router: str  # the router's [E, H] weight, below the layer prefix
+    # A per-expert router bias ([E], or [1, E]) that is reduced with the router's rows.
+    router_bias: str | None = None
+    top_k_key: str = "num_experts_per_tok"
+    ffn_key: str = "moe_intermediate_size"  # config key of one routed expert's ffn size
+    scoring: str = "softmax"  # "softmax" or "sigmoid": how the router turns logits to scores
+    routing_groups: Callable[[dict], RoutingGroups | None] = no_groups
+    transformers_type: str | None = None  # model_type transformers knows it by, if another
+    text_config_key: str | None = None  # a vision-language wrapper's text config
+    text_prefix: str = "model."  # the text model's tensors on disk
 
     def experts_key(self, config: dict) -> str | None:
         """The expert-count key this config.json uses (None when it has none)."""
-        return next((k for k in self.experts_keys if config.get(k)), None)
+        text = self.text_config(config)
+        return next((k for k in self.experts_keys if text.get(k)), None)
+
+    def text_config(self, config: dict) -> dict:
+        """The text model's config: config.json itself, or its nested text config."""
+        if self.text_config_key is None:
+            return config
+        nested = config.get(self.text_config_key)
+        if not isinstance(nested, dict):
+            raise UserError(f"config.json has no {self.text_config_key} for the text model")
+        return nested
+
+    def text_name(self, name: str) -> str:
+        """A tensor's name as the text-only transformers model calls it."""
+        if name.startswith(self.text_prefix):
+            return "model." + name.removeprefix(self.text_prefix)
+        return name
+
+    @property
+    def layers_prefix(self) -> str:
+        """What every decoder layer's tensor names start with."""
+        return f"{self.text_prefix}layers."
+
+    def layer_prefix(self, layer: int) -> str:
+        return f"{self.layers_prefix}{layer}."
 
 
-NORM_TOPK = ConfigFlag("norm_topk_prob", False)
-ATTENTION_BIAS = ConfigFlag("attention_bias", False)
+DEEPSEEK_V3_GROUPS = _group_limited(min_per_group=2)  # groups ranked by their top-2 scores
+
+
+def _deepseek_v3(model_type: str, **changes) -> Family:
+    """DeepSeek-V3's design: sigmoid scores, a selection-only correction bias, groups."""
+    return Family(model_type=model_type, experts_keys=("n_routed_experts",),
+                  experts=_per_expert("mlp"), router="mlp.gate.weight",
+                  router_bias="mlp.gate.e_score_correction_bias", scoring="sigmoid",
+                  routing_groups=DEEPSEEK_V3_GROUPS, **changes)
+
 
 FAMILIES: dict[str, Family] = {
     family.model_type: family
     for family in [
-        Family(
-            model_type="mixtral",
-            experts_keys=("num_local_experts",),
-            top_k_key="num_experts_per_tok",
-            ffn_key="intermediate_size",
-            router="block_sparse_moe.gate.weight",
-            experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
-        ),
-        Family(
-            model_type="qwen2_moe",
-            experts_keys=("num_experts",),
-            top_k_key="num_experts_per_tok",
-            ffn_key="moe_intermediate_size",
-            router="mlp.gate.weight",
-            experts=_per_expert("mlp"),
-            renormalize=NORM_TOPK,
-            shared_expert=_mlp("mlp.shared_expert"),
-            shared_expert_gate="mlp.shared_expert_gate.weight",
-            attention_bias=ConfigFlag("qkv_bias", True),  # the Hub's configs omit it: biased
-            biased_projections=("q_proj", "k_proj", "v_proj"),
-            is_moe_layer=qwen_sparse_layer,
-        ),
-        Family(
-            model_type="qwen3_moe",
-            # The Hub writes num_experts; transformers 5 saves it as num_local_experts.
-            experts_keys=("num_experts", "num_local_experts"),
-            top_k_key="num_experts_per_tok",
-            ffn_key="moe_intermediate_size",
-            router="mlp.gate.weight",
-            experts=_per_expert("mlp"),
-            renormalize=NORM_TOPK,
-            attention_bias=ATTENTION_BIAS,
-            qk_norm="head",
-            is_moe_layer=qwen_sparse_layer,
-        ),
-        Family(
-            model_type="olmoe",
-            experts_keys=("num_experts",),
-            top_k_key="num_experts_per_tok",
-            ffn_key="intermediate_size",
-            router="mlp.gate.weight",
-            experts=_per_expert("mlp"),
-            renormalize=NORM_TOPK,
-            attention_bias=ATTENTION_BIAS,
-            qk_norm="proj",
-        ),
-        Family(
-            model_type="deepseek_v2",
-            experts_keys=("n_routed_experts",),
-            top_k_key="num_experts_per_tok",
-            ffn_key="moe_intermediate_size",
-            router="mlp.gate.weight",
-            experts=_per_expert("mlp"),
-            # transformers' DeepseekV2 never renormalises (every released V2 has
-            # norm_topk_prob false); it scales the top-k weights instead.
-            renormalize=False,
-            shared_expert=_mlp("mlp.shared_experts"),
-            attention="mla",
-            routed_scaling_key="routed_scaling_factor",
-            group_routing=True,
-            fp32_router=True,
-            is_moe_layer=deepseek_sparse_layer,
-        ),
-        Family(
-            model_type="granitemoe",
-            experts_keys=("num_local_experts",),
-            top_k_key="num_experts_per_tok",
-            ffn_key="intermediate_size",
-            router="block_sparse_moe.router.layer.weight",
-            experts=Fused("block_sparse_moe.input_linear.weight",
-                          "block_sparse_moe.output_linear.weight"),
-            # softmax over the top-k logits: the same weights as renormalised top-k softmax
-            renormalize=True,
-            attention_bias=ATTENTION_BIAS,
-        ),
+        Family(model_type="mixtral", experts_keys=("num_local_experts",),
+               experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
+               router="block_sparse_moe.gate.weight", ffn_key="intermediate_size"),
+        Family(model_type="qwen2_moe", experts_keys=("num_experts",),
+               experts=_per_expert("mlp"), router="mlp.gate.weight"),
+        # The Hub writes num_experts; transformers 5 saves it as num_local_experts.
+        Family(model_type="qwen3_moe", experts_keys=("num_experts", "num_local_experts"),
+               experts=_per_expert("mlp"), router="mlp.gate.weight"),
+        Family(model_type="olmoe", experts_keys=("num_experts",), experts=_per_expert("mlp"),
+               router="mlp.gate.weight", ffn_key="intermediate_size"),
+        Family(model_type="deepseek_v2", experts_keys=("n_routed_experts",),
+               experts=_per_expert("mlp"), router="mlp.gate.weight",
+               routing_groups=_group_limited("topk_method", "group_limited_greedy")),
+        Family(model_type="granitemoe", experts_keys=("num_local_experts",),
+               experts=Fused("block_sparse_moe.input_linear.weight",
+                             "block_sparse_moe.output_linear.weight"),
+               router="block_sparse_moe.router.layer.weight", ffn_key="intermediate_size"),
+        _deepseek_v3("deepseek_v3"),
+        # Kimi-K2's config.json says kimi_k2 (remote code); its text model is DeepSeek-V3's.
+        _deepseek_v3("kimi_k2", transformers_type="deepseek_v3"),
+        _deepseek_v3("glm4_moe"),
+        _deepseek_v3("dots1"),
+        Family(model_type="minimax_m2", experts_keys=("num_local_experts",),
+               experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
+               router="block_sparse_moe.gate.weight",
+               # MiniMax keeps the correction bias on the block, not on the gate.
+               router_bias="block_sparse_moe.e_score_correction_bias",
+               ffn_key="intermediate_size", scoring="sigmoid"),
+        Family(model_type="ernie4_5_moe", experts_keys=("moe_num_experts",),
+               experts=_per_expert("mlp"), router="mlp.gate.weight",
+               router_bias="mlp.moe_statics.e_score_correction_bias",
+               top_k_key="moe_k"),
     ]
 }
 

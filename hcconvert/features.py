@@ -13,21 +13,19 @@ from __future__ import annotations
 
 import torch
 
-from .modeling import Experts, router_logits
-from .spec import Routing
+from .experts import Experts
 
 ROUTER_SAMPLE_TOKENS = 8192
 # Values per Gram block (E x rows x H): bounds its fp64 copy to 256 MB.
 GRAM_BLOCK_VALUES = 2**25
 
 
-def router_logit_features(x: torch.Tensor, router: torch.Tensor, routing: Routing,
-                          seed: int) -> torch.Tensor:
+def router_logit_features(x: torch.Tensor, router: torch.Tensor, seed: int) -> torch.Tensor:
     """[E, S] router logits (fp32, on the CPU) of up to ROUTER_SAMPLE_TOKENS tokens of x,
     drawn without replacement with `seed` and kept in token order."""
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randperm(x.shape[0], generator=generator)[:ROUTER_SAMPLE_TOKENS].sort().values
-    return router_logits(x[sample.to(x.device)], router, routing).T.cpu()
+    return (x[sample.to(x.device)].float() @ router.float().T).T.cpu()
 
 
 def weight_gram(experts: Experts) -> torch.Tensor:

@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 
 from .alignment import NeuronMatcher, activations
+from .experts import Experts
 from .lstsq import ridge_solve
-from .modeling import Experts
 
 
 def least_squares_down(matcher: NeuronMatcher, experts: Experts, group: list[int],

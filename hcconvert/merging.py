@@ -20,8 +20,8 @@ import functools
 import torch
 
 from .alignment import NeuronMatcher, aligned_members
+from .experts import Experts
 from .mergemoe import least_squares_down
-from .modeling import Experts
 from .options import MERGES
 
 WEIGHTS = ("gate", "up", "down")

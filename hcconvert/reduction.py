@@ -16,13 +16,13 @@ import torch
 
 from .alignment import NeuronMatcher
 from .clustering import group_experts
+from .experts import Experts
 from .merging import merge_experts
-from .modeling import Experts
 from .options import ConvertOptions
 from .plan import Plan
 from .pruning import prune_groups, prune_scores
 from .resources import StageTimer
-from .router import reduce_router
+from .router import reduce_router, reduce_router_bias
 from .statistics import LayerStats, group_logsumexp_gram
 from .writer import TORCH_DTYPES, ShardWriter
 
@@ -69,23 +69,28 @@ class Reducer:
             for tensor in self.plan.global_outputs:
                 self.writer.write(tensor.name, tensors[tensor.name])
 
-    def reduce(self, layer: int, w: dict, experts: Experts, x: torch.Tensor,
-               stats: LayerStats, matcher: NeuronMatcher):
-        """One MoE layer: the new router and experts (on the compute device), and the tensors
-        to write (by full name, on the CPU)."""
+    def reduce(self, layer: int, router: dict[str, torch.Tensor], experts: Experts,
+               x: torch.Tensor, stats: LayerStats, matcher: NeuronMatcher):
+        """One MoE layer: the new router tensors (by their names below the layer) and experts
+        (on the compute device), and the tensors to write (by full name, on the CPU).
+        router: the router's weight and per-expert bias, by their names below the layer."""
+        family = self.spec.family
         with self.timer.stage("compute"):
-            router = w[self.spec.family.router]
+            weight = router[family.router]
             groups = self.choose_groups(stats)
             merged = merge_experts(experts, groups, stats.counts, self.options.merge, matcher)
-            gram, cross = self.router_gram(x, router, groups)
-            new_router = reduce_router(router, groups, stats.counts, self.options.router,
-                                       gram, cross)
+            gram, cross = self.router_gram(x, weight, groups)
+            reduced = {family.router: reduce_router(weight, groups, stats.counts,
+                                                    self.options.router, gram, cross)}
+            if family.router_bias is not None:
+                reduced[family.router_bias] = reduce_router_bias(
+                    router[family.router_bias], groups, stats.counts, self.options.router)
             self.conversion.layers.append(
                 LayerResult(layer, groups, stats.counts.tolist(), stats.logit_mean.tolist(),
                             stats.tokens))
             produced = {name: t.to("cpu") for name, t in
-                        self.merged_tensors(layer, new_router, merged).items()}
-        return new_router, merged, produced
+                        self.merged_tensors(layer, reduced, merged).items()}
+        return reduced, merged, produced
 
     def router_gram(self, x: torch.Tensor, router: torch.Tensor, groups: list[list[int]]):
         """lse-fit's normal equations; not needed when every group is a single expert."""
@@ -96,8 +101,8 @@ class Reducer:
     def choose_groups(self, stats: LayerStats) -> list[list[int]]:
         """The expert groups. Under group-limited routing each routing group of experts is
         reduced on its own, to R/n_group experts, so every merged expert stays in its group."""
-        size = self.spec.num_experts // self.spec.routing.groups
-        keep = self.options.experts // self.spec.routing.groups
+        count = self.spec.routing.groups.count if self.spec.routing.groups else 1
+        size, keep = self.spec.num_experts // count, self.options.experts // count
         groups = []
         for start in range(0, self.spec.num_experts, size):
             local = self.group_slice(stats, slice(start, start + size), keep)
@@ -117,11 +122,10 @@ class Reducer:
                              linkage=options.linkage, max_group_size=options.max_group_size,
                              seed=options.seed)
 
-    def merged_tensors(self, layer: int, router: torch.Tensor, merged: Experts) -> dict:
+    def merged_tensors(self, layer: int, router: dict, merged: Experts) -> dict:
         """Reduced router and experts by full name, in the source's expert layout."""
         prefix = self.plan.layer_prefix(layer)
-        family = self.spec.family
-        tensors = {family.router: router, **merged.to_layer(family.experts)}
+        tensors = {**router, **merged.to_layer(self.spec.family.experts)}
         return {prefix + name: tensor for name, tensor in tensors.items()}
 
     def write_layer(self, layer: int, raw: dict, produced: dict) -> None:

@@ -73,26 +73,33 @@ def print_inspection(src: str, revision: str | None) -> None:
         f"family        {family.model_type} ({status})",
         f"layers        {spec.num_layers}, MoE: {_ranges(spec.moe_layers)}",
         f"experts       {spec.num_experts} routed, top-{spec.top_k}, "
-        f"shared expert: {_shared(family)}",
+        f"shared expert: {_shared(spec)}",
         f"routing       {_routing(spec)}",
         *footer,
         f"layout        {family.experts.description}",
     ]))
 
 
-def _shared(family) -> str:
-    if family.shared_expert is None:
+def _shared(spec: ModelSpec) -> str:
+    """Whether the MoE blocks have shared experts beside the routed ones (transformers names
+    them shared_expert or shared_experts), and whether a sigmoid gate scales them."""
+    decoder = spec.decoder()
+    layer = spec.moe_layers[0] if spec.moe_layers else None
+    if layer is None:
         return "no"
-    return "yes (sigmoid-gated)" if family.shared_expert_gate else "yes"
+    block = decoder.layers[layer].get_submodule(decoder.moe_block(layer))
+    children = {name for name, _ in block.named_children()}
+    if not any(name.startswith("shared_expert") for name in children - {"shared_expert_gate"}):
+        return "no"
+    return "yes (sigmoid-gated)" if "shared_expert_gate" in children else "yes"
 
 
 def _routing(spec: ModelSpec) -> str:
     routing = spec.routing
-    parts = ["softmax top-k", "renormalized" if routing.renormalize else "not renormalized"]
-    if routing.scale != 1.0:
-        parts.append(f"scaled by {routing.scale:g}")
-    if routing.groups > 1:
-        parts.append(f"within the best {routing.top_groups} of {routing.groups} expert groups")
+    parts = [f"{routing.scoring} top-{routing.top_k}"]
+    if routing.groups is not None:
+        parts.append(f"within the best {routing.groups.picked} of {routing.groups.count} "
+                     "expert groups")
     return ", ".join(parts)
 
 

@@ -15,7 +15,6 @@ import torch
 from safetensors import safe_open
 
 from .errors import UserError, first_line
-from .families import LAYER_PREFIX
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -178,9 +177,9 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         return self.read([name])[name]
 
-    def layer_tensors(self, layer: int) -> dict[str, torch.Tensor]:
-        """One decoder layer's tensors as stored, keyed by their name below the layer prefix."""
-        prefix = LAYER_PREFIX.format(layer=layer)
+    def layer_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """One decoder layer's tensors as stored, keyed by their name below the layer's prefix
+        (`model.layers.7.`)."""
         names = [n for n in self.tensors if n.startswith(prefix)]
         return {n.removeprefix(prefix): t for n, t in self.read(names).items()}
 

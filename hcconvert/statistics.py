@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from .errors import first_line
+from .experts import Experts, RoutingRecord
 from .features import router_logit_features, weight_features
 from .kernels.expert_sums import expert_act_sums, expert_act_sums_torch
-from .modeling import MOE_CHUNK_TOKENS, Experts, route, routed_outputs, router_logits
-from .spec import Routing
 
 ROUTER_CHUNK_TOKENS = 16384
 # What collect_layer_stats can compute besides the routing: the three similarity metrics
@@ -65,20 +64,18 @@ class LayerStats:
         return found
 
 
-def router_stats(x: torch.Tensor, router: torch.Tensor, routing: Routing):
-    """Top-k counts [E] and logit sums [E] (fp32), and each token's choices: the experts
-    [T, K] and their routing weights [T, K]. Chunked over tokens."""
-    counts = torch.zeros(router.shape[0], dtype=torch.float64, device=x.device)
-    logit_sum = torch.zeros(router.shape[0], dtype=torch.float64, device=x.device)
-    indices, weights = [], []
+def router_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    """[T, E] fp32 router logits x·Wᵀ from fp32 operands (a bf16 product can reorder
+    near-tied experts)."""
+    return x.float() @ router.float().T
+
+
+def logit_sums(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    """[E] fp64 sums of the router logits over tokens x: [T, H], chunked."""
+    total = torch.zeros(router.shape[0], dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[0], ROUTER_CHUNK_TOKENS):
-        logits = router_logits(x[start:start + ROUTER_CHUNK_TOKENS], router, routing)
-        weight, index = route(logits, routing)
-        counts += torch.bincount(index.flatten(), minlength=router.shape[0]).double()
-        logit_sum += logits.sum(0).double()
-        indices.append(index)
-        weights.append(weight)
-    return counts.float(), logit_sum.float(), torch.cat(indices), torch.cat(weights)
+        total += router_logits(x[start:start + ROUTER_CHUNK_TOKENS], router).sum(0).double()
+    return total
 
 
 def output_means(x: torch.Tensor, experts: Experts) -> torch.Tensor:
@@ -88,43 +85,32 @@ def output_means(x: torch.Tensor, experts: Experts) -> torch.Tensor:
     return torch.stack([experts.down[e].float() @ mean_act[e] for e in range(len(experts))])
 
 
-def routed_saliency(x: torch.Tensor, experts: Experts, selected: torch.Tensor,
-                    weights: torch.Tensor) -> torch.Tensor:
-    """REAP's saliency [E]: over the tokens routed to an expert, the mean of its routing
-    weight times the norm of its output. Experts no token picked score 0."""
-    total = torch.zeros(len(experts), dtype=torch.float64, device=x.device)
-    picked = torch.zeros(len(experts), dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[0], MOE_CHUNK_TOKENS):
-        end = start + MOE_CHUNK_TOKENS
-        chunk_weights = weights[start:end]
-        for e, token, slot, out in routed_outputs(x[start:end], experts, selected[start:end]):
-            gate = chunk_weights[token, slot]
-            total[e] += (gate * out.float().norm(dim=-1)).sum().double()
-            picked[e] += token.numel()
-    return (total / picked.clamp_min(1)).float()
-
-
-def collect_layer_stats(x: torch.Tensor, router: torch.Tensor, experts: Experts,
-                        routing: Routing, needs: frozenset[str] = frozenset({"output"}),
-                        seed: int = 42) -> LayerStats:
-    """Statistics for one MoE layer from its inputs x: [T, H] (post-attention-norm).
+def collect_layer_stats(x: torch.Tensor, selected: torch.Tensor, router: torch.Tensor,
+                        experts: Experts, needs: frozenset[str] = frozenset({"output"}),
+                        seed: int = 42, record: RoutingRecord | None = None) -> LayerStats:
+    """Statistics for one MoE layer from its inputs x: [T, H] (post-attention-norm) and the
+    experts the router chose for them, selected: [T, K].
 
     needs names the optional parts (OPTIONAL_STATS) to compute; the routing is always measured.
+    The saliency comes from the record of the layer's forward, which computed the routed
+    outputs anyway.
     """
     unknown = set(needs) - set(OPTIONAL_STATS)
     if unknown:
         raise ValueError(f"unknown statistics {sorted(unknown)}")
     tokens = x.shape[0]
-    counts, logit_sum, selected, weights = router_stats(x, router, routing)
-    stats = LayerStats(tokens, counts.cpu(), (logit_sum / tokens).cpu(), selected)
+    counts = torch.bincount(selected.flatten(), minlength=len(experts)).float().cpu()
+    stats = LayerStats(tokens, counts, (logit_sums(x, router) / tokens).float().cpu(), selected)
     if "output" in needs:
         stats.output_mean = output_means(x, experts).cpu()
     if "router-logits" in needs:
-        stats.router_features = router_logit_features(x, router, routing, seed)
+        stats.router_features = router_logit_features(x, router, seed)
     if "weights" in needs:
         stats.weight_features = weight_features(experts)
     if "saliency" in needs:
-        stats.saliency = routed_saliency(x, experts, selected, weights).cpu()
+        if record is None or not record.saliency:
+            raise ValueError("the saliency needs a forward that recorded it")
+        stats.saliency = record.mean_saliency(len(experts)).cpu()
     return stats
 
 

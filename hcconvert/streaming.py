@@ -15,24 +15,26 @@ import torch
 from .source import Checkpoint
 
 
-def read_layer(ckpt: Checkpoint, layer: int, pin: bool) -> dict[str, torch.Tensor]:
+def read_layer(ckpt: Checkpoint, prefix: str, pin: bool) -> dict[str, torch.Tensor]:
     """A layer's tensors as stored; in pinned memory when they go to a GPU next, so the
     host-to-device copy is asynchronous and runs at full PCIe speed."""
-    tensors = ckpt.layer_tensors(layer)
+    tensors = ckpt.layer_tensors(prefix)
     if pin:
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
     return tensors
 
 
-def prefetched_layers(ckpt: Checkpoint, num_layers: int,
+def prefetched_layers(ckpt: Checkpoint, prefixes: list[str],
                       pin: bool = False) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Yield (layer, tensors) in order while the next layer is read on a background thread."""
+    """Yield (layer, tensors) in order, layer k holding the tensors below prefixes[k], while
+    the next layer is read on a background thread."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hcconvert-read") as pool:
-        pending: Future | None = pool.submit(read_layer, ckpt, 0, pin) if num_layers else None
-        for layer in range(num_layers):
+        pending: Future | None = pool.submit(read_layer, ckpt, prefixes[0], pin) if prefixes \
+            else None
+        for layer in range(len(prefixes)):
             tensors = pending.result()
-            pending = (pool.submit(read_layer, ckpt, layer + 1, pin)
-                       if layer + 1 < num_layers else None)
+            pending = (pool.submit(read_layer, ckpt, prefixes[layer + 1], pin)
+                       if layer + 1 < len(prefixes) else None)
             yield layer, tensors
 
 

@@ -29,6 +29,9 @@ class Case:
     experts: tuple[str, ...]  # per-expert templates with {e} (gate, up, down), or fused names
     reduce_to: int  # --experts for the end-to-end test
     fused: bool = False
+    router_bias: str | None = None  # a per-expert routing bias below model.layers.{layer}.
+    grouped: bool = False  # group-limited routing: merged experts stay within their group
+    hub_model_type: str | None = None  # the model_type the Hub's config.json says
     # Keys the Hub's original config.json spells differently: transformers 5 name -> Hub name.
     hub_renames: dict = field(default_factory=dict)
 
@@ -38,6 +41,10 @@ def _per_expert(block: str, gate="gate_proj", up="up_proj", down="down_proj") ->
 
 
 CASES = {
+    "mixtral": Case("mixtral", dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=24),
+        "num_local_experts", "block_sparse_moe.gate.weight",
+        _per_expert("block_sparse_moe", "w1", "w3", "w2"), 4),
     "qwen2_moe": Case("qwen2_moe", dict(
         num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
         shared_expert_intermediate_size=40, intermediate_size=56, mlp_only_layers=[1],
@@ -76,6 +83,47 @@ CASES = {
         fused=True),
 }
 
+# DeepSeek-V3's design: sigmoid scores with a correction bias, groups ranked by their top-2
+# scores, MLA with q LoRA, YaRN, a shared expert, a first dense layer.
+DEEPSEEK_V3 = dict(
+    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+    first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=24,
+    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4, n_group=2,
+    topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+    rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0})
+V3_BIAS = "mlp.gate.e_score_correction_bias"
+CASES.update({
+    "deepseek_v3": Case("deepseek_v3", DEEPSEEK_V3, "n_routed_experts", "mlp.gate.weight",
+                        _per_expert("mlp"), 4, router_bias=V3_BIAS, grouped=True),
+    "kimi_k2": Case("deepseek_v3", DEEPSEEK_V3, "n_routed_experts", "mlp.gate.weight",
+                    _per_expert("mlp"), 6, router_bias=V3_BIAS, grouped=True,
+                    hub_model_type="kimi_k2"),
+    # GLM-4.5's shape: partial rotary, QK norm, biased q/k/v, one routing group.
+    "glm4_moe": Case("glm4_moe", dict(
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, first_k_dense_replace=1, n_shared_experts=1, n_group=1,
+        topk_group=1, head_dim=16, partial_rotary_factor=0.5, use_qk_norm=True,
+        attention_bias=True, norm_topk_prob=True, routed_scaling_factor=1.5),
+        "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 3, router_bias=V3_BIAS),
+    "dots1": Case("dots1", dict(
+        n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, first_k_dense_replace=1, n_shared_experts=1, n_group=1,
+        topk_group=1, head_dim=16, norm_topk_prob=True, routed_scaling_factor=2.0),
+        "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4, router_bias=V3_BIAS),
+    # MiniMax-M2: the correction bias on the block, partial rotary, QK norm over all heads.
+    "minimax_m2": Case("minimax_m2", dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=24, head_dim=16,
+        rotary_dim=8, use_qk_norm=True),
+        "num_local_experts", "block_sparse_moe.gate.weight",
+        _per_expert("block_sparse_moe", "w1", "w3", "w2"), 4,
+        router_bias="block_sparse_moe.e_score_correction_bias"),
+    "ernie4_5_moe": Case("ernie4_5_moe", dict(
+        moe_num_experts=6, moe_k=2, moe_intermediate_size=24, intermediate_size=56,
+        moe_num_shared_experts=1, moe_layer_start_index=1, head_dim=16),
+        "moe_num_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+        router_bias="mlp.moe_statics.e_score_correction_bias"),
+})
+
 # Keys the Hub's DeepSeek-V2 config.json carries that transformers 5 does not write.
 HUB_EXTRAS = {"deepseek_v2": {"scoring_func": "softmax", "moe_layer_freq": 1, "seq_aux": True,
                               "aux_loss_alpha": 0.001}}
@@ -98,6 +146,10 @@ def save_family_model(case: Case, directory: Path, dtype=torch.float32, hub_styl
     model.save_pretrained(directory, max_shard_size="40KB")
     if hub_style:
         hub_style_config(case, directory)
+    if case.hub_model_type:
+        path = directory / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()),
+                                    "model_type": case.hub_model_type}, indent=2))
     return directory
 
 
@@ -105,7 +157,11 @@ def spread_weights(model) -> None:
     """transformers' init (std 0.02, unit norms) makes experts' outputs tiny and alike and
     every norm a no-op; spread weights and norms so mistakes show."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        biases = [(n, b) for n, b in model.named_buffers() if "e_score_correction_bias" in n]
+        for name, p in [*model.named_parameters(), *biases]:
+            if "e_score_correction_bias" in name:  # a buffer in some families
+                p.normal_(0, 0.3)
+                continue
             if "embed" in name:
                 p.normal_(0, 1)
             elif p.dim() >= 2:

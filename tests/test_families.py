@@ -7,6 +7,7 @@
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -16,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from hcconvert.convert import convert, open_source
 from hcconvert.errors import UserError
+from hcconvert.evaluate import StreamedModel
 from hcconvert.families import FAMILIES
-from hcconvert.modeling import decoder_layer, embed, final_logits, rms_norm, rope_tables
 from hcconvert.options import ConvertOptions
 from hcconvert.plan import build_plan
 
@@ -27,27 +28,27 @@ TOKENS = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(
 
 
 def test_every_family_has_a_case():
-    assert {case.model_type for case in CASES.values()} == set(FAMILIES) - {"mixtral"}
+    model_types = {case.hub_model_type or case.model_type for case in CASES.values()}
+    assert model_types == set(FAMILIES)
 
 
 def our_forward(directory, tokens, dtype, teacher=None):
-    """Hidden states after the embeddings and after each layer (the last one final-normed, as
-    transformers reports it), and the logits. With teacher (transformers' hidden states), each
-    layer starts from the teacher's input: in bf16 a chained forward drifts until some token's
-    near-tied top-k flips, which says nothing about either implementation."""
+    """Hidden states after the embeddings and after each layer, and the logits, from the
+    streamed forward the pipeline and `eval` run. With teacher (transformers' hidden states),
+    each layer starts from the teacher's input: in bf16 a chained forward drifts until some
+    token's near-tied top-k flips, which says nothing about either implementation."""
     ckpt, spec = open_source(str(directory))
-    hidden = embed(spec, ckpt.get("model.embed_tokens.weight").to(dtype), tokens)
-    rope = rope_tables(spec, tokens.shape[1], "cpu", dtype)
-    states = [hidden.clone()]
+    model = StreamedModel(ckpt, spec, tokens, torch.device("cpu"), dtype)
+    states = [model.stream.hidden.clone()]
     for layer in range(spec.num_layers):
-        w = {k: v.to(dtype) for k, v in ckpt.layer_tensors(layer).items()}
-        start = hidden if teacher is None else teacher[layer].clone()
-        hidden = decoder_layer(spec, layer, w, start, rope)
-        states.append(hidden.clone())
-    norm = ckpt.get("model.norm.weight").to(dtype)
-    states[-1] = rms_norm(states[-1], norm, spec.rms_eps)
-    head = "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
-    return states, final_logits(spec, norm, ckpt.get(head).to(dtype), hidden)
+        if teacher is not None:
+            model.stream.hidden.copy_(teacher[layer])
+        model.advance(layer)
+        states.append(model.stream.hidden.clone())
+    model.load_head()
+    logits = torch.cat([model.decoder.logits(tokens[i:i + 1], model.stream.hidden[i:i + 1])
+                        for i in range(tokens.shape[0])])
+    return states, logits
 
 
 def transformers_forward(directory, tokens, dtype):
@@ -64,10 +65,13 @@ def transformers_forward(directory, tokens, dtype):
 @pytest.mark.parametrize("name", list(CASES))
 def test_layer_forward_matches_transformers(tmp_path, name, dtype, hub_style):
     src = save_family_model(CASES[name], tmp_path / "m", dtype=dtype, hub_style=hub_style)
-    reference = transformers_forward(src, TOKENS, dtype)
+    loadable = as_transformers_knows_it(CASES[name], src, tmp_path / "loadable")
+    reference = transformers_forward(loadable, TOKENS, dtype)
     teacher = reference.hidden_states if dtype == torch.bfloat16 else None
     states, logits = our_forward(src, TOKENS, dtype, teacher)
-    for layer, (ours, theirs) in enumerate(zip(states, reference.hidden_states, strict=True)):
+    # transformers' last hidden state has the final norm applied; the logits cover it.
+    for layer, (ours, theirs) in enumerate(zip(states[:-1], reference.hidden_states[:-1],
+                                               strict=True)):
         torch.testing.assert_close(ours, theirs, **TOLERANCE[dtype], msg=f"after layer {layer}")
     torch.testing.assert_close(logits, reference.logits.float(), **TOLERANCE[dtype])
 
@@ -99,6 +103,14 @@ def reference_merge(case: Case, src, out, router_method):
         else:
             rows = [merge(router, g, wg) for g, wg in zip(groups, weights, strict=True)]
         tensors[prefix + case.router] = torch.stack(rows)
+        if case.router_bias is not None:  # reduced like the rows, along its last axis
+            bias = tensors[prefix + case.router_bias]
+            if router_method == "dominant":
+                entries = [bias[..., max(g, key=lambda e: (counts[e], -e))] for g in groups]
+            else:
+                entries = [merge(bias.movedim(-1, 0), g, wg)
+                           for g, wg in zip(groups, weights, strict=True)]
+            tensors[prefix + case.router_bias] = torch.stack(entries, dim=-1)
         for template in case.experts:
             if case.fused:  # one [E, ...] tensor: merge along its first axis
                 stacked = tensors[prefix + template]
@@ -135,10 +147,24 @@ def test_conversion_equals_reference_merge(tmp_path, calib_text, name, dtype, hu
     reference.mkdir()
     (reference / "config.json").write_bytes((out / "config.json").read_bytes())
     save_file(expected, str(reference / "model.safetensors"), metadata={"format": "pt"})
-    torch.testing.assert_close(logits_of(out, TOKENS), logits_of(reference, TOKENS))
+    loadable = as_transformers_knows_it(case, out, tmp_path / "loadable")
+    as_transformers_knows_it(case, reference, reference)
+    torch.testing.assert_close(logits_of(loadable, TOKENS), logits_of(reference, TOKENS))
     assert_config_changes_only_counts(case, src, out)
-    if "n_group" in case.config and case.config.get("topk_method") == "group_limited_greedy":
+    if case.grouped or case.config.get("topk_method") == "group_limited_greedy":
         assert_groups_within_routing_groups(case, out)
+
+
+def as_transformers_knows_it(case: Case, directory, copy_to):
+    """directory itself, or (a model_type only remote code knows, as Kimi-K2's) a copy at
+    copy_to whose config names the transformers model_type with the same architecture."""
+    if case.hub_model_type is None:
+        return directory
+    if copy_to != directory:
+        shutil.copytree(directory, copy_to)
+    config = json.loads((copy_to / "config.json").read_text())
+    (copy_to / "config.json").write_text(json.dumps({**config, "model_type": case.model_type}))
+    return copy_to
 
 
 def assert_config_changes_only_counts(case: Case, src, out):
@@ -147,12 +173,13 @@ def assert_config_changes_only_counts(case: Case, src, out):
     experts_key = case.hub_renames.get(case.experts_key, case.experts_key)
     if experts_key not in before:
         experts_key = case.experts_key
-    top_k = before["num_experts_per_tok"]
+    top_k_key = FAMILIES[case.hub_model_type or case.model_type].top_k_key
+    top_k = before[top_k_key]
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     assert after[experts_key] == case.reduce_to
     if case.reduce_to < top_k:  # only then may top-k drop, and only to R
-        assert after["num_experts_per_tok"] == case.reduce_to
-        assert changed == {experts_key, "num_experts_per_tok"}
+        assert after[top_k_key] == case.reduce_to
+        assert changed == {experts_key, top_k_key}
     else:
         assert changed == {experts_key}
 
@@ -233,7 +260,7 @@ def test_unknown_moe_tensor_is_refused(tmp_path):
     rewrite_tensor(src, "model.layers.0.mlp.gate.weight", lambda t: torch.zeros(t.shape[0]),
                    new_name="model.layers.0.mlp.gate.bias")
     ckpt, spec = open_source(str(src))
-    with pytest.raises(UserError, match="model.layers.0.mlp.gate.bias belongs to the MoE block"):
+    with pytest.raises(UserError, match="model.layers.0.mlp.gate.bias is not part of a olmoe"):
         build_plan(ckpt, spec, 4)
 
 
@@ -241,7 +268,7 @@ def test_unknown_moe_tensor_is_refused(tmp_path):
 def test_group_limited_routing_needs_whole_groups(tmp_path, experts):
     src = save_family_model(CASES["deepseek_v2"], tmp_path / "src")
     ckpt, spec = open_source(str(src))
-    with pytest.raises(UserError, match="multiple of 4"):
+    with pytest.raises(UserError, match=r"n_group=4, topk_group=2, top-2\) needs one of: 4$"):
         build_plan(ckpt, spec, experts)
 
 

@@ -15,12 +15,11 @@ from test_convert import EXPERT, ROUTER
 from hcconvert.alignment import NeuronMatcher, aligned_members
 from hcconvert.convert import convert, convert_many
 from hcconvert.demo import DemoShape, build_planted_mixtral, data_file
+from hcconvert.experts import Experts, RoutedExperts, RoutingRecord, swiglu
 from hcconvert.features import router_logit_features, weight_features
 from hcconvert.merging import member_weights, merge_experts
-from hcconvert.modeling import Experts, swiglu
 from hcconvert.options import NAMED_METHODS, ConvertOptions
 from hcconvert.pruning import prune_groups
-from hcconvert.spec import Routing
 from hcconvert.statistics import collect_layer_stats
 
 SHAPE = DemoShape(layers=2, hidden=64, ffn=64, experts=8, heads=4, kv_heads=2)
@@ -157,14 +156,16 @@ def test_o_prune_keeps_the_largest_routed_contribution():
     gen = torch.Generator().manual_seed(6)
     experts = random_experts(count=4)
     x, router = torch.randn(600, 8, generator=gen), torch.randn(4, 8, generator=gen)
-    routing = Routing(top_k=1, renormalize=False)
-    counts = collect_layer_stats(x, router, experts, routing, frozenset()).counts
+    probs = torch.softmax(x @ router.T, -1)
+    weights, index = probs.topk(1, dim=-1)  # top-1 softmax routing, not renormalised
+    counts = collect_layer_stats(x, index, router, experts, frozenset()).counts
     busy, quiet = int(counts.argmax()), int(counts.argmin())
     assert counts[quiet] > 0
     experts.down[busy] *= 1e-3  # picked most, contributes least
     experts.down[quiet] *= 100
-    stats = collect_layer_stats(x, router, experts, routing, frozenset({"saliency"}))
-    probs = torch.softmax(x @ router.T, -1)
+    record = RoutingRecord(x.shape[0], saliency=True)
+    RoutedExperts(experts, record)(x, index, weights)  # the forward records the saliency
+    stats = collect_layer_stats(x, index, router, experts, frozenset({"saliency"}), 42, record)
     for e in range(4):  # REAP: mean over routed tokens of router weight x output norm
         mine = stats.selected[:, 0] == e
         out = swiglu(x[mine], experts.gate[e], experts.up[e], experts.down[e])
@@ -187,12 +188,11 @@ def test_weight_features_keep_pairwise_distances():
 def test_router_logit_features_use_a_seeded_sample():
     gen = torch.Generator().manual_seed(8)
     x, router = torch.randn(9000, 4, generator=gen), torch.randn(3, 4, generator=gen)
-    routing = Routing(top_k=1, renormalize=False)
-    first = router_logit_features(x, router, routing, seed=1)
+    first = router_logit_features(x, router, seed=1)
     assert first.shape == (3, 8192)
-    assert torch.equal(first, router_logit_features(x, router, routing, seed=1))
-    assert not torch.equal(first, router_logit_features(x, router, routing, seed=2))
-    assert router_logit_features(x[:100], router, routing, seed=1).shape == (3, 100)
+    assert torch.equal(first, router_logit_features(x, router, seed=1))
+    assert not torch.equal(first, router_logit_features(x, router, seed=2))
+    assert router_logit_features(x[:100], router, seed=1).shape == (3, 100)
 
 
 def test_max_group_size_is_respected(tmp_path, calib_text):

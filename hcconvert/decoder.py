@@ -1,0 +1,271 @@
+"""The decoder, one layer at a time, through transformers' own modules.
+
+transformers builds the text model's skeleton on the meta device, which costs no memory. Each
+decoder layer is materialised on its own from the streamed tensors, run over the calibration
+hidden states and dropped. Attention of every kind, norms, dense MLPs, shared experts and the
+router are transformers' code; the routed experts are ours (experts.RoutedExperts), so the
+statistics see every routing decision and a reduction can run in the layer unchanged.
+
+The model-level work (embeddings and their multipliers, position embeddings, attention masks
+per layer type, final norm, LM head and logit scaling) is transformers' too: the skeleton's
+own forward runs with its layers replaced by recorders (to capture each layer's input and
+arguments) or by the finished hidden states (to get the logits).
+N sequences, S tokens, H hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .errors import UserError, first_line
+from .experts import Experts
+from .families import Family
+
+EXPERTS_ATTRIBUTE = "experts"  # transformers 5's MoE blocks call self.experts(x, index, weights)
+# Sequences per layer call: bounds attention's [heads, S, S] scores on the CPU.
+ATTENTION_BATCH = 4
+
+
+def compute_dtype(device: torch.device, source_dtype: torch.dtype) -> torch.dtype:
+    """Half-precision weights compute in their dtype on the GPU; the CPU computes in fp32."""
+    if device.type == "cuda" and source_dtype in (torch.bfloat16, torch.float16):
+        return source_dtype
+    return torch.float32
+
+
+class _Stop(Exception):
+    """Raised by the last recorder: the layers' inputs are known, the rest is not needed."""
+
+
+def transformers_config(config: dict, family: Family):
+    """The transformers config of the text model that config.json describes."""
+    from transformers import CONFIG_MAPPING
+
+    text = family.text_config(config)
+    model_type = family.transformers_type or text.get("model_type") or family.model_type
+    if model_type not in CONFIG_MAPPING:
+        raise UserError(f"this transformers has no model_type {model_type!r}; upgrade it")
+    # Quantized storage is ours to read: transformers must not plan its own quantizer.
+    # A deep copy: transformers rewrites nested settings (rope_scaling) in place.
+    text = copy.deepcopy({k: v for k, v in text.items()
+                          if k not in ("quantization_config", "auto_map")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return CONFIG_MAPPING[model_type].from_dict({**text, "model_type": model_type})
+        except (TypeError, ValueError, KeyError, AttributeError) as err:
+            raise UserError(f"config.json is not a valid {model_type} config: "
+                            f"{first_line(err)}") from None
+
+
+class Decoder:
+    """A text model's skeleton (on the meta device) that builds and runs one layer at a time."""
+
+    def __init__(self, config: dict, family: Family, dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForCausalLM
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        self.family, self.dtype, self.source_config = family, dtype, config
+        self.config = transformers_config(config, family)
+        with torch.device("meta"), _default_dtype(dtype), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                self.model = AutoModelForCausalLM.from_config(self.config)
+            except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:
+                raise UserError(f"transformers cannot build this {family.model_type} model "
+                                f"from config.json: {first_line(err)}") from None
+        self.model.eval()
+        self.renamings = [t for t in get_model_conversion_mapping(self.model)
+                          if isinstance(t, WeightRenaming)]
+        self.reverse_renamings = [t.reverse_transform() for t in reversed(self.renamings)]
+        self.layers = self.model.model.layers
+
+    # -- names and shapes ------------------------------------------------------------------
+
+    def module_name(self, name: str) -> str:
+        """A tensor's name in the skeleton's state dict, from its name on disk."""
+        from transformers.core_model_loading import apply_renamings
+
+        return apply_renamings(self.family.text_name(name), self.renamings)
+
+    def disk_name(self, module_name: str) -> str:
+        """Where the Hub's checkpoints keep a module's tensor (for messages)."""
+        from transformers.core_model_loading import apply_renamings
+
+        name = apply_renamings(module_name, self.reverse_renamings)
+        return self.family.text_prefix + name.removeprefix("model.") \
+            if name.startswith("model.") else name
+
+    def layer_names(self, layer: int, prefix: str, tensors: dict) -> dict:
+        """A layer's tensors, keyed on disk below `prefix`, keyed by their names in the
+        layer's transformers module."""
+        module_prefix = f"model.layers.{layer}."
+        return {self.module_name(prefix + k).removeprefix(module_prefix): v
+                for k, v in tensors.items()}
+
+    def layer_parts(self, layer: int, raw: dict[str, torch.Tensor], device: torch.device):
+        """A layer's tensors as stored, split into the module's tensors on the device (by
+        module name) and, in a MoE layer, its routed experts stacked in the compute dtype."""
+        layout = self.family.experts
+        kept = {k: v.to(device, non_blocking=True) for k, v in raw.items()
+                if not k.startswith(layout.prefixes())}
+        tensors = self.layer_names(layer, self.family.layer_prefix(layer), kept)
+        if self.moe_block(layer) is None:
+            return tensors, None
+        count = self.family.text_config(self.source_config)[self.family.experts_key(
+            self.source_config)]
+        return tensors, Experts.from_layer(raw, layout, count, device, self.dtype)
+
+    def moe_block(self, layer: int) -> str | None:
+        """The MoE block's path in a layer (e.g. "mlp"), None for a dense layer."""
+        for path, module in self.layers[layer].named_modules():
+            if isinstance(getattr(module, EXPERTS_ATTRIBUTE, None), nn.Module):
+                return path
+        return None
+
+    def expected_tensors(self, layer: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every tensor a layer loads except its routed experts: module name below the layer
+        -> (shape, dtype)."""
+        block = self.moe_block(layer)
+        skip = f"{block}.{EXPERTS_ATTRIBUTE}." if block is not None else None
+        return {name: (tuple(t.shape), t.dtype)
+                for name, t in self.layers[layer].state_dict(keep_vars=True).items()
+                if skip is None or not name.startswith(skip)}
+
+    # -- running layers --------------------------------------------------------------------
+
+    def build_layer(self, layer: int, tensors: dict[str, torch.Tensor],
+                    experts: nn.Module | None = None, config=None) -> nn.Module:
+        """Layer `layer` with the given tensors (module names below the layer, any dtype: each
+        is cast to the dtype transformers gives it) and, in a MoE layer, our routed experts.
+        config: a reduced model's config (default: the source's)."""
+        config = config or self.config
+        with torch.device("meta"), _default_dtype(self.dtype):
+            module = type(self.layers[layer])(config, layer)
+        block = self.moe_block(layer)
+        if block is not None:
+            if experts is None:
+                raise ValueError(f"layer {layer} is a MoE layer: it needs its experts")
+            setattr(module.get_submodule(block), EXPERTS_ATTRIBUTE, experts)
+        expected = {n: t.dtype for n, t in module.state_dict(keep_vars=True).items()
+                    if not n.startswith(f"{block}.{EXPERTS_ATTRIBUTE}.")}
+        cast = {n: tensors[n].to(dtype) for n, dtype in expected.items() if n in tensors}
+        missing = sorted(set(expected) - set(cast))
+        if missing:
+            raise UserError(f"layer {layer}: tensor {missing[0]} is missing")
+        module.load_state_dict(cast, strict=False, assign=True)
+        return module.eval()
+
+    @torch.no_grad()
+    def layer_inputs(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+        """The first layer's input [N, S, H] for tokens [N, S], and the keyword arguments the
+        model passes each layer (masks, position embeddings), as its own forward computes them.
+        Needs the embedding table loaded (load_globals)."""
+        calls: list[tuple[torch.Tensor, dict]] = []
+        last = len(self.layers) - 1
+
+        def recorder(index: int):
+            def forward(hidden_states, *args, **kwargs):
+                calls.append((hidden_states, kwargs))
+                if index == last:
+                    raise _Stop
+                return hidden_states
+            return forward
+
+        with self._layers_replaced(recorder), contextlib.suppress(_Stop):
+            self.model(input_ids=tokens, use_cache=False)
+        return calls[0][0], [kwargs for _, kwargs in calls]
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
+        """[N, S, V] fp32 logits from the last layer's output (final norm, LM head and the
+        family's logit scaling applied by transformers)."""
+        last = len(self.layers) - 1
+
+        def finished(index: int):
+            def forward(hidden_states, *args, **kwargs):
+                return final_hidden if index == last else hidden_states
+            return forward
+
+        with self._layers_replaced(finished):
+            return self.model(input_ids=tokens, use_cache=False).logits.float()
+
+    @contextlib.contextmanager
+    def _layers_replaced(self, make_forward) -> Iterator[None]:
+        for index, layer in enumerate(self.layers):
+            layer.forward = make_forward(index)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                del layer.forward
+
+    def load_globals(self, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+        """Embeddings, final norm and LM head (by their names on disk) into the skeleton,
+        plus the position-embedding tables transformers computes when it builds a model."""
+        state = self.model.state_dict(keep_vars=True)
+        named = {self.module_name(n): t for n, t in tensors.items()}
+        loaded = {n: t.to(device, state[n].dtype) for n, t in named.items() if n in state}
+        self.model.load_state_dict(loaded, strict=False, assign=True)
+        if self.config.tie_word_embeddings:
+            self.model.lm_head.weight = self.model.model.embed_tokens.weight
+        self._rebuild_computed_buffers(device)
+
+    def _rebuild_computed_buffers(self, device: torch.device) -> None:
+        """Modules outside the layers whose buffers were computed at construction (rotary
+        inv_freq) hold nothing on the meta device: build them again on the real device."""
+        for name, module in list(self.model.model.named_children()):
+            if name == "layers" or not any(b.is_meta for b in module.buffers(recurse=True)):
+                continue
+            with torch.device(device):
+                setattr(self.model.model, name, type(module)(config=self.config))
+
+    def drop_globals(self) -> None:
+        """Back to the meta device, freeing the embedding table and the LM head."""
+        self.model.to("meta")
+
+
+class HiddenStream:
+    """The calibration (or evaluation) hidden states [N, S, H] of fixed tokens, advanced one
+    decoder layer at a time in batches of sequences; each batch gets the arguments the model's
+    own forward passes its layers."""
+
+    def __init__(self, decoder: Decoder, tokens: torch.Tensor, device: torch.device):
+        batches, self.arguments = [], {}
+        for start in range(0, tokens.shape[0], ATTENTION_BATCH):
+            chunk = tokens[start:start + ATTENTION_BATCH].to(device)
+            first, arguments = decoder.layer_inputs(chunk)
+            batches.append(first)
+            self.arguments.setdefault(chunk.shape[0], arguments)
+        self.hidden = torch.cat(batches)
+
+    @property
+    def tokens(self) -> int:
+        return self.hidden.shape[0] * self.hidden.shape[1]
+
+    @torch.no_grad()
+    def advance(self, layer: int, module: torch.nn.Module, hidden: torch.Tensor | None = None):
+        """Run module (layer `layer`) over hidden (default: the current states) into the
+        current states."""
+        source = self.hidden if hidden is None else hidden
+        for start in range(0, source.shape[0], ATTENTION_BATCH):
+            chunk = source[start:start + ATTENTION_BATCH]
+            out = module(chunk, **self.arguments[chunk.shape[0]][layer])
+            self.hidden[start:start + ATTENTION_BATCH] = out
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
