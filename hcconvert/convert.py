@@ -118,6 +118,10 @@ def prepare_output(src: str, ckpt: Checkpoint, spec: ModelSpec, out: Path,
     """Plan one output and check its options against the model before any weight is read."""
     plan = build_plan(ckpt, spec, options.experts)
     check_output_dir(out, ckpt.root, overwrite)
+    if options.method == "merge" and options.router == "lse-fit" \
+            and spec.routing.scoring != "softmax":
+        raise UserError(f"--router lse-fit fits softmax mass; {spec.family.model_type}'s router "
+                        f"scores with {spec.routing.scoring} (use freq-avg or dominant)")
     size = options.max_group_size
     if options.method == "merge" and size is not None and options.experts * size < spec.num_experts:
         raise UserError(f"--max-group-size {size}: {options.experts} groups of at most {size} "

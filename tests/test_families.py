@@ -6,6 +6,7 @@
     where it must drop); (d) fused on-disk experts stay fused, with R experts.
 """
 
+import functools
 import json
 import shutil
 
@@ -308,3 +309,39 @@ def test_inspect_unknown_family_says_not_supported(tmp_path):
     assert result.exit_code == 0, result.output
     assert "'frobnicator': not supported" in result.output
     assert ", ".join(sorted(FAMILIES)) in result.output
+
+
+def keep_index(picks: dict, layer: int, module, args, out) -> None:
+    """A forward hook: routers return (logits, top-k weights, top-k index)."""
+    picks[layer] = out[2]
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "minimax_m2", "qwen2_moe"])
+def test_recorded_frequencies_equal_transformers_router(tmp_path, calib_text, name):
+    """hcconvert.json's frequencies are what transformers' own routers pick on the same
+    calibration tokens, run through the whole stock model at once."""
+    from transformers import AutoModelForCausalLM
+
+    from hcconvert.calibration import load_calibration
+
+    case = CASES[name]
+    src = save_family_model(case, tmp_path / "src")
+    options = ConvertOptions(experts=case.reduce_to, calib=str(calib_text), calib_samples=3,
+                             seq_len=48)
+    convert(str(src), tmp_path / "out", options, progress=False)
+    record = json.loads((tmp_path / "out" / "hcconvert.json").read_text())
+    tokens = load_calibration(src, options.calib, options.calib_samples, options.seq_len,
+                              options.seed)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    picks = {}
+    for entry in record["layers"]:
+        block = next(m for m in model.model.layers[entry["layer"]].modules()
+                     if hasattr(m, "experts"))
+        router = block.gate if hasattr(block, "gate") else block.router
+        router.register_forward_hook(functools.partial(keep_index, picks, entry["layer"]))
+    with torch.no_grad():
+        model(tokens)
+    for entry in record["layers"]:
+        counts = torch.bincount(picks[entry["layer"]].flatten(),
+                                minlength=record["experts_before"])
+        assert counts.tolist() == entry["frequencies"], entry["layer"]
