@@ -210,10 +210,16 @@ class Fp8Block(QuantFormat):
         values, scale = parts[".weight"], parts[".weight_scale_inv"]
         self._check_scale(base, tuple(values.shape), tuple(scale.shape))
         rows, cols = values.shape[-2:]
-        # Spread each block's scale over its rows and columns, cutting partial edge blocks.
-        spread = (scale.float().repeat_interleave(self.block[0], dim=-2)[..., :rows, :]
-                  .repeat_interleave(self.block[1], dim=-1)[..., :cols])
-        return (values.float() * spread).to(dtype)
+        out = values.float()
+        # Scales spread over rows only ([..., O, Cb], 1/bi of the weight), then broadcast over
+        # each block's columns through a view: no second weight-sized temporary.
+        row_scale = scale.float().repeat_interleave(self.block[0], dim=-2)[..., :rows, :]
+        whole, partial = divmod(cols, self.block[1])
+        out[..., :whole * self.block[1]].unflatten(-1, (whole, self.block[1])).mul_(
+            row_scale[..., :whole, None])
+        if partial:
+            out[..., whole * self.block[1]:].mul_(row_scale[..., whole:])
+        return out.to(dtype)
 
     def quantize(self, base: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         shape = tuple(weight.shape)
