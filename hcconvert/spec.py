@@ -10,6 +10,7 @@ import torch
 from .decoder import Decoder
 from .errors import UserError
 from .families import Family, RoutingGroups
+from .quantization import quant_format
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, config: dict, family: Family) -> ModelSpec:
+        storage = quant_format(config)  # an unknown or malformed method is refused here
+        if storage is not None:
+            raise UserError(f"config.json: {storage.method}-quantized weights are not converted "
+                            "yet; convert a bf16 copy of the checkpoint")
         text = family.text_config(config)
         decoder = Decoder(config, family)
         layers = len(decoder.layers)

@@ -345,3 +345,22 @@ def test_recorded_frequencies_equal_transformers_router(tmp_path, calib_text, na
         counts = torch.bincount(picks[entry["layer"]].flatten(),
                                 minlength=record["experts_before"])
         assert counts.tolist() == entry["frequencies"], entry["layer"]
+
+
+@pytest.mark.parametrize("quantization,fragment", [
+    ({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+      "weight_block_size": [128, 128]}, "fp8-quantized weights are not converted yet"),
+    ({"quant_method": "gptq", "bits": 4}, "quantization method 'gptq' is not supported"),
+])
+def test_quantized_checkpoints_are_refused_in_one_line(tmp_path, quantization, fragment):
+    from click.testing import CliRunner
+
+    from hcconvert.cli import main
+
+    src = save_family_model(CASES["deepseek_v3"], tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
+    result = CliRunner().invoke(main, [str(src), "--experts", "4", "--out", str(tmp_path / "o"),
+                                       "--dry-run"])
+    assert result.exit_code == 2
+    assert fragment in result.output
