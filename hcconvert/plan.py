@@ -128,6 +128,10 @@ def _names_by_layer(ckpt: Checkpoint, spec: ModelSpec) -> list[list[str]]:
         if not name.startswith(layers):
             continue
         index = name.removeprefix(layers).split(".")[0]
+        mtp = spec.family.text_config(spec.config).get("num_nextn_predict_layers") or 0
+        if index.isdigit() and spec.num_layers <= int(index) < spec.num_layers + mtp:
+            raise UserError(f"tensor {name} belongs to a multi-token-prediction layer "
+                            "(num_nextn_predict_layers), which hcconvert does not reduce yet")
         if not index.isdigit() or int(index) >= spec.num_layers:
             raise UserError(f"tensor {name} is beyond num_hidden_layers={spec.num_layers}")
         per_layer[int(index)].append(name)
