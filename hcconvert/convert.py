@@ -80,7 +80,7 @@ def convert_many(src: str, outputs: list[tuple[Path, ConvertOptions]], overwrite
                    for out, options in outputs]
     device = pick_device(first.device)
     with staged_outputs([out for out, _ in outputs], ckpt.root, overwrite) as stagings:
-        tokens = load_calibration(ckpt.root, first.calib, first.calib_samples, first.seq_len,
+        tokens = load_calibration(ckpt, first.calib, first.calib_samples, first.seq_len,
                                   first.seed)
         reducers = run_pass(ckpt, spec, device, tokens, conversions, outputs, stagings, progress)
         for reducer, staging in zip(reducers, stagings, strict=True):
