@@ -57,8 +57,8 @@ def read_documents(path: Path, max_chars: int) -> list[str]:
     """Documents from .txt (blank-line separated), .jsonl/.json(.gz) with a "text" field, each
     cut to its first max_chars characters; the file is read in chunks, so memory is bounded
     by max_chars and MAX_TEXT_CHARS, not by the file's size or its longest line."""
-    if not path.is_file():
-        raise UserError(f"calibration file {path} does not exist or is not a file")
+    if not path.exists() or path.is_dir():  # a pipe is fine: --calib <(zcat text.gz)
+        raise UserError(f"calibration file {path} does not exist or is a directory")
     try:
         docs = list(_bounded(_iter_documents(path, max_chars)))
     except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError,
@@ -134,30 +134,40 @@ def _json_text(line: str, cut: bool, number: int) -> str:
 def _text_prefix(line: str, number: int) -> str:
     """The start of the "text" string of a JSON object cut short: the members before it must
     be whole, the string itself may be cut anywhere."""
-    members = json.JSONDecoder()
-    i = _skip_space(line, 0)
-    if line[i:i + 1] != "{":
+    if line[_skip_space(line, 0):][:1] != "{":
         raise ValueError(f"line {number} is not a JSON object")
-    i += 1
+    try:
+        start = _text_value_start(line)
+    except ValueError:  # a member before "text" runs past the part of the line kept
+        start = None
+    if start is None:
+        raise ValueError(f'line {number} has no "text" field in its first {len(line)} '
+                         "characters")
+    if line[start:start + 1] != '"':
+        raise ValueError(f'line {number}: "text" is not a string')
+    return _string_prefix(line[start + 1:])
+
+
+def _text_value_start(line: str) -> int | None:
+    """Where the value of the top-level "text" member starts; None if no such member."""
+    members = json.JSONDecoder()
+    i = _skip_space(line, 0) + 1  # past the "{"
     while True:
         i = _skip_space(line, i)
         if line[i:i + 1] != '"':
-            break
+            return None
         key, i = scanstring(line, i + 1)
         i = _skip_space(line, i)
         if line[i:i + 1] != ":":
-            break
+            return None
         i = _skip_space(line, i + 1)
         if key == "text":
-            if line[i:i + 1] != '"':
-                raise ValueError(f'line {number}: "text" is not a string')
-            return _string_prefix(line[i + 1:])
+            return i
         _, i = members.raw_decode(line, i)
         i = _skip_space(line, i)
         if line[i:i + 1] != ",":
-            break
+            return None
         i += 1
-    raise ValueError(f'line {number} has no "text" field in its first {len(line)} characters')
 
 
 def _skip_space(line: str, i: int) -> int:
