@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from hcconvert.cli import main
 from hcconvert.errors import UserError
-from hcconvert.writer import remove_tree
+from hcconvert.signals import Interrupted, signals_as_interrupts
+from hcconvert.writer import remove_tree, staged_outputs
 
 INDEX = "model.safetensors.index.json"
 CLI = [sys.executable, "-c", "from hcconvert.cli import main; main()"]
@@ -523,7 +524,10 @@ def test_two_runs_on_one_out(tmp_path, src, calib):
     Whatever the timing, at most one publishes; the other refuses in one line."""
     out = tmp_path / "out"
     runs = [cli(*convert_args(src, out, calib), cwd=tmp_path) for _ in range(2)]
-    results = [(run.communicate(timeout=180)[1], run.returncode)[::-1] for run in runs]
+    results = []
+    for run in runs:
+        _, stderr = run.communicate(timeout=180)
+        results.append((run.returncode, stderr))
     assert sorted(code for code, _ in results)[0] == 0, results
     for code, stderr in results:
         if code != 0:
@@ -555,6 +559,27 @@ def test_signal_cleans_up(tmp_path, src, signum):
     assert_one_error_line(process.returncode, stderr, f"interrupted by {name}", 128 + signum)
     assert sorted(os.listdir(tmp_path)) == ["calib.txt", "src"]
     assert tree_digest(src) == before
+
+
+def test_signal_while_publishing_is_held_until_the_output_is_whole(tmp_path, src, monkeypatch):
+    """A signal that lands between moving the old --out aside and moving the new one in is
+    acted on only once the new output is in place: never neither, never half."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous output")
+    replace = os.replace
+
+    def replace_then_signal(source, target):
+        replace(source, target)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted) as caught, signals_as_interrupts():
+        with staged_outputs([out], src, overwrite=True) as (staging,):
+            (staging / "new.txt").write_text("new output")
+            monkeypatch.setattr(os, "replace", replace_then_signal)
+    assert caught.value.published and caught.value.signum == signal.SIGTERM
+    assert os.listdir(out) == ["new.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["out", "src"]
 
 
 # --- bounded memory for calibration text ------------------------------------------------------
