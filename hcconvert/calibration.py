@@ -276,11 +276,15 @@ def text_tokens(path: Path, tokenizer: TextTokenizer, samples: int, seq_len: int
     return calibration_tokens(docs, tokenizer, samples, seq_len, seed)
 
 
+def embedding_rows(ckpt: Checkpoint) -> int | None:
+    """Rows of the checkpoint's embedding table (its vocabulary), from the header."""
+    embedding = ckpt.tensors.get(EMBEDDING)
+    return embedding.shape[0] if embedding is not None and embedding.shape else None
+
+
 def model_tokenizer(ckpt: Checkpoint) -> TextTokenizer:
     """The checkpoint's tokenizer, checked against its embedding table."""
-    embedding = ckpt.tensors.get(EMBEDDING)
-    rows = embedding.shape[0] if embedding is not None and embedding.shape else None
-    return TextTokenizer(ckpt.root, rows)
+    return TextTokenizer(ckpt.root, embedding_rows(ckpt))
 
 
 def load_calibration(ckpt: Checkpoint, calib: str | None, samples: int, seq_len: int,

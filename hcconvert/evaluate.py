@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .calibration import EMBEDDING, model_tokenizer, text_tokens
+from .calibration import embedding_rows, model_tokenizer, text_tokens
 from .convert import open_source, pick_device
 from .errors import UserError
 from .modeling import decoder_layer, final_logits, start_stream
@@ -95,7 +95,7 @@ def _check_compatible(a: Checkpoint, a_spec: ModelSpec, b: Checkpoint, b_spec: M
     if (a_spec.num_layers, a_spec.hidden) != (b_spec.num_layers, b_spec.hidden):
         raise UserError("the two models differ in depth or width: not an original and its "
                         "reduction")
-    rows = [ckpt.tensors[EMBEDDING].shape[0] for ckpt in (a, b)]
+    rows = [embedding_rows(ckpt) for ckpt in (a, b)]
     if rows[0] != rows[1]:
         raise UserError(f"the two models have different vocabularies ({rows[0]} and {rows[1]} "
                         "embedding rows): not an original and its reduction")

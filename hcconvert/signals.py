@@ -47,7 +47,10 @@ def signals_as_interrupts() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread may set handlers; its handlers stay as they are
         return
-    previous = {signum: signal.signal(signum, _interrupt) for signum in TERMINATING}
+    # A signal the caller ignores stays ignored: `nohup` ignores SIGHUP so that the run
+    # outlives its terminal, and a shell's background job ignores SIGINT.
+    previous = {signum: signal.signal(signum, _interrupt) for signum in TERMINATING
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -131,7 +131,7 @@ def read_shard_header(path: Path) -> dict[str, TensorInfo]:
 
 def _tensor_entry(shard: str, name: str, entry: object) -> TensorInfo:
     """One header entry, checked: dtype, shape and offsets that agree with each other."""
-    where = f"tensor {name} in {shard}"
+    where = f"tensor {name[:200]} in {shard}"
     if not isinstance(entry, dict):
         raise UserError(f"{where}: header entry is not a JSON object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")

@@ -21,6 +21,7 @@ from conftest import save_tiny_mixtral, tree_digest
 from safetensors.torch import load_file, save_file
 
 from hcconvert.cli import main
+from hcconvert.demo import data_file
 from hcconvert.errors import UserError
 from hcconvert.signals import Interrupted, signals_as_interrupts
 from hcconvert.writer import remove_tree, staged_outputs
@@ -539,6 +540,15 @@ def test_two_runs_on_one_out(tmp_path, src, calib):
 
 # --- signals ----------------------------------------------------------------------------------
 
+def wait_for_staging(process: subprocess.Popen, workspace: Path) -> None:
+    """Until the run is under way: it holds the lock and has made its staging directory."""
+    deadline = time.monotonic() + 120
+    while not list(workspace.glob(".out.hcconvert-tmp-*")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_signal_cleans_up(tmp_path, src, signum):
     """The run is held under way (lock taken, staging made, reading calibration text from a
@@ -547,11 +557,7 @@ def test_signal_cleans_up(tmp_path, src, signum):
     os.mkfifo(calib)
     before = tree_digest(src)
     process = cli(*convert_args(src, tmp_path / "out", calib), cwd=tmp_path)
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".out.hcconvert-tmp-*")):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_staging(process, tmp_path)
     assert lock_path(tmp_path / "out").exists()
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
@@ -559,6 +565,21 @@ def test_signal_cleans_up(tmp_path, src, signum):
     assert_one_error_line(process.returncode, stderr, f"interrupted by {name}", 128 + signum)
     assert sorted(os.listdir(tmp_path)) == ["calib.txt", "src"]
     assert tree_digest(src) == before
+
+
+def test_ignored_hangup_stays_ignored(tmp_path, src):
+    """Under nohup (SIGHUP ignored) a hangup must not stop the run."""
+    calib = tmp_path / "calib.txt"
+    os.mkfifo(calib)
+    process = cli(*convert_args(src, tmp_path / "out", calib), cwd=tmp_path,
+                  preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup
+    wait_for_staging(process, tmp_path)
+    process.send_signal(signal.SIGHUP)
+    with open(calib, "w") as writer:  # let the run go on: it must still be alive to read
+        writer.write(Path(data_file("demo_calib.txt")).read_text())
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert sorted(os.listdir(tmp_path)) == ["calib.txt", "out", "src"]
 
 
 def test_signal_while_publishing_is_held_until_the_output_is_whole(tmp_path, src, monkeypatch):
