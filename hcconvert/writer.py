@@ -189,12 +189,14 @@ class StagedOutput:
         return self.staging
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        published = False
         with held_signals() as received:
             try:
                 if exc_type is None:
                     self._publish()
+                    published = True
             finally:
-                self._clean_up(published=exc_type is None)
+                self._clean_up(published)
         if received and exc_type is None:
             raise Interrupted(received[0], published=True)
 
