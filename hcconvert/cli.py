@@ -8,6 +8,7 @@ code 2.
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +30,7 @@ from .options import (
     ConvertOptions,
 )
 from .resources import human_bytes, peak_gpu_bytes, peak_rss_bytes
+from .signals import Interrupted, signals_as_interrupts
 
 
 class DefaultToConvert(click.Group):
@@ -47,21 +49,26 @@ class DefaultToConvert(click.Group):
             fail(err.format_message())
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = 2) -> None:
     click.echo(f"hcconvert: error: {message}", err=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def run_guarded(action):
-    """Run action(); a UserError becomes one line on stderr and exit code 2."""
+    """Run action(); a UserError becomes one line on stderr and exit code 2. SIGINT, SIGTERM
+    and SIGHUP unwind the same way (staging removed, lock released) and exit 128 + signal."""
     try:
-        return action()
+        with signals_as_interrupts():
+            return action()
     except UserError as err:
         fail(str(err))
     except OSError as err:  # a full disk, an unwritable --out: after cleanup, one line
         fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
-    except KeyboardInterrupt:
-        fail("interrupted; nothing was written")
+    except KeyboardInterrupt as err:
+        interrupt = err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT)
+        outcome = ("after the output was published" if interrupt.published
+                   else "nothing was published")
+        fail(f"interrupted by {interrupt.name}; {outcome}", 128 + interrupt.signum)
 
 
 def parse_size(text: str) -> int:

@@ -12,7 +12,6 @@ T tokens, H hidden, E experts, R groups.
 from __future__ import annotations
 
 import functools
-import shutil
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -35,7 +34,7 @@ from .source import Checkpoint, resolve_source
 from .spec import ModelSpec
 from .statistics import collect_layer_stats
 from .streaming import BackgroundWriter, prefetched_layers
-from .writer import ShardWriter, check_output_dir, copy_side_files, publish, staging_dir
+from .writer import ShardWriter, check_output_dir, copy_side_files, staged_outputs
 
 __all__ = ["Conversion", "LayerResult", "LayerPipeline", "convert", "convert_many"]
 
@@ -73,20 +72,13 @@ def convert_many(src: str, outputs: list[tuple[Path, ConvertOptions]], overwrite
     conversions = [prepare_output(src, ckpt, spec, out, options, overwrite)
                    for out, options in outputs]
     device = pick_device(first.device)
-    tokens = load_calibration(ckpt.root, first.calib, first.calib_samples, first.seq_len,
-                              first.seed)
-    stagings = [staging_dir(out) for out, _ in outputs]
-    try:
+    with staged_outputs([out for out, _ in outputs], ckpt.root, overwrite) as stagings:
+        tokens = load_calibration(ckpt, first.calib, first.calib_samples, first.seq_len,
+                                  first.seed)
         reducers = run_pass(ckpt, spec, device, tokens, conversions, outputs, stagings, progress)
         for reducer, staging in zip(reducers, stagings, strict=True):
             copy_side_files(ckpt.root, staging)
             write_metadata(staging, ckpt, reducer.conversion, reducer.options)
-        for staging, (out, _) in zip(stagings, outputs, strict=True):
-            publish(staging, out)
-    except BaseException:
-        for staging in stagings:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
     return conversions
 
 

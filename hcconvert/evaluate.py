@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .calibration import TextTokenizer, calibration_tokens, read_documents
+from .calibration import embedding_rows, model_tokenizer, text_tokens
 from .convert import open_source, pick_device
 from .decoder import HiddenStream, compute_dtype
 from .errors import UserError
 from .experts import RoutedExperts
+from .plan import validate_tensors
 from .source import Checkpoint
 from .spec import ModelSpec
 
@@ -77,12 +78,14 @@ def evaluate_many(original: str, reduced: list[str], text: Path, seq_len: int = 
     once, beside all of them."""
     torch_device = pick_device(device)
     ckpt, spec = open_source(original)
-    tokens = calibration_tokens(read_documents(text), TextTokenizer(ckpt.root), samples,
-                                seq_len, seed=0)
+    others = [open_source(src) for src in reduced]
+    for other, other_spec in others:
+        _check_compatible(ckpt, spec, other, other_spec)
+    tokens = text_tokens(text, model_tokenizer(ckpt), samples, seq_len, seed=0)
+    if tokens.shape[1] < 2:
+        raise UserError(f"{text} gives {tokens.shape[1]} token: nothing to predict")
     reference = StreamedModel(ckpt, spec, tokens, torch_device)
-    models = [StreamedModel(*open_source(src), tokens, torch_device) for src in reduced]
-    for model in models:
-        _check_compatible(reference.spec, model.spec)
+    models = [StreamedModel(*other, tokens, torch_device) for other in others]
     for layer in tqdm(range(reference.spec.num_layers), desc="eval", disable=not progress,
                       file=sys.stderr):
         for model in (reference, *models):
@@ -92,10 +95,18 @@ def evaluate_many(original: str, reduced: list[str], text: Path, seq_len: int = 
     return _score(reference, models, tokens)
 
 
-def _check_compatible(a: ModelSpec, b: ModelSpec) -> None:
-    if (a.num_layers, a.hidden) != (b.num_layers, b.hidden):
+def _check_compatible(a: Checkpoint, a_spec: ModelSpec, b: Checkpoint, b_spec: ModelSpec) -> None:
+    """Before any weight is read: both models must hold every tensor the forward reads, and
+    share depth, width and vocabulary (the same token ids go into both)."""
+    for ckpt, spec in ((a, a_spec), (b, b_spec)):
+        validate_tensors(ckpt, spec)
+    if (a_spec.num_layers, a_spec.hidden) != (b_spec.num_layers, b_spec.hidden):
         raise UserError("the two models differ in depth or width: not an original and its "
                         "reduction")
+    rows = [embedding_rows(ckpt) for ckpt in (a, b)]
+    if rows[0] != rows[1]:
+        raise UserError(f"the two models have different vocabularies ({rows[0]} and {rows[1]} "
+                        "embedding rows): not an original and its reduction")
 
 
 def _score(reference: StreamedModel, models: list[StreamedModel],

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .config_checks import check_config
 from .errors import UserError, first_line
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -25,6 +26,8 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "chat_template.jinja", "chat_template.json")
 # What a conversion needs from a Hub repo besides the shards.
 HUB_SIDE_FILES = ["config.json", *SIDE_FILES, INDEX_FILE]
+# safetensors refuses headers above 100 MB: so do we, before reading one into memory.
+MAX_HEADER_BYTES = 100_000_000
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -98,27 +101,81 @@ def _read_index_map(path: Path) -> dict[str, str]:
 
 
 def read_shard_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header and check that the file holds every byte it promises."""
+    """Parse a safetensors header and check it the way safetensors will when the shard is
+    opened: every entry a known dtype, a shape of non-negative integers and offsets holding
+    exactly its bytes, the tensors packed end to end, and the file exactly that long."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError("header longer than file")
+            if header_len > min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"header of {header_len} bytes in a {size}-byte file")
             header = json.loads(f.read(header_len))
-    except (OSError, ValueError, struct.error) as err:
-        raise UserError(f"shard {path.name} is unreadable or truncated ({err})") from None
-    header.pop("__metadata__", None)
-    for name, entry in header.items():
-        if entry.get("dtype") not in DTYPE_BYTES:
-            raise UserError(f"tensor {name} in {path.name} has dtype {entry.get('dtype')!r}, "
-                            f"which hcconvert does not handle")
-    data_end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + header_len + data_end > size:
-        raise UserError(f"shard {path.name} is truncated: {size} bytes, header promises "
+    except (OSError, ValueError, RecursionError, struct.error) as err:
+        raise UserError(f"shard {path.name} is unreadable or truncated "
+                        f"({first_line(err)})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"shard {path.name}: its header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise UserError(f"shard {path.name}: __metadata__ is not a JSON object")
+    tensors = {name: _tensor_entry(path.name, name, entry) for name, entry in header.items()}
+    data_end = _check_packed(path.name, {name: header[name]["data_offsets"] for name in tensors})
+    if 8 + header_len + data_end != size:
+        problem = "truncated" if 8 + header_len + data_end > size else "longer than its header says"
+        raise UserError(f"shard {path.name} is {problem}: {size} bytes, header promises "
                         f"{8 + header_len + data_end}")
-    return {name: TensorInfo(path.name, v["dtype"], tuple(v["shape"]))
-            for name, v in header.items()}
+    return tensors
+
+
+def _tensor_entry(shard: str, name: str, entry: object) -> TensorInfo:
+    """One header entry, checked: dtype, shape and offsets that agree with each other."""
+    where = f"tensor {name[:200]} in {shard}"
+    if not isinstance(entry, dict):
+        raise UserError(f"{where}: header entry is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise UserError(f"{where} has dtype {dtype!r}, which hcconvert does not handle")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise UserError(f"{where}: shape {str(shape)[:60]} is not a list of non-negative "
+                        "integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+            and offsets[0] <= offsets[1]):
+        raise UserError(f"{where}: data_offsets {str(offsets)[:60]} is not a [begin, end] "
+                        "pair of byte positions")
+    info = TensorInfo(shard, dtype, tuple(shape))
+    if offsets[1] - offsets[0] != info.nbytes:
+        raise UserError(f"{where}: {dtype}{shape} needs {info.nbytes} bytes, its offsets hold "
+                        f"{offsets[1] - offsets[0]}")
+    return info
+
+
+def _check_packed(shard: str, offsets: dict[str, list[int]]) -> int:
+    """Tensors must tile the data section from byte 0 without gaps or overlaps (safetensors
+    refuses the file otherwise); return where the data ends."""
+    end = 0
+    for name, (begin, stop) in sorted(offsets.items(), key=lambda item: tuple(item[1])):
+        if begin != end:
+            fault = "overlaps the tensor before it" if begin < end else "leaves a gap before it"
+            raise UserError(f"tensor {name} in {shard}: data_offsets [{begin}, {stop}] {fault}")
+        end = stop
+    return end
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN or Inf in a weight as it is read, naming it: otherwise it spreads through
+    the calibration states and fails, or is published, far from its cause."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            continue
+        if tensor.element_size() == 1:  # torch has no isfinite for float8; float16 holds it
+            tensor = tensor.to(torch.float16)
+        if not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"tensor {name} holds NaN or infinite values")
 
 
 class Checkpoint:
@@ -134,9 +191,11 @@ class Checkpoint:
         if not path.is_file():
             raise UserError(f"{self.root} has no config.json")
         try:
-            return json.loads(path.read_text())
-        except ValueError as err:
-            raise UserError(f"{path} is not valid JSON: {err}") from None
+            config = json.loads(path.read_text())
+        except (ValueError, RecursionError) as err:
+            raise UserError(f"{path} is not valid JSON: {first_line(err)}") from None
+        check_config(config)
+        return config
 
     def _read_index(self) -> dict[str, TensorInfo]:
         index = self.root / INDEX_FILE
@@ -172,6 +231,7 @@ class Checkpoint:
         for shard, members in by_shard.items():
             with safe_open(str(self.root / shard), framework="pt") as handle:
                 tensors.update({name: handle.get_tensor(name) for name in members})
+        check_finite(tensors)
         return tensors
 
     def get(self, name: str) -> torch.Tensor:

@@ -7,16 +7,22 @@ writer holds one tensor at a time, never a whole shard.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .signals import Interrupted, held_signals
 from .source import SIDE_FILES, tensor_nbytes
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -24,6 +30,11 @@ TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
                 "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 SAFETENSORS_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+# What hcconvert puts beside --out: ".NAME" + tag (+ tempfile's random suffix on the first two).
+STAGING_TAG = ".hcconvert-tmp-"
+PREVIOUS_TAG = ".hcconvert-old-"
+LOCK_TAG = ".hcconvert-lock"
+TEMP_SUFFIX_CHARS = 8
 
 
 @dataclass(frozen=True)
@@ -121,8 +132,11 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def check_output_dir(out: Path, src: Path, overwrite: bool) -> None:
-    """Refuse an --out that is SRC, inside it or holding it, or the working directory or one
-    above it (--overwrite replaces --out whole), or one that holds files (unless --overwrite)."""
+    """Refuse an --out that is a symbolic link, SRC, inside it or holding it, or the working
+    directory or one above it (--overwrite replaces --out whole), or one that holds files
+    (unless --overwrite)."""
+    if out.is_symlink():
+        raise UserError(f"--out {out} is a symbolic link; name the directory itself")
     out_abs, src_abs, cwd = out.resolve(), src.resolve(), Path.cwd().resolve()
     if out_abs == src_abs or src_abs in out_abs.parents:
         raise UserError(f"--out {out} is the source directory or inside it")
@@ -136,27 +150,153 @@ def check_output_dir(out: Path, src: Path, overwrite: bool) -> None:
         raise UserError(f"--out {out} is not empty (pass --overwrite to replace it)")
 
 
-def staging_dir(out: Path) -> Path:
-    """A fresh temporary directory beside --out; the output only appears on success."""
-    staging = out.parent / f".{out.name}.hcconvert-tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    return staging
+@contextmanager
+def staged_outputs(outs: list[Path], src: Path, overwrite: bool) -> Iterator[list[Path]]:
+    """Private staging directories for the outputs, each --out locked for the whole block.
+
+    On a clean exit each staging directory replaces its --out; on any exception (a signal
+    included) the staging directories, the locks and the parent directories this run created
+    are removed, and every --out is left as it was.
+    """
+    with ExitStack() as stack:
+        yield [stack.enter_context(StagedOutput(out, src, overwrite)) for out in outs]
 
 
-def publish(staging: Path, out: Path) -> None:
-    """Move the finished staging directory into place. An old --out is moved aside first and
-    deleted only once the new one is in place, so a crash never leaves neither."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    previous = out.parent / f".{out.name}.hcconvert-old"
-    if previous.exists():
-        shutil.rmtree(previous)
-    os.replace(out, previous)
-    os.replace(staging, out)
-    shutil.rmtree(previous)
+class StagedOutput:
+    """One --out: an exclusive lock beside it, a staging directory of this run's own beside
+    it, published by rename on success (see staged_outputs)."""
+
+    def __init__(self, out: Path, src: Path, overwrite: bool):
+        self.out = Path(os.path.abspath(out))  # "a/.." names its parent: no dot-dot names
+        self.src = src.resolve()
+        self.overwrite = overwrite
+        self.staging: Path | None = None
+        self._created: list[Path] = []
+        self._lock: OutputLock | None = None
+
+    def __enter__(self) -> Path:
+        check_output_dir(self.out, self.src, self.overwrite)
+        check_name_length(self.out)
+        try:
+            self._created = make_parents(self.out.parent)
+            self._lock = OutputLock(self.out)
+            check_output_dir(self.out, self.src, self.overwrite)  # again, now that it is ours
+            self.staging = Path(tempfile.mkdtemp(prefix=hidden_name(self.out, STAGING_TAG),
+                                                 dir=self.out.parent))
+        except BaseException:
+            self._clean_up(published=False)
+            raise
+        return self.staging
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        published = False
+        with held_signals() as received:
+            try:
+                if exc_type is None:
+                    self._publish()
+                    published = True
+            finally:
+                self._clean_up(published)
+        if received and exc_type is None:
+            raise Interrupted(received[0], published=True)
+
+    def _publish(self) -> None:
+        """Move staging into place. An old --out is moved aside first and deleted only once
+        the new one is in place, so a crash never leaves neither."""
+        if not self.out.exists():
+            os.replace(self.staging, self.out)
+            return
+        previous = Path(tempfile.mkdtemp(prefix=hidden_name(self.out, PREVIOUS_TAG),
+                                         dir=self.out.parent))
+        os.replace(self.out, previous)  # onto the empty directory mkdtemp made
+        try:
+            os.replace(self.staging, self.out)
+        except BaseException:
+            os.replace(previous, self.out)
+            raise
+        remove_tree(previous, self.src)
+
+    def _clean_up(self, published: bool) -> None:
+        if self.staging is not None and self.staging.exists():
+            remove_tree(self.staging, self.src)
+        if self._lock is not None:
+            self._lock.release()
+        if not published:
+            for directory in self._created:  # deepest first; one another run filled stays
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+
+
+def hidden_name(out: Path, tag: str) -> str:
+    return f".{out.name}{tag}"
+
+
+def check_name_length(out: Path) -> None:
+    """The names hcconvert puts beside --out (staging, old output, lock) must fit the file
+    system's name limit, or the run would fail only once the work is done."""
+    longest = max(len(os.fsencode(hidden_name(out, tag)))
+                  for tag in (STAGING_TAG, PREVIOUS_TAG)) + TEMP_SUFFIX_CHARS
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if longest > limit:
+        raise UserError(f"--out name is too long: hcconvert writes {longest}-byte names beside "
+                        f"it and the file system allows {limit}; use a shorter name")
+
+
+def make_parents(directory: Path) -> list[Path]:
+    """Create directory and its missing ancestors; return those created, deepest first."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir()
+    return missing
+
+
+def remove_tree(path: Path, src: Path) -> None:
+    """rmtree, refusing any path that is SRC, inside it or holds it (whatever its name)."""
+    target = path.resolve()
+    if target == src or src in target.parents or target in src.parents:
+        raise UserError(f"refusing to remove {path}: it is or holds the source directory")
+    shutil.rmtree(target)
+
+
+class OutputLock:
+    """An exclusive flock on a file beside --out, held for the whole run; the kernel drops it
+    if the process dies, so a killed run never blocks the next one."""
+
+    def __init__(self, out: Path):
+        self.path = out.parent / hidden_name(out, LOCK_TAG)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(f"--out {out} is in use by another hcconvert run (it holds "
+                                f"{self.path}); wait for it to finish or choose another "
+                                "--out") from None
+            if self._still_named(fd):
+                self.fd = fd
+                return
+            os.close(fd)  # the last holder removed the file after we opened it: start over
+
+    def _still_named(self, fd: int) -> bool:
+        try:
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        # Remove the name before unlocking, so a run waiting on this file starts over on a
+        # new one (see _still_named) instead of sharing a lock nobody else can see.
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self.fd)
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

@@ -323,6 +323,7 @@ def test_recorded_frequencies_equal_transformers_router(tmp_path, calib_text, na
     from transformers import AutoModelForCausalLM
 
     from hcconvert.calibration import load_calibration
+    from hcconvert.source import Checkpoint
 
     case = CASES[name]
     src = save_family_model(case, tmp_path / "src")
@@ -330,8 +331,8 @@ def test_recorded_frequencies_equal_transformers_router(tmp_path, calib_text, na
                              seq_len=48)
     convert(str(src), tmp_path / "out", options, progress=False)
     record = json.loads((tmp_path / "out" / "hcconvert.json").read_text())
-    tokens = load_calibration(src, options.calib, options.calib_samples, options.seq_len,
-                              options.seed)
+    tokens = load_calibration(Checkpoint(src), options.calib, options.calib_samples,
+                              options.seq_len, options.seed)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     picks = {}
     for entry in record["layers"]:
