@@ -169,6 +169,7 @@ class LayerPipeline:
         for reducer in self.reducers:
             for stage, seconds in self.timer.seconds.items():
                 reducer.timer.seconds[stage] += seconds
+            reducer.conversion.shared_seconds = sum(self.timer.seconds.values())
 
     def layer(self, layer: int, raw: dict, hidden: torch.Tensor, rope,
               background: BackgroundWriter) -> torch.Tensor:

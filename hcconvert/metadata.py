@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 # The options that shape the result (not where or how it is written), in CLI order.
 REDUCTION_FIELDS = ("calib", "calib_samples", "seq_len", "seed", "method", "metric", "grouping",
-                    "linkage", "max_group_size", "merge", "prune_by", "router", "propagate")
+                    "linkage", "max_group_size", "merge", "prune_by", "router", "propagate",
+                    "layer_fit")
 
 
 def reduced_config(config: dict, family: Family, experts: int, top_k: int) -> dict:
@@ -53,8 +54,10 @@ def write_metadata(directory: Path, ckpt: Checkpoint, conversion: Conversion,
     config = reduced_config(ckpt.config, plan.spec.family, plan.experts_out, plan.top_k_out)
     write_json(directory / "config.json", config)
     layers = [{"layer": r.layer, "groups": r.groups, "frequencies": r.counts,
-               "router_logit_mean": r.logit_mean,
-               "tokens": r.tokens} for r in conversion.layers]
+               "router_logit_mean": r.logit_mean, "tokens": r.tokens,
+               # What --method auto chose and the fit's held-out errors, where they apply.
+               **({"choice": r.choice} if r.choice else {}),
+               **({"layer_fit": r.fit} if r.fit else {})} for r in conversion.layers]
     write_json(directory / "hcconvert.json", {
         "source": conversion.source,
         "method": options.method,

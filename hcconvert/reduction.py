@@ -8,6 +8,8 @@ E experts, R groups.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,11 +18,13 @@ import torch
 
 from .alignment import NeuronMatcher
 from .clustering import group_experts
+from .layerfit import FitReport, Route, fit_layer, layer_output
 from .merging import merge_experts
-from .modeling import Experts
-from .options import ConvertOptions
+from .modeling import Experts, route
+from .options import AUTO_CANDIDATES, NAMED_METHODS, ConvertOptions
 from .plan import Plan
 from .pruning import prune_groups, prune_scores
+from .ream import ream_groups
 from .resources import StageTimer
 from .router import reduce_router
 from .statistics import LayerStats, group_logsumexp_gram
@@ -34,6 +38,8 @@ class LayerResult:
     counts: list[float]  # top-k selections per original expert
     logit_mean: list[float]  # mean router logit per original expert
     tokens: int
+    choice: str | None = None  # with --method auto: the candidate this layer kept
+    fit: dict | None = None  # with layer_fit: held-out layer-output errors (FitReport)
 
 
 @dataclass
@@ -45,6 +51,46 @@ class Conversion:
     plan: Plan
     layers: list[LayerResult] = field(default_factory=list)
     timer: StageTimer = field(default_factory=StageTimer)
+    shared_seconds: float = 0.0  # of timer's: the pass shared with other outputs (compare)
+
+
+@dataclass
+class Reduced:
+    """One candidate reduction of a layer."""
+
+    groups: list[list[int]]
+    router: torch.Tensor  # [R, H]
+    experts: Experts
+    fit: FitReport | None = None
+
+
+def _needs(options: ConvertOptions) -> frozenset[str]:
+    """The optional layer statistics one reduction reads (statistics.OPTIONAL_STATS)."""
+    if options.method == "prune":
+        return frozenset({"saliency"} if options.prune_by == "output" else ())
+    if options.method == "ream":
+        return frozenset({"saliency", "output", "router-logits"})
+    # Random grouping never looks at the features.
+    return frozenset() if options.grouping == "random" else frozenset({options.metric})
+
+
+def group_slice(options: ConvertOptions, layer: int, stats: LayerStats, members: slice,
+                keep: int) -> list[list[int]]:
+    """Groups of the experts in members (indices local to the slice)."""
+    counts = stats.counts[members]
+    if options.method == "prune":
+        return prune_groups(prune_scores(stats, options.prune_by)[members], keep)
+    if options.method == "ream":
+        return ream_groups(stats.saliency[members], stats.output_mean[members],
+                           stats.router_features[members], keep)
+    if options.grouping == "random":
+        features = np.zeros((len(counts), 1))  # random grouping ignores them
+    else:
+        features = stats.features(options.metric)[members].double().numpy()
+    # A seed per layer: one seed for all would draw the same random partition in every layer.
+    return group_experts(features, counts.numpy(), keep, grouping=options.grouping,
+                         linkage=options.linkage, max_group_size=options.max_group_size,
+                         seed=options.seed + layer)
 
 
 class Reducer:
@@ -57,11 +103,16 @@ class Reducer:
     @property
     def needs(self) -> frozenset[str]:
         """The optional layer statistics this reduction reads (statistics.OPTIONAL_STATS)."""
-        options = self.options
-        if options.method == "prune":
-            return frozenset({"saliency"} if options.prune_by == "output" else ())
-        # Random grouping never looks at the features.
-        return frozenset() if options.grouping == "random" else frozenset({options.metric})
+        return frozenset().union(*(_needs(options) for options in self.candidates().values()))
+
+    def candidates(self) -> dict[str, ConvertOptions]:
+        """The reductions tried per layer: with --method auto every AUTO_CANDIDATES entry,
+        layer-fitted; otherwise just this output's."""
+        if self.options.method != "auto":
+            return {self.options.method: self.options}
+        return {name: dataclasses.replace(self.options, **{"method": "merge", "layer_fit": True,
+                                                           **NAMED_METHODS[name]})
+                for name in AUTO_CANDIDATES}
 
     def write_globals(self, tensors: dict[str, torch.Tensor]) -> None:
         """The tensors outside the decoder layers, copied as stored."""
@@ -75,47 +126,62 @@ class Reducer:
         to write (by full name, on the CPU)."""
         with self.timer.stage("compute"):
             router = w[self.spec.family.router]
-            groups = self.choose_groups(stats)
-            merged = merge_experts(experts, groups, stats.counts, self.options.merge, matcher)
-            gram, cross = self.router_gram(x, router, groups)
-            new_router = reduce_router(router, groups, stats.counts, self.options.router,
-                                       gram, cross)
+            candidates = self.candidates()
+            target = (layer_output(x, router, experts, self.route_for(len(experts)))
+                      if any(o.layer_fit for o in candidates.values()) else None)
+            best, choice = None, None
+            for name, options in candidates.items():
+                reduced = self.reduce_with(options, layer, experts, x, router, target, stats,
+                                           matcher)
+                if best is None or reduced.fit.error < best.fit.error:
+                    best, choice = reduced, name  # only the best so far stays in memory
             self.conversion.layers.append(
-                LayerResult(layer, groups, stats.counts.tolist(), stats.logit_mean.tolist(),
-                            stats.tokens))
+                LayerResult(layer, best.groups, stats.counts.tolist(),
+                            stats.logit_mean.tolist(), stats.tokens,
+                            choice if len(candidates) > 1 else None,
+                            best.fit.to_json() if best.fit else None))
             produced = {name: t.to("cpu") for name, t in
-                        self.merged_tensors(layer, new_router, merged).items()}
-        return new_router, merged, produced
+                        self.merged_tensors(layer, best.router, best.experts).items()}
+        return best.router, best.experts, produced
 
-    def router_gram(self, x: torch.Tensor, router: torch.Tensor, groups: list[list[int]]):
+    def reduce_with(self, options: ConvertOptions, layer: int, experts: Experts,
+                    x: torch.Tensor, router: torch.Tensor, target: torch.Tensor | None,
+                    stats: LayerStats, matcher: NeuronMatcher) -> Reduced:
+        """One candidate reduction of the layer: groups, merged experts, router, and with
+        layer_fit the down projections refitted to the original layer's output target."""
+        groups = self.choose_groups(options, layer, stats)
+        # REAM merges by saliency: its leader is the most salient member.
+        weights = stats.saliency if options.method == "ream" else stats.counts
+        merged = merge_experts(experts, groups, weights, options.merge, matcher)
+        gram, cross = self.router_gram(options, x, router, groups)
+        new_router = reduce_router(router, groups, stats.counts, options.router, gram, cross)
+        if not options.layer_fit:
+            return Reduced(groups, new_router, merged)
+        fitted, report = fit_layer(x, target, new_router, merged, self.route_for(len(groups)))
+        return Reduced(groups, new_router, fitted, report)
+
+    def route_for(self, count: int) -> Route:
+        """The family's routing rule for a layer of count experts, as layerfit takes it."""
+        return functools.partial(route, routing=self.spec.routing.for_experts(count))
+
+    def router_gram(self, options: ConvertOptions, x: torch.Tensor, router: torch.Tensor,
+                    groups: list[list[int]]):
         """lse-fit's normal equations; not needed when every group is a single expert."""
-        if self.options.router != "lse-fit" or all(len(g) == 1 for g in groups):
+        if options.router != "lse-fit" or all(len(g) == 1 for g in groups):
             return None, None
         return group_logsumexp_gram(x, router, groups)
 
-    def choose_groups(self, stats: LayerStats) -> list[list[int]]:
+    def choose_groups(self, options: ConvertOptions, layer: int,
+                      stats: LayerStats) -> list[list[int]]:
         """The expert groups. Under group-limited routing each routing group of experts is
         reduced on its own, to R/n_group experts, so every merged expert stays in its group."""
         size = self.spec.num_experts // self.spec.routing.groups
-        keep = self.options.experts // self.spec.routing.groups
+        keep = options.experts // self.spec.routing.groups
         groups = []
         for start in range(0, self.spec.num_experts, size):
-            local = self.group_slice(stats, slice(start, start + size), keep)
+            local = group_slice(options, layer, stats, slice(start, start + size), keep)
             groups += [[start + e for e in group] for group in local]
         return groups
-
-    def group_slice(self, stats: LayerStats, members: slice, keep: int) -> list[list[int]]:
-        options = self.options
-        counts = stats.counts[members]
-        if options.method == "prune":
-            return prune_groups(prune_scores(stats, options.prune_by)[members], keep)
-        if options.grouping == "random":
-            features = np.zeros((len(counts), 1))  # random grouping ignores them
-        else:
-            features = stats.features(options.metric)[members].double().numpy()
-        return group_experts(features, counts.numpy(), keep, grouping=options.grouping,
-                             linkage=options.linkage, max_group_size=options.max_group_size,
-                             seed=options.seed)
 
     def merged_tensors(self, layer: int, router: torch.Tensor, merged: Experts) -> dict:
         """Reduced router and experts by full name, in the source's expert layout."""

@@ -2,7 +2,6 @@
 alignment and the least-squares merge are exact where they must be, O-prune keeps the largest
 routed contribution, and every named method writes a checkpoint transformers loads."""
 
-import dataclasses
 import json
 
 import pytest
@@ -13,6 +12,7 @@ from test_cli import assert_user_error, convert_args, run
 from test_convert import EXPERT, ROUTER
 
 from hcconvert.alignment import NeuronMatcher, aligned_members
+from hcconvert.compare import named_variants, shared_passes
 from hcconvert.convert import convert, convert_many
 from hcconvert.demo import DemoShape, build_planted_mixtral, data_file
 from hcconvert.features import router_logit_features, weight_features
@@ -36,10 +36,13 @@ def planted(tmp_path_factory):
     groups = build_planted_mixtral(root / "src", SHAPE)
     base = ConvertOptions(experts=4, calib=str(data_file("demo_calib.txt")), calib_samples=4,
                           seq_len=128)
-    outputs = [(root / name, dataclasses.replace(base, **overrides))
-               for name, overrides in NAMED_METHODS.items()]
-    conversions = convert_many(str(root / "src"), outputs, progress=False)
-    return root, groups, dict(zip(NAMED_METHODS, conversions, strict=True))
+    variants = named_variants(list(NAMED_METHODS), base)
+    conversions = {}
+    for labels in shared_passes(variants):  # REAM propagates merged outputs: a pass of its own
+        done = convert_many(str(root / "src"), [(root / name, variants[name]) for name in labels],
+                            progress=False)
+        conversions.update(zip(labels, done, strict=True))
+    return root, groups, conversions
 
 
 @pytest.mark.parametrize("method", SIMILARITY_METHODS)
