@@ -12,9 +12,10 @@ from conftest import load_all, save_tiny_mixtral
 from test_cli import assert_user_error, run
 
 import hcconvert.convert
-from hcconvert.compare import compare, named_variants, shared_passes
+from hcconvert.compare import compare, named_variants, planned_bytes, shared_passes
 from hcconvert.convert import convert, convert_many
 from hcconvert.evaluate import evaluate, evaluate_many
+from hcconvert.greedy import CONTINUATION_TOKENS, matched_lengths
 from hcconvert.options import ConvertOptions
 
 SMALL = dict(calib_samples=2, seq_len=32)
@@ -106,3 +107,30 @@ def test_evaluate_many_equals_one_at_a_time(tmp_path, calib_text, eval_text):
              for out in outs]
     assert together == alone
     assert together[0].kl > together[1].kl > 0  # fewer experts, further from the original
+
+
+def test_planned_disk_is_what_the_outputs_take_and_own_minutes_exclude_the_shared_pass(
+        tmp_path, src, calib_text, eval_text):
+    variants = named_variants(["f-prune", "o-prune"], ConvertOptions(
+        experts=2, calib=str(calib_text), **SMALL))
+    planned = planned_bytes(str(src), variants)
+    results = compare(str(src), variants, eval_text, tmp_path / "runs", seq_len=32, samples=2)
+    written = sum(path.stat().st_size for path in (tmp_path / "runs").rglob("*.safetensors"))
+    assert 0.95 * written < planned <= written  # shards add only their small headers
+    for result in results:
+        assert 0 < result.shared_minutes < result.convert_minutes
+        assert result.own_minutes == pytest.approx(result.convert_minutes - result.shared_minutes)
+
+
+def test_a_model_agrees_with_itself_at_every_position_and_every_greedy_token(src, eval_text):
+    (fidelity,) = evaluate_many(str(src), [str(src)], eval_text, seq_len=32, samples=2, progress=False)
+    assert fidelity.kl == pytest.approx(0, abs=1e-6)
+    assert fidelity.top1_agreement == 1.0
+    assert fidelity.greedy_match == CONTINUATION_TOKENS
+
+
+def test_matched_length_counts_only_the_leading_run():
+    continued = torch.tensor([[5, 1, 2, 3, 4]])  # one prompt token, then 4 generated
+    guesses = torch.tensor([1, 2, 0, 4, 9])  # right, right, wrong, right (after a miss)
+    log_probs = torch.nn.functional.one_hot(guesses, 10).float()[None].log()
+    assert matched_lengths(log_probs, continued, steps=4).tolist() == [2]
