@@ -42,10 +42,17 @@ def command_line(source: str, options: ConvertOptions, out: Path) -> str:
     """The command that repeats the reduction: the reduction options that differ from the
     defaults are spelled out."""
     defaults = ConvertOptions(options.experts)
-    extra = "".join(f" --{name.replace('_', '-')} {getattr(options, name)}"
-                    for name in REDUCTION_FIELDS
+    extra = "".join(_flag(name, getattr(options, name)) for name in REDUCTION_FIELDS
                     if getattr(options, name) != getattr(defaults, name))
     return f"hcconvert {source} --experts {options.experts}{extra} --out {out.name}"
+
+
+def _flag(name: str, value) -> str:
+    """One option as the CLI spells it; booleans are --name / --no-name switches."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f" --{flag}" if value else f" --no-{flag}"
+    return f" --{flag} {value}"
 
 
 def write_metadata(directory: Path, ckpt: Checkpoint, conversion: Conversion,

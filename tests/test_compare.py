@@ -119,11 +119,13 @@ def test_planned_disk_is_what_the_outputs_take_and_own_minutes_exclude_the_share
     assert 0.95 * written < planned <= written  # shards add only their small headers
     for result in results:
         assert 0 < result.shared_minutes < result.convert_minutes
-        assert result.own_minutes == pytest.approx(result.convert_minutes - result.shared_minutes)
+        own = result.convert_minutes - result.shared_minutes
+        assert result.own_minutes == pytest.approx(own)
 
 
 def test_a_model_agrees_with_itself_at_every_position_and_every_greedy_token(src, eval_text):
-    (fidelity,) = evaluate_many(str(src), [str(src)], eval_text, seq_len=32, samples=2, progress=False)
+    (fidelity,) = evaluate_many(str(src), [str(src)], eval_text, seq_len=32, samples=2,
+                                progress=False)
     assert fidelity.kl == pytest.approx(0, abs=1e-6)
     assert fidelity.top1_agreement == 1.0
     assert fidelity.greedy_match == CONTINUATION_TOKENS

@@ -10,8 +10,9 @@ from conftest import save_tiny_mixtral
 
 from hcconvert.convert import convert
 from hcconvert.layerfit import HOLDOUT_FRACTION, fit_down, fit_layer, layer_output, relative_error
+from hcconvert.metadata import command_line
 from hcconvert.modeling import Experts, route, routed_experts
-from hcconvert.options import AUTO_CANDIDATES, ConvertOptions
+from hcconvert.options import AUTO_CANDIDATES, NAMED_METHODS, ConvertOptions
 from hcconvert.ream import ream_groups
 from hcconvert.reduction import group_slice
 from hcconvert.spec import Routing
@@ -105,3 +106,10 @@ def test_auto_records_each_layers_choice_and_error(tmp_path, calib_text):
     for entry in layers:
         fit = entry["layer_fit"]
         assert 0 <= min(fit["error_unfitted"], fit["error_fitted"]) < 1
+
+
+def test_the_model_cards_command_spells_the_fit_as_a_switch(tmp_path):
+    options = ConvertOptions(experts=4, **NAMED_METHODS["o-prune-fit"])
+    line = command_line("src", options, tmp_path / "out")
+    assert line == ("hcconvert src --experts 4 --method prune --prune-by output --layer-fit "
+                    "--out out")
