@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hcconvert.compare import compare, markdown_table, named_variants
 from hcconvert.convert import open_source
-from hcconvert.options import ConvertOptions
+from hcconvert.options import HC_SMOE, ConvertOptions
 
 METHODS = ["hc-smoe", "router-logits", "weights", "kmeans", "dominant", "random", "fix-dom",
            "msmoe", "mergemoe",
@@ -67,7 +67,7 @@ def main() -> None:
                                   device="cpu")
             variants = named_variants(args.methods.split(","), base)
             if not args.no_levers:
-                variants.update(levers(base, spec.num_experts))
+                variants.update(levers(dataclasses.replace(base, **HC_SMOE), spec.num_experts))
             with tempfile.TemporaryDirectory() as tmp:
                 results = compare(str(model), variants, args.eval, Path(tmp),
                                   seq_len=args.seq_len, samples=args.eval_samples, device="cpu")

@@ -117,7 +117,7 @@ device_option = click.option("--device", type=click.Choice(DEVICES), default="au
 @click.option("--calib", help="Calibration text: .jsonl / .json.gz with a 'text' field, or .txt. "
               "Default: the paper's C4 shard from the Hub.")
 @calibration_numbers
-@click.option("--method", type=click.Choice(METHODS), default="merge", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True,
               help="Merge groups of experts; prune (keep R experts, drop the rest); ream "
               "(REAP-saliency leaders, the rest merged into them); auto (per layer, the "
               "layer-fitted candidate that best reproduces the original layer's output).")

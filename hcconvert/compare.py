@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .convert import Conversion, convert_many, open_source
 from .evaluate import Fidelity, evaluate_many
-from .options import NAMED_METHODS, ConvertOptions
+from .options import NAMED_METHODS, ConvertOptions, named
 from .plan import build_plan
 
 
@@ -54,7 +54,7 @@ def named_variants(names: list[str], base: ConvertOptions) -> dict[str, ConvertO
     unknown = [name for name in names if name not in NAMED_METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(NAMED_METHODS)}")
-    return {name: dataclasses.replace(base, **NAMED_METHODS[name]) for name in names}
+    return {name: dataclasses.replace(base, **named(name)) for name in names}
 
 
 def shared_passes(variants: dict[str, ConvertOptions]) -> list[list[str]]:

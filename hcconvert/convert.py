@@ -126,7 +126,8 @@ def prepare_output(src: str, ckpt: Checkpoint, spec: ModelSpec, out: Path,
     plan = build_plan(ckpt, spec, options.experts)
     check_output_dir(out, ckpt.root, overwrite)
     size = options.max_group_size
-    if options.method == "merge" and size is not None and options.experts * size < spec.num_experts:
+    merges = options.method in ("merge", "auto")  # auto tries a merging candidate too
+    if merges and size is not None and options.experts * size < spec.num_experts:
         raise UserError(f"--max-group-size {size}: {options.experts} groups of at most {size} "
                         f"cannot hold {spec.num_experts} experts")
     return Conversion(src, out, plan)

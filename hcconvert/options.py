@@ -20,7 +20,9 @@ CALIBRATION_FIELDS = ("calib", "calib_samples", "seq_len", "seed", "device", "re
 @dataclass(frozen=True)
 class ConvertOptions:
     experts: int
-    method: str = "merge"
+    # Per layer the best layer-fitted candidate: it kept the most quality on every bench model
+    # and ratio (docs/BENCHMARKS.md, "Beating REAP").
+    method: str = "auto"
     grouping: str = "hierarchical"
     linkage: str = "average"
     merge: str = "freq"
@@ -69,8 +71,10 @@ class ConvertOptions:
                 f"{self.merge} merge, {self.router} router)")
 
 
-# The reductions `hcconvert compare` knows by name: each is ConvertOptions' defaults (HC-SMoE:
-# average-linkage clustering of expert outputs, frequency merge) with these fields changed.
+# HC-SMoE, the paper's recipe: ConvertOptions' defaults (average-linkage clustering of expert
+# outputs, frequency merge, freq-avg router) with merging in place of the default method.
+HC_SMOE = {"method": "merge"}
+# The reductions `hcconvert compare` knows by name: HC-SMoE with these fields changed (named()).
 NAMED_METHODS: dict[str, dict] = {
     "hc-smoe": {},
     "hc-smoe-single": {"linkage": "single"},
@@ -102,4 +106,10 @@ NAMED_METHODS: dict[str, dict] = {
     "auto": {"method": "auto"},
 }
 AUTO_CANDIDATES = ("o-prune-fit", "f-prune-fit", "msmoe-fit")
-DEFAULT_COMPARISON = ("hc-smoe", "random", "f-prune", "o-prune", "msmoe", "mergemoe")
+
+
+def named(name: str) -> dict:
+    """The fields a named method sets on top of the caller's options."""
+    return {**HC_SMOE, **NAMED_METHODS[name]}
+DEFAULT_COMPARISON = ("auto", "o-prune-fit", "f-prune", "o-prune", "hc-smoe", "msmoe",
+                      "mergemoe")

@@ -21,7 +21,7 @@ from .clustering import group_experts
 from .layerfit import FitReport, Route, fit_layer, layer_output
 from .merging import merge_experts
 from .modeling import Experts, route
-from .options import AUTO_CANDIDATES, NAMED_METHODS, ConvertOptions
+from .options import AUTO_CANDIDATES, ConvertOptions, named
 from .plan import Plan
 from .pruning import prune_groups, prune_scores
 from .ream import ream_groups
@@ -106,12 +106,11 @@ class Reducer:
         return frozenset().union(*(_needs(options) for options in self.candidates().values()))
 
     def candidates(self) -> dict[str, ConvertOptions]:
-        """The reductions tried per layer: with --method auto every AUTO_CANDIDATES entry,
-        layer-fitted; otherwise just this output's."""
+        """The reductions tried per layer: with --method auto every AUTO_CANDIDATES entry
+        (each layer-fitted); otherwise just this output's."""
         if self.options.method != "auto":
             return {self.options.method: self.options}
-        return {name: dataclasses.replace(self.options, **{"method": "merge", "layer_fit": True,
-                                                           **NAMED_METHODS[name]})
+        return {name: dataclasses.replace(self.options, **named(name))
                 for name in AUTO_CANDIDATES}
 
     def write_globals(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -18,7 +18,7 @@ from hcconvert.convert import convert, open_source
 from hcconvert.errors import UserError
 from hcconvert.families import FAMILIES
 from hcconvert.modeling import decoder_layer, embed, final_logits, rms_norm, rope_tables
-from hcconvert.options import ConvertOptions
+from hcconvert.options import HC_SMOE, ConvertOptions
 from hcconvert.plan import build_plan
 
 # bf16: both sides round every matmul, so agreement is to bf16's ~2-3 significant digits.
@@ -121,7 +121,8 @@ def test_conversion_equals_reference_merge(tmp_path, calib_text, name, dtype, hu
     case = CASES[name]
     src = save_family_model(case, tmp_path / "src", dtype=dtype, hub_style=hub_style)
     out = tmp_path / "out"
-    options = ConvertOptions(experts=case.reduce_to, calib=str(calib_text), calib_samples=4,
+    options = ConvertOptions(**HC_SMOE,
+                             experts=case.reduce_to, calib=str(calib_text), calib_samples=4,
                              seq_len=64, router=router, max_shard_size=50_000)
     convert(str(src), out, options, progress=False)
 
@@ -171,7 +172,8 @@ def test_fused_experts_stay_fused(tmp_path, calib_text):
     case = CASES["granitemoe"]
     src = save_family_model(case, tmp_path / "src")
     out = tmp_path / "out"
-    convert(str(src), out, ConvertOptions(experts=3, calib=str(calib_text), calib_samples=2,
+    convert(str(src), out, ConvertOptions(**HC_SMOE,
+                                          experts=3, calib=str(calib_text), calib_samples=2,
                                           seq_len=32, router="dominant"), progress=False)
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     written = load_all(out)

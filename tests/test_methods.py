@@ -18,7 +18,7 @@ from hcconvert.demo import DemoShape, build_planted_mixtral, data_file
 from hcconvert.features import router_logit_features, weight_features
 from hcconvert.merging import member_weights, merge_experts
 from hcconvert.modeling import Experts, swiglu
-from hcconvert.options import NAMED_METHODS, ConvertOptions
+from hcconvert.options import HC_SMOE, NAMED_METHODS, ConvertOptions
 from hcconvert.pruning import prune_groups
 from hcconvert.spec import Routing
 from hcconvert.statistics import collect_layer_stats
@@ -34,7 +34,8 @@ def planted(tmp_path_factory):
     """Every named method converted in one shared pass over a planted Mixtral."""
     root = tmp_path_factory.mktemp("planted")
     groups = build_planted_mixtral(root / "src", SHAPE)
-    base = ConvertOptions(experts=4, calib=str(data_file("demo_calib.txt")), calib_samples=4,
+    base = ConvertOptions(**HC_SMOE,
+                          experts=4, calib=str(data_file("demo_calib.txt")), calib_samples=4,
                           seq_len=128)
     variants = named_variants(list(NAMED_METHODS), base)
     conversions = {}
@@ -200,7 +201,8 @@ def test_router_logit_features_use_a_seeded_sample():
 
 def test_max_group_size_is_respected(tmp_path, calib_text):
     src = save_tiny_mixtral(tmp_path / "src")
-    options = ConvertOptions(experts=3, calib=str(calib_text), calib_samples=2, seq_len=32,
+    options = ConvertOptions(**HC_SMOE,
+                             experts=3, calib=str(calib_text), calib_samples=2, seq_len=32,
                              max_group_size=2, grouping="kmeans", merge="msmoe")
     conversion = convert(str(src), tmp_path / "out", options, progress=False)
     assert all(len(g) == 2 for layer in conversion.layers for g in layer.groups)
