@@ -125,23 +125,31 @@ class Reducer:
         to write (by full name, on the CPU)."""
         with self.timer.stage("compute"):
             router = w[self.spec.family.router]
-            candidates = self.candidates()
-            target = (layer_output(x, router, experts, self.route_for(len(experts)))
-                      if any(o.layer_fit for o in candidates.values()) else None)
-            best, choice = None, None
-            for name, options in candidates.items():
-                reduced = self.reduce_with(options, layer, experts, x, router, target, stats,
-                                           matcher)
-                if best is None or reduced.fit.error < best.fit.error:
-                    best, choice = reduced, name  # only the best so far stays in memory
+            choice, best = self.best_reduction(layer, experts, x, router, stats, matcher)
             self.conversion.layers.append(
                 LayerResult(layer, best.groups, stats.counts.tolist(),
                             stats.logit_mean.tolist(), stats.tokens,
-                            choice if len(candidates) > 1 else None,
+                            choice if self.options.method == "auto" else None,
                             best.fit.to_json() if best.fit else None))
             produced = {name: t.to("cpu") for name, t in
                         self.merged_tensors(layer, best.router, best.experts).items()}
         return best.router, best.experts, produced
+
+    def best_reduction(self, layer: int, experts: Experts, x: torch.Tensor,
+                       router: torch.Tensor, stats: LayerStats,
+                       matcher: NeuronMatcher) -> tuple[str, Reduced]:
+        """The candidate whose reduced layer reproduces the original's output best on the
+        held-out calibration tokens (the only candidate, without --method auto)."""
+        candidates = self.candidates()
+        target = (layer_output(x, router, experts, self.route_for(len(experts)))
+                  if any(o.layer_fit for o in candidates.values()) else None)  # [T, H]
+        best = None
+        for name, options in candidates.items():
+            reduced = self.reduce_with(options, layer, experts, x, router, target, stats,
+                                       matcher)
+            if best is None or reduced.fit.error < best[1].fit.error:
+                best = name, reduced  # only the best so far stays in memory
+        return best
 
     def reduce_with(self, options: ConvertOptions, layer: int, experts: Experts,
                     x: torch.Tensor, router: torch.Tensor, target: torch.Tensor | None,
