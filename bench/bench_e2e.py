@@ -20,7 +20,7 @@ import torch
 
 from hcconvert.convert import convert
 from hcconvert.demo import data_file, write_tokenizer
-from hcconvert.options import ConvertOptions
+from hcconvert.options import HC_SMOE, ConvertOptions
 from hcconvert.resources import human_bytes, peak_gpu_bytes, peak_rss_bytes
 from hcconvert.writer import SAFETENSORS_DTYPES, OutputTensor, ShardWriter
 
@@ -88,7 +88,7 @@ def main() -> None:
         shutil.rmtree(root / "copy")
         options = ConvertOptions(experts=args.experts // 2, calib=str(calib),
                                  calib_samples=args.samples, seq_len=args.seq_len,
-                                 device=args.device)
+                                 device=args.device, **HC_SMOE)
         conversion = convert(str(root / "src"), root / "out", options)
         report(args, conversion, copy_seconds)
 

@@ -18,11 +18,13 @@ from pathlib import Path
 
 from hcconvert.compare import compare, markdown_table, named_variants
 from hcconvert.convert import open_source
-from hcconvert.options import ConvertOptions
+from hcconvert.options import HC_SMOE, ConvertOptions
 
 METHODS = ["hc-smoe", "router-logits", "weights", "kmeans", "dominant", "random", "fix-dom",
            "msmoe", "mergemoe",
-           "f-prune", "o-prune"]
+           "f-prune", "o-prune",
+           # issue 11: fitted to the original layer's output, REAM, and the per-layer choice
+           "f-prune-fit", "o-prune-fit", "msmoe-fit", "ream", "auto"]
 
 
 def levers(base: ConvertOptions, experts_before: int) -> dict[str, ConvertOptions]:
@@ -49,6 +51,10 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-samples", type=int, default=64)
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated named methods (default: all of METHODS)")
+    parser.add_argument("--no-levers", action="store_true",
+                        help="only the named methods, not the HC-SMoE levers")
     args = parser.parse_args()
     print(f"machine: {platform.node()} ({platform.machine()}), CPU, "
           f"{time.strftime('%Y-%m-%d')}\n")
@@ -59,7 +65,9 @@ def main() -> None:
             base = ConvertOptions(experts=experts, calib=str(args.calib),
                                   calib_samples=args.calib_samples, seq_len=args.seq_len,
                                   device="cpu")
-            variants = {**named_variants(METHODS, base), **levers(base, spec.num_experts)}
+            variants = named_variants(args.methods.split(","), base)
+            if not args.no_levers:
+                variants.update(levers(dataclasses.replace(base, **HC_SMOE), spec.num_experts))
             with tempfile.TemporaryDirectory() as tmp:
                 results = compare(str(model), variants, args.eval, Path(tmp),
                                   seq_len=args.seq_len, samples=args.eval_samples, device="cpu")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hcconvert.compare import compare, markdown_table
 from hcconvert.demo import build_planted_mixtral, data_file
-from hcconvert.options import ROUTERS, ConvertOptions
+from hcconvert.options import HC_SMOE, ROUTERS, ConvertOptions
 
 
 def main() -> None:
@@ -39,7 +39,8 @@ def main() -> None:
         for experts in args.experts:
             variants = {f"{router}, {experts} experts": ConvertOptions(
                 experts=experts, router=router, calib=str(args.calib),
-                calib_samples=args.calib_samples, seq_len=args.seq_len) for router in ROUTERS}
+                calib_samples=args.calib_samples, seq_len=args.seq_len, **HC_SMOE)
+                for router in ROUTERS}
             results = compare(str(args.model), variants, args.eval, Path(tmp),
                               seq_len=args.seq_len, samples=args.eval_samples, device="cpu")
             print(markdown_table(results), flush=True)

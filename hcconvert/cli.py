@@ -124,8 +124,13 @@ device_option = click.option("--device", type=click.Choice(DEVICES), default="au
 @click.option("--calib", help="Calibration text: .jsonl / .json.gz with a 'text' field, or .txt. "
               "Default: the paper's C4 shard from the Hub.")
 @calibration_numbers
-@click.option("--method", type=click.Choice(METHODS), default="merge", show_default=True,
-              help="Merge groups of experts, or prune (keep R experts, drop the rest).")
+@click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True,
+              help="Merge groups of experts; prune (keep R experts, drop the rest); ream "
+              "(REAP-saliency leaders, the rest merged into them); auto (per layer, the "
+              "layer-fitted candidate that best reproduces the original layer's output).")
+@click.option("--layer-fit/--no-layer-fit", default=False, show_default=True,
+              help="Refit the kept or merged experts' down projections so the reduced layer "
+              "reproduces the original layer's output on the calibration tokens.")
 @click.option("--metric", type=click.Choice(METRICS), default="output", show_default=True,
               help="Expert similarity for grouping: mean output over the calibration tokens, "
               "router-logit column on sampled tokens, or the flattened weights.")
@@ -234,9 +239,11 @@ def compare(src, methods, eval_text, out_dir, csv_path, json_path, eval_seq_len,
         if min(eval_seq_len, eval_samples) < 1:
             raise UserError("--eval-seq-len and --eval-samples must be at least 1")
         from .compare import compare as run_comparison
-        from .compare import markdown_table, named_variants, write_csv, write_json
+        from .compare import markdown_table, named_variants, planned_bytes, write_csv, write_json
 
         variants = named_variants(methods, base)
+        click.echo(f"disk: {human_bytes(planned_bytes(src, variants))} for "
+                   f"{len(variants)} reduced checkpoints", err=True)
         keep = contextlib.nullcontext(out_dir) if out_dir else tempfile.TemporaryDirectory()
         with keep as workdir:
             results = run_comparison(src, variants, eval_text, Path(workdir), eval_seq_len,
@@ -270,8 +277,10 @@ def inspect(src, revision) -> None:
 @click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True)
 @device_option
 def evaluate_command(original, reduced, text, seq_len, samples, device) -> None:
-    """Perplexity of ORIGINAL and REDUCED on TEXT, and KL(original ‖ reduced)."""
+    """Perplexity of ORIGINAL and REDUCED on TEXT, KL(original ‖ reduced), top-1 agreement,
+    and how many tokens of the original's greedy continuations REDUCED reproduces."""
     from .evaluate import evaluate
+    from .greedy import CONTINUATION_TOKENS
 
     def action():
         result = evaluate(original, reduced, text, seq_len, samples, device)
@@ -279,6 +288,9 @@ def evaluate_command(original, reduced, text, seq_len, samples, device) -> None:
         click.echo(f"perplexity original  {result.perplexity_original:.4f}")
         click.echo(f"perplexity reduced   {result.perplexity_reduced:.4f}")
         click.echo(f"KL(original‖reduced) {result.kl:.5f} nats/token")
+        click.echo(f"top-1 agreement      {result.top1_agreement:.4f}")
+        click.echo(f"greedy match         {result.greedy_match:.2f} of "
+                   f"{CONTINUATION_TOKENS} tokens")
         click.echo(f"peak host memory     {human_bytes(peak_rss_bytes())}")
         gpu = peak_gpu_bytes()
         if gpu is not None:

@@ -16,9 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .convert import Conversion, convert_many
+from .convert import Conversion, convert_many, open_source
 from .evaluate import Fidelity, evaluate_many
-from .options import NAMED_METHODS, ConvertOptions
+from .options import NAMED_METHODS, ConvertOptions, named
+from .plan import build_plan
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,16 @@ class Result:
     def minutes(self) -> float:
         return self.convert_minutes + self.eval_minutes
 
+    @property
+    def shared_minutes(self) -> float:
+        """The calibration pass this output shared with others (attention, statistics)."""
+        return self.conversion.shared_seconds / 60
+
+    @property
+    def own_minutes(self) -> float:
+        """This method's own reduction and writing, apart from the shared pass."""
+        return self.convert_minutes - self.shared_minutes
+
 
 def slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
@@ -43,7 +54,7 @@ def named_variants(names: list[str], base: ConvertOptions) -> dict[str, ConvertO
     unknown = [name for name in names if name not in NAMED_METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(NAMED_METHODS)}")
-    return {name: dataclasses.replace(base, **NAMED_METHODS[name]) for name in names}
+    return {name: dataclasses.replace(base, **named(name)) for name in names}
 
 
 def shared_passes(variants: dict[str, ConvertOptions]) -> list[list[str]]:
@@ -55,6 +66,12 @@ def shared_passes(variants: dict[str, ConvertOptions]) -> list[list[str]]:
                else ("merged", label))
         passes.setdefault(key, []).append(label)
     return list(passes.values())
+
+
+def planned_bytes(src: str, variants: dict[str, ConvertOptions]) -> int:
+    """The disk every output of the comparison will take, from the plans (headers only)."""
+    ckpt, spec = open_source(src, next(iter(variants.values())).revision)
+    return sum(build_plan(ckpt, spec, options.experts).bytes_out for options in variants.values())
 
 
 def compare(src: str, variants: dict[str, ConvertOptions], eval_text: Path, workdir: Path,
@@ -79,11 +96,21 @@ def compare(src: str, variants: dict[str, ConvertOptions], eval_text: Path, work
 
 
 def markdown_table(results: list[Result]) -> str:
-    rows = ["| method | KL(orig ‖ reduced) | perplexity | original perplexity | minutes |",
-            "| --- | --- | --- | --- | --- |"]
-    rows += [f"| {r.label} | {r.fidelity.kl:.4f} | {r.fidelity.perplexity_reduced:.3f} | "
-             f"{r.fidelity.perplexity_original:.3f} | {r.minutes:.2f} |" for r in results]
+    """The results as a table; each method's own minutes, then the shared passes below it."""
+    rows = ["| method | KL(orig ‖ reduced) | top-1 agreement | greedy match | perplexity | "
+            "original perplexity | own minutes |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows += [f"| {r.label} | {r.fidelity.kl:.4f} | {r.fidelity.top1_agreement:.3f} | "
+             f"{_greedy(r.fidelity)} | {r.fidelity.perplexity_reduced:.3f} | "
+             f"{r.fidelity.perplexity_original:.3f} | {r.own_minutes:.2f} |" for r in results]
+    shared = sorted({round(r.shared_minutes, 2) for r in results})
+    rows += ["", f"shared calibration pass: {', '.join(f'{m:.2f}' for m in shared)} min; "
+             f"evaluation: {sum(r.eval_minutes for r in results):.2f} min for all"]
     return "\n".join(rows)
+
+
+def _greedy(fidelity: Fidelity) -> str:
+    return "" if fidelity.greedy_match is None else f"{fidelity.greedy_match:.2f}"
 
 
 def records(results: list[Result]) -> list[dict]:
@@ -91,8 +118,11 @@ def records(results: list[Result]) -> list[dict]:
     return [{"method": r.label, "kl": r.fidelity.kl,
              "perplexity": r.fidelity.perplexity_reduced,
              "perplexity_original": r.fidelity.perplexity_original,
+             "top1_agreement": r.fidelity.top1_agreement,
+             "greedy_match": r.fidelity.greedy_match,
              "eval_tokens": r.fidelity.tokens, "experts": r.conversion.plan.experts_out,
-             "convert_minutes": r.convert_minutes, "eval_minutes": r.eval_minutes,
+             "convert_minutes": r.convert_minutes, "shared_minutes": r.shared_minutes,
+             "own_minutes": r.own_minutes, "eval_minutes": r.eval_minutes,
              "minutes": r.minutes, "out": str(r.conversion.out)} for r in results]
 
 

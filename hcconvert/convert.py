@@ -115,7 +115,8 @@ def prepare_output(src: str, ckpt: Checkpoint, spec: ModelSpec, out: Path,
         raise UserError(f"--router lse-fit fits softmax mass; {spec.family.model_type}'s router "
                         f"scores with {spec.routing.scoring} (use freq-avg or dominant)")
     size = options.max_group_size
-    if options.method == "merge" and size is not None and options.experts * size < spec.num_experts:
+    merges = options.method in ("merge", "auto")  # auto tries a merging candidate too
+    if merges and size is not None and options.experts * size < spec.num_experts:
         raise UserError(f"--max-group-size {size}: {options.experts} groups of at most {size} "
                         f"cannot hold {spec.num_experts} experts")
     return Conversion(src, out, plan)
@@ -134,6 +135,7 @@ class LayerPipeline:
         self.propagator = next((r for r in reducers if r.options.propagate == "merged"), None)
         self.timer = StageTimer()  # the shared stages, credited to every conversion at the end
         self.dtype = torch.float32  # the compute dtype, set by run from the embedding's
+        self.reduced_decoders: dict[int, Decoder] = {}  # by expert count
 
     def run(self, tokens: torch.Tensor, progress: bool) -> None:
         with self.timer.stage("read"):  # once, for every output
@@ -164,6 +166,7 @@ class LayerPipeline:
         for reducer in self.reducers:
             for stage, seconds in self.timer.seconds.items():
                 reducer.timer.seconds[stage] += seconds
+            reducer.conversion.shared_seconds = sum(self.timer.seconds.values())
 
     def layer(self, layer: int, raw: dict, stream: HiddenStream,
               background: BackgroundWriter) -> None:
@@ -186,7 +189,8 @@ class LayerPipeline:
         spec, family = self.spec, self.spec.family
         with self.timer.stage("compute"):
             tensors, experts = self.decoder.layer_parts(layer, raw, self.device)
-            record = RoutingRecord(stream.tokens, saliency="saliency" in self.needs)
+            record = RoutingRecord(stream.tokens, saliency="saliency" in self.needs,
+                                   keep_output=any(r.fits_layers for r in self.reducers))
             module = self.decoder.build_layer(layer, tensors, RoutedExperts(experts, record))
             layer_input = stream.hidden.clone() if self.propagator is not None else None
             stream.advance(layer, module)
@@ -197,8 +201,9 @@ class LayerPipeline:
                                         self.needs, self.seed, record)
             matcher = NeuronMatcher(x, selected, experts)
         for reducer in self.reducers:
-            reduced_router, merged, produced = reducer.reduce(layer, router, experts, x, stats,
-                                                              matcher)
+            reduced_router, merged, produced = reducer.reduce(
+                layer, router, experts, x, stats, matcher, self.routing(layer, tensors),
+                record.outputs)
             background.submit(functools.partial(reducer.write_layer, layer, raw, produced))
             if reducer is self.propagator:
                 with self.timer.stage("compute"):
@@ -206,15 +211,34 @@ class LayerPipeline:
             del reduced_router, merged, produced  # free the merged experts no later layer needs
         self.synchronize()
 
+    def reduced_decoder(self, experts: int) -> Decoder:
+        """The skeleton of the model with `experts` routed experts per MoE layer, built once."""
+        if experts not in self.reduced_decoders:
+            config = reduced_config(self.spec.config, self.spec.family, experts,
+                                    min(self.spec.top_k, experts))
+            self.reduced_decoders[experts] = Decoder(config, self.spec.family, self.dtype)
+        return self.reduced_decoders[experts]
+
+    def reduced_layer_tensors(self, layer: int, tensors: dict, router: dict,
+                              experts: int) -> tuple[Decoder, dict]:
+        """The reduced model's skeleton and the layer's tensors with its reduced router."""
+        named = self.decoder.layer_names(layer, self.spec.family.layer_prefix(layer), router)
+        return self.reduced_decoder(experts), {**tensors, **named}
+
+    def routing(self, layer: int, tensors: dict):
+        """routing(router tensors, expert count) -> the routing rule of the layer reduced to
+        that many experts with those router tensors (reduction.Routing)."""
+        def rule(router: dict, experts: int):
+            decoder, named = self.reduced_layer_tensors(layer, tensors, router, experts)
+            return decoder.routing(layer, named)
+        return rule
+
     def propagate(self, layer: int, tensors: dict, router: dict, merged: Experts,
                   stream: HiddenStream, layer_input: torch.Tensor) -> None:
         """The reduced layer's output, from the layer's input, replaces the original's."""
-        config = reduced_config(self.spec.config, self.spec.family, len(merged),
-                                min(self.spec.top_k, len(merged)))
-        reduced = Decoder(config, self.spec.family, self.dtype)
-        named = self.decoder.layer_names(layer, self.spec.family.layer_prefix(layer), router)
-        module = reduced.build_layer(layer, {**tensors, **named}, RoutedExperts(merged))
-        stream.advance(layer, module, layer_input)
+        decoder, named = self.reduced_layer_tensors(layer, tensors, router, len(merged))
+        stream.advance(layer, decoder.build_layer(layer, named, RoutedExperts(merged)),
+                       layer_input)
 
     def synchronize(self) -> None:
         """On CUDA, wait for the queued kernels, so the stage timer measures the work."""

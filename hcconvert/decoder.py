@@ -39,6 +39,14 @@ def compute_dtype(device: torch.device, source_dtype: torch.dtype) -> torch.dtyp
     return torch.float32
 
 
+class _RoutingCatcher(nn.Module):
+    """Stands in for a block's experts to catch the router's top-k weights and index."""
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor):
+        self.caught = (weights.float(), index)
+        return torch.zeros_like(x)
+
+
 class _Stop(Exception):
     """Raised by the last recorder: the layers' inputs are known, the rest is not needed."""
 
@@ -162,6 +170,20 @@ class Decoder:
             raise UserError(f"layer {layer}: tensor {missing[0]} is missing")
         module.load_state_dict(cast, strict=False, assign=True)
         return module.eval()
+
+    def routing(self, layer: int, tensors: dict[str, torch.Tensor], config=None):
+        """The routing rule of layer `layer` built from tensors (module names; config: a
+        reduced model's), as a callable x [T, H] -> (weights [T, K], index [T, K]): the
+        family's own MoE block routes, its experts replaced by a catcher."""
+        catcher = _RoutingCatcher()
+        module = self.build_layer(layer, tensors, catcher, config)
+        block = module.get_submodule(self.moe_block(layer))
+
+        @torch.no_grad()
+        def route(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            block(x[None])  # blocks take [N, S, H]; their output is not needed
+            return catcher.caught
+        return route
 
     @torch.no_grad()
     def layer_inputs(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:

@@ -1,9 +1,10 @@
-"""`make demo`: a small Mixtral-shaped checkpoint with planted expert groups, reduced three ways.
+"""`make demo`: a small Mixtral-shaped checkpoint with planted expert groups, reduced four ways.
 
 Each MoE layer's 8 experts are 4 planted pairs of near-duplicates (shuffled, so the pairs are
 not neighbours) whose router rows are near-duplicates too. HC-SMoE should find the pairs; we
 print planted vs recovered groups, sizes, and KL to the original for HC-SMoE, random grouping,
-and dropping the least-used experts (F-prune). Offline; well under a minute on 2 CPU cores.
+dropping the least-used experts (F-prune) and the default (auto). Offline; well under a
+minute on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from .compare import Result, compare, markdown_table
-from .options import ConvertOptions
+from .options import HC_SMOE, ConvertOptions
 from .resources import human_bytes
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
@@ -144,10 +145,11 @@ def run_demo(workdir: Path | None = None) -> None:
         src = root / "planted-mixtral"
         planted = build_planted_mixtral(src)
         base = ConvertOptions(experts=4, calib=str(data_file("demo_calib.txt")),
-                              calib_samples=16, seq_len=512)
+                              calib_samples=16, seq_len=512, **HC_SMOE)
         variants = {"HC-SMoE": base,
                     "random grouping": dataclasses.replace(base, grouping="random"),
-                    "F-prune (drop least used)": dataclasses.replace(base, method="prune")}
+                    "F-prune (drop least used)": dataclasses.replace(base, method="prune"),
+                    "auto (the default)": dataclasses.replace(base, method="auto")}
         results = compare(str(src), variants, data_file("demo_eval.txt"), root, seq_len=256,
                           samples=16, device="cpu")
         _print_report(planted, results)

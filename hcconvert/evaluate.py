@@ -1,4 +1,6 @@
-"""Fidelity of a reduced model: perplexity of both models and KL(original ‖ reduced).
+"""Fidelity of a reduced model: perplexity of both models, KL(original ‖ reduced), how often
+its next-token argmax agrees with the original's, and how long its greedy continuations match
+the original's (greedy.py).
 
 Both checkpoints stream through the same held-out tokens one decoder layer at a time, so the
 check needs no more memory than a conversion. N sequences, S tokens, V vocabulary.
@@ -6,6 +8,7 @@ check needs no more memory than a conversion. N sequences, S tokens, V vocabular
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import greedy
 from .calibration import embedding_rows, model_tokenizer, text_tokens
 from .convert import open_source, pick_device
 from .decoder import HiddenStream, compute_dtype
@@ -30,6 +34,8 @@ class Fidelity:
     perplexity_original: float
     perplexity_reduced: float
     kl: float  # mean over predicted positions, nats
+    top1_agreement: float  # share of positions where both models' argmax agree
+    greedy_match: float | None = None  # mean leading tokens of the original's greedy text
 
 
 class StreamedModel:
@@ -92,7 +98,25 @@ def evaluate_many(original: str, reduced: list[str], text: Path, seq_len: int = 
             model.advance(layer)
     for model in (reference, *models):
         model.load_head()
-    return _score(reference, models, tokens)
+    scores = _score(reference, models, tokens)
+    del reference, models  # the greedy check streams its own, shorter sequences
+    lengths = _greedy_match(original, reduced, tokens, torch_device)
+    return [dataclasses.replace(score, greedy_match=length)
+            for score, length in zip(scores, lengths, strict=True)]
+
+
+def _greedy_match(original: str, reduced: list[str], tokens: torch.Tensor,
+                  device: torch.device) -> list[float]:
+    """Each reduction's mean matched greedy length on a few prompts cut from tokens."""
+    def open_model(source: str, ids: torch.Tensor) -> StreamedModel:
+        return StreamedModel(*open_source(source), ids, device)
+
+    layers = open_source(original)[1].num_layers
+    prompts = tokens[:greedy.PROMPTS, :greedy.PROMPT_TOKENS]
+    continued = greedy.greedy_continuation(original, prompts, open_model, layers)
+    return [greedy.matched_lengths(log_probs, continued, greedy.CONTINUATION_TOKENS)
+            .float().mean().item()
+            for log_probs in greedy.streamed_log_probs(reduced, continued, open_model, layers)]
 
 
 def _check_compatible(a: Checkpoint, a_spec: ModelSpec, b: Checkpoint, b_spec: ModelSpec) -> None:
@@ -111,9 +135,11 @@ def _check_compatible(a: Checkpoint, a_spec: ModelSpec, b: Checkpoint, b_spec: M
 
 def _score(reference: StreamedModel, models: list[StreamedModel],
            tokens: torch.Tensor) -> list[Fidelity]:
-    """Perplexity of every model and each reduction's mean KL(original ‖ reduced)."""
+    """Perplexity of every model, each reduction's mean KL(original ‖ reduced) and its
+    top-1 agreement with the original."""
     nll = torch.zeros(1 + len(models), dtype=torch.float64)
     kl = torch.zeros(len(models), dtype=torch.float64)
+    agree = torch.zeros(len(models), dtype=torch.float64)
     count = 0
     for i in range(tokens.shape[0]):
         target = tokens[i, 1:, None].to(reference.device)
@@ -123,7 +149,9 @@ def _score(reference: StreamedModel, models: list[StreamedModel],
             red = model.log_probs(i)[:-1]
             nll[k + 1] += -red.gather(1, target).sum().item()
             kl[k] += (orig.exp() * (orig - red)).sum().item()
+            agree[k] += (orig.argmax(-1) == red.argmax(-1)).sum().item()
         count += target.numel()
     ppl = torch.exp(nll / count)
-    return [Fidelity(count, ppl[0].item(), ppl[k + 1].item(), kl[k].item() / count)
+    return [Fidelity(count, ppl[0].item(), ppl[k + 1].item(), kl[k].item() / count,
+                     agree[k].item() / count)
             for k in range(len(models))]

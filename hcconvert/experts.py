@@ -88,7 +88,9 @@ class RoutingRecord:
 
     tokens: int
     saliency: bool = False
+    keep_output: bool = False  # keep the routed-expert output too (the layer fit's target)
     inputs: torch.Tensor | None = None  # [T, H]
+    outputs: torch.Tensor | None = None  # [T, H] fp32, with keep_output
     index: list[torch.Tensor] = field(default_factory=list)  # [t, K] per call
     weights: list[torch.Tensor] = field(default_factory=list)  # [t, K] fp32 per call
     filled: int = 0
@@ -102,6 +104,14 @@ class RoutingRecord:
         self.filled += x.shape[0]
         self.index.append(index)
         self.weights.append(weights.float())
+
+    def observe_sum(self, out: torch.Tensor) -> None:
+        """The routed-expert output of the tokens observe saw last."""
+        if not self.keep_output:
+            return
+        if self.outputs is None:
+            self.outputs = out.new_empty((self.tokens, out.shape[1]), dtype=torch.float32)
+        self.outputs[self.filled - out.shape[0]:self.filled] = out
 
     def routing(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The inputs [T, H], top-k index [T, K] and weights [T, K] of every token."""
@@ -143,4 +153,6 @@ class RoutedExperts(nn.Module):
             out.index_add_(0, token, (y * weight).to(x.dtype))
             if record is not None and record.saliency:
                 record.observe_output(e, weight[:, 0], y, len(self.stacked))
+        if record is not None:
+            record.observe_sum(out)
         return out

@@ -15,11 +15,13 @@ import torch
 RIDGE = 1e-3
 
 
-def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-    """W [D, K] (gram's dtype) from gram = XᵀX [D, D], cross = XᵀY [D, K], prior W0 [D, K].
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor,
+                relative_ridge: float = RIDGE) -> torch.Tensor:
+    """W [D, K] (gram's dtype) from gram = XᵀX [D, D], cross = XᵀY [D, K], prior W0 [D, K];
+    λ = relative_ridge × mean diag(XᵀX).
 
     Overwrites gram and cross: at D = 14336 each fp64 copy would be 1.6 GB.
     """
-    ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-12)
+    ridge = relative_ridge * gram.diagonal().mean().clamp_min(1e-12)
     gram.diagonal().add_(ridge)
     return torch.linalg.solve(gram, cross.add_(prior.to(cross), alpha=ridge.item()))

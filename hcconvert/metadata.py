@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 # The options that shape the result (not where or how it is written), in CLI order.
 REDUCTION_FIELDS = ("calib", "calib_samples", "seq_len", "seed", "method", "metric", "grouping",
-                    "linkage", "max_group_size", "merge", "prune_by", "router", "propagate")
+                    "linkage", "max_group_size", "merge", "prune_by", "router", "propagate",
+                    "layer_fit")
 
 
 def reduced_config(config: dict, family: Family, experts: int, top_k: int) -> dict:
@@ -41,10 +42,17 @@ def command_line(source: str, options: ConvertOptions, out: Path) -> str:
     """The command that repeats the reduction: the reduction options that differ from the
     defaults are spelled out."""
     defaults = ConvertOptions(options.experts)
-    extra = "".join(f" --{name.replace('_', '-')} {getattr(options, name)}"
-                    for name in REDUCTION_FIELDS
+    extra = "".join(_flag(name, getattr(options, name)) for name in REDUCTION_FIELDS
                     if getattr(options, name) != getattr(defaults, name))
     return f"hcconvert {source} --experts {options.experts}{extra} --out {out.name}"
+
+
+def _flag(name: str, value) -> str:
+    """One option as the CLI spells it; booleans are --name / --no-name switches."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f" --{flag}" if value else f" --no-{flag}"
+    return f" --{flag} {value}"
 
 
 def write_metadata(directory: Path, ckpt: Checkpoint, conversion: Conversion,
@@ -53,8 +61,10 @@ def write_metadata(directory: Path, ckpt: Checkpoint, conversion: Conversion,
     config = reduced_config(ckpt.config, plan.spec.family, plan.experts_out, plan.top_k_out)
     write_json(directory / "config.json", config)
     layers = [{"layer": r.layer, "groups": r.groups, "frequencies": r.counts,
-               "router_logit_mean": r.logit_mean,
-               "tokens": r.tokens} for r in conversion.layers]
+               "router_logit_mean": r.logit_mean, "tokens": r.tokens,
+               # What --method auto chose and the fit's held-out errors, where they apply.
+               **({"choice": r.choice} if r.choice else {}),
+               **({"layer_fit": r.fit} if r.fit else {})} for r in conversion.layers]
     write_json(directory / "hcconvert.json", {
         "source": conversion.source,
         "method": options.method,

@@ -8,6 +8,8 @@ E experts, R groups.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +19,12 @@ import torch
 from .alignment import NeuronMatcher
 from .clustering import group_experts
 from .experts import Experts
+from .layerfit import FitReport, Route, fit_layer
 from .merging import merge_experts
-from .options import ConvertOptions
+from .options import AUTO_CANDIDATES, ConvertOptions, named
 from .plan import Plan
 from .pruning import prune_groups, prune_scores
+from .ream import ream_groups
 from .resources import StageTimer
 from .router import reduce_router, reduce_router_bias
 from .statistics import LayerStats, group_logsumexp_gram
@@ -34,6 +38,8 @@ class LayerResult:
     counts: list[float]  # top-k selections per original expert
     logit_mean: list[float]  # mean router logit per original expert
     tokens: int
+    choice: str | None = None  # with --method auto: the candidate this layer kept
+    fit: dict | None = None  # with layer_fit: held-out layer-output errors (FitReport)
 
 
 @dataclass
@@ -45,6 +51,51 @@ class Conversion:
     plan: Plan
     layers: list[LayerResult] = field(default_factory=list)
     timer: StageTimer = field(default_factory=StageTimer)
+    shared_seconds: float = 0.0  # of timer's: the pass shared with other outputs (compare)
+
+
+@dataclass
+class Reduced:
+    """One candidate reduction of a layer."""
+
+    groups: list[list[int]]
+    router: dict[str, torch.Tensor]  # weight [R, H] and any per-expert bias, by name
+    experts: Experts
+    fit: FitReport | None = None
+
+
+# routing(router tensors by their names below the layer, expert count) -> that layer's routing
+# rule, computed by transformers' own MoE block (LayerPipeline.routing).
+Routing = Callable[[dict[str, torch.Tensor], int], Route]
+
+
+def _needs(options: ConvertOptions) -> frozenset[str]:
+    """The optional layer statistics one reduction reads (statistics.OPTIONAL_STATS)."""
+    if options.method == "prune":
+        return frozenset({"saliency"} if options.prune_by == "output" else ())
+    if options.method == "ream":
+        return frozenset({"saliency", "output", "router-logits"})
+    # Random grouping never looks at the features.
+    return frozenset() if options.grouping == "random" else frozenset({options.metric})
+
+
+def group_slice(options: ConvertOptions, layer: int, stats: LayerStats, members: slice,
+                keep: int) -> list[list[int]]:
+    """Groups of the experts in members (indices local to the slice)."""
+    counts = stats.counts[members]
+    if options.method == "prune":
+        return prune_groups(prune_scores(stats, options.prune_by)[members], keep)
+    if options.method == "ream":
+        return ream_groups(stats.saliency[members], stats.output_mean[members],
+                           stats.router_features[members], keep)
+    if options.grouping == "random":
+        features = np.zeros((len(counts), 1))  # random grouping ignores them
+    else:
+        features = stats.features(options.metric)[members].double().numpy()
+    # A seed per layer: one seed for all would draw the same random partition in every layer.
+    return group_experts(features, counts.numpy(), keep, grouping=options.grouping,
+                         linkage=options.linkage, max_group_size=options.max_group_size,
+                         seed=options.seed + layer)
 
 
 class Reducer:
@@ -57,11 +108,15 @@ class Reducer:
     @property
     def needs(self) -> frozenset[str]:
         """The optional layer statistics this reduction reads (statistics.OPTIONAL_STATS)."""
-        options = self.options
-        if options.method == "prune":
-            return frozenset({"saliency"} if options.prune_by == "output" else ())
-        # Random grouping never looks at the features.
-        return frozenset() if options.grouping == "random" else frozenset({options.metric})
+        return frozenset().union(*(_needs(options) for options in self.candidates().values()))
+
+    def candidates(self) -> dict[str, ConvertOptions]:
+        """The reductions tried per layer: with --method auto every AUTO_CANDIDATES entry
+        (each layer-fitted); otherwise just this output's."""
+        if self.options.method != "auto":
+            return {self.options.method: self.options}
+        return {name: dataclasses.replace(self.options, **named(name))
+                for name in AUTO_CANDIDATES}
 
     def write_globals(self, tensors: dict[str, torch.Tensor]) -> None:
         """The tensors outside the decoder layers, copied as stored."""
@@ -70,57 +125,85 @@ class Reducer:
                 self.writer.write(tensor.name, tensors[tensor.name])
 
     def reduce(self, layer: int, router: dict[str, torch.Tensor], experts: Experts,
-               x: torch.Tensor, stats: LayerStats, matcher: NeuronMatcher):
+               x: torch.Tensor, stats: LayerStats, matcher: NeuronMatcher,
+               routing: Routing, target: torch.Tensor | None = None):
         """One MoE layer: the new router tensors (by their names below the layer) and experts
         (on the compute device), and the tensors to write (by full name, on the CPU).
-        router: the router's weight and per-expert bias, by their names below the layer."""
-        family = self.spec.family
+        router: the router's weight and per-expert bias, by their names below the layer;
+        target: the original layer's routed-expert output on x, for the layer fit."""
         with self.timer.stage("compute"):
-            weight = router[family.router]
-            groups = self.choose_groups(stats)
-            merged = merge_experts(experts, groups, stats.counts, self.options.merge, matcher)
-            gram, cross = self.router_gram(x, weight, groups)
-            reduced = {family.router: reduce_router(weight, groups, stats.counts,
-                                                    self.options.router, gram, cross)}
-            if family.router_bias is not None:
-                reduced[family.router_bias] = reduce_router_bias(
-                    router[family.router_bias], groups, stats.counts, self.options.router)
+            choice, best = self.best_reduction(layer, experts, x, router, stats, matcher,
+                                               routing, target)
             self.conversion.layers.append(
-                LayerResult(layer, groups, stats.counts.tolist(), stats.logit_mean.tolist(),
-                            stats.tokens))
+                LayerResult(layer, best.groups, stats.counts.tolist(),
+                            stats.logit_mean.tolist(), stats.tokens,
+                            choice if self.options.method == "auto" else None,
+                            best.fit.to_json() if best.fit else None))
             produced = {name: t.to("cpu") for name, t in
-                        self.merged_tensors(layer, reduced, merged).items()}
-        return reduced, merged, produced
+                        self.merged_tensors(layer, best.router, best.experts).items()}
+        return best.router, best.experts, produced
 
-    def router_gram(self, x: torch.Tensor, router: torch.Tensor, groups: list[list[int]]):
+    @property
+    def fits_layers(self) -> bool:
+        """Whether some candidate refits the layer to the original's output (the pipeline
+        then keeps that output from its forward)."""
+        return any(o.layer_fit for o in self.candidates().values())
+
+    def best_reduction(self, layer: int, experts: Experts, x: torch.Tensor, router: dict,
+                       stats: LayerStats, matcher: NeuronMatcher, routing: Routing,
+                       target: torch.Tensor | None) -> tuple[str, Reduced]:
+        """The candidate whose reduced layer reproduces the original's output best on the
+        held-out calibration tokens (the only candidate, without --method auto)."""
+        best = None
+        for name, options in self.candidates().items():
+            reduced = self.reduce_with(options, layer, experts, x, router, target, stats,
+                                       matcher, routing)
+            if best is None or reduced.fit.error < best[1].fit.error:
+                best = name, reduced  # only the best so far stays in memory
+        return best
+
+    def reduce_with(self, options: ConvertOptions, layer: int, experts: Experts,
+                    x: torch.Tensor, router: dict, target: torch.Tensor | None,
+                    stats: LayerStats, matcher: NeuronMatcher, routing: Routing) -> Reduced:
+        """One candidate reduction of the layer: groups, merged experts, router, and with
+        layer_fit the down projections refitted to the original layer's output target."""
+        family = self.spec.family
+        groups = self.choose_groups(options, layer, stats)
+        # REAM merges by saliency: its leader is the most salient member.
+        weights = stats.saliency if options.method == "ream" else stats.counts
+        merged = merge_experts(experts, groups, weights, options.merge, matcher)
+        weight = router[family.router]
+        gram, cross = self.router_gram(options, x, weight, groups)
+        reduced = {family.router: reduce_router(weight, groups, stats.counts, options.router,
+                                                gram, cross)}
+        if family.router_bias is not None:
+            reduced[family.router_bias] = reduce_router_bias(
+                router[family.router_bias], groups, stats.counts, options.router)
+        if not options.layer_fit:
+            return Reduced(groups, reduced, merged)
+        if target is None:
+            raise ValueError("the layer fit needs the original layer's output")
+        fitted, report = fit_layer(x, target, merged, routing(reduced, len(groups)))
+        return Reduced(groups, reduced, fitted, report)
+
+    def router_gram(self, options: ConvertOptions, x: torch.Tensor, router: torch.Tensor,
+                    groups: list[list[int]]):
         """lse-fit's normal equations; not needed when every group is a single expert."""
-        if self.options.router != "lse-fit" or all(len(g) == 1 for g in groups):
+        if options.router != "lse-fit" or all(len(g) == 1 for g in groups):
             return None, None
         return group_logsumexp_gram(x, router, groups)
 
-    def choose_groups(self, stats: LayerStats) -> list[list[int]]:
+    def choose_groups(self, options: ConvertOptions, layer: int,
+                      stats: LayerStats) -> list[list[int]]:
         """The expert groups. Under group-limited routing each routing group of experts is
         reduced on its own, to R/n_group experts, so every merged expert stays in its group."""
         count = self.spec.routing.groups.count if self.spec.routing.groups else 1
-        size, keep = self.spec.num_experts // count, self.options.experts // count
+        size, keep = self.spec.num_experts // count, options.experts // count
         groups = []
         for start in range(0, self.spec.num_experts, size):
-            local = self.group_slice(stats, slice(start, start + size), keep)
+            local = group_slice(options, layer, stats, slice(start, start + size), keep)
             groups += [[start + e for e in group] for group in local]
         return groups
-
-    def group_slice(self, stats: LayerStats, members: slice, keep: int) -> list[list[int]]:
-        options = self.options
-        counts = stats.counts[members]
-        if options.method == "prune":
-            return prune_groups(prune_scores(stats, options.prune_by)[members], keep)
-        if options.grouping == "random":
-            features = np.zeros((len(counts), 1))  # random grouping ignores them
-        else:
-            features = stats.features(options.metric)[members].double().numpy()
-        return group_experts(features, counts.numpy(), keep, grouping=options.grouping,
-                             linkage=options.linkage, max_group_size=options.max_group_size,
-                             seed=options.seed)
 
     def merged_tensors(self, layer: int, router: dict, merged: Experts) -> dict:
         """Reduced router and experts by full name, in the source's expert layout."""

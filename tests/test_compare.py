@@ -12,10 +12,11 @@ from conftest import load_all, save_tiny_mixtral
 from test_cli import assert_user_error, run
 
 import hcconvert.convert
-from hcconvert.compare import compare, named_variants, shared_passes
+from hcconvert.compare import compare, named_variants, planned_bytes, shared_passes
 from hcconvert.convert import convert, convert_many
 from hcconvert.evaluate import evaluate, evaluate_many
-from hcconvert.options import ConvertOptions
+from hcconvert.greedy import CONTINUATION_TOKENS, matched_lengths
+from hcconvert.options import HC_SMOE, ConvertOptions
 
 SMALL = dict(calib_samples=2, seq_len=32)
 
@@ -55,7 +56,7 @@ def test_statistics_are_collected_once_per_layer(tmp_path, src, calib_text, eval
         return collect(*args, **kwargs)
 
     monkeypatch.setattr(hcconvert.convert, "collect_layer_stats", counting)
-    base = ConvertOptions(experts=3, calib=str(calib_text), **SMALL)
+    base = ConvertOptions(**HC_SMOE, experts=3, calib=str(calib_text), **SMALL)
     variants = named_variants(["hc-smoe", "weights", "router-logits", "o-prune", "mergemoe"],
                               base)
     results = compare(str(src), variants, eval_text, tmp_path / "runs", seq_len=32, samples=2)
@@ -65,7 +66,7 @@ def test_statistics_are_collected_once_per_layer(tmp_path, src, calib_text, eval
 
 
 def test_shared_pass_writes_what_separate_conversions_write(tmp_path, src, calib_text):
-    base = ConvertOptions(experts=3, calib=str(calib_text), **SMALL)
+    base = ConvertOptions(**HC_SMOE, experts=3, calib=str(calib_text), **SMALL)
     variants = named_variants(["msmoe", "o-prune", "mergemoe", "fix-dom"], base)
     convert_many(str(src), [(tmp_path / "shared" / name, options)
                             for name, options in variants.items()], progress=False)
@@ -78,7 +79,7 @@ def test_shared_pass_writes_what_separate_conversions_write(tmp_path, src, calib
 
 
 def test_merged_propagation_gets_a_pass_of_its_own():
-    base = ConvertOptions(experts=3)
+    base = ConvertOptions(**HC_SMOE, experts=3)
     variants = {"a": base, "b": dataclasses.replace(base, merge="average"),
                 "c": dataclasses.replace(base, propagate="merged"),
                 "d": dataclasses.replace(base, seed=1)}
@@ -100,9 +101,39 @@ def test_evaluate_many_equals_one_at_a_time(tmp_path, calib_text, eval_text):
     for experts in (2, 4):
         outs.append(str(tmp_path / f"out{experts}"))
         convert(str(src), tmp_path / f"out{experts}", ConvertOptions(
+            **HC_SMOE,
             experts=experts, calib=str(calib_text), calib_samples=2, seq_len=32), progress=False)
     together = evaluate_many(str(src), outs, eval_text, seq_len=32, samples=3, progress=False)
     alone = [evaluate(str(src), out, eval_text, seq_len=32, samples=3, progress=False)
              for out in outs]
     assert together == alone
     assert together[0].kl > together[1].kl > 0  # fewer experts, further from the original
+
+
+def test_planned_disk_is_what_the_outputs_take_and_own_minutes_exclude_the_shared_pass(
+        tmp_path, src, calib_text, eval_text):
+    variants = named_variants(["f-prune", "o-prune"], ConvertOptions(
+        **HC_SMOE, experts=2, calib=str(calib_text), **SMALL))
+    planned = planned_bytes(str(src), variants)
+    results = compare(str(src), variants, eval_text, tmp_path / "runs", seq_len=32, samples=2)
+    written = sum(path.stat().st_size for path in (tmp_path / "runs").rglob("*.safetensors"))
+    assert 0.95 * written < planned <= written  # shards add only their small headers
+    for result in results:
+        assert 0 < result.shared_minutes < result.convert_minutes
+        own = result.convert_minutes - result.shared_minutes
+        assert result.own_minutes == pytest.approx(own)
+
+
+def test_a_model_agrees_with_itself_at_every_position_and_every_greedy_token(src, eval_text):
+    (fidelity,) = evaluate_many(str(src), [str(src)], eval_text, seq_len=32, samples=2,
+                                progress=False)
+    assert fidelity.kl == pytest.approx(0, abs=1e-6)
+    assert fidelity.top1_agreement == 1.0
+    assert fidelity.greedy_match == CONTINUATION_TOKENS
+
+
+def test_matched_length_counts_only_the_leading_run():
+    continued = torch.tensor([[5, 1, 2, 3, 4]])  # one prompt token, then 4 generated
+    guesses = torch.tensor([1, 2, 0, 4, 9])  # right, right, wrong, right (after a miss)
+    log_probs = torch.nn.functional.one_hot(guesses, 10).float()[None].log()
+    assert matched_lengths(log_probs, continued, steps=4).tolist() == [2]

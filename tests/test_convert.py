@@ -8,7 +8,7 @@ from conftest import load_all, logits_of, save_tiny_mixtral, tree_digest
 from safetensors.torch import save_file
 
 from hcconvert.convert import convert
-from hcconvert.options import ConvertOptions
+from hcconvert.options import HC_SMOE, ConvertOptions
 
 EXPERT = "model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"
 ROUTER = "model.layers.{layer}.block_sparse_moe.gate.weight"
@@ -51,7 +51,8 @@ def reference_merge(src, out, router_method):
 def test_output_loads_and_equals_reference_merge(tmp_path, calib_text, dtype, hub_style, router):
     src = save_tiny_mixtral(tmp_path / "src", dtype=dtype, hub_style_config=hub_style)
     out = tmp_path / "out"
-    options = ConvertOptions(experts=4, calib=str(calib_text), calib_samples=4, seq_len=64,
+    options = ConvertOptions(**HC_SMOE,
+                             experts=4, calib=str(calib_text), calib_samples=4, seq_len=64,
                              router=router)
     convert(str(src), out, options, progress=False)
 
@@ -78,7 +79,8 @@ def test_output_loads_and_equals_reference_merge(tmp_path, calib_text, dtype, hu
 def test_output_layout_and_files(tmp_path, calib_text):
     src = save_tiny_mixtral(tmp_path / "src")
     out = tmp_path / "out"
-    options = ConvertOptions(experts=3, calib=str(calib_text), calib_samples=2, seq_len=32,
+    options = ConvertOptions(**HC_SMOE,
+                             experts=3, calib=str(calib_text), calib_samples=2, seq_len=32,
                              max_shard_size=30_000)
     convert(str(src), out, options, progress=False)
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -105,7 +107,8 @@ def test_output_layout_and_files(tmp_path, calib_text):
 
 def test_top_k_drops_with_a_warning(tmp_path, calib_text, capsys):
     src = save_tiny_mixtral(tmp_path / "src")
-    options = ConvertOptions(experts=1, calib=str(calib_text), calib_samples=2, seq_len=32)
+    options = ConvertOptions(**HC_SMOE,
+                             experts=1, calib=str(calib_text), calib_samples=2, seq_len=32)
     convert(str(src), tmp_path / "out", options, progress=False)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (config["num_local_experts"], config["num_experts_per_tok"]) == (1, 1)
@@ -116,7 +119,8 @@ def test_top_k_drops_with_a_warning(tmp_path, calib_text, capsys):
 def test_source_bytes_unchanged(tmp_path, calib_text, propagate):
     src = save_tiny_mixtral(tmp_path / "src")
     before = tree_digest(src)
-    options = ConvertOptions(experts=2, calib=str(calib_text), calib_samples=2, seq_len=32,
+    options = ConvertOptions(**HC_SMOE,
+                             experts=2, calib=str(calib_text), calib_samples=2, seq_len=32,
                              propagate=propagate, router="lse-fit")
     convert(str(src), tmp_path / "out", options, progress=False)
     assert tree_digest(src) == before
@@ -127,7 +131,8 @@ def test_propagate_changes_only_later_layers(tmp_path, calib_text):
     records = {}
     for propagate in ("original", "merged"):
         out = tmp_path / propagate
-        options = ConvertOptions(experts=3, calib=str(calib_text), calib_samples=2, seq_len=32,
+        options = ConvertOptions(**HC_SMOE,
+                                 experts=3, calib=str(calib_text), calib_samples=2, seq_len=32,
                                  propagate=propagate)
         convert(str(src), out, options, progress=False)
         records[propagate] = json.loads((out / "hcconvert.json").read_text())["layers"]

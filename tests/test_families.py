@@ -20,7 +20,7 @@ from hcconvert.convert import convert, open_source
 from hcconvert.errors import UserError
 from hcconvert.evaluate import StreamedModel
 from hcconvert.families import FAMILIES
-from hcconvert.options import ConvertOptions
+from hcconvert.options import HC_SMOE, ConvertOptions
 from hcconvert.plan import build_plan
 
 # bf16: both sides round every matmul, so agreement is to bf16's ~2-3 significant digits.
@@ -134,7 +134,8 @@ def test_conversion_equals_reference_merge(tmp_path, calib_text, name, dtype, hu
     case = CASES[name]
     src = save_family_model(case, tmp_path / "src", dtype=dtype, hub_style=hub_style)
     out = tmp_path / "out"
-    options = ConvertOptions(experts=case.reduce_to, calib=str(calib_text), calib_samples=4,
+    options = ConvertOptions(**HC_SMOE,
+                             experts=case.reduce_to, calib=str(calib_text), calib_samples=4,
                              seq_len=64, router=router, max_shard_size=50_000)
     convert(str(src), out, options, progress=False)
 
@@ -199,7 +200,8 @@ def test_fused_experts_stay_fused(tmp_path, calib_text):
     case = CASES["granitemoe"]
     src = save_family_model(case, tmp_path / "src")
     out = tmp_path / "out"
-    convert(str(src), out, ConvertOptions(experts=3, calib=str(calib_text), calib_samples=2,
+    convert(str(src), out, ConvertOptions(**HC_SMOE,
+                                          experts=3, calib=str(calib_text), calib_samples=2,
                                           seq_len=32, router="dominant"), progress=False)
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     written = load_all(out)
@@ -365,3 +367,21 @@ def test_quantized_checkpoints_are_refused_in_one_line(tmp_path, quantization, f
                                        "--dry-run"])
     assert result.exit_code == 2
     assert fragment in result.output
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "minimax_m2", "granitemoe"])
+def test_auto_fits_through_each_familys_own_router(tmp_path, calib_text, name):
+    """--method auto refits layers under the reduced layer's routing as transformers computes
+    it (sigmoid scores, correction bias, groups); the output loads and every layer records
+    its choice with a held-out error below the unfitted one or the fit refused."""
+    case = CASES[name]
+    src = save_family_model(case, tmp_path / "src")
+    out = tmp_path / "out"
+    convert(str(src), out, ConvertOptions(experts=case.reduce_to, method="auto",
+                                          calib=str(calib_text), calib_samples=4, seq_len=64),
+            progress=False)
+    for entry in json.loads((out / "hcconvert.json").read_text())["layers"]:
+        fit = entry["layer_fit"]
+        assert entry["choice"] and fit["error_fitted"] >= 0
+        assert fit["fitted"] == (fit["error_fitted"] < fit["error_unfitted"])
+    assert torch.isfinite(logits_of(out, TOKENS)).all()

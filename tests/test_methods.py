@@ -2,7 +2,6 @@
 alignment and the least-squares merge are exact where they must be, O-prune keeps the largest
 routed contribution, and every named method writes a checkpoint transformers loads."""
 
-import dataclasses
 import json
 
 import pytest
@@ -13,12 +12,13 @@ from test_cli import assert_user_error, convert_args, run
 from test_convert import EXPERT, ROUTER
 
 from hcconvert.alignment import NeuronMatcher, aligned_members
+from hcconvert.compare import named_variants, shared_passes
 from hcconvert.convert import convert, convert_many
 from hcconvert.demo import DemoShape, build_planted_mixtral, data_file
 from hcconvert.experts import Experts, RoutedExperts, RoutingRecord, swiglu
 from hcconvert.features import router_logit_features, weight_features
 from hcconvert.merging import member_weights, merge_experts
-from hcconvert.options import NAMED_METHODS, ConvertOptions
+from hcconvert.options import HC_SMOE, NAMED_METHODS, ConvertOptions
 from hcconvert.pruning import prune_groups
 from hcconvert.statistics import collect_layer_stats
 
@@ -33,12 +33,16 @@ def planted(tmp_path_factory):
     """Every named method converted in one shared pass over a planted Mixtral."""
     root = tmp_path_factory.mktemp("planted")
     groups = build_planted_mixtral(root / "src", SHAPE)
-    base = ConvertOptions(experts=4, calib=str(data_file("demo_calib.txt")), calib_samples=4,
+    base = ConvertOptions(**HC_SMOE,
+                          experts=4, calib=str(data_file("demo_calib.txt")), calib_samples=4,
                           seq_len=128)
-    outputs = [(root / name, dataclasses.replace(base, **overrides))
-               for name, overrides in NAMED_METHODS.items()]
-    conversions = convert_many(str(root / "src"), outputs, progress=False)
-    return root, groups, dict(zip(NAMED_METHODS, conversions, strict=True))
+    variants = named_variants(list(NAMED_METHODS), base)
+    conversions = {}
+    for labels in shared_passes(variants):  # REAM propagates merged outputs: a pass of its own
+        done = convert_many(str(root / "src"), [(root / name, variants[name]) for name in labels],
+                            progress=False)
+        conversions.update(zip(labels, done, strict=True))
+    return root, groups, conversions
 
 
 @pytest.mark.parametrize("method", SIMILARITY_METHODS)
@@ -197,7 +201,8 @@ def test_router_logit_features_use_a_seeded_sample():
 
 def test_max_group_size_is_respected(tmp_path, calib_text):
     src = save_tiny_mixtral(tmp_path / "src")
-    options = ConvertOptions(experts=3, calib=str(calib_text), calib_samples=2, seq_len=32,
+    options = ConvertOptions(**HC_SMOE,
+                             experts=3, calib=str(calib_text), calib_samples=2, seq_len=32,
                              max_group_size=2, grouping="kmeans", merge="msmoe")
     conversion = convert(str(src), tmp_path / "out", options, progress=False)
     assert all(len(g) == 2 for layer in conversion.layers for g in layer.groups)

@@ -10,7 +10,7 @@ from hcconvert.kernels.expert_sums import expert_act_sums
 
 import hcconvert.statistics
 from hcconvert.convert import convert
-from hcconvert.options import ConvertOptions
+from hcconvert.options import HC_SMOE, ConvertOptions
 from hcconvert.source import Checkpoint
 from hcconvert.streaming import BackgroundWriter, prefetched_layers
 
@@ -48,7 +48,8 @@ def test_kernel_path_converts_like_the_torch_twin(tmp_path, calib_text, monkeypa
     """The converter's statistics through the Triton kernel (interpreted on CPU here, compiled
     on CUDA) give the same groups and weights as through the torch twin."""
     src = save_tiny_mixtral(tmp_path / "src")
-    options = ConvertOptions(experts=3, calib=str(calib_text), calib_samples=2, seq_len=32)
+    options = ConvertOptions(**HC_SMOE,
+                             experts=3, calib=str(calib_text), calib_samples=2, seq_len=32)
     convert(str(src), tmp_path / "torch", options, progress=False)
     monkeypatch.setattr(hcconvert.statistics, "activation_sums", expert_act_sums)
     convert(str(src), tmp_path / "triton", options, progress=False)

@@ -1,0 +1,116 @@
+"""Fitting the reduced layer to the original layer's output (layerfit.py), REAM's grouping,
+per-layer seeds, and --method auto's record in hcconvert.json."""
+
+import json
+
+import pytest
+import torch
+from conftest import save_tiny_mixtral
+
+from hcconvert.convert import convert
+from hcconvert.experts import Experts, RoutedExperts
+from hcconvert.layerfit import HOLDOUT_FRACTION, fit_down, fit_layer, layer_output, relative_error
+from hcconvert.metadata import command_line
+from hcconvert.options import AUTO_CANDIDATES, NAMED_METHODS, ConvertOptions
+from hcconvert.ream import ream_groups
+from hcconvert.reduction import group_slice
+from hcconvert.statistics import LayerStats
+
+# T tokens, H hidden, F expert ffn, E experts.
+T, H, F, E = 2048, 24, 16, 8
+
+
+def top2(router: torch.Tensor):
+    """Mixtral's routing rule with this router: softmax, top-2, renormalised."""
+    def route(x: torch.Tensor):
+        weights, index = torch.softmax(x.float() @ router.float().T, -1).topk(2, dim=-1)
+        return weights / weights.sum(-1, keepdim=True), index
+    return route
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """Random tokens [T, H], a random router [E, H] and experts, and their routed output."""
+    torch.manual_seed(0)
+    x = torch.randn(T, H)
+    router = torch.randn(E, H)
+    experts = Experts(torch.randn(E, F, H) / H**0.5, torch.randn(E, F, H) / H**0.5,
+                      torch.randn(E, H, F) / F**0.5)
+    return x, router, experts, layer_output(x, experts, top2(router))
+
+
+def kept(router, experts, index):
+    return router[index], Experts(experts.gate[index], experts.up[index], experts.down[index])
+
+
+def test_layer_output_is_the_models_routed_forward(layer):
+    x, router, experts, target = layer
+    weights, index = top2(router)(x)
+    torch.testing.assert_close(target, RoutedExperts(experts)(x, index, weights))
+
+
+def test_prune_then_compensate_lowers_the_error_on_the_calibration_tokens(layer):
+    x, router, experts, target = layer
+    small_router, survivors = kept(router, experts, [0, 2, 5, 7])
+    rule = top2(small_router)
+    before = relative_error(layer_output(x, survivors, rule), target)
+    down = fit_down(x, target, survivors, rule)
+    fitted = Experts(survivors.gate, survivors.up, down)
+    after = relative_error(layer_output(x, fitted, rule), target)
+    assert after < 0.8 * before
+
+
+def test_every_expert_kept_is_reproduced_exactly(layer):
+    """Nothing dropped: the unfitted layer is already exact, and the fit leaves it so."""
+    x, router, experts, target = layer
+    down = fit_down(x, target, experts, top2(router))
+    torch.testing.assert_close(down, experts.down, atol=1e-4, rtol=1e-4)
+
+
+def test_held_out_error_is_reported_and_the_fit_kept_only_when_it_helps(layer):
+    x, router, experts, target = layer
+    small_router, survivors = kept(router, experts, [1, 3, 4, 6])
+    fitted, report = fit_layer(x, target, survivors, top2(small_router))
+    assert report.fitted and report.error_after < report.error_before
+    assert report.error == report.error_after
+    # The held-out quarter wants exactly the unfitted layer's output: the fit can only lose.
+    cut = int(T * (1 - HOLDOUT_FRACTION))
+    unfitted = layer_output(x[cut:], survivors, top2(small_router))
+    contrary = torch.cat((target[:cut], unfitted))
+    same, refused = fit_layer(x, contrary, survivors, top2(small_router))
+    assert refused.error_after > refused.error_before and not refused.fitted
+    assert same is survivors
+
+
+def test_ream_leaders_are_the_most_salient_and_members_join_the_most_similar():
+    saliency = torch.tensor([5.0, 1.0, 4.0, 0.5])
+    # Expert 1 resembles expert 2 and expert 3 resembles expert 0, in outputs and logits.
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0], [1.0, 0.1]])
+    assert ream_groups(saliency, features, features, 2) == [[0, 3], [1, 2]]
+
+
+def test_random_grouping_draws_a_different_partition_in_each_layer():
+    stats = LayerStats(tokens=1, counts=torch.ones(8), logit_mean=torch.zeros(8),
+                       selected=torch.zeros(1, 2))
+    options = ConvertOptions(experts=4, grouping="random")
+    partitions = [group_slice(options, layer, stats, slice(0, 8), 4) for layer in range(4)]
+    assert len({json.dumps(p) for p in partitions}) > 1
+
+
+def test_auto_records_each_layers_choice_and_error(tmp_path, calib_text):
+    src = save_tiny_mixtral(tmp_path / "src")
+    options = ConvertOptions(experts=2, method="auto", calib=str(calib_text), calib_samples=4,
+                             seq_len=64)
+    convert(str(src), tmp_path / "out", options, progress=False)
+    layers = json.loads((tmp_path / "out" / "hcconvert.json").read_text())["layers"]
+    assert layers and all(entry["choice"] in AUTO_CANDIDATES for entry in layers)
+    for entry in layers:
+        fit = entry["layer_fit"]
+        assert 0 <= min(fit["error_unfitted"], fit["error_fitted"]) < 1
+
+
+def test_the_model_cards_command_spells_the_fit_as_a_switch(tmp_path):
+    options = ConvertOptions(experts=4, **NAMED_METHODS["o-prune-fit"])
+    line = command_line("src", options, tmp_path / "out")
+    assert line == ("hcconvert src --experts 4 --method prune --prune-by output --layer-fit "
+                    "--out out")
