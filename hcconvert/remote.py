@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
 
 from .errors import UserError
 from .source import TensorInfo, header_tensors
@@ -35,10 +36,11 @@ class RemoteFiles:
         self.headers = build_hf_headers()  # the token from the usual HF environment, if any
 
     def url(self, name: str) -> str:
-        from huggingface_hub import constants, hf_hub_url
+        """The file's resolve URL, as hf_hub_url builds it, on the endpoint configured now."""
+        from huggingface_hub import constants
 
-        return hf_hub_url(self.repo_id, name, revision=self.revision,
-                          endpoint=constants.ENDPOINT)
+        revision = quote(self.revision or constants.DEFAULT_REVISION, safe="")
+        return f"{constants.ENDPOINT}/{self.repo_id}/resolve/{revision}/{quote(name)}"
 
     def read_text(self, name: str) -> str | None:
         from huggingface_hub.utils import get_session
