@@ -38,18 +38,19 @@ def default_calibration_file() -> Path:
                         "offline? pass --calib FILE (.jsonl, .txt or .json.gz)") from None
 
 
-def read_documents(path: Path) -> list[str]:
-    """Documents from .txt (blank-line separated), .jsonl/.json(.gz) with a "text" field."""
+def read_documents(path: Path, kind: str = "calibration") -> list[str]:
+    """Documents from .txt (blank-line separated), .jsonl/.json(.gz) with a "text" field;
+    kind names the text in messages (eval reads held-out text)."""
     if not path.is_file():
-        raise UserError(f"calibration file {path} does not exist")
+        raise UserError(f"{kind} file {path} does not exist")
     try:
         docs = list(_iter_documents(path))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError,
             AttributeError) as err:
-        raise UserError(f"cannot read calibration file {path}: {err}") from None
+        raise UserError(f"cannot read {kind} file {path}: {err}") from None
     docs = [d for d in docs if d.strip()]
     if not docs:
-        raise UserError(f"calibration file {path} holds no text")
+        raise UserError(f"{kind} file {path} holds no text")
     return docs
 
 
@@ -103,7 +104,7 @@ class TextTokenizer:
 
 
 def calibration_tokens(docs: list[str], tokenizer: TextTokenizer, samples: int, seq_len: int,
-                       seed: int) -> torch.Tensor:
+                       seed: int, kind: str = "calibration") -> torch.Tensor:
     """[N, S] token ids: shuffled documents, concatenated, cut into N <= samples sequences."""
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
@@ -113,14 +114,14 @@ def calibration_tokens(docs: list[str], tokenizer: TextTokenizer, samples: int, 
         if len(stream) >= samples * seq_len:
             break
     if not stream:
-        raise UserError("calibration text tokenizes to nothing")
+        raise UserError(f"{kind} text tokenizes to nothing")
     count = min(samples, len(stream) // seq_len)
     if count == 0:
-        print(f"warning: calibration text has {len(stream)} tokens, fewer than one "
+        print(f"warning: {kind} text has {len(stream)} tokens, fewer than one "
               f"{seq_len}-token sample; using one shorter sample", file=sys.stderr)
         return torch.tensor([stream], dtype=torch.long)
     if count < samples:
-        print(f"warning: calibration text gives only {count} of {samples} samples",
+        print(f"warning: {kind} text gives only {count} of {samples} samples",
               file=sys.stderr)
     return torch.tensor(stream[:count * seq_len], dtype=torch.long).view(count, seq_len)
 

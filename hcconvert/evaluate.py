@@ -69,8 +69,8 @@ def evaluate_many(original: str, reduced: list[str], text: Path, seq_len: int = 
     once, beside all of them."""
     torch_device = pick_device(device)
     ckpt, spec = open_source(original)
-    tokens = calibration_tokens(read_documents(text), TextTokenizer(ckpt.root), samples,
-                                seq_len, seed=0)
+    tokens = calibration_tokens(read_documents(text, "held-out"), TextTokenizer(ckpt.root),
+                                samples, seq_len, seed=0, kind="held-out")
     reference = StreamedModel(ckpt, spec, tokens, torch_device)
     models = [StreamedModel(*open_source(src), tokens, torch_device) for src in reduced]
     for model in models:
