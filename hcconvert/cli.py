@@ -187,14 +187,14 @@ def convert(ctx, src, out, recipe, overwrite, dry_run, push_repo, private, **giv
         if dry_run:
             from .report import print_plan
 
-            return print_plan(src, options, out)
+            return print_plan(src, options, out, overwrite)
         if out is None:
             raise UserError("--out is required (or pass --dry-run)")
         from .convert import convert as run_conversion
         from .preflight import check_ready, plan_from_headers
         from .report import print_summary
 
-        check_ready(*plan_from_headers(src, options), options, out)
+        check_ready(*plan_from_headers(src, options), options, out, overwrite)
         conversion = run_conversion(src, out, options, overwrite=overwrite)
         print_summary(conversion)
         if push_repo:

@@ -43,8 +43,11 @@ def describe_hub_error(err: BaseException) -> str:
         RevisionNotFoundError,
     )
 
-    if isinstance(err, OfflineModeIsEnabled | LocalEntryNotFoundError):
-        return "offline (HF_HUB_OFFLINE is set, or the Hub is unreachable) and not in the HF cache"
+    offline = "offline (HF_HUB_OFFLINE is set, or the Hub is unreachable)"
+    if isinstance(err, LocalEntryNotFoundError):
+        return f"{offline} and not in the HF cache"
+    if isinstance(err, OfflineModeIsEnabled):
+        return offline
     if isinstance(err, GatedRepoError):
         return "the repo is gated: accept its terms on the Hub and set HF_TOKEN"
     if isinstance(err, RepositoryNotFoundError):

@@ -17,6 +17,7 @@ from .plan import Plan, build_plan
 from .resources import human_bytes
 from .source import Checkpoint, open_headers
 from .spec import ModelSpec
+from .writer import check_output_dir
 
 
 def plan_from_headers(src: str, options: ConvertOptions) -> tuple[Checkpoint, Plan]:
@@ -26,12 +27,16 @@ def plan_from_headers(src: str, options: ConvertOptions) -> tuple[Checkpoint, Pl
     return ckpt, build_plan(ckpt, spec, options.experts)
 
 
-def check_ready(ckpt: Checkpoint, plan: Plan, options: ConvertOptions, out: Path | None) -> None:
+def check_ready(ckpt: Checkpoint, plan: Plan, options: ConvertOptions, out: Path | None,
+                overwrite: bool = False) -> None:
     """Everything the run needs besides the weights; the first missing one is a UserError."""
     check_tokenizer(ckpt)
     check_calibration(options.calib)
-    if out is not None:
-        check_disk(ckpt, plan, out)
+    if out is None:
+        return
+    if ckpt.root is not None:  # a Hub source lands in the HF cache, never inside --out
+        check_output_dir(out, ckpt.root, overwrite)
+    check_disk(ckpt, plan, out)
 
 
 def check_tokenizer(ckpt: Checkpoint) -> None:

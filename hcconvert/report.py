@@ -21,7 +21,8 @@ from .spec import ModelSpec
 RESIDENT_TOKEN_BUFFERS = 4
 
 
-def print_plan(src: str, options: ConvertOptions, out: Path | None = None) -> None:
+def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
+               overwrite: bool = False) -> None:
     """The plan from SRC's headers, then the checks the real run makes before its work: a
     UserError from them means the real run would fail."""
     ckpt, plan = plan_from_headers(src, options)
@@ -43,7 +44,7 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None) -> No
         f"(largest layer {human_bytes(layer_bytes)}, token buffers {human_bytes(hidden_bytes)})",
     ]
     click.echo("\n".join(lines))
-    check_ready(ckpt, plan, options, out)
+    check_ready(ckpt, plan, options, out, overwrite)
 
 
 def _ranges(layers: tuple[int, ...]) -> str:

@@ -169,3 +169,12 @@ def test_push_preflight_passes_with_write_access(hub, tiny, calib_text, monkeypa
     result = run(tiny, "--experts", 3, "--dry-run", "--calib", calib_text, "--push-to-hub", repo)
     assert result.exit_code == 0, result.stderr
     assert any(r.path == "/api/whoami-v2" for r in hub.state.requests)
+
+
+def test_push_while_offline(hub, tiny, calib_text, tmp_path, monkeypatch, conversions):
+    monkeypatch.setenv("HF_TOKEN", "good")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    result = run(tiny, "--experts", 3, "--out", tmp_path / "out", "--calib", calib_text,
+                 "--push-to-hub", "me/small")
+    assert_user_error(result, "--push-to-hub me/small: offline (HF_HUB_OFFLINE is set")
+    assert not conversions and not hub.state.requests

@@ -178,8 +178,12 @@ def test_not_enough_disk(tmp_path, src, calib_text, full_disk):
 def test_dry_run_fails_where_the_run_would(tmp_path, src, calib_text):
     no_tokenizer = save_tiny_mixtral(tmp_path / "src")
     (no_tokenizer / "tokenizer.json").unlink()
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
     cases = [((no_tokenizer, "--calib", calib_text), "tokenizer.json"),
-             ((src, "--calib", tmp_path / "missing.txt"), "does not exist")]
+             ((src, "--calib", tmp_path / "missing.txt"), "does not exist"),
+             ((src, "--calib", calib_text, "--out", occupied), "pass --overwrite")]
     for args, fragment in cases:
         result = run(*args, "--experts", 3, "--dry-run")
         assert_user_error(result, fragment)
