@@ -20,10 +20,10 @@ PROBE_TIMEOUT = 5.0
 WRITE_ROLES = ("admin", "write", "contributor")
 
 
-def transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection and timeout errors of the HTTP client huggingface_hub uses: requests' are
-    OSErrors; httpx's and httpx2's (huggingface_hub 1.x and 2.x) are not."""
-    errors: list[type[BaseException]] = [OSError]
+def client_errors() -> tuple[type[BaseException], ...]:
+    """Connection and timeout errors of the HTTP client huggingface_hub uses that are no
+    OSError: httpx's and httpx2's (huggingface_hub 1.x and 2.x; requests' are OSErrors)."""
+    errors: list[type[BaseException]] = []
     for module in ("httpx2", "httpx"):
         try:
             errors.append(importlib.import_module(module).TransportError)
@@ -59,7 +59,7 @@ def describe_hub_error(err: BaseException) -> str:
         return "the Hub rejected the token (401): check HF_TOKEN or run `hf auth login`"
     if isinstance(err, HfHubHTTPError) and status == 429:
         return "rate limited by the Hub (429): wait a minute and try again"
-    if isinstance(err, transport_errors()) and not isinstance(err, HfHubHTTPError):
+    if isinstance(err, (ConnectionError, TimeoutError, *client_errors())):
         return f"cannot reach the Hub ({first_line(err)})"
     return first_line(err)
 
@@ -67,13 +67,11 @@ def describe_hub_error(err: BaseException) -> str:
 @contextmanager
 def hub_errors(what: str) -> Iterator[None]:
     """Any failure of the Hub calls inside becomes one UserError: '{what}: {cause}'."""
-    from huggingface_hub.errors import HfHubHTTPError
-
     try:
         yield
     except UserError:
         raise
-    except (HfHubHTTPError, ValueError, *transport_errors()) as err:
+    except (OSError, ValueError, *client_errors()) as err:  # HfHubHTTPError is an OSError
         raise UserError(f"{what}: {describe_hub_error(err)}") from None
 
 
@@ -89,7 +87,7 @@ def go_offline_if_unreachable() -> bool:
         return True
     try:
         get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT)
-    except transport_errors():
+    except (OSError, *client_errors()):
         constants.HF_HUB_OFFLINE = True
     return constants.is_offline_mode()
 
