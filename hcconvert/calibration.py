@@ -53,20 +53,21 @@ def default_calibration_file() -> Path:
                         "offline? pass --calib FILE (.jsonl, .txt or .json.gz)") from None
 
 
-def read_documents(path: Path, max_chars: int) -> list[str]:
+def read_documents(path: Path, max_chars: int, kind: str = "calibration") -> list[str]:
     """Documents from .txt (blank-line separated), .jsonl/.json(.gz) with a "text" field, each
     cut to its first max_chars characters; the file is read in chunks, so memory is bounded
-    by max_chars and MAX_TEXT_CHARS, not by the file's size or its longest line."""
+    by max_chars and MAX_TEXT_CHARS, not by the file's size or its longest line. kind names
+    the text in messages (eval reads held-out text)."""
     if not path.exists() or path.is_dir():  # a pipe is fine: --calib <(zcat text.gz)
-        raise UserError(f"calibration file {path} does not exist or is a directory")
+        raise UserError(f"{kind} file {path} does not exist or is a directory")
     try:
         docs = list(_bounded(_iter_documents(path, max_chars)))
     except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError,
             RecursionError) as err:
-        raise UserError(f"cannot read calibration file {path}: {first_line(err)}") from None
+        raise UserError(f"cannot read {kind} file {path}: {first_line(err)}") from None
     docs = [d for d in docs if d.strip()]
     if not docs:
-        raise UserError(f"calibration file {path} holds no text")
+        raise UserError(f"{kind} file {path} holds no text")
     return docs
 
 
@@ -244,7 +245,7 @@ class TextTokenizer:
 
 
 def calibration_tokens(docs: list[str], tokenizer: TextTokenizer, samples: int, seq_len: int,
-                       seed: int) -> torch.Tensor:
+                       seed: int, kind: str = "calibration") -> torch.Tensor:
     """[N, S] token ids: shuffled documents, concatenated, cut into N <= samples sequences."""
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
@@ -254,15 +255,15 @@ def calibration_tokens(docs: list[str], tokenizer: TextTokenizer, samples: int, 
         if len(stream) >= samples * seq_len:
             break
     if not stream:
-        raise UserError("calibration text tokenizes to nothing")
+        raise UserError(f"{kind} text tokenizes to nothing")
     count = min(samples, len(stream) // seq_len)
     if count == 0:
-        print(f"warning: calibration text has {len(stream)} tokens, fewer than one "
+        print(f"warning: {kind} text has {len(stream)} tokens, fewer than one "
               f"{seq_len}-token sample; using one shorter sample", file=sys.stderr)
         tokens = torch.tensor([stream], dtype=torch.long)
     else:
         if count < samples:
-            print(f"warning: calibration text gives only {count} of {samples} samples",
+            print(f"warning: {kind} text gives only {count} of {samples} samples",
                   file=sys.stderr)
         tokens = torch.tensor(stream[:count * seq_len], dtype=torch.long).view(count, seq_len)
     tokenizer.check_ids(tokens)
@@ -270,10 +271,11 @@ def calibration_tokens(docs: list[str], tokenizer: TextTokenizer, samples: int, 
 
 
 def text_tokens(path: Path, tokenizer: TextTokenizer, samples: int, seq_len: int,
-                seed: int) -> torch.Tensor:
-    """calibration_tokens of a text file, reading no more of each document than it can need."""
-    docs = read_documents(path, tokenizer.chars_for(samples * seq_len))
-    return calibration_tokens(docs, tokenizer, samples, seq_len, seed)
+                seed: int, kind: str = "calibration") -> torch.Tensor:
+    """calibration_tokens of a text file, reading no more of each document than it can need;
+    kind names the text in messages."""
+    docs = read_documents(path, tokenizer.chars_for(samples * seq_len), kind)
+    return calibration_tokens(docs, tokenizer, samples, seq_len, seed, kind)
 
 
 def embedding_rows(ckpt: Checkpoint) -> int | None:
@@ -287,10 +289,15 @@ def model_tokenizer(ckpt: Checkpoint) -> TextTokenizer:
     return TextTokenizer(ckpt.root, embedding_rows(ckpt))
 
 
-def load_calibration(ckpt: Checkpoint, calib: str | None, samples: int, seq_len: int,
-                     seed: int) -> torch.Tensor:
+def calibration_path(calib: str) -> Path:
+    """--calib as a path; an empty one is bad input (Path("") would be the working directory)."""
     if calib == "":
         raise UserError("--calib is empty: name a .jsonl, .json.gz or .txt file")
+    return Path(calib)
+
+
+def load_calibration(ckpt: Checkpoint, calib: str | None, samples: int, seq_len: int,
+                     seed: int) -> torch.Tensor:
     tokenizer = model_tokenizer(ckpt)
-    path = Path(calib) if calib is not None else default_calibration_file()
+    path = calibration_path(calib) if calib is not None else default_calibration_file()
     return text_tokens(path, tokenizer, samples, seq_len, seed)

@@ -14,12 +14,17 @@ import tempfile
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
-from .clustering import GROUPINGS, LINKAGES
+from . import __version__
 from .errors import UserError
 from .options import (
     DEFAULT_COMPARISON,
+    DEFAULT_SHARD_SIZE,
+    DEFAULTS,
     DEVICES,
+    GROUPINGS,
+    LINKAGES,
     MERGES,
     METHODS,
     METRICS,
@@ -28,6 +33,8 @@ from .options import (
     PRUNE_BY,
     ROUTERS,
     ConvertOptions,
+    read_recipe,
+    size_option,
 )
 from .resources import human_bytes, peak_gpu_bytes, peak_rss_bytes
 from .signals import Interrupted, signals_as_interrupts
@@ -37,7 +44,8 @@ class DefaultToConvert(click.Group):
     """A group whose first argument, when it is not a subcommand, is the SRC of `convert`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h",
+                                                                        "--version"):
             args = ["convert", *args]
         return super().parse_args(ctx, args)
 
@@ -71,16 +79,17 @@ def run_guarded(action):
         fail(f"interrupted by {interrupt.name}; {outcome}", 128 + interrupt.signum)
 
 
-def parse_size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    upper = text.strip().upper()
-    for unit, factor in units.items():
-        if upper.endswith(unit):
-            return int(float(upper[: -len(unit)]) * factor)
-    return int(upper)
+def probe_hub_if_needed(*sources: str, also: bool = False) -> None:
+    """A run that will reach the Hub (a source that is no local directory, or `also`) first
+    checks that it can: offline, huggingface_hub retries each request for half a minute."""
+    if also or any(not Path(src).is_dir() for src in sources):
+        from .hub import go_offline_if_unreachable
+
+        go_offline_if_unreachable()
 
 
 @click.group(cls=DefaultToConvert, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hcconvert")
 def main() -> None:
     """Reduce the experts of a Mixture-of-Experts checkpoint (HC-SMoE), one layer at a time.
 
@@ -102,81 +111,102 @@ def options_of(*decorators):
     return apply
 
 
+# Numbers are checked by ConvertOptions itself, the same for the CLI and the Python API.
 calibration_numbers = options_of(
-    click.option("--calib-samples", type=int, default=32, show_default=True,
-                 help="Calibration sequences."),
-    click.option("--seq-len", type=int, default=2048, show_default=True,
+    click.option("--calib-samples", type=int, default=DEFAULTS["calib_samples"],
+                 show_default=True, help="Calibration sequences."),
+    click.option("--seq-len", type=int, default=DEFAULTS["seq_len"], show_default=True,
                  help="Tokens per calibration sequence."),
-    click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True,
+    click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True,
                  help="Seed of the calibration sample and of random choices."))
 router_option = click.option(
-    "--router", type=click.Choice(ROUTERS), default="freq-avg", show_default=True,
+    "--router", type=click.Choice(ROUTERS), default=DEFAULTS["router"], show_default=True,
     help="Router row of a merged expert: its most used member's, the frequency-weighted "
     "average, or a least-squares fit of the members' softmax mass.")
-device_option = click.option("--device", type=click.Choice(DEVICES), default="auto",
+device_option = click.option("--device", type=click.Choice(DEVICES), default=DEFAULTS["device"],
                              show_default=True)
+
+
+def shard_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return size_option(value)
+    except UserError as err:
+        raise click.BadParameter(str(err)) from None
 
 
 @main.command()
 @click.argument("src")
-@click.option("--experts", "-r", type=int, required=True, help="Experts to keep per MoE layer.")
+@click.option("--experts", "-r", type=int, help="Experts to keep per MoE layer (required "
+              "unless --recipe gives it).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Replay a run: the options of its hcconvert.json (or of a JSON object of "
+              "options); flags given here override them.")
 @click.option("--calib", help="Calibration text: .jsonl / .json.gz with a 'text' field, or .txt. "
               "Default: the paper's C4 shard from the Hub.")
 @calibration_numbers
-@click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default=DEFAULTS["method"],
+              show_default=True,
               help="Merge groups of experts; prune (keep R experts, drop the rest); ream "
               "(REAP-saliency leaders, the rest merged into them); auto (per layer, the "
               "layer-fitted candidate that best reproduces the original layer's output).")
-@click.option("--layer-fit/--no-layer-fit", default=False, show_default=True,
+@click.option("--layer-fit/--no-layer-fit", default=DEFAULTS["layer_fit"], show_default=True,
               help="Refit the kept or merged experts' down projections so the reduced layer "
               "reproduces the original layer's output on the calibration tokens.")
-@click.option("--metric", type=click.Choice(METRICS), default="output", show_default=True,
+@click.option("--metric", type=click.Choice(METRICS), default=DEFAULTS["metric"],
+              show_default=True,
               help="Expert similarity for grouping: mean output over the calibration tokens, "
               "router-logit column on sampled tokens, or the flattened weights.")
-@click.option("--grouping", type=click.Choice(GROUPINGS), default="hierarchical",
+@click.option("--grouping", type=click.Choice(GROUPINGS), default=DEFAULTS["grouping"],
               show_default=True, help="hierarchical: HC-SMoE; dominant: the R most used "
               "experts lead and the rest join the nearest; kmeans; random.")
-@click.option("--linkage", type=click.Choice(LINKAGES), default="average", show_default=True,
-              help="Linkage of hierarchical grouping.")
-@click.option("--max-group-size", type=click.IntRange(min=1), metavar="N",
+@click.option("--linkage", type=click.Choice(LINKAGES), default=DEFAULTS["linkage"],
+              show_default=True, help="Linkage of hierarchical grouping.")
+@click.option("--max-group-size", type=int, metavar="N",
               help="Merge at most N experts into one (default: no limit).")
-@click.option("--merge", type=click.Choice(MERGES), default="freq", show_default=True,
+@click.option("--merge", type=click.Choice(MERGES), default=DEFAULTS["merge"], show_default=True,
               help="freq / average: weighted / plain average of weights; fix-dom: the most "
               "used member's neurons absorb the others' most correlated ones; msmoe: neurons "
               "aligned to the most used member (Hungarian), then freq; mergemoe: msmoe's gate "
               "and up, down fitted by least squares to the members' outputs.")
-@click.option("--prune-by", type=click.Choice(PRUNE_BY), default="frequency",
+@click.option("--prune-by", type=click.Choice(PRUNE_BY), default=DEFAULTS["prune_by"],
               show_default=True, help="With --method prune, keep the experts picked most often "
               "(F-prune) or with the largest routed output, REAP's saliency (O-prune).")
 @router_option
-@click.option("--propagate", type=click.Choice(PROPAGATIONS), default="original",
+@click.option("--propagate", type=click.Choice(PROPAGATIONS), default=DEFAULTS["propagate"],
               show_default=True, help="Next layer's input: the original or the merged output.")
-@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--max-shard-size", default=DEFAULT_SHARD_SIZE, show_default=True,
+              callback=shard_size)
 @device_option
 @click.option("--revision", help="Hub revision of SRC.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
-@click.option("--dry-run", is_flag=True, help="Print the plan and exit; reads headers only.")
-@click.option("--push-to-hub", "push_repo", metavar="REPO", help="Upload the result.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and check what the run needs "
+              "(tokenizer, calibration text, disk, Hub access); reads headers only, exits 2 "
+              "where the run would fail.")
+@click.option("--push-to-hub", "push_repo", metavar="REPO", help="Upload the result (token, "
+              "repo name and write access are checked before the conversion starts).")
 @click.option("--private", is_flag=True, help="With --push-to-hub: a private repo.")
-def convert(src, out, overwrite, dry_run, push_repo, private, max_shard_size, **kwargs) -> None:
+@click.pass_context
+def convert(ctx, src, out, recipe, overwrite, dry_run, push_repo, private, **given) -> None:
     """Convert SRC (a directory or a Hub repo id) into a checkpoint with fewer experts."""
     def action():
-        try:
-            shard_bytes = parse_size(max_shard_size)
-        except (ValueError, OverflowError):
-            raise UserError(f"--max-shard-size {max_shard_size!r} is not a size like 5GB") from None
-        options = ConvertOptions(max_shard_size=shard_bytes, **kwargs)
-        validate_numbers(options)
+        options = options_from(ctx, given, recipe)
+        probe_hub_if_needed(src, also=options.calib is None or push_repo is not None)
+        if push_repo:
+            from .hub import check_push
+
+            check_push(push_repo)
         if dry_run:
             from .report import print_plan
 
-            return print_plan(src, options)
+            return print_plan(src, options, out, overwrite)
         if out is None:
             raise UserError("--out is required (or pass --dry-run)")
         from .convert import convert as run_conversion
+        from .preflight import check_ready, plan_from_headers
         from .report import print_summary
 
+        check_ready(*plan_from_headers(src, options), options, out, overwrite)
         conversion = run_conversion(src, out, options, overwrite=overwrite)
         print_summary(conversion)
         if push_repo:
@@ -187,10 +217,16 @@ def convert(src, out, overwrite, dry_run, push_repo, private, max_shard_size, **
     run_guarded(action)
 
 
-def validate_numbers(options: ConvertOptions) -> None:
-    for name in ("experts", "calib_samples", "seq_len", "max_shard_size"):
-        if getattr(options, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+def options_from(ctx: click.Context, given: dict, recipe: Path | None) -> ConvertOptions:
+    """The options of the recipe (if any) with the flags given on the command line over them;
+    without a recipe, every flag's value, defaults included."""
+    values = read_recipe(recipe) if recipe else {}
+    for name, value in given.items():
+        if recipe is None or ctx.get_parameter_source(name) != ParameterSource.DEFAULT:
+            values[name] = value
+    if values.get("experts") is None:
+        raise UserError("--experts is required (or pass --recipe FILE)")
+    return ConvertOptions(**values)
 
 
 def parse_methods(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
@@ -235,12 +271,12 @@ def compare(src, methods, eval_text, out_dir, csv_path, json_path, eval_seq_len,
     computed once for all), then score each against SRC: perplexity, KL and minutes."""
     def action():
         base = ConvertOptions(**kwargs)
-        validate_numbers(base)
         if min(eval_seq_len, eval_samples) < 1:
             raise UserError("--eval-seq-len and --eval-samples must be at least 1")
         from .compare import compare as run_comparison
         from .compare import markdown_table, named_variants, planned_bytes, write_csv, write_json
 
+        probe_hub_if_needed(src)
         variants = named_variants(methods, base)
         click.echo(f"disk: {human_bytes(planned_bytes(src, variants))} for "
                    f"{len(variants)} reduced checkpoints", err=True)
@@ -265,7 +301,11 @@ def inspect(src, revision) -> None:
     """Describe SRC without reading tensor data."""
     from .report import print_inspection
 
-    run_guarded(lambda: print_inspection(src, revision))
+    def action():
+        probe_hub_if_needed(src)
+        print_inspection(src, revision)
+
+    run_guarded(action)
 
 
 @main.command("eval")
@@ -283,6 +323,7 @@ def evaluate_command(original, reduced, text, seq_len, samples, device) -> None:
     from .greedy import CONTINUATION_TOKENS
 
     def action():
+        probe_hub_if_needed(original, reduced)
         result = evaluate(original, reduced, text, seq_len, samples, device)
         click.echo(f"tokens               {result.tokens}")
         click.echo(f"perplexity original  {result.perplexity_original:.4f}")

@@ -10,8 +10,7 @@ import numpy as np
 from scipy.cluster.hierarchy import linkage as scipy_linkage
 from scipy.spatial.distance import cdist, pdist, squareform
 
-GROUPINGS = ("hierarchical", "dominant", "kmeans", "random")
-LINKAGES = ("average", "single", "complete", "ward")
+from .options import GROUPINGS, LINKAGES
 
 _KMEANS_ITERATIONS = 100
 

@@ -87,7 +87,8 @@ def evaluate_many(original: str, reduced: list[str], text: Path, seq_len: int = 
     others = [open_source(src) for src in reduced]
     for other, other_spec in others:
         _check_compatible(ckpt, spec, other, other_spec)
-    tokens = text_tokens(text, model_tokenizer(ckpt), samples, seq_len, seed=0)
+    tokens = text_tokens(text, model_tokenizer(ckpt), samples, seq_len, seed=0,
+                         kind="held-out")
     if tokens.shape[1] < 2:
         raise UserError(f"{text} gives {tokens.shape[1]} token: nothing to predict")
     reference = StreamedModel(ckpt, spec, tokens, torch_device)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import platform
 import sys
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import __version__
+from .calibration import C4_FILE, C4_REPO
 from .options import ConvertOptions
 from .source import Checkpoint, is_hub_id
 from .writer import write_json
@@ -19,6 +24,21 @@ if TYPE_CHECKING:
 REDUCTION_FIELDS = ("calib", "calib_samples", "seq_len", "seed", "method", "metric", "grouping",
                     "linkage", "max_group_size", "merge", "prune_by", "router", "propagate",
                     "layer_fit")
+# Libraries whose versions can change the result, recorded in hcconvert.json.
+RECORDED_LIBRARIES = ("torch", "safetensors", "transformers", "huggingface_hub", "tokenizers",
+                      "numpy", "scipy", "triton")
+# Model-card keys copied from the source's card: the reduction inherits its license.
+LICENSE_KEYS = ("license", "license_name", "license_link")
+
+
+@dataclass
+class RunRecord:
+    """What only the pipeline knows about a run, for hcconvert.json: the device it ran on,
+    the compute dtype, the expert-statistics kernel (triton or torch); None where unsaid."""
+
+    device: str | None = None
+    dtype: str | None = None
+    kernel: str | None = None
 
 
 def reduced_config(config: dict, family: Family, experts: int, top_k: int) -> dict:
@@ -56,7 +76,7 @@ def _flag(name: str, value) -> str:
 
 
 def write_metadata(directory: Path, ckpt: Checkpoint, conversion: Conversion,
-                   options: ConvertOptions) -> None:
+                   options: ConvertOptions, run: RunRecord | None = None) -> None:
     plan = conversion.plan
     config = reduced_config(ckpt.config, plan.spec.family, plan.experts_out, plan.top_k_out)
     write_json(directory / "config.json", config)
@@ -69,23 +89,89 @@ def write_metadata(directory: Path, ckpt: Checkpoint, conversion: Conversion,
         "source": conversion.source,
         "method": options.method,
         "options": options.to_json(),
+        "hcconvert_version": __version__,
+        "environment": environment(),
+        "run": asdict(run or RunRecord()),
+        "calibration": calibration_used(conversion, options),
         "experts_before": plan.spec.num_experts,
         "experts_after": plan.experts_out,
         "layers": layers,
     })
-    (directory / "README.md").write_text(model_card(conversion, options))
+    (directory / "README.md").write_text(model_card(conversion, options,
+                                                    source_license(ckpt)))
 
 
-def model_card(conversion: Conversion, options: ConvertOptions) -> str:
+def environment() -> dict:
+    """Python, the platform and the versions of the libraries that shape the result."""
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "libraries": {name: _installed_version(name) for name in RECORDED_LIBRARIES}}
+
+
+def _installed_version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def calibration_used(conversion: Conversion, options: ConvertOptions) -> dict:
+    """The calibration actually cut: fewer samples than asked when the text runs short (and
+    one shorter sample when it holds less than one), from the tokens every MoE layer saw."""
+    tokens = conversion.layers[0].tokens if conversion.layers else None
+    samples = -(-tokens // options.seq_len) if tokens is not None else None
+    return {"text": options.calib or f"{C4_REPO}/{C4_FILE}", "samples": samples,
+            "tokens": tokens, "seed": options.seed}
+
+
+def source_license(ckpt: Checkpoint) -> dict[str, str]:
+    """The license keys of the source's model card front matter (README.md), else of its
+    config.json; empty when neither says."""
+    card = ckpt.files.read_text("README.md") or ""
+    found = _front_matter(card)
+    found = {k: found[k] for k in LICENSE_KEYS if k in found}
+    if not found:
+        found = {k: str(ckpt.config[k]) for k in LICENSE_KEYS if k in ckpt.config}
+    return found
+
+
+def _front_matter(card: str) -> dict[str, str]:
+    """The one-line `key: value` entries of a model card's YAML front matter (lists and
+    nested entries, which the license never is, are skipped)."""
+    lines = card.splitlines()
+    if not lines or lines[0].strip() != "---":
+        return {}
+    entries = {}
+    for line in lines[1:]:
+        if line.strip() == "---":
+            break
+        key, sep, value = line.partition(":")
+        if sep and value.strip() and not line.startswith((" ", "-")):
+            entries[key.strip()] = value.strip().strip("\"'")
+    return entries
+
+
+def model_card(conversion: Conversion, options: ConvertOptions,
+               license_keys: dict[str, str] | None = None) -> str:
     plan = conversion.plan
-    hub_source = is_hub_id(conversion.source)
-    front = ["---", "library_name: transformers", "tags:", "- moe", "- hc-smoe", "- hcconvert"]
-    if hub_source:
+    front = ["---", "library_name: transformers",
+             *(f"{key}: {value}" for key, value in (license_keys or {}).items()),
+             "tags:", "- moe", "- hc-smoe", "- hcconvert"]
+    if is_hub_id(conversion.source):
         front.insert(1, f"base_model: {conversion.source}")
     groups = "\n".join(f"| {r.layer} | {json.dumps(r.groups)} |" for r in conversion.layers)
     return "\n".join(front + ["---", "", f"# {conversion.out.name}", "",
         f"`{conversion.source}` with its MoE layers reduced from {plan.spec.num_experts} to "
         f"{plan.experts_out} experts by {options.describe()} with "
-        "hcconvert, without retraining.", "",
+        f"hcconvert {__version__}, without retraining.", "",
         "```", command_line(conversion.source, options, conversion.out), "```", "",
+        calibration_details(conversion, options), "",
         "| layer | expert groups (original indices) |", "| --- | --- |", groups, ""])
+
+
+def calibration_details(conversion: Conversion, options: ConvertOptions) -> str:
+    used = calibration_used(conversion, options)
+    text = f"`{Path(options.calib).name}`" if options.calib else f"C4 (`{C4_REPO}` `{C4_FILE}`)"
+    cut = (f"{used['samples']} samples ({used['tokens']} tokens)" if used["tokens"] is not None
+           else f"{options.calib_samples} samples")
+    return (f"Calibration: {cut} of up to {options.seq_len} tokens from {text}, "
+            f"seed {options.seed}.")

@@ -1,20 +1,77 @@
-"""Every conversion option in one frozen object; the CLI and the Python API both build it."""
+"""Every conversion option in one frozen object; the CLI and the Python API both build it.
+
+The object checks its own values, so a misspelt method through the Python API fails the way
+it does on the command line: one line naming the option and what it accepts.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
 
 METHODS = ("merge", "prune", "ream", "auto")
 METRICS = ("output", "router-logits", "weights")
+GROUPINGS = ("hierarchical", "dominant", "kmeans", "random")
+LINKAGES = ("average", "single", "complete", "ward")
 ROUTERS = ("dominant", "freq-avg", "lse-fit")
 MERGES = ("freq", "average", "fix-dom", "msmoe", "mergemoe")
 PRUNE_BY = ("frequency", "output")
 PROPAGATIONS = ("original", "merged")
 DEVICES = ("auto", "cpu", "cuda")
+# The options whose value must be one of a fixed set.
+CHOICES = {"method": METHODS, "metric": METRICS, "grouping": GROUPINGS, "linkage": LINKAGES,
+           "merge": MERGES, "router": ROUTERS, "propagate": PROPAGATIONS,
+           "prune_by": PRUNE_BY, "device": DEVICES}
+# Integer options and their least value.
+MINIMUMS = {"experts": 1, "calib_samples": 1, "seq_len": 1, "seed": 0, "max_shard_size": 1,
+            "max_group_size": 1}
+TEXTS = ("calib", "revision")
+# Options that may be None: no calibration file (the default C4 shard), no revision, no limit.
+NULLABLE = ("calib", "revision", "max_group_size")
 # What decides the calibration hidden states: conversions that agree on these (and propagate
 # the original outputs) can share one pass over the layers.
 CALIBRATION_FIELDS = ("calib", "calib_samples", "seq_len", "seed", "device", "revision")
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+DEFAULT_SHARD_SIZE = "5GB"
+
+
+def flag(name: str) -> str:
+    """An option's name as the command line spells it."""
+    return "--" + name.replace("_", "-")
+
+# Options that are on or off.
+SWITCHES = ("layer_fit",)
+
+
+def _check_value(name: str, value) -> None:
+    if value is None and name in NULLABLE:
+        return
+    if name in CHOICES and value not in CHOICES[name]:
+        raise UserError(f"{flag(name)} {value!r} is not valid; choose from "
+                        f"{', '.join(CHOICES[name])}")
+    # bool is an int to Python, but seed=True is a mistake, not 1
+    if name in MINIMUMS and (not isinstance(value, int) or isinstance(value, bool)
+                             or value < MINIMUMS[name]):
+        raise UserError(f"{flag(name)} {value!r} is not valid; it must be an integer of at "
+                        f"least {MINIMUMS[name]}")
+    if name in TEXTS and not isinstance(value, str):
+        raise UserError(f"{flag(name)} {value!r} is not valid; it must be text")
+    if name in SWITCHES and not isinstance(value, bool):
+        raise UserError(f"{flag(name)} {value!r} is not valid; it must be true or false")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as 5GB, 500MB or 1000000."""
+    upper = text.strip().upper()
+    for unit, factor in SIZE_UNITS.items():
+        if upper.endswith(unit):
+            return int(float(upper[: -len(unit)]) * factor)
+    return int(upper)
 
 
 @dataclass(frozen=True)
@@ -32,7 +89,7 @@ class ConvertOptions:
     calib_samples: int = 32
     seq_len: int = 2048
     seed: int = 42
-    max_shard_size: int = 5 * 10**9
+    max_shard_size: int = parse_size(DEFAULT_SHARD_SIZE)
     device: str = "auto"
     revision: str | None = None
     metric: str = "output"
@@ -41,6 +98,12 @@ class ConvertOptions:
     # Refit the kept/merged experts' down projections so the reduced layer reproduces the
     # original layer's output on the calibration tokens (layerfit.py).
     layer_fit: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.calib, os.PathLike):  # a Path from the Python API; JSON needs str
+            object.__setattr__(self, "calib", os.fspath(self.calib))
+        for field in dataclasses.fields(self):
+            _check_value(field.name, getattr(self, field.name))
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -69,6 +132,40 @@ class ConvertOptions:
         size = f", groups of at most {self.max_group_size}" if self.max_group_size else ""
         return (f"merging ({how} grouping of expert {self.metric} features{size}, "
                 f"{self.merge} merge, {self.router} router)")
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ConvertOptions))
+# Each option's default, for the CLI's defaults (experts has none).
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(ConvertOptions)
+            if f.default is not dataclasses.MISSING}
+
+
+def read_recipe(path: Path) -> dict:
+    """The options of a recipe: an hcconvert.json written by a conversion (its "options"), or
+    a JSON object of options such as {"experts": 4, "method": "prune"}. Values are checked
+    when the ConvertOptions is built; max_shard_size may be a size such as "5GB"."""
+    try:
+        recipe = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read recipe {path}: {err}") from None
+    options = recipe.get("options", recipe) if isinstance(recipe, dict) else None
+    if not isinstance(options, dict):
+        raise UserError(f"recipe {path} is not a JSON object of options")
+    unknown = sorted(set(options) - set(FIELD_NAMES))
+    if unknown:
+        raise UserError(f"recipe {path}: unknown option {unknown[0]!r}; options are "
+                        f"{', '.join(FIELD_NAMES)}")
+    if isinstance(options.get("max_shard_size"), str):
+        options = {**options, "max_shard_size": size_option(options["max_shard_size"])}
+    return options
+
+
+def size_option(text: str) -> int:
+    """--max-shard-size as bytes; a malformed size is a UserError."""
+    try:
+        return parse_size(text)
+    except (ValueError, OverflowError):
+        raise UserError(f"--max-shard-size {text!r} is not a size like 5GB") from None
 
 
 # HC-SMoE, the paper's recipe: ConvertOptions' defaults (average-linkage clustering of expert

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from .convert import Conversion, open_source
+from .convert import Conversion
 from .errors import UserError
 from .families import family_for
 from .options import ConvertOptions
-from .plan import build_plan, validate_tensors
+from .plan import validate_tensors
+from .preflight import check_ready, plan_from_headers
 from .resources import human_bytes, peak_gpu_bytes, peak_rss_bytes
-from .source import Checkpoint, resolve_source
+from .source import open_headers
 from .spec import ModelSpec
 
 # Resident during a conversion besides one layer's weights: hidden states and the MoE input
@@ -18,14 +21,17 @@ from .spec import ModelSpec
 RESIDENT_TOKEN_BUFFERS = 4
 
 
-def print_plan(src: str, options: ConvertOptions) -> None:
-    ckpt, spec = open_source(src, options.revision)
-    plan = build_plan(ckpt, spec, options.experts)
+def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
+               overwrite: bool = False) -> None:
+    """The plan from SRC's headers, then the checks the real run makes before its work: a
+    UserError from them means the real run would fail."""
+    ckpt, plan = plan_from_headers(src, options)
+    spec = plan.spec
     tokens = options.calib_samples * options.seq_len
     layer_bytes = plan.max_layer_bytes(ckpt)
     hidden_bytes = RESIDENT_TOKEN_BUFFERS * tokens * spec.hidden * 4
     lines = [
-        f"source        {ckpt.root}",
+        f"source        {ckpt.location}",
         f"family        {spec.family.model_type}",
         f"layers        {spec.num_layers} ({len(spec.moe_layers)} MoE: "
         f"{_ranges(spec.moe_layers)})",
@@ -38,6 +44,7 @@ def print_plan(src: str, options: ConvertOptions) -> None:
         f"(largest layer {human_bytes(layer_bytes)}, token buffers {human_bytes(hidden_bytes)})",
     ]
     click.echo("\n".join(lines))
+    check_ready(ckpt, plan, options, out, overwrite)
 
 
 def _ranges(layers: tuple[int, ...]) -> str:
@@ -51,7 +58,7 @@ def _ranges(layers: tuple[int, ...]) -> str:
 def print_inspection(src: str, revision: str | None) -> None:
     """Describe SRC from its config and shard headers; an unsupported model is described too,
     with the reason, rather than failing."""
-    ckpt = Checkpoint(resolve_source(src, revision))
+    ckpt = open_headers(src, revision)
     dtypes = sorted({info.dtype for info in ckpt.tensors.values()})
     footer = [f"dtype         {', '.join(dtypes)}",
               f"size          {human_bytes(ckpt.total_bytes)} in {len(ckpt.tensors)} tensors"]

@@ -1,15 +1,20 @@
 """Reading a checkpoint: resolve SRC, read config and shard index, open tensors lazily.
 
 Nothing here loads more than the tensor asked for: shards are memory-mapped by
-`safetensors.safe_open`, and the headers alone answer names, shapes and dtypes.
+`safetensors.safe_open`, and the headers alone answer names, shapes and dtypes. A Checkpoint
+reads its config, index and headers through CheckpointFiles: a local directory (LocalFiles) or
+a Hub repo read over HTTP without its weights (remote.RemoteFiles), so planning and `inspect`
+work the same on both.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -24,8 +29,9 @@ SINGLE_FILE = "model.safetensors"
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
               "chat_template.jinja", "chat_template.json")
-# What a conversion needs from a Hub repo besides the shards.
-HUB_SIDE_FILES = ["config.json", *SIDE_FILES, INDEX_FILE]
+# What a conversion needs from a Hub repo besides the shards (README.md: the model card's
+# license).
+HUB_SIDE_FILES = ["config.json", *SIDE_FILES, INDEX_FILE, "README.md"]
 # safetensors refuses headers above 100 MB: so do we, before reading one into memory.
 MAX_HEADER_BYTES = 100_000_000
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -59,44 +65,69 @@ def is_hub_id(src: str) -> bool:
             and src.count("/") == 1)
 
 
+def check_hub_id(src: str) -> None:
+    """Refuse a SRC that is no directory and cannot be a Hub repo id, or that names a missing
+    directory inside an existing one (models/mixtral where models/ exists is a typo, not a
+    Hub repo)."""
+    parent = Path(src).parent
+    if parent != Path(".") and parent.is_dir():
+        raise UserError(f"source {src}: no such directory")
+    if not is_hub_id(src):
+        raise UserError(f"source {src}: no such directory, and not a Hub repo id (owner/name)")
+
+
 def resolve_source(src: str, revision: str | None = None) -> Path:
     """A local directory as is, or a Hub repo id downloaded (safetensors and config only)."""
     if Path(src).is_dir():
         return Path(src)
-    if not is_hub_id(src):
-        raise UserError(f"source {src!r} is not a directory or a Hub repo id (owner/name)")
+    check_hub_id(src)
     return _download(src, revision)
+
+
+def open_headers(src: str, revision: str | None = None) -> Checkpoint:
+    """SRC's config and tensor headers without its weights: a local directory as is, a Hub repo
+    read by HTTP range requests (from the HF cache when offline)."""
+    from huggingface_hub import constants
+
+    if Path(src).is_dir():
+        return Checkpoint(Path(src))
+    check_hub_id(src)
+    if constants.is_offline_mode():
+        return Checkpoint(_download(src, revision))
+    from .hub import hub_errors
+    from .remote import RemoteFiles
+
+    with hub_errors(f"cannot read {src!r} from the Hub"):
+        return Checkpoint(RemoteFiles(src, revision))
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    try:
+    from .hub import hub_errors
+
+    with hub_errors(f"cannot download {repo_id!r}"):
         root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_SIDE_FILES))
         # Only the shards the index names: some repos also carry other-format weights.
         shards = _indexed_shards(root)
         return Path(snapshot_download(repo_id, revision=revision,
                                       allow_patterns=HUB_SIDE_FILES + shards))
-    except LocalEntryNotFoundError:
-        raise UserError(f"cannot download {repo_id!r}: offline and not in the HF cache") from None
-    except (HfHubHTTPError, OSError, ValueError) as err:
-        raise UserError(f"cannot download {repo_id!r}: {first_line(err)}") from None
 
 
 def _indexed_shards(root: Path) -> list[str]:
     if not (root / INDEX_FILE).is_file():
         return [SINGLE_FILE]
-    return sorted(set(_read_index_map(root / INDEX_FILE).values()))
+    return sorted(set(parse_index((root / INDEX_FILE).read_text(), root / INDEX_FILE).values()))
 
 
-def _read_index_map(path: Path) -> dict[str, str]:
+def parse_index(text: str, where: str | Path) -> dict[str, str]:
+    """The weight map (tensor name -> shard) of a safetensors index's text."""
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{path} is not a valid safetensors index ({err})") from None
+        weight_map = json.loads(text)["weight_map"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{where} is not a valid safetensors index ({err})") from None
     if not isinstance(weight_map, dict):
-        raise UserError(f"{path} is not a valid safetensors index (weight_map is not a map)")
+        raise UserError(f"{where} is not a valid safetensors index (weight_map is not a map)")
     return weight_map
 
 
@@ -114,16 +145,23 @@ def read_shard_header(path: Path) -> dict[str, TensorInfo]:
     except (OSError, ValueError, RecursionError, struct.error) as err:
         raise UserError(f"shard {path.name} is unreadable or truncated "
                         f"({first_line(err)})") from None
+    return header_tensors(path.name, header, header_len, size)
+
+
+def header_tensors(shard: str, header: object, header_len: int,
+                   size: int | None) -> dict[str, TensorInfo]:
+    """The tensors of a parsed safetensors header, checked entry by entry; size (the file's
+    bytes, None when unknown) must be exactly what the header promises."""
     if not isinstance(header, dict):
-        raise UserError(f"shard {path.name}: its header is not a JSON object")
+        raise UserError(f"shard {shard}: its header is not a JSON object")
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not isinstance(metadata, dict):
-        raise UserError(f"shard {path.name}: __metadata__ is not a JSON object")
-    tensors = {name: _tensor_entry(path.name, name, entry) for name, entry in header.items()}
-    data_end = _check_packed(path.name, {name: header[name]["data_offsets"] for name in tensors})
-    if 8 + header_len + data_end != size:
+        raise UserError(f"shard {shard}: __metadata__ is not a JSON object")
+    tensors = {name: _tensor_entry(shard, name, entry) for name, entry in header.items()}
+    data_end = _check_packed(shard, {name: header[name]["data_offsets"] for name in tensors})
+    if size is not None and 8 + header_len + data_end != size:
         problem = "truncated" if 8 + header_len + data_end > size else "longer than its header says"
-        raise UserError(f"shard {path.name} is {problem}: {size} bytes, header promises "
+        raise UserError(f"shard {shard} is {problem}: {size} bytes, header promises "
                         f"{8 + header_len + data_end}")
     return tensors
 
@@ -178,39 +216,77 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
             raise UserError(f"tensor {name} holds NaN or infinite values")
 
 
-class Checkpoint:
-    """A Hugging Face checkpoint directory: config, tensor index, lazy tensor access."""
+class CheckpointFiles(Protocol):
+    """Where a Checkpoint reads its config, index and shard headers."""
+
+    root: Path | None  # the local directory holding the shards; None for a remote repo
+    location: str  # for messages
+
+    def read_text(self, name: str) -> str | None:
+        """A small file's text; None when it does not exist."""
+
+    def exists(self, name: str) -> bool: ...
+
+    def shard_headers(self, shards: list[str]) -> dict[str, TensorInfo]:
+        """Every tensor of these shards, from their headers; a missing shard is a UserError."""
+
+
+class LocalFiles:
+    """A checkpoint directory."""
 
     def __init__(self, root: Path):
         self.root = root
-        self.config = self._read_config()
-        self.tensors = self._read_index()
+        self.location = str(root)
 
-    def _read_config(self) -> dict:
-        path = self.root / "config.json"
-        if not path.is_file():
-            raise UserError(f"{self.root} has no config.json")
-        try:
-            config = json.loads(path.read_text())
-        except (ValueError, RecursionError) as err:
-            raise UserError(f"{path} is not valid JSON: {first_line(err)}") from None
-        check_config(config)
-        return config
+    def read_text(self, name: str) -> str | None:
+        path = self.root / name
+        return path.read_text() if path.is_file() else None
 
-    def _read_index(self) -> dict[str, TensorInfo]:
-        index = self.root / INDEX_FILE
-        if index.is_file():
-            weight_map = _read_index_map(index)
-            shards = sorted(set(weight_map.values()))
-        elif (self.root / SINGLE_FILE).is_file():
-            weight_map, shards = None, [SINGLE_FILE]
-        else:
-            raise UserError(f"{self.root} has no {INDEX_FILE} or {SINGLE_FILE}")
+    def exists(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
+    def shard_headers(self, shards: list[str]) -> dict[str, TensorInfo]:
         headers: dict[str, TensorInfo] = {}
         for shard in shards:
             if not (self.root / shard).is_file():
                 raise UserError(f"shard {shard} named in the index is missing from {self.root}")
             headers.update(read_shard_header(self.root / shard))
+        return headers
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint: config, tensor index, lazy tensor access (local only)."""
+
+    def __init__(self, source: Path | str | CheckpointFiles):
+        self.files = (LocalFiles(Path(source)) if isinstance(source, str | os.PathLike)
+                      else source)
+        self.root = self.files.root
+        self.location = self.files.location
+        self.config = self._read_config()
+        self.tensors = self._read_index()
+
+    def _read_config(self) -> dict:
+        text = self.files.read_text("config.json")
+        if text is None:
+            raise UserError(f"{self.location} has no config.json")
+        try:
+            config = json.loads(text)
+        except (ValueError, RecursionError) as err:
+            raise UserError(f"{self.location}/config.json is not valid JSON: "
+                            f"{first_line(err)}") from None
+        check_config(config)
+        return config
+
+    def _read_index(self) -> dict[str, TensorInfo]:
+        index = self.files.read_text(INDEX_FILE)
+        if index is not None:
+            weight_map = parse_index(index, f"{self.location}/{INDEX_FILE}")
+            shards = sorted(set(weight_map.values()))
+        elif self.files.exists(SINGLE_FILE):
+            weight_map, shards = None, [SINGLE_FILE]
+        else:
+            raise UserError(f"{self.location} has no {INDEX_FILE} or {SINGLE_FILE}")
+        headers = self.files.shard_headers(shards)
         if weight_map is None:
             return headers
         for name, shard in weight_map.items():

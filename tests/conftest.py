@@ -59,6 +59,16 @@ def _spread_weights(model) -> None:
                 p.normal_(0, 1)
 
 
+@pytest.fixture(autouse=True)
+def restore_hub_offline_switch(monkeypatch):
+    """The CLI switches huggingface_hub to offline mode when the Hub is unreachable; undo that
+    after each test, so no test depends on the ones before it."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE",
+                        huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
 @pytest.fixture
 def calib_text() -> Path:
     return data_file("demo_calib.txt")

@@ -94,7 +94,16 @@ def test_bad_expert_count(tmp_path, src, calib_text, experts, fragment):
 
 def test_missing_source(tmp_path, calib_text):
     assert_user_error(run(*convert_args(tmp_path / "nope", tmp_path / "out", calib_text)),
-                      "not a directory")
+                      "no such directory")
+
+
+def test_missing_directory_that_looks_like_a_hub_id(tmp_path, calib_text, monkeypatch):
+    """models/mixtral with models/ present is a typo: no Hub lookup, 'no such directory'."""
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for command in (("inspect", "models/mixtral"),
+                    convert_args("models/mixtral", tmp_path / "out", calib_text)):
+        assert_user_error(run(*command), "source models/mixtral: no such directory")
 
 
 @pytest.mark.parametrize("content", ["", "\n\n  \n"])
@@ -135,8 +144,8 @@ def test_convert_prints_summary(tmp_path, src, calib_text):
     assert "6 -> 3 experts" in result.stdout and "peak memory" in result.stdout
 
 
-def test_dry_run_writes_nothing(tmp_path, src):
-    result = run(src, "--experts", 3, "--dry-run")
+def test_dry_run_writes_nothing(tmp_path, src, calib_text):
+    result = run(src, "--experts", 3, "--dry-run", "--calib", calib_text)
     assert result.exit_code == 0, result.stderr
     assert "experts       6 -> 3" in result.stdout and "memory (est.)" in result.stdout
     assert list(tmp_path.iterdir()) == [src]

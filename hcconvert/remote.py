@@ -1,0 +1,120 @@
+"""A Hub checkpoint's config, index and safetensors headers, read over HTTP without its weights.
+
+A safetensors shard starts with an 8-byte header length and the JSON header; an HTTP range
+request fetches just those, so planning a 93 GB checkpoint moves a few hundred kilobytes.
+Errors are left to the caller's hub.hub_errors.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
+
+from .errors import UserError
+from .source import TensorInfo, header_tensors
+
+# Bytes asked for first: most headers fit (huggingface_hub's own reader asks for as much), so
+# one request per shard is the rule and a second, exact one the exception.
+HEADER_PREFETCH = 100_000
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+PARALLEL_REQUESTS = 8  # DeepSeek-V3 has 163 shards: one after another that is many seconds
+TIMEOUT_S = 10.0
+
+
+class RemoteFiles:
+    """A Hub repo's files at a revision: small files in one GET each, shard headers by range."""
+
+    root = None  # no local directory: the shards are not here
+
+    def __init__(self, repo_id: str, revision: str | None = None):
+        from huggingface_hub.utils import build_hf_headers
+
+        self.repo_id, self.revision = repo_id, revision
+        self.location = repo_id if revision is None else f"{repo_id}@{revision}"
+        self.headers = build_hf_headers()  # the token from the usual HF environment, if any
+
+    def url(self, name: str) -> str:
+        """The file's resolve URL, as hf_hub_url builds it, on the endpoint configured now."""
+        from huggingface_hub import constants
+
+        revision = quote(self.revision or constants.DEFAULT_REVISION, safe="")
+        return f"{constants.ENDPOINT}/{self.repo_id}/resolve/{revision}/{quote(name)}"
+
+    def read_text(self, name: str) -> str | None:
+        from huggingface_hub.utils import get_session
+
+        response = get_session().get(self.url(name), headers=self.headers, timeout=TIMEOUT_S)
+        return None if _raise_unless_missing(response) else response.text
+
+    def exists(self, name: str) -> bool:
+        from huggingface_hub.utils import get_session
+
+        response = get_session().head(self.url(name), headers=self.headers, timeout=TIMEOUT_S)
+        return not _raise_unless_missing(response)
+
+    def shard_headers(self, shards: list[str]) -> dict[str, TensorInfo]:
+        with ThreadPoolExecutor(PARALLEL_REQUESTS) as pool:
+            parts = list(pool.map(self.shard_header, shards))
+        return {name: info for part in parts for name, info in part.items()}
+
+    def shard_header(self, shard: str) -> dict[str, TensorInfo]:
+        data, size = self.read_prefix(shard, HEADER_PREFETCH)
+        if len(data) < 8:
+            raise UserError(f"shard {shard} of {self.location} is too short for safetensors")
+        (header_len,) = struct.unpack("<Q", data[:8])
+        if header_len > MAX_HEADER_BYTES:
+            raise UserError(f"shard {shard} of {self.location} has an implausible header "
+                            f"length {header_len}")
+        if len(data) < 8 + header_len:
+            data, size = self.read_prefix(shard, 8 + header_len)
+        try:
+            header = json.loads(data[8:8 + header_len])
+        except ValueError as err:
+            raise UserError(f"shard {shard} of {self.location} has an unreadable header "
+                            f"({err})") from None
+        return header_tensors(shard, header, header_len, size)
+
+    def read_prefix(self, name: str, length: int) -> tuple[bytes, int | None]:
+        """The first length bytes of a file (fewer if it is shorter) and its size (None when the
+        server does not say). Streamed, so a server that ignores the range still sends no more
+        than was asked before the connection closes."""
+        from huggingface_hub.utils import get_session
+
+        headers = {**self.headers, "Range": f"bytes=0-{length - 1}"}
+        with get_session().stream("GET", self.url(name), headers=headers,
+                                  timeout=TIMEOUT_S) as response:
+            if _raise_unless_missing(response, stream=True):
+                raise UserError(f"shard {name} named in the index is missing from "
+                                f"{self.location}")
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) >= length:
+                    break
+            return bytes(data[:length]), _file_size(response.headers)
+
+
+def _raise_unless_missing(response, stream: bool = False) -> bool:
+    """True for a file the repo does not have; raise the Hub's error for any other failure
+    (no such repo or revision, 401, 429...)."""
+    from huggingface_hub.utils import hf_raise_for_status
+
+    if response.status_code == 404 and response.headers.get("X-Error-Code") in (None,
+                                                                              "EntryNotFound"):
+        return True
+    if response.status_code >= 400:
+        if stream:
+            response.read()  # the error body, for hf_raise_for_status's message
+        hf_raise_for_status(response)
+    return False
+
+
+def _file_size(headers) -> int | None:
+    """The whole file's size: after the slash of Content-Range (206), else Content-Length."""
+    content_range = headers.get("Content-Range", "")
+    if "/" in content_range and content_range.rsplit("/", 1)[1].isdigit():
+        return int(content_range.rsplit("/", 1)[1])
+    length = headers.get("Content-Length")
+    return int(length) if length and not content_range else None
