@@ -198,7 +198,7 @@ class Decoder:
                 calls.append((hidden_states, kwargs))
                 if index == last:
                     raise _Stop
-                return hidden_states
+                return self.layer_output(hidden_states)
             return forward
 
         with self._layers_replaced(recorder), contextlib.suppress(_Stop):
@@ -213,11 +213,16 @@ class Decoder:
 
         def finished(index: int):
             def forward(hidden_states, *args, **kwargs):
-                return final_hidden if index == last else hidden_states
+                return self.layer_output(final_hidden if index == last else hidden_states)
             return forward
 
         with self._layers_replaced(finished):
             return self.model(input_ids=tokens, use_cache=False).logits.float()
+
+    def layer_output(self, hidden: torch.Tensor):
+        """What a layer returns: the hidden states, and in families whose layers hand the next
+        one some state (family.carried), that state too (none, from a stand-in)."""
+        return hidden if self.family.carried is None else (hidden, None)
 
     @contextlib.contextmanager
     def _layers_replaced(self, make_forward) -> Iterator[None]:
@@ -260,6 +265,10 @@ class HiddenStream:
     own forward passes its layers."""
 
     def __init__(self, decoder: Decoder, tokens: torch.Tensor, device: torch.device):
+        self.carried = decoder.family.carried
+        # The state each batch hands the next layer, and the one the last layer was given.
+        self.state: dict[int, torch.Tensor | None] = {}
+        self.state_given: dict[int, torch.Tensor | None] = {}
         batches, self.arguments = [], {}
         for start in range(0, tokens.shape[0], ATTENTION_BATCH):
             chunk = tokens[start:start + ATTENTION_BATCH].to(device)
@@ -275,12 +284,20 @@ class HiddenStream:
     @torch.no_grad()
     def advance(self, layer: int, module: torch.nn.Module, hidden: torch.Tensor | None = None):
         """Run module (layer `layer`) over hidden (default: the current states) into the
-        current states."""
+        current states. Given hidden, the layer runs again from its input: it gets the state
+        the previous layer handed it, not its own."""
         source = self.hidden if hidden is None else hidden
         for start in range(0, source.shape[0], ATTENTION_BATCH):
             chunk = source[start:start + ATTENTION_BATCH]
-            out = module(chunk, **self.arguments[chunk.shape[0]][layer])
-            self.hidden[start:start + ATTENTION_BATCH] = out
+            arguments = dict(self.arguments[chunk.shape[0]][layer])
+            if self.carried is None:
+                self.hidden[start:start + ATTENTION_BATCH] = module(chunk, **arguments)
+                continue
+            if hidden is None:
+                self.state_given[start] = self.state.get(start)
+            arguments[self.carried] = self.state_given[start]
+            self.hidden[start:start + ATTENTION_BATCH], self.state[start] = module(chunk,
+                                                                                   **arguments)
 
 
 @contextlib.contextmanager

@@ -124,6 +124,9 @@ class Family:
     transformers_type: str | None = None  # model_type transformers knows it by, if another
     text_config_key: str | None = None  # a vision-language wrapper's text config
     text_prefix: str = "model."  # the text model's tensors on disk
+    # The keyword by which a layer is given the state the layer before it returned beside its
+    # hidden states (GLM-5's indexer top-k, shared between layers).
+    carried: str | None = None
 
     def experts_key(self, config: dict) -> str | None:
         """The expert-count key this config.json uses (None when it has none)."""
@@ -189,6 +192,11 @@ FAMILIES: dict[str, Family] = {
         # Kimi-K2's config.json says kimi_k2 (remote code); its text model is DeepSeek-V3's.
         _deepseek_v3("kimi_k2", transformers_type="deepseek_v3"),
         _deepseek_v3("glm4_moe"),
+        # DeepSeek-V3.2 and GLM-5's sparse attention (DSA): an indexer keeps each query's
+        # index_topk best keys; transformers' own attention module computes it exactly at
+        # any calibration length (all keys while the sequence is no longer than index_topk).
+        _deepseek_v3("deepseek_v32"),
+        _deepseek_v3("glm_moe_dsa", carried="prev_topk_indices"),
         _deepseek_v3("dots1"),
         Family(model_type="minimax_m2", experts_keys=("num_local_experts",),
                experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),

@@ -98,6 +98,16 @@ CASES.update({
     "kimi_k2": Case("deepseek_v3", DEEPSEEK_V3, "n_routed_experts", "mlp.gate.weight",
                     _per_expert("mlp"), 6, router_bias=V3_BIAS, grouped=True,
                     hub_model_type="kimi_k2"),
+    # DSA: an indexer of 2 heads keeps 16 keys per query, fewer than the test's sequences.
+    "deepseek_v32": Case("deepseek_v32", {**DEEPSEEK_V3, "index_topk": 16, "index_n_heads": 2,
+                                          "index_head_dim": 16},
+                         "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+                         router_bias=V3_BIAS, grouped=True),
+    "glm_moe_dsa": Case("glm_moe_dsa", {**DEEPSEEK_V3, "n_group": 1, "topk_group": 1,
+                                        "index_topk": 16, "index_n_heads": 2,
+                                        "index_head_dim": 16},
+                        "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+                        router_bias=V3_BIAS),
     # GLM-4.5's shape: partial rotary, QK norm, biased q/k/v, one routing group.
     "glm4_moe": Case("glm4_moe", dict(
         n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
