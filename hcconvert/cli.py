@@ -19,6 +19,7 @@ from click.core import ParameterSource
 from . import __version__
 from .errors import UserError
 from .options import (
+    COMPUTE_DTYPES,
     DEFAULT_COMPARISON,
     DEFAULT_SHARD_SIZE,
     DEFAULTS,
@@ -125,6 +126,10 @@ router_option = click.option(
     "average, or a least-squares fit of the members' softmax mass.")
 device_option = click.option("--device", type=click.Choice(DEVICES), default=DEFAULTS["device"],
                              show_default=True)
+compute_dtype_option = click.option(
+    "--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default=DEFAULTS["compute_dtype"],
+    show_default=True, help="dtype of the layers' products (auto: the checkpoint's half "
+    "precision on a GPU, float32 on the CPU); statistics accumulate in float32.")
 
 
 def shard_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
@@ -178,6 +183,7 @@ def shard_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
 @click.option("--max-shard-size", default=DEFAULT_SHARD_SIZE, show_default=True,
               callback=shard_size)
 @device_option
+@compute_dtype_option
 @click.option("--revision", help="Hub revision of SRC.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and check what the run needs "
@@ -264,6 +270,7 @@ def parse_methods(ctx: click.Context, param: click.Parameter, value: str) -> lis
 @click.option("--eval-samples", type=int, default=64, show_default=True,
               help="Evaluation sequences.")
 @device_option
+@compute_dtype_option
 @click.option("--overwrite", is_flag=True, help="Replace non-empty DIR/<method> directories.")
 def compare(src, methods, eval_text, out_dir, csv_path, json_path, eval_seq_len, eval_samples,
             overwrite, **kwargs) -> None:

@@ -25,14 +25,14 @@ from .decoder import Decoder, HiddenStream, compute_dtype
 from .errors import UserError
 from .experts import Experts, RoutedExperts, RoutingRecord
 from .families import family_for
-from .metadata import reduced_config, write_metadata
+from .metadata import RunRecord, reduced_config, write_metadata
 from .options import ConvertOptions
 from .plan import build_plan, router_suffixes
 from .reduction import Conversion, LayerResult, Reducer
 from .resources import StageTimer
 from .source import Checkpoint, resolve_source
 from .spec import ModelSpec
-from .statistics import collect_layer_stats
+from .statistics import collect_layer_stats, statistics_kernel
 from .streaming import BackgroundWriter, prefetched_layers
 from .writer import ShardWriter, check_output_dir, copy_side_files, staged_outputs
 
@@ -75,24 +75,28 @@ def convert_many(src: str, outputs: list[tuple[Path, ConvertOptions]], overwrite
     with staged_outputs([out for out, _ in outputs], ckpt.root, overwrite) as stagings:
         tokens = load_calibration(ckpt, first.calib, first.calib_samples, first.seq_len,
                                   first.seed)
-        reducers = run_pass(ckpt, spec, device, tokens, conversions, outputs, stagings, progress)
+        reducers, run = run_pass(ckpt, spec, device, tokens, conversions, outputs, stagings,
+                                 progress)
         for reducer, staging in zip(reducers, stagings, strict=True):
             copy_side_files(ckpt.root, staging)
-            write_metadata(staging, ckpt, reducer.conversion, reducer.options)
+            write_metadata(staging, ckpt, reducer.conversion, reducer.options, run)
     return conversions
 
 
 def run_pass(ckpt: Checkpoint, spec: ModelSpec, device: torch.device, tokens: torch.Tensor,
              conversions: list[Conversion], outputs: list[tuple[Path, ConvertOptions]],
-             stagings: list[Path], progress: bool) -> list[Reducer]:
-    """One pass over the layers writing every output's shards into its staging directory."""
+             stagings: list[Path], progress: bool) -> tuple[list[Reducer], RunRecord]:
+    """One pass over the layers writing every output's shards into its staging directory;
+    returns the reducers and how the pass computed (device, dtype, statistics kernel)."""
     with ExitStack() as writers:
         reducers = [Reducer(conversion, options, writers.enter_context(
                         ShardWriter(staging, conversion.plan.outputs, options.max_shard_size)))
                     for conversion, (_, options), staging
                     in zip(conversions, outputs, stagings, strict=True)]
-        LayerPipeline(ckpt, spec, device, reducers, outputs[0][1].seed).run(tokens, progress)
-    return reducers
+        pipeline = LayerPipeline(ckpt, spec, device, reducers, outputs[0][1].seed)
+        pipeline.run(tokens, progress)
+    return reducers, RunRecord(device.type, str(pipeline.dtype).removeprefix("torch."),
+                               statistics_kernel(device))
 
 
 def check_shareable(options: list[ConvertOptions]) -> None:
@@ -141,7 +145,8 @@ class LayerPipeline:
         with self.timer.stage("read"):  # once, for every output
             globals_ = self.ckpt.read([t.name for t in self.reducers[0].plan.global_outputs])
         embedding = next(t for n, t in globals_.items() if n.endswith("embed_tokens.weight"))
-        self.dtype = compute_dtype(self.device, embedding.dtype)
+        self.dtype = compute_dtype(self.device, embedding.dtype,
+                                   self.reducers[0].options.compute_dtype)
         self.decoder = self.spec.decoder(self.dtype)
         with self.timer.stage("compute"):
             self.decoder.load_globals(globals_, self.device)

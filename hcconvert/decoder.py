@@ -32,8 +32,12 @@ EXPERTS_ATTRIBUTE = "experts"  # transformers 5's MoE blocks call self.experts(x
 ATTENTION_BATCH = 4
 
 
-def compute_dtype(device: torch.device, source_dtype: torch.dtype) -> torch.dtype:
-    """Half-precision weights compute in their dtype on the GPU; the CPU computes in fp32."""
+def compute_dtype(device: torch.device, source_dtype: torch.dtype,
+                  requested: str = "auto") -> torch.dtype:
+    """The dtype the layers compute in: the one requested (options.COMPUTE_DTYPES), or by
+    default half-precision weights' own dtype on the GPU and fp32 on the CPU."""
+    if requested != "auto":
+        return getattr(torch, requested)
     if device.type == "cuda" and source_dtype in (torch.bfloat16, torch.float16):
         return source_dtype
     return torch.float32
@@ -85,7 +89,7 @@ class Decoder:
         with torch.device("meta"), _default_dtype(dtype), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                self.model = AutoModelForCausalLM.from_config(self.config)
+                self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
             except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:
                 raise UserError(f"transformers cannot build this {family.model_type} model "
                                 f"from config.json: {first_line(err)}") from None

@@ -23,10 +23,12 @@ MERGES = ("freq", "average", "fix-dom", "msmoe", "mergemoe")
 PRUNE_BY = ("frequency", "output")
 PROPAGATIONS = ("original", "merged")
 DEVICES = ("auto", "cpu", "cuda")
+# auto: the checkpoint's half precision on a GPU, float32 on the CPU (decoder.compute_dtype).
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 # The options whose value must be one of a fixed set.
 CHOICES = {"method": METHODS, "metric": METRICS, "grouping": GROUPINGS, "linkage": LINKAGES,
            "merge": MERGES, "router": ROUTERS, "propagate": PROPAGATIONS,
-           "prune_by": PRUNE_BY, "device": DEVICES}
+           "prune_by": PRUNE_BY, "device": DEVICES, "compute_dtype": COMPUTE_DTYPES}
 # Integer options and their least value.
 MINIMUMS = {"experts": 1, "calib_samples": 1, "seq_len": 1, "seed": 0, "max_shard_size": 1,
             "max_group_size": 1}
@@ -35,7 +37,8 @@ TEXTS = ("calib", "revision")
 NULLABLE = ("calib", "revision", "max_group_size")
 # What decides the calibration hidden states: conversions that agree on these (and propagate
 # the original outputs) can share one pass over the layers.
-CALIBRATION_FIELDS = ("calib", "calib_samples", "seq_len", "seed", "device", "revision")
+CALIBRATION_FIELDS = ("calib", "calib_samples", "seq_len", "seed", "device", "revision",
+                      "compute_dtype")
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 DEFAULT_SHARD_SIZE = "5GB"
 
@@ -98,6 +101,8 @@ class ConvertOptions:
     # Refit the kept/merged experts' down projections so the reduced layer reproduces the
     # original layer's output on the calibration tokens (layerfit.py).
     layer_fit: bool = False
+    # The dtype of the layers' products (sums and statistics accumulate in fp32 whatever it is).
+    compute_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.calib, os.PathLike):  # a Path from the Python API; JSON needs str

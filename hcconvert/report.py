@@ -8,6 +8,7 @@ import click
 
 from .convert import Conversion
 from .errors import UserError
+from .estimate import estimate_memory
 from .families import family_for
 from .options import ConvertOptions
 from .plan import validate_tensors
@@ -16,10 +17,6 @@ from .resources import human_bytes, peak_gpu_bytes, peak_rss_bytes
 from .source import open_headers
 from .spec import ModelSpec
 
-# Resident during a conversion besides one layer's weights: hidden states and the MoE input
-# ([T, H] each), the attention output and a routed-expert buffer, all in the compute dtype.
-RESIDENT_TOKEN_BUFFERS = 4
-
 
 def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
                overwrite: bool = False) -> None:
@@ -27,9 +24,9 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
     UserError from them means the real run would fail."""
     ckpt, plan = plan_from_headers(src, options)
     spec = plan.spec
-    tokens = options.calib_samples * options.seq_len
     layer_bytes = plan.max_layer_bytes(ckpt)
-    hidden_bytes = RESIDENT_TOKEN_BUFFERS * tokens * spec.hidden * 4
+    on_gpu = estimate_memory(ckpt, spec, options, layer_bytes, gpu=True)
+    on_cpu = estimate_memory(ckpt, spec, options, layer_bytes, gpu=False)
     lines = [
         f"source        {ckpt.location}",
         f"family        {spec.family.model_type}",
@@ -40,8 +37,9 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
         f"tensors       {len(ckpt.tensors)} -> {len(plan.outputs)}",
         f"size          {human_bytes(plan.bytes_in)} -> {human_bytes(plan.bytes_out)}",
         f"calibration   {options.calib_samples} x {options.seq_len} tokens",
-        f"memory (est.) {human_bytes(2 * layer_bytes + hidden_bytes)} "
-        f"(largest layer {human_bytes(layer_bytes)}, token buffers {human_bytes(hidden_bytes)})",
+        f"largest layer {human_bytes(layer_bytes)}",
+        f"memory (est.) on a GPU: {human_bytes(on_gpu.device)} GPU + "
+        f"{human_bytes(on_gpu.host)} host; on the CPU: {human_bytes(on_cpu.host)}",
     ]
     click.echo("\n".join(lines))
     check_ready(ckpt, plan, options, out, overwrite)

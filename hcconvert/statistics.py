@@ -42,6 +42,11 @@ def activation_sums(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> to
 _triton_failed: list[Exception] = []  # set once per process: never retry a broken build
 
 
+def statistics_kernel(device: torch.device) -> str:
+    """Which implementation computes the activation sums on device: "triton" or "torch"."""
+    return "triton" if device.type == "cuda" and not _triton_failed else "torch"
+
+
 @dataclass
 class LayerStats:
     """What one MoE layer's calibration pass measured; optional parts are None unless asked."""

@@ -139,3 +139,18 @@ def test_propagate_changes_only_later_layers(tmp_path, calib_text):
     # Layer 0 sees the same inputs either way; layer 1's inputs differ.
     assert records["original"][0] == records["merged"][0]
     assert records["original"][1]["frequencies"] != records["merged"][1]["frequencies"]
+
+
+def test_bfloat16_compute_keeps_the_groups_and_is_recorded(tmp_path, calib_text):
+    """bf16 products with fp32 statistics: the same HC-SMoE groups as fp32 on the CPU, and
+    hcconvert.json says how the run computed."""
+    src = save_tiny_mixtral(tmp_path / "src")
+    records = {}
+    for dtype in ("float32", "bfloat16"):
+        options = ConvertOptions(experts=3, method="merge", calib=str(calib_text),
+                                 calib_samples=4, seq_len=64, compute_dtype=dtype)
+        convert(str(src), tmp_path / dtype, options, progress=False)
+        records[dtype] = json.loads((tmp_path / dtype / "hcconvert.json").read_text())
+        assert records[dtype]["run"] == {"device": "cpu", "dtype": dtype, "kernel": "torch"}
+    groups = {d: [entry["groups"] for entry in r["layers"]] for d, r in records.items()}
+    assert groups["bfloat16"] == groups["float32"]
