@@ -42,6 +42,7 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
         f"calibration   {options.calib_samples} x {options.seq_len} tokens",
         f"memory (est.) {human_bytes(2 * layer_bytes + hidden_bytes)} "
         f"(largest layer {human_bytes(layer_bytes)}, token buffers {human_bytes(hidden_bytes)})",
+        *_mtp_line(spec, plan.mtp_layers),
     ]
     click.echo("\n".join(lines))
     check_ready(ckpt, plan, options, out, overwrite)
@@ -50,7 +51,7 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
 def _ranges(layers: tuple[int, ...]) -> str:
     if not layers:
         return "none"
-    if list(layers) == list(range(layers[0], layers[-1] + 1)):
+    if len(layers) > 1 and list(layers) == list(range(layers[0], layers[-1] + 1)):
         return f"{layers[0]}-{layers[-1]}"
     return ",".join(map(str, layers))
 
@@ -71,8 +72,9 @@ def print_inspection(src: str, revision: str | None) -> None:
                               *footer]))
         return
     family = spec.family
+    mtp_layers = None  # which are stored is known once the tensors check out
     try:
-        validate_tensors(ckpt, spec)
+        mtp_layers = tuple(range(spec.num_layers, len(validate_tensors(ckpt, spec))))
         status = "supported"
     except UserError as err:
         status = f"supported family, but {err}"
@@ -82,9 +84,22 @@ def print_inspection(src: str, revision: str | None) -> None:
         f"experts       {spec.num_experts} routed, top-{spec.top_k}, "
         f"shared expert: {_shared(spec)}",
         f"routing       {_routing(spec)}",
+        *_mtp_line(spec, mtp_layers),
         *footer,
         f"layout        {family.experts.description}",
     ]))
+
+
+def _mtp_line(spec: ModelSpec, stored: tuple[int, ...] | None) -> list[str]:
+    """The multi-token-prediction layers: stored ones, or what config.json declares (None:
+    not known which are stored); nothing for a model without any."""
+    if stored:
+        return [f"mtp           layer {_ranges(stored)}, reduced with the MoE layers"]
+    if not spec.mtp_layers:
+        return []
+    declared = f"config.json declares {len(spec.mtp_layers)}"
+    return [f"mtp           {declared}" if stored is None
+            else f"mtp           none stored ({declared})"]
 
 
 def _shared(spec: ModelSpec) -> str:
