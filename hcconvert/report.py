@@ -29,7 +29,9 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
     spec = plan.spec
     tokens = options.calib_samples * options.seq_len
     layer_bytes = plan.max_layer_bytes(ckpt)
-    hidden_bytes = RESIDENT_TOKEN_BUFFERS * tokens * spec.hidden * 4
+    # An MTP layer's next-token embeddings stay resident from the start (mtp.NextTokenInputs).
+    buffers = RESIDENT_TOKEN_BUFFERS + (1 if plan.mtp_layers else 0)
+    hidden_bytes = buffers * tokens * spec.hidden * 4
     lines = [
         f"source        {ckpt.location}",
         f"family        {spec.family.model_type}",
