@@ -146,7 +146,8 @@ def _names_by_layer(ckpt: Checkpoint, spec: ModelSpec) -> list[list[str]]:
     mtp = per_layer[spec.num_layers:]
     later = next((names[0] for names in mtp[1:] if names), None)
     if later is not None:
-        # Depth k > 1 chains on depth k-1's output, which no engine we can check runs alike.
+        # Depth k > 1 is fed depth k-1's output: a chain we do not calibrate (and no
+        # supported family ships one).
         raise UserError(f"tensor {later} belongs to a second multi-token-prediction layer; "
                         "hcconvert calibrates one (num_nextn_predict_layers=1)")
     return per_layer[:spec.num_layers] + [names for names in mtp[:1] if names]
