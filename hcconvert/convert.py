@@ -26,6 +26,7 @@ from .errors import UserError
 from .experts import Experts, RoutedExperts, RoutingRecord
 from .families import family_for
 from .metadata import RunRecord, reduced_config, write_metadata
+from .mtp import NextTokenInputs
 from .options import ConvertOptions
 from .plan import build_plan, router_suffixes
 from .reduction import Conversion, LayerResult, Reducer
@@ -133,6 +134,7 @@ class LayerPipeline:
     def __init__(self, ckpt: Checkpoint, spec: ModelSpec, device: torch.device,
                  reducers: list[Reducer], seed: int):
         self.ckpt, self.spec, self.device, self.reducers = ckpt, spec, device, reducers
+        self.plan = reducers[0].plan  # every output reduces the same source layers
         self.seed = seed
         self.needs = frozenset().union(*(r.needs for r in reducers))
         # The reducer whose output feeds the next layer (--propagate merged), if any.
@@ -151,11 +153,13 @@ class LayerPipeline:
         with self.timer.stage("compute"):
             self.decoder.load_globals(globals_, self.device)
             stream = HiddenStream(self.decoder, tokens, self.device)
+            next_tokens = (NextTokenInputs(self.decoder, tokens, self.device)
+                           if self.plan.mtp_layers else None)
             self.decoder.drop_globals()
         for reducer in self.reducers:
             reducer.write_globals(globals_)
         del globals_, embedding
-        num_layers = self.spec.num_layers
+        num_layers = len(self.plan.layer_names)  # the MTP layer last, if stored
         bar = tqdm(total=num_layers, desc="layers", unit="layer", disable=not progress,
                    file=sys.stderr)
         prefixes = [self.spec.family.layer_prefix(i) for i in range(num_layers)]
@@ -166,6 +170,9 @@ class LayerPipeline:
                 with self.timer.stage("read"):  # time spent waiting for the prefetch
                     layer, raw = next(layers)
                 bar.set_postfix_str(f"layer {layer + 1}/{num_layers}: calibrating")
+                if layer in self.plan.mtp_layers:
+                    with self.timer.stage("compute"):
+                        stream = next_tokens.stream_for(raw, stream)
                 self.layer(layer, raw, stream, background)
                 bar.update()
         for reducer in self.reducers:
@@ -176,7 +183,7 @@ class LayerPipeline:
     def layer(self, layer: int, raw: dict, stream: HiddenStream,
               background: BackgroundWriter) -> None:
         """Advance the hidden states through one layer; every reducer writes its version."""
-        if layer in self.spec.moe_layers:
+        if self.spec.reduces(layer):
             self.moe_layer(layer, raw, stream, background)
             return
         with self.timer.stage("compute"):

@@ -137,18 +137,30 @@ class Decoder:
 
     def moe_block(self, layer: int) -> str | None:
         """The MoE block's path in a layer (e.g. "mlp"), None for a dense layer."""
-        for path, module in self.layers[layer].named_modules():
-            if isinstance(getattr(module, EXPERTS_ATTRIBUTE, None), nn.Module):
-                return path
-        return None
+        return _moe_path(self.layers[self.skeleton_layer(layer)])
+
+    def skeleton_layer(self, layer: int) -> int:
+        """The skeleton layer whose module class, index and arguments serve layer `layer`:
+        itself, or for a multi-token-prediction layer (stored after the decoder layers;
+        transformers builds no module for it) the last MoE layer, since an MTP layer's
+        decoder block is a MoE decoder layer like it."""
+        if layer < len(self.layers):
+            return layer
+        moe = [index for index, module in enumerate(self.layers)
+               if _moe_path(module) is not None]
+        if not moe:
+            raise UserError(f"layer {layer}: a multi-token-prediction layer needs a MoE layer "
+                            "in the model to be built like")
+        return moe[-1]
 
     def expected_tensors(self, layer: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Every tensor a layer loads except its routed experts: module name below the layer
         -> (shape, dtype)."""
         block = self.moe_block(layer)
         skip = f"{block}.{EXPERTS_ATTRIBUTE}." if block is not None else None
+        module = self.layers[self.skeleton_layer(layer)]
         return {name: (tuple(t.shape), t.dtype)
-                for name, t in self.layers[layer].state_dict(keep_vars=True).items()
+                for name, t in module.state_dict(keep_vars=True).items()
                 if skip is None or not name.startswith(skip)}
 
     # -- running layers --------------------------------------------------------------------
@@ -159,8 +171,9 @@ class Decoder:
         is cast to the dtype transformers gives it) and, in a MoE layer, our routed experts.
         config: a reduced model's config (default: the source's)."""
         config = config or self.config
+        skeleton = self.skeleton_layer(layer)
         with torch.device("meta"), _default_dtype(self.dtype):
-            module = type(self.layers[layer])(config, layer)
+            module = type(self.layers[skeleton])(config, skeleton)
         block = self.moe_block(layer)
         if block is not None:
             if experts is None:
@@ -280,6 +293,7 @@ class HiddenStream:
             batches.append(first)
             self.arguments.setdefault(chunk.shape[0], arguments)
         self.hidden = torch.cat(batches)
+        self.skeleton_layer = decoder.skeleton_layer
 
     @property
     def tokens(self) -> int:
@@ -293,7 +307,7 @@ class HiddenStream:
         source = self.hidden if hidden is None else hidden
         for start in range(0, source.shape[0], ATTENTION_BATCH):
             chunk = source[start:start + ATTENTION_BATCH]
-            arguments = dict(self.arguments[chunk.shape[0]][layer])
+            arguments = dict(self.arguments[chunk.shape[0]][self.skeleton_layer(layer)])
             if self.carried is None:
                 self.hidden[start:start + ATTENTION_BATCH] = module(chunk, **arguments)
                 continue
@@ -302,6 +316,14 @@ class HiddenStream:
             arguments[self.carried] = self.state_given[start]
             self.hidden[start:start + ATTENTION_BATCH], self.state[start] = module(chunk,
                                                                                    **arguments)
+
+
+def _moe_path(layer: nn.Module) -> str | None:
+    """The path of the block in a layer module that holds routed experts, if any."""
+    for path, module in layer.named_modules():
+        if isinstance(getattr(module, EXPERTS_ATTRIBUTE, None), nn.Module):
+            return path
+    return None
 
 
 @contextlib.contextmanager

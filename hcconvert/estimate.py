@@ -38,17 +38,19 @@ def element_bytes(dtype: torch.dtype) -> int:
 
 
 def estimate_memory(ckpt: Checkpoint, spec: ModelSpec, options: ConvertOptions,
-                    layer_bytes: int, gpu: bool) -> MemoryEstimate:
+                    layer_bytes: int, gpu: bool, mtp: bool = False) -> MemoryEstimate:
     """Peak GPU and host bytes of a conversion of ckpt with these options; layer_bytes: the
-    largest layer as stored."""
+    largest layer as stored; mtp: the checkpoint stores an MTP layer, whose next-token
+    embeddings stay resident from the start (mtp.NextTokenInputs)."""
     embedding = next(info for name, info in ckpt.tensors.items()
                      if name.endswith("embed_tokens.weight"))
     stored = torch.bfloat16 if embedding.dtype in ("BF16", "F16") else torch.float32
     dtype = compute_dtype(torch.device("cuda" if gpu else "cpu"), stored, options.compute_dtype)
     scale = element_bytes(dtype) / element_bytes(stored)  # compute bytes per stored byte
     globals_bytes = _globals_bytes(ckpt)
-    start = int(globals_bytes * scale) + _token_bytes(spec, options, dtype)
-    compute = max(start, _layer_peak(spec, options, layer_bytes, dtype, scale))
+    tokens = _token_bytes(spec, options, dtype, mtp)
+    start = int(globals_bytes * scale) + tokens
+    compute = max(start, tokens + _layer_weights(spec, options, layer_bytes, dtype, scale))
     streamed = PROCESS_BYTES + 2 * layer_bytes + globals_bytes
     if gpu:
         return MemoryEstimate(compute, streamed)
@@ -61,22 +63,23 @@ def _globals_bytes(ckpt: Checkpoint) -> int:
                if name.endswith(("embed_tokens.weight", "lm_head.weight")))
 
 
-def _token_bytes(spec: ModelSpec, options: ConvertOptions, dtype: torch.dtype) -> int:
+def _token_bytes(spec: ModelSpec, options: ConvertOptions, dtype: torch.dtype,
+                 mtp: bool) -> int:
     """The hidden states, the MoE inputs the router record keeps, the layer's input with
-    --propagate merged, and the fit's target (the original routed output, fp32)."""
+    --propagate merged, the MTP layer's next-token embeddings, and the fit's target (the
+    original routed output, fp32)."""
     tokens = options.calib_samples * options.seq_len
-    copies = 2 + (options.propagate == "merged")
+    copies = 2 + (options.propagate == "merged") + mtp
     total = copies * tokens * spec.hidden * element_bytes(dtype)
     if options.layer_fit or options.method == "auto":
         total += tokens * spec.hidden * 4
     return total
 
 
-def _layer_peak(spec: ModelSpec, options: ConvertOptions, layer_bytes: int,
-                dtype: torch.dtype, scale: float) -> int:
-    """A MoE layer's weights in the compute dtype with the merged experts of one reducer,
-    and the token buffers. (Attention's scores are not counted: torch's fused attention
-    kernels, on the CPU too, keep no [heads, S, S] matrix of a causal batch.)"""
+def _layer_weights(spec: ModelSpec, options: ConvertOptions, layer_bytes: int,
+                   dtype: torch.dtype, scale: float) -> int:
+    """A MoE layer's weights in the compute dtype with the merged experts of one reducer.
+    (Attention's scores are not counted: torch's fused attention kernels, on the CPU too,
+    keep no [heads, S, S] matrix of a causal batch.)"""
     expert = 3 * spec.ffn * spec.hidden * element_bytes(dtype)
-    weights = int(layer_bytes * scale) + options.experts * expert
-    return _token_bytes(spec, options, dtype) + weights
+    return int(layer_bytes * scale) + options.experts * expert

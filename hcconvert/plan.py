@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from .decoder import Decoder
 from .errors import UserError
+from .mtp import REQUIRED as MTP_REQUIRED
+from .mtp import mtp_shapes
 from .source import Checkpoint
 from .spec import ModelSpec
 from .writer import OutputTensor
@@ -25,6 +27,11 @@ class Plan:
     layer_names: list[list[str]]  # per layer: its source tensors (full names)
     layer_outputs: list[list[OutputTensor]]  # per layer: what it writes, in order
     bytes_in: int
+
+    @property
+    def mtp_layers(self) -> tuple[int, ...]:
+        """The multi-token-prediction layers the checkpoint holds, after the decoder layers."""
+        return tuple(range(self.spec.num_layers, len(self.layer_names)))
 
     @property
     def outputs(self) -> list[OutputTensor]:
@@ -99,7 +106,7 @@ def check_routing_groups(spec: ModelSpec, experts_out: int) -> None:
 
 def validate_tensors(ckpt: Checkpoint, spec: ModelSpec) -> list[list[str]]:
     """Check every tensor transformers' modules and our experts need against the headers;
-    return each layer's names."""
+    return each layer's names (the decoder layers', then the MTP layer's if stored)."""
     decoder = spec.decoder()
     _check_globals(ckpt, decoder)
     per_layer = _names_by_layer(ckpt, spec)
@@ -122,20 +129,28 @@ def _check_globals(ckpt: Checkpoint, decoder: Decoder) -> None:
 
 
 def _names_by_layer(ckpt: Checkpoint, spec: ModelSpec) -> list[list[str]]:
-    per_layer: list[list[str]] = [[] for _ in range(spec.num_layers)]
+    """Each stored layer's tensor names: the decoder layers', then the first MTP layer's if
+    the checkpoint holds it (transformers, and so many re-uploads, drop MTP layers)."""
+    stored = spec.num_layers + len(spec.mtp_layers)
+    per_layer: list[list[str]] = [[] for _ in range(stored)]
     layers = spec.family.layers_prefix
     for name in ckpt.tensors:
         if not name.startswith(layers):
             continue
         index = name.removeprefix(layers).split(".")[0]
-        mtp = spec.family.text_config(spec.config).get("num_nextn_predict_layers") or 0
-        if index.isdigit() and spec.num_layers <= int(index) < spec.num_layers + mtp:
-            raise UserError(f"tensor {name} belongs to a multi-token-prediction layer "
-                            "(num_nextn_predict_layers), which hcconvert does not reduce yet")
-        if not index.isdigit() or int(index) >= spec.num_layers:
-            raise UserError(f"tensor {name} is beyond num_hidden_layers={spec.num_layers}")
+        if not index.isdigit() or int(index) >= stored:
+            mtp = f" + num_nextn_predict_layers={len(spec.mtp_layers)}" if spec.mtp_layers \
+                else ""
+            raise UserError(f"tensor {name} is beyond num_hidden_layers={spec.num_layers}{mtp}")
         per_layer[int(index)].append(name)
-    return per_layer
+    mtp = per_layer[spec.num_layers:]
+    later = next((names[0] for names in mtp[1:] if names), None)
+    if later is not None:
+        # Depth k > 1 is fed depth k-1's output: a chain we do not calibrate (and no
+        # supported family ships one).
+        raise UserError(f"tensor {later} belongs to a second multi-token-prediction layer; "
+                        "hcconvert calibrates one (num_nextn_predict_layers=1)")
+    return per_layer[:spec.num_layers] + [names for names in mtp[:1] if names]
 
 
 def _check_layer(ckpt: Checkpoint, spec: ModelSpec, decoder: Decoder, layer: int,
@@ -144,8 +159,10 @@ def _check_layer(ckpt: Checkpoint, spec: ModelSpec, decoder: Decoder, layer: int
     there, and the experts are as the family stores them."""
     prefix = spec.family.layer_prefix(layer)
     module_prefix = f"model.layers.{layer}."
+    if layer in spec.mtp_layers:
+        names = _check_mtp_tensors(ckpt, spec, decoder, prefix, names)
     expected = decoder.expected_tensors(layer)
-    experts = _expert_shapes(spec) if layer in spec.moe_layers else {}
+    experts = _expert_shapes(spec) if spec.reduces(layer) else {}
     found = set()
     for name in names:
         suffix = name.removeprefix(prefix)
@@ -163,6 +180,20 @@ def _check_layer(ckpt: Checkpoint, spec: ModelSpec, decoder: Decoder, layer: int
                         "from the checkpoint")
     if experts:
         _check_experts(ckpt, prefix, experts)
+
+
+def _check_mtp_tensors(ckpt: Checkpoint, spec: ModelSpec, decoder: Decoder, prefix: str,
+                       names: list[str]) -> list[str]:
+    """An MTP layer's own tensors are all there with their shapes; returns the names of its
+    decoder layer's tensors, checked like any layer's."""
+    shapes = mtp_shapes(spec.hidden, decoder.config.vocab_size)
+    missing = next((prefix + s for s in MTP_REQUIRED if prefix + s not in ckpt.tensors), None)
+    if missing is not None:
+        raise UserError(f"tensor {missing} is missing from the checkpoint")
+    for name in names:
+        if name.removeprefix(prefix) in shapes:
+            _check_shape(ckpt, name, shapes[name.removeprefix(prefix)])
+    return [name for name in names if name.removeprefix(prefix) not in shapes]
 
 
 def _expert_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -198,7 +229,7 @@ def _copied(ckpt: Checkpoint, name: str) -> OutputTensor:
 def _layer_outputs(ckpt: Checkpoint, spec: ModelSpec, layer: int, names: list[str],
                    experts_out: int) -> list[OutputTensor]:
     """Copied tensors in source order, then the reduced router and experts (same layout)."""
-    if layer not in spec.moe_layers:
+    if not spec.reduces(layer):
         return [_copied(ckpt, n) for n in names]
     prefix = spec.family.layer_prefix(layer)
     replaced = {prefix + s for s in moe_suffixes(spec, spec.num_experts)}

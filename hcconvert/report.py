@@ -25,8 +25,10 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
     ckpt, plan = plan_from_headers(src, options)
     spec = plan.spec
     layer_bytes = plan.max_layer_bytes(ckpt)
-    on_gpu = estimate_memory(ckpt, spec, options, layer_bytes, gpu=True)
-    on_cpu = estimate_memory(ckpt, spec, options, layer_bytes, gpu=False)
+    on_gpu = estimate_memory(ckpt, spec, options, layer_bytes, gpu=True,
+                             mtp=bool(plan.mtp_layers))
+    on_cpu = estimate_memory(ckpt, spec, options, layer_bytes, gpu=False,
+                             mtp=bool(plan.mtp_layers))
     lines = [
         f"source        {ckpt.location}",
         f"family        {spec.family.model_type}",
@@ -40,6 +42,7 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
         f"largest layer {human_bytes(layer_bytes)}",
         f"memory (est.) on a GPU: {human_bytes(on_gpu.device)} GPU + "
         f"{human_bytes(on_gpu.host)} host; on the CPU: {human_bytes(on_cpu.host)}",
+        *_mtp_line(spec, plan.mtp_layers),
     ]
     click.echo("\n".join(lines))
     check_ready(ckpt, plan, options, out, overwrite)
@@ -48,7 +51,7 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
 def _ranges(layers: tuple[int, ...]) -> str:
     if not layers:
         return "none"
-    if list(layers) == list(range(layers[0], layers[-1] + 1)):
+    if len(layers) > 1 and list(layers) == list(range(layers[0], layers[-1] + 1)):
         return f"{layers[0]}-{layers[-1]}"
     return ",".join(map(str, layers))
 
@@ -69,8 +72,9 @@ def print_inspection(src: str, revision: str | None) -> None:
                               *footer]))
         return
     family = spec.family
+    mtp_layers = None  # which are stored is known once the tensors check out
     try:
-        validate_tensors(ckpt, spec)
+        mtp_layers = tuple(range(spec.num_layers, len(validate_tensors(ckpt, spec))))
         status = "supported"
     except UserError as err:
         status = f"supported family, but {err}"
@@ -80,9 +84,22 @@ def print_inspection(src: str, revision: str | None) -> None:
         f"experts       {spec.num_experts} routed, top-{spec.top_k}, "
         f"shared expert: {_shared(spec)}",
         f"routing       {_routing(spec)}",
+        *_mtp_line(spec, mtp_layers),
         *footer,
         f"layout        {family.experts.description}",
     ]))
+
+
+def _mtp_line(spec: ModelSpec, stored: tuple[int, ...] | None) -> list[str]:
+    """The multi-token-prediction layers: stored ones, or what config.json declares (None:
+    not known which are stored); nothing for a model without any."""
+    if stored:
+        return [f"mtp           layer {_ranges(stored)}, reduced with the MoE layers"]
+    if not spec.mtp_layers:
+        return []
+    declared = f"config.json declares {len(spec.mtp_layers)}"
+    return [f"mtp           {declared}" if stored is None
+            else f"mtp           none stored ({declared})"]
 
 
 def _shared(spec: ModelSpec) -> str:

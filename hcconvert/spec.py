@@ -34,10 +34,18 @@ class ModelSpec:
     ffn: int  # one routed expert's intermediate size
     routing: Routing
     moe_layers: tuple[int, ...]
+    # The indices config.json gives multi-token-prediction layers (num_nextn_predict_layers),
+    # stored after the decoder layers; a checkpoint may leave them out.
+    mtp_layers: tuple[int, ...] = ()
 
     @property
     def top_k(self) -> int:
         return self.routing.top_k
+
+    def reduces(self, layer: int) -> bool:
+        """Whether a layer's routed experts are reduced: a MoE decoder layer's, or an MTP
+        layer's (its decoder layer is a MoE layer)."""
+        return layer in self.moe_layers or layer in self.mtp_layers
 
     @classmethod
     def from_config(cls, config: dict, family: Family) -> ModelSpec:
@@ -58,6 +66,7 @@ class ModelSpec:
             routing=Routing(_required(text, family.top_k_key), family.scoring,
                             family.routing_groups(text)),
             moe_layers=tuple(i for i in range(layers) if decoder.moe_block(i) is not None),
+            mtp_layers=tuple(range(layers, layers + (text.get("num_nextn_predict_layers") or 0))),
         )
         if not 1 <= spec.top_k <= spec.num_experts:
             raise UserError(f"config.json asks for top-{spec.top_k} routing over "

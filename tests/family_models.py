@@ -197,3 +197,45 @@ def hub_style_config(case: Case, directory: Path) -> None:
         config[new] = config.pop(old)
     config.update(HUB_EXTRAS.get(case.model_type, {}))
     path.write_text(json.dumps(config, indent=2))
+
+
+MTP_SHARD = "model-mtp.safetensors"
+
+
+def add_mtp_layer(directory: Path, seed: int = 1, with_copies: bool = True) -> int:
+    """Append a multi-token-prediction layer as DeepSeek-V3's checkpoints store it (transformers
+    saves none): at index num_hidden_layers, a MoE decoder layer (the last layer's tensors,
+    redrawn) plus enorm, hnorm, eh_proj [H, 2H] and shared_head.norm, and with_copies the
+    embedding and LM head copies DeepSeek-V3's layer 61 carries. Returns the layer's index."""
+    from safetensors.torch import load_file, save_file
+
+    config_path, index_path = directory / "config.json", directory / "model.safetensors.index.json"
+    config, index = json.loads(config_path.read_text()), json.loads(index_path.read_text())
+    layer, hidden = config["num_hidden_layers"], config["hidden_size"]
+    weights = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        weights.update(load_file(directory / shard))
+    generator = torch.Generator().manual_seed(seed)
+
+    def redrawn(tensor: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(tensor.shape, generator=generator)
+        return (tensor.float() + tensor.float().std() * noise).to(tensor.dtype)
+
+    last = f"model.layers.{layer - 1}."
+    mtp = {f"model.layers.{layer}.{name.removeprefix(last)}": redrawn(tensor)
+           for name, tensor in weights.items() if name.startswith(last)}
+    dtype = weights["model.norm.weight"].dtype
+    own = {"enorm.weight": 1 + 0.2 * torch.randn(hidden, generator=generator),
+           "hnorm.weight": 1 + 0.2 * torch.randn(hidden, generator=generator),
+           "eh_proj.weight": torch.randn(hidden, 2 * hidden, generator=generator)
+           * (2 * hidden) ** -0.5,
+           "shared_head.norm.weight": 1 + 0.2 * torch.randn(hidden, generator=generator)}
+    if with_copies:
+        own["embed_tokens.weight"] = weights["model.embed_tokens.weight"]
+        own["shared_head.head.weight"] = weights["lm_head.weight"]
+    mtp.update({f"model.layers.{layer}.{name}": t.to(dtype) for name, t in own.items()})
+    save_file(mtp, str(directory / MTP_SHARD), metadata={"format": "pt"})
+    index["weight_map"].update(dict.fromkeys(mtp, MTP_SHARD))
+    index_path.write_text(json.dumps(index, indent=2))
+    config_path.write_text(json.dumps({**config, "num_nextn_predict_layers": 1}, indent=2))
+    return layer
