@@ -23,10 +23,12 @@ MERGES = ("freq", "average", "fix-dom", "msmoe", "mergemoe")
 PRUNE_BY = ("frequency", "output")
 PROPAGATIONS = ("original", "merged")
 DEVICES = ("auto", "cpu", "cuda")
+# How quantized weights are written: as the source stores them, or dequantized in bf16.
+DTYPES = ("source", "bf16")
 # The options whose value must be one of a fixed set.
 CHOICES = {"method": METHODS, "metric": METRICS, "grouping": GROUPINGS, "linkage": LINKAGES,
            "merge": MERGES, "router": ROUTERS, "propagate": PROPAGATIONS,
-           "prune_by": PRUNE_BY, "device": DEVICES}
+           "prune_by": PRUNE_BY, "device": DEVICES, "dtype": DTYPES}
 # Integer options and their least value.
 MINIMUMS = {"experts": 1, "calib_samples": 1, "seq_len": 1, "seed": 0, "max_shard_size": 1,
             "max_group_size": 1}
@@ -98,6 +100,10 @@ class ConvertOptions:
     # Refit the kept/merged experts' down projections so the reduced layer reproduces the
     # original layer's output on the calibration tokens (layerfit.py).
     layer_fit: bool = False
+    # A quantized source's weights in the output: its format (merged experts requantized with
+    # fresh scales), or with "bf16" all dequantized and config.json's quantization_config
+    # dropped (storage.py).
+    dtype: str = "source"
 
     def __post_init__(self) -> None:
         if isinstance(self.calib, os.PathLike):  # a Path from the Python API; JSON needs str

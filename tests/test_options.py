@@ -34,6 +34,7 @@ BAD_VALUES = {
     "max_group_size": (0, "at least 1"),
     "prune_by": ("size", "frequency, output"),
     "layer_fit": ("yes", "true or false"),
+    "dtype": ("fp16", "source, bf16"),
 }
 # Options the command line can carry a bad value for (calib and revision are always text;
 # --layer-fit is a switch).
