@@ -308,3 +308,17 @@ def test_dtype_bf16_needs_a_quantized_source(tmp_path):
     digest, out = tree_digest(src), tmp_path / "out"
     assert_refused(cli(src, "--experts", 4, "--out", out, "--dtype", "bf16", "--calib", "x"),
                    "--dtype bf16 writes quantized weights dequantized", out, src, digest)
+
+
+def test_inspect_and_dry_run_describe_an_fp8_source(tmp_path, calib_text):
+    src = save_fp8_model(CASES["deepseek_v3"], tmp_path / "src", BLOCK)
+    inspected = cli("inspect", src)
+    assert inspected.exit_code == 0, inspected.output
+    assert "family        deepseek_v3 (supported)" in inspected.output
+    assert "F8_E4M3" in inspected.output
+    # 72: the dense layer 0 has 5 attention and 3 MLP projections, layers 1-2 add 3 shared
+    # and 8 x 3 routed-expert ones each.
+    planned = cli(src, "--experts", 4, "--calib", calib_text, "--dry-run")
+    assert planned.exit_code == 0, planned.output
+    assert "quantized     fp8, 72 quantized weights -> fp8 (merged experts requantized" \
+        in planned.output
