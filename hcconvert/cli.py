@@ -24,6 +24,7 @@ from .options import (
     DEFAULT_SHARD_SIZE,
     DEFAULTS,
     DEVICES,
+    DTYPES,
     GROUPINGS,
     LINKAGES,
     MERGES,
@@ -180,6 +181,11 @@ def shard_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
 @router_option
 @click.option("--propagate", type=click.Choice(PROPAGATIONS), default=DEFAULTS["propagate"],
               show_default=True, help="Next layer's input: the original or the merged output.")
+@click.option("--dtype", type=click.Choice(DTYPES), default=DEFAULTS["dtype"],
+              show_default=True, help="A quantized SRC's weights in the output (FP8, INT4): "
+              "source writes merged experts back in its format with fresh scales and copies "
+              "the rest as stored; bf16 writes every quantized weight dequantized and drops "
+              "config.json's quantization_config.")
 @click.option("--max-shard-size", default=DEFAULT_SHARD_SIZE, show_default=True,
               callback=shard_size)
 @device_option

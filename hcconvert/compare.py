@@ -71,7 +71,8 @@ def shared_passes(variants: dict[str, ConvertOptions]) -> list[list[str]]:
 def planned_bytes(src: str, variants: dict[str, ConvertOptions]) -> int:
     """The disk every output of the comparison will take, from the plans (headers only)."""
     ckpt, spec = open_source(src, next(iter(variants.values())).revision)
-    return sum(build_plan(ckpt, spec, options.experts).bytes_out for options in variants.values())
+    return sum(build_plan(ckpt, spec, options.experts, options.dtype).bytes_out
+               for options in variants.values())
 
 
 def compare(src: str, variants: dict[str, ConvertOptions], eval_text: Path, workdir: Path,

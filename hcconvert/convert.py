@@ -113,7 +113,7 @@ def check_shareable(options: list[ConvertOptions]) -> None:
 def prepare_output(src: str, ckpt: Checkpoint, spec: ModelSpec, out: Path,
                    options: ConvertOptions, overwrite: bool) -> Conversion:
     """Plan one output and check its options against the model before any weight is read."""
-    plan = build_plan(ckpt, spec, options.experts)
+    plan = build_plan(ckpt, spec, options.experts, options.dtype)
     check_output_dir(out, ckpt.root, overwrite)
     if options.method == "merge" and options.router == "lse-fit" \
             and spec.routing.scoring != "softmax":
@@ -142,6 +142,8 @@ class LayerPipeline:
         self.timer = StageTimer()  # the shared stages, credited to every conversion at the end
         self.dtype = torch.float32  # the compute dtype, set by run from the embedding's
         self.reduced_decoders: dict[int, Decoder] = {}  # by expert count
+        # How the source stores its weights (reading does not depend on an output's --dtype).
+        self.storage = reducers[0].plan.storage
 
     def run(self, tokens: torch.Tensor, progress: bool) -> None:
         with self.timer.stage("read"):  # once, for every output
@@ -151,7 +153,7 @@ class LayerPipeline:
                                    self.reducers[0].options.compute_dtype)
         self.decoder = self.spec.decoder(self.dtype)
         with self.timer.stage("compute"):
-            self.decoder.load_globals(globals_, self.device)
+            self.decoder.load_globals(self.dense(globals_, None), self.device)
             stream = HiddenStream(self.decoder, tokens, self.device)
             next_tokens = (NextTokenInputs(self.decoder, tokens, self.device)
                            if self.plan.mtp_layers else None)
@@ -172,7 +174,7 @@ class LayerPipeline:
                 bar.set_postfix_str(f"layer {layer + 1}/{num_layers}: calibrating")
                 if layer in self.plan.mtp_layers:
                     with self.timer.stage("compute"):
-                        stream = next_tokens.stream_for(raw, stream)
+                        stream = next_tokens.stream_for(self.dense(raw, layer), stream)
                 self.layer(layer, raw, stream, background)
                 bar.update()
         for reducer in self.reducers:
@@ -187,7 +189,7 @@ class LayerPipeline:
             self.moe_layer(layer, raw, stream, background)
             return
         with self.timer.stage("compute"):
-            tensors, _ = self.decoder.layer_parts(layer, raw, self.device)
+            tensors, _ = self.decoder.layer_parts(layer, self.dense(raw, layer), self.device)
             stream.advance(layer, self.decoder.build_layer(layer, tensors))
             self.synchronize()
         for reducer in self.reducers:
@@ -200,7 +202,8 @@ class LayerPipeline:
         one's compute), then with --propagate merged the reduced layer's output instead."""
         spec, family = self.spec, self.spec.family
         with self.timer.stage("compute"):
-            tensors, experts = self.decoder.layer_parts(layer, raw, self.device)
+            dense = self.dense(raw, layer)
+            tensors, experts = self.decoder.layer_parts(layer, dense, self.device)
             record = RoutingRecord(stream.tokens, saliency="saliency" in self.needs,
                                    keep_output=any(r.fits_layers for r in self.reducers))
             module = self.decoder.build_layer(layer, tensors, RoutedExperts(experts, record))
@@ -208,13 +211,13 @@ class LayerPipeline:
             stream.advance(layer, module)
             del module
             x, selected, _ = record.routing()
-            router = {s: raw[s].to(self.device) for s in router_suffixes(spec)}
+            router = {s: dense[s].to(self.device) for s in router_suffixes(spec)}
             stats = collect_layer_stats(x, selected, router[family.router], experts,
                                         self.needs, self.seed, record)
             matcher = NeuronMatcher(x, selected, experts)
         for reducer in self.reducers:
             reduced_router, merged, produced = reducer.reduce(
-                layer, router, experts, x, stats, matcher, self.routing(layer, tensors),
+                layer, raw, router, experts, x, stats, matcher, self.routing(layer, tensors),
                 record.outputs)
             background.submit(functools.partial(reducer.write_layer, layer, raw, produced))
             if reducer is self.propagator:
@@ -222,6 +225,12 @@ class LayerPipeline:
                     self.propagate(layer, tensors, reduced_router, merged, stream, layer_input)
             del reduced_router, merged, produced  # free the merged experts no later layer needs
         self.synchronize()
+
+    def dense(self, stored: dict, layer: int | None):
+        """A layer's stored tensors (the globals for None) as the forward reads them, quantized
+        weights dequantized on the device (storage.DenseTensors)."""
+        prefix = "" if layer is None else self.spec.family.layer_prefix(layer)
+        return self.storage.dense(stored, prefix, self.device, self.dtype)
 
     def reduced_decoder(self, experts: int) -> Decoder:
         """The skeleton of the model with `experts` routed experts per MoE layer, built once."""

@@ -89,6 +89,7 @@ class Decoder:
         with torch.device("meta"), _default_dtype(dtype), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
+                # dtype: config.json's torch_dtype would otherwise win over the compute dtype.
                 self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
             except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:
                 raise UserError(f"transformers cannot build this {family.model_type} model "
@@ -126,7 +127,8 @@ class Decoder:
         """A layer's tensors as stored, split into the module's tensors on the device (by
         module name) and, in a MoE layer, its routed experts stacked in the compute dtype."""
         layout = self.family.experts
-        kept = {k: v.to(device, non_blocking=True) for k, v in raw.items()
+        # By key: looking a quantized expert up dequantizes it (storage.DenseTensors).
+        kept = {k: raw[k].to(device, non_blocking=True) for k in raw
                 if not k.startswith(layout.prefixes())}
         tensors = self.layer_names(layer, self.family.layer_prefix(layer), kept)
         if self.moe_block(layer) is None:

@@ -26,6 +26,7 @@ from .experts import RoutedExperts
 from .plan import validate_tensors
 from .source import Checkpoint
 from .spec import ModelSpec
+from .storage import Storage
 
 
 @dataclass(frozen=True)
@@ -45,25 +46,33 @@ class StreamedModel:
                  device: torch.device, dtype: torch.dtype | None = None):
         """dtype: the compute dtype (default: the checkpoint's on a GPU, fp32 on the CPU)."""
         self.ckpt, self.spec, self.device, self.tokens = ckpt, spec, device, tokens
+        self.storage = Storage.of(ckpt)
         self.global_names = [n for n in ckpt.tensors
                              if not n.startswith(spec.family.layers_prefix)]
         globals_ = ckpt.read(self.global_names)
         embedding = next(t for n, t in globals_.items() if n.endswith("embed_tokens.weight"))
         self.decoder = spec.decoder(dtype or compute_dtype(device, embedding.dtype))
-        self.decoder.load_globals(globals_, device)
+        self.load_head(globals_)
         self.stream = HiddenStream(self.decoder, tokens, device)
         self.decoder.drop_globals()  # the head is read again after the last layer
 
     def advance(self, layer: int) -> None:
-        raw = self.ckpt.layer_tensors(self.spec.family.layer_prefix(layer))
+        prefix = self.spec.family.layer_prefix(layer)
+        raw = self.dense(self.ckpt.layer_tensors(prefix), prefix)
         tensors, experts = self.decoder.layer_parts(layer, raw, self.device)
         module = self.decoder.build_layer(layer, tensors,
                                           None if experts is None else RoutedExperts(experts))
         self.stream.advance(layer, module)
 
-    def load_head(self) -> None:
-        """Embeddings, final norm and LM head, read once after the last layer."""
-        self.decoder.load_globals(self.ckpt.read(self.global_names), self.device)
+    def load_head(self, globals_: dict[str, torch.Tensor] | None = None) -> None:
+        """Embeddings, final norm and LM head (read again unless given)."""
+        if globals_ is None:
+            globals_ = self.ckpt.read(self.global_names)
+        self.decoder.load_globals(self.dense(globals_, ""), self.device)
+
+    def dense(self, stored: dict[str, torch.Tensor], prefix: str):
+        """Stored tensors (keyed below prefix) with quantized weights dequantized."""
+        return self.storage.dense(stored, prefix, self.device, self.decoder.dtype)
 
     def log_probs(self, sequence: int) -> torch.Tensor:
         """[S, V] next-token log-probabilities of one sequence."""

@@ -19,11 +19,12 @@ from .writer import write_json
 if TYPE_CHECKING:
     from .convert import Conversion
     from .families import Family
+    from .storage import Storage
 
 # The options that shape the result (not where or how it is written), in CLI order.
 REDUCTION_FIELDS = ("calib", "calib_samples", "seq_len", "seed", "method", "metric", "grouping",
                     "linkage", "max_group_size", "merge", "prune_by", "router", "propagate",
-                    "layer_fit")
+                    "layer_fit", "dtype")
 # Libraries whose versions can change the result, recorded in hcconvert.json.
 RECORDED_LIBRARIES = ("torch", "safetensors", "transformers", "huggingface_hub", "tokenizers",
                       "numpy", "scipy", "triton")
@@ -79,12 +80,14 @@ def write_metadata(directory: Path, ckpt: Checkpoint, conversion: Conversion,
                    options: ConvertOptions, run: RunRecord | None = None) -> None:
     plan = conversion.plan
     config = reduced_config(ckpt.config, plan.spec.family, plan.experts_out, plan.top_k_out)
-    write_json(directory / "config.json", config)
+    write_json(directory / "config.json", plan.storage.output_config(config))
     layers = [{"layer": r.layer, "groups": r.groups, "frequencies": r.counts,
                "router_logit_mean": r.logit_mean, "tokens": r.tokens,
                # What --method auto chose and the fit's held-out errors, where they apply.
                **({"choice": r.choice} if r.choice else {}),
-               **({"layer_fit": r.fit} if r.fit else {})} for r in conversion.layers]
+               **({"layer_fit": r.fit} if r.fit else {}),
+               **({"requantization": r.requantization} if r.requantization else {})}
+              for r in conversion.layers]
     write_json(directory / "hcconvert.json", {
         "source": conversion.source,
         "method": options.method,
@@ -95,10 +98,17 @@ def write_metadata(directory: Path, ckpt: Checkpoint, conversion: Conversion,
         "calibration": calibration_used(conversion, options),
         "experts_before": plan.spec.num_experts,
         "experts_after": plan.experts_out,
+        **({"quantization": quantization_used(plan.storage)} if plan.storage.fmt else {}),
         "layers": layers,
     })
     (directory / "README.md").write_text(model_card(conversion, options,
                                                     source_license(ckpt)))
+
+
+def quantization_used(storage: Storage) -> dict:
+    """The source's quantized storage and what the output wrote it as."""
+    return {"method": storage.fmt.method, "quantized_weights": len(storage.bases),
+            "written_as": "bf16" if storage.dense_output else storage.fmt.method}
 
 
 def environment() -> dict:

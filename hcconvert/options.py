@@ -25,10 +25,13 @@ PROPAGATIONS = ("original", "merged")
 DEVICES = ("auto", "cpu", "cuda")
 # auto: the checkpoint's half precision on a GPU, float32 on the CPU (decoder.compute_dtype).
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+# How quantized weights are written: as the source stores them, or dequantized in bf16.
+DTYPES = ("source", "bf16")
 # The options whose value must be one of a fixed set.
 CHOICES = {"method": METHODS, "metric": METRICS, "grouping": GROUPINGS, "linkage": LINKAGES,
            "merge": MERGES, "router": ROUTERS, "propagate": PROPAGATIONS,
-           "prune_by": PRUNE_BY, "device": DEVICES, "compute_dtype": COMPUTE_DTYPES}
+           "prune_by": PRUNE_BY, "device": DEVICES, "compute_dtype": COMPUTE_DTYPES,
+           "dtype": DTYPES}
 # Integer options and their least value.
 MINIMUMS = {"experts": 1, "calib_samples": 1, "seq_len": 1, "seed": 0, "max_shard_size": 1,
             "max_group_size": 1}
@@ -103,6 +106,10 @@ class ConvertOptions:
     layer_fit: bool = False
     # The dtype of the layers' products (sums and statistics accumulate in fp32 whatever it is).
     compute_dtype: str = "auto"
+    # A quantized source's weights in the output: its format (merged experts requantized with
+    # fresh scales), or with "bf16" all dequantized and config.json's quantization_config
+    # dropped (storage.py).
+    dtype: str = "source"
 
     def __post_init__(self) -> None:
         if isinstance(self.calib, os.PathLike):  # a Path from the Python API; JSON needs str

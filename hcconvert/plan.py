@@ -15,6 +15,7 @@ from .mtp import REQUIRED as MTP_REQUIRED
 from .mtp import mtp_shapes
 from .source import Checkpoint
 from .spec import ModelSpec
+from .storage import Shape, Storage
 from .writer import OutputTensor
 
 
@@ -27,6 +28,8 @@ class Plan:
     layer_names: list[list[str]]  # per layer: its source tensors (full names)
     layer_outputs: list[list[OutputTensor]]  # per layer: what it writes, in order
     bytes_in: int
+    storage: Storage  # quantized weights, and how this output writes them
+    requantized: frozenset[int]  # MoE layers whose new experts are written quantized
 
     @property
     def mtp_layers(self) -> tuple[int, ...]:
@@ -60,20 +63,26 @@ def moe_suffixes(spec: ModelSpec, count: int) -> list[str]:
     return [*router_suffixes(spec), *spec.family.experts.shapes(count, spec.ffn, spec.hidden)]
 
 
-def build_plan(ckpt: Checkpoint, spec: ModelSpec, experts_out: int) -> Plan:
+def build_plan(ckpt: Checkpoint, spec: ModelSpec, experts_out: int,
+               dtype: str = "source") -> Plan:
+    """dtype: --dtype, how quantized weights are written (storage.DTYPES)."""
     if not 1 <= experts_out < spec.num_experts:
         raise UserError(f"--experts must be between 1 and {spec.num_experts - 1} "
                         f"(the model has {spec.num_experts} experts per MoE layer)")
     if not spec.moe_layers:
         raise UserError("the config marks no layer as MoE: nothing to reduce")
     check_routing_groups(spec, experts_out)
-    layer_names = validate_tensors(ckpt, spec)
+    storage = Storage.of(ckpt).writing(dtype)
+    layer_names = validate_tensors(ckpt, spec, storage)
     in_layers = {name for names in layer_names for name in names}
-    global_outputs = [_copied(ckpt, n) for n in ckpt.tensors if n not in in_layers]
-    layer_outputs = [_layer_outputs(ckpt, spec, layer, names, experts_out)
+    global_outputs = storage.copied([n for n in ckpt.tensors if n not in in_layers],
+                                    ckpt.tensors)
+    layer_outputs = [_layer_outputs(ckpt, spec, storage, layer, names, experts_out)
                      for layer, names in enumerate(layer_names)]
+    requantized = frozenset(layer for layer in spec.moe_layers
+                            if storage.requantizes(_first_expert(spec, layer)))
     return Plan(spec, experts_out, min(spec.top_k, experts_out), global_outputs, layer_names,
-                layer_outputs, ckpt.total_bytes)
+                layer_outputs, ckpt.total_bytes, storage, requantized)
 
 
 def valid_expert_counts(spec: ModelSpec) -> list[int]:
@@ -104,20 +113,23 @@ def check_routing_groups(spec: ModelSpec, experts_out: int) -> None:
                         f"needs one of: {shown}")
 
 
-def validate_tensors(ckpt: Checkpoint, spec: ModelSpec) -> list[list[str]]:
-    """Check every tensor transformers' modules and our experts need against the headers;
-    return each layer's names (the decoder layers', then the MTP layer's if stored)."""
+def validate_tensors(ckpt: Checkpoint, spec: ModelSpec,
+                     storage: Storage | None = None) -> list[list[str]]:
+    """Check every tensor transformers' modules and our experts need against the headers
+    (a quantized weight by its dequantized shape); return each layer's names (the decoder
+    layers', then the MTP layer's if stored)."""
+    storage = storage or Storage.of(ckpt)
     decoder = spec.decoder()
-    _check_globals(ckpt, decoder)
+    _check_globals(storage.logical(ckpt.tensors, ckpt.tensors), decoder)
     per_layer = _names_by_layer(ckpt, spec)
     for layer, names in enumerate(per_layer):
-        _check_layer(ckpt, spec, decoder, layer, names)
+        _check_layer(storage.logical(names, ckpt.tensors), spec, decoder, layer)
     return per_layer
 
 
-def _check_globals(ckpt: Checkpoint, decoder: Decoder) -> None:
+def _check_globals(tensors: dict[str, tuple[str, Shape]], decoder: Decoder) -> None:
     """Embeddings, final norm and (untied) LM head, with the skeleton's shapes."""
-    on_disk = {decoder.module_name(n): n for n in ckpt.tensors}
+    on_disk = {decoder.module_name(n): n for n in tensors}
     for name, tensor in decoder.model.state_dict(keep_vars=True).items():
         if name.startswith("model.layers."):
             continue
@@ -125,7 +137,7 @@ def _check_globals(ckpt: Checkpoint, decoder: Decoder) -> None:
             continue
         if name not in on_disk:
             raise UserError(f"tensor {decoder.disk_name(name)} is missing from the checkpoint")
-        _check_shape(ckpt, on_disk[name], tuple(tensor.shape))
+        _check_shape(tensors, on_disk[name], tuple(tensor.shape))
 
 
 def _names_by_layer(ckpt: Checkpoint, spec: ModelSpec) -> list[list[str]]:
@@ -153,18 +165,19 @@ def _names_by_layer(ckpt: Checkpoint, spec: ModelSpec) -> list[list[str]]:
     return per_layer[:spec.num_layers] + [names for names in mtp[:1] if names]
 
 
-def _check_layer(ckpt: Checkpoint, spec: ModelSpec, decoder: Decoder, layer: int,
-                 names: list[str]) -> None:
+def _check_layer(tensors: dict[str, tuple[str, Shape]], spec: ModelSpec, decoder: Decoder,
+                 layer: int) -> None:
     """Every tensor the layer's modules load is present with its shape, nothing unknown is
-    there, and the experts are as the family stores them."""
+    there, and the experts are as the family stores them. tensors: the layer's, as
+    Storage.logical gives them."""
     prefix = spec.family.layer_prefix(layer)
     module_prefix = f"model.layers.{layer}."
     if layer in spec.mtp_layers:
-        names = _check_mtp_tensors(ckpt, spec, decoder, prefix, names)
+        tensors = _check_mtp_tensors(tensors, spec, decoder, prefix)
     expected = decoder.expected_tensors(layer)
     experts = _expert_shapes(spec) if spec.reduces(layer) else {}
     found = set()
-    for name in names:
+    for name in tensors:
         suffix = name.removeprefix(prefix)
         if suffix in experts:
             continue
@@ -172,68 +185,72 @@ def _check_layer(ckpt: Checkpoint, spec: ModelSpec, decoder: Decoder, layer: int
         if module not in expected:
             raise UserError(f"tensor {name} is not part of a {spec.family.model_type} layer "
                             "as config.json describes it")
-        _check_shape(ckpt, name, expected[module][0])
+        _check_shape(tensors, name, expected[module][0])
         found.add(module)
     missing = sorted(set(expected) - found)
     if missing:
         raise UserError(f"tensor {decoder.disk_name(module_prefix + missing[0])} is missing "
                         "from the checkpoint")
     if experts:
-        _check_experts(ckpt, prefix, experts)
+        _check_experts(tensors, prefix, experts)
 
 
-def _check_mtp_tensors(ckpt: Checkpoint, spec: ModelSpec, decoder: Decoder, prefix: str,
-                       names: list[str]) -> list[str]:
-    """An MTP layer's own tensors are all there with their shapes; returns the names of its
-    decoder layer's tensors, checked like any layer's."""
+def _check_mtp_tensors(tensors: dict[str, tuple[str, Shape]], spec: ModelSpec,
+                       decoder: Decoder, prefix: str) -> dict[str, tuple[str, Shape]]:
+    """An MTP layer's own tensors are all there with their shapes; returns its decoder
+    layer's tensors, checked like any layer's."""
     shapes = mtp_shapes(spec.hidden, decoder.config.vocab_size)
-    missing = next((prefix + s for s in MTP_REQUIRED if prefix + s not in ckpt.tensors), None)
+    missing = next((prefix + s for s in MTP_REQUIRED if prefix + s not in tensors), None)
     if missing is not None:
         raise UserError(f"tensor {missing} is missing from the checkpoint")
-    for name in names:
+    for name in tensors:
         if name.removeprefix(prefix) in shapes:
-            _check_shape(ckpt, name, shapes[name.removeprefix(prefix)])
-    return [name for name in names if name.removeprefix(prefix) not in shapes]
+            _check_shape(tensors, name, shapes[name.removeprefix(prefix)])
+    return {name: info for name, info in tensors.items()
+            if name.removeprefix(prefix) not in shapes}
 
 
 def _expert_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return spec.family.experts.shapes(spec.num_experts, spec.ffn, spec.hidden)
 
 
-def _check_experts(ckpt: Checkpoint, prefix: str, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Present, with the config's F and H, all of one dtype."""
+def _check_experts(tensors: dict[str, tuple[str, Shape]], prefix: str,
+                   shapes: dict[str, Shape]) -> None:
+    """Present, with the config's F and H, all of one dtype (or all quantized alike)."""
     expert_dtype = None
     for suffix, shape in shapes.items():
         name = prefix + suffix
-        if name not in ckpt.tensors:
+        if name not in tensors:
             raise UserError(f"tensor {name} is missing from the checkpoint")
-        _check_shape(ckpt, name, shape)
-        info = ckpt.tensors[name]
-        expert_dtype = expert_dtype or info.dtype
-        if info.dtype != expert_dtype:
-            raise UserError(f"tensor {name} is {info.dtype}, the other experts {expert_dtype}")
+        _check_shape(tensors, name, shape)
+        dtype = tensors[name][0]
+        expert_dtype = expert_dtype or dtype
+        if dtype != expert_dtype:
+            raise UserError(f"tensor {name} is {dtype}, the other experts {expert_dtype}")
 
 
-def _check_shape(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> None:
-    info = ckpt.tensors[name]
-    if info.shape != shape:
-        raise UserError(f"tensor {name} has shape {list(info.shape)}, "
+def _check_shape(tensors: dict[str, tuple[str, Shape]], name: str, shape: Shape) -> None:
+    found = tensors[name][1]
+    if found != shape:
+        raise UserError(f"tensor {name} has shape {list(found)}, "
                         f"expected {list(shape)} from config.json")
 
 
-def _copied(ckpt: Checkpoint, name: str) -> OutputTensor:
-    info = ckpt.tensors[name]
-    return OutputTensor(name, info.dtype, info.shape)
+def _first_expert(spec: ModelSpec, layer: int) -> str:
+    """The (dense) name of a MoE layer's first routed-expert weight."""
+    return spec.family.layer_prefix(layer) + next(iter(_expert_shapes(spec)))
 
 
-def _layer_outputs(ckpt: Checkpoint, spec: ModelSpec, layer: int, names: list[str],
-                   experts_out: int) -> list[OutputTensor]:
-    """Copied tensors in source order, then the reduced router and experts (same layout)."""
+def _layer_outputs(ckpt: Checkpoint, spec: ModelSpec, storage: Storage, layer: int,
+                   names: list[str], experts_out: int) -> list[OutputTensor]:
+    """Copied tensors in source order, then the reduced router and experts (same layout,
+    stored as the source's experts are, or dense with --dtype bf16)."""
     if not spec.reduces(layer):
-        return [_copied(ckpt, n) for n in names]
+        return storage.copied(names, ckpt.tensors)
     prefix = spec.family.layer_prefix(layer)
-    replaced = {prefix + s for s in moe_suffixes(spec, spec.num_experts)}
-    outputs = [_copied(ckpt, n) for n in names if n not in replaced]
+    replaced = {stored for suffix in moe_suffixes(spec, spec.num_experts)
+                for stored in storage.stored_names(prefix + suffix)}
+    outputs = storage.copied([n for n in names if n not in replaced], ckpt.tensors)
     for suffix in router_suffixes(spec):
         info = ckpt.tensors[prefix + suffix]
         # The router weight's rows, or a bias's last axis, are the experts.
@@ -241,6 +258,7 @@ def _layer_outputs(ckpt: Checkpoint, spec: ModelSpec, layer: int, names: list[st
                  else (*info.shape[:-1], experts_out))
         outputs.append(OutputTensor(prefix + suffix, info.dtype, shape))
     expert_shapes = spec.family.experts.shapes(experts_out, spec.ffn, spec.hidden)
-    dtype = ckpt.tensors[prefix + next(iter(_expert_shapes(spec)))].dtype
-    outputs += [OutputTensor(prefix + name, dtype, shape) for name, shape in expert_shapes.items()]
+    source = _first_expert(spec, layer)
+    for name, shape in expert_shapes.items():
+        outputs += storage.replacing(source, prefix + name, shape, ckpt.tensors)
     return outputs

@@ -24,7 +24,7 @@ def plan_from_headers(src: str, options: ConvertOptions) -> tuple[Checkpoint, Pl
     """SRC's plan from its config and headers alone (a Hub repo is not downloaded)."""
     ckpt = open_headers(src, options.revision)
     spec = ModelSpec.from_config(ckpt.config, family_for(ckpt.config))
-    return ckpt, build_plan(ckpt, spec, options.experts)
+    return ckpt, build_plan(ckpt, spec, options.experts, options.dtype)
 
 
 def check_ready(ckpt: Checkpoint, plan: Plan, options: ConvertOptions, out: Path | None,

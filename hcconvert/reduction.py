@@ -9,7 +9,7 @@ E experts, R groups.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 from .alignment import NeuronMatcher
 from .clustering import group_experts
 from .experts import Experts
+from .families import ExpertLayout, PerExpert
 from .layerfit import FitReport, Route, fit_layer
 from .merging import merge_experts
 from .options import AUTO_CANDIDATES, ConvertOptions, named
@@ -40,6 +41,8 @@ class LayerResult:
     tokens: int
     choice: str | None = None  # with --method auto: the candidate this layer kept
     fit: dict | None = None  # with layer_fit: held-out layer-output errors (FitReport)
+    # Quantized experts written back: the requantization error (requantization_record).
+    requantization: dict | None = None
 
 
 @dataclass
@@ -119,28 +122,31 @@ class Reducer:
                 for name in AUTO_CANDIDATES}
 
     def write_globals(self, tensors: dict[str, torch.Tensor]) -> None:
-        """The tensors outside the decoder layers, copied as stored."""
+        """The tensors outside the decoder layers, copied (as stored, or dequantized with
+        --dtype bf16)."""
         with self.timer.stage("write"):
             for tensor in self.plan.global_outputs:
-                self.writer.write(tensor.name, tensors[tensor.name])
+                self.writer.write(tensor.name, self.plan.storage.copied_value(tensor.name,
+                                                                              tensors))
 
-    def reduce(self, layer: int, router: dict[str, torch.Tensor], experts: Experts,
-               x: torch.Tensor, stats: LayerStats, matcher: NeuronMatcher,
-               routing: Routing, target: torch.Tensor | None = None):
+    def reduce(self, layer: int, stored: Mapping[str, torch.Tensor],
+               router: dict[str, torch.Tensor], experts: Experts, x: torch.Tensor,
+               stats: LayerStats, matcher: NeuronMatcher, routing: Routing,
+               target: torch.Tensor | None = None):
         """One MoE layer: the new router tensors (by their names below the layer) and experts
         (on the compute device), and the tensors to write (by full name, on the CPU).
+        stored: the layer's tensors as stored, by their names below the layer;
         router: the router's weight and per-expert bias, by their names below the layer;
         target: the original layer's routed-expert output on x, for the layer fit."""
         with self.timer.stage("compute"):
             choice, best = self.best_reduction(layer, experts, x, router, stats, matcher,
                                                routing, target)
+            produced, requantization = self.stored_tensors(layer, best, experts, stored)
             self.conversion.layers.append(
                 LayerResult(layer, best.groups, stats.counts.tolist(),
                             stats.logit_mean.tolist(), stats.tokens,
                             choice if self.options.method == "auto" else None,
-                            best.fit.to_json() if best.fit else None))
-            produced = {name: t.to("cpu") for name, t in
-                        self.merged_tensors(layer, best.router, best.experts).items()}
+                            best.fit.to_json() if best.fit else None, requantization))
         return best.router, best.experts, produced
 
     @property
@@ -205,18 +211,59 @@ class Reducer:
             groups += [[start + e for e in group] for group in local]
         return groups
 
-    def merged_tensors(self, layer: int, router: dict, merged: Experts) -> dict:
-        """Reduced router and experts by full name, in the source's expert layout."""
-        prefix = self.plan.layer_prefix(layer)
-        tensors = {**router, **merged.to_layer(self.spec.family.experts)}
-        return {prefix + name: tensor for name, tensor in tensors.items()}
+    def stored_tensors(self, layer: int, reduced: Reduced, original: Experts,
+                       stored: Mapping[str, torch.Tensor]) -> tuple[dict, dict | None]:
+        """Reduced router and experts to write, by full name, on the CPU, in the source's
+        expert layout; where the plan writes them quantized, in the source's format (plus the
+        requantization error, else None)."""
+        prefix, layout = self.plan.layer_prefix(layer), self.spec.family.experts
+        router = {prefix + name: tensor for name, tensor in reduced.router.items()}
+        experts = {prefix + name: tensor
+                   for name, tensor in reduced.experts.to_layer(layout).items()}
+        requantization = None
+        if layer in self.plan.requantized:
+            unchanged = unchanged_weights(layout, reduced.groups, reduced.experts, original,
+                                          prefix)
+            experts, errors = self.plan.storage.requantize(experts, unchanged, stored, prefix)
+            requantization = requantization_record(errors, len(unchanged))
+        return {name: t.to("cpu") for name, t in {**router, **experts}.items()}, requantization
 
     def write_layer(self, layer: int, raw: dict, produced: dict) -> None:
-        """Write one layer's tensors in plan order: new ones, and the rest copied as stored."""
+        """Write one layer's tensors in plan order: new ones, and the rest copied (as stored,
+        or dequantized with --dtype bf16)."""
         prefix = self.plan.layer_prefix(layer)
         with self.timer.stage("write"):
             for tensor in self.plan.layer_outputs[layer]:
                 value = produced.get(tensor.name)
                 if value is None:
-                    value = raw[tensor.name.removeprefix(prefix)]
+                    value = self.plan.storage.copied_value(tensor.name, raw, prefix)
                 self.writer.write(tensor.name, value.to(TORCH_DTYPES[tensor.dtype]))
+
+
+def unchanged_weights(layout: ExpertLayout, groups: list[list[int]], merged: Experts,
+                      original: Experts, prefix: str) -> dict[str, str]:
+    """The new expert weights equal to a source expert's (a kept expert's, a singleton
+    group's, where no fit changed it): full name -> the source weight's. Those are copied as
+    stored, since requantizing a weight that went through the compute dtype need not give its
+    bytes back. Fused experts are one tensor for all: never unchanged."""
+    if not isinstance(layout, PerExpert):
+        return {}
+    found = {}
+    for new, group in enumerate(groups):
+        if len(group) != 1:
+            continue
+        for template, after, before in zip(
+                layout.names.all(), (merged.gate, merged.up, merged.down),
+                (original.gate, original.up, original.down), strict=True):
+            if torch.equal(after[new], before[group[0]]):
+                found[prefix + template.format(expert=new)] = \
+                    prefix + template.format(expert=group[0])
+    return found
+
+
+def requantization_record(errors: list[float], copied: int) -> dict:
+    """hcconvert.json's account of one layer's quantized experts: how many weights were
+    requantized and their relative Frobenius errors, how many copied as stored."""
+    return {"requantized": len(errors), "copied": copied,
+            "error_mean": float(np.mean(errors)) if errors else 0.0,
+            "error_max": max(errors, default=0.0)}

@@ -38,6 +38,7 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
         f"top-k         {spec.top_k} -> {plan.top_k_out}",
         f"tensors       {len(ckpt.tensors)} -> {len(plan.outputs)}",
         f"size          {human_bytes(plan.bytes_in)} -> {human_bytes(plan.bytes_out)}",
+        *([f"quantized     {storage}"] if (storage := plan.storage.describe()) else []),
         f"calibration   {options.calib_samples} x {options.seq_len} tokens",
         f"largest layer {human_bytes(layer_bytes)}",
         f"memory (est.) on a GPU: {human_bytes(on_gpu.device)} GPU + "
@@ -125,6 +126,18 @@ def _routing(spec: ModelSpec) -> str:
     return ", ".join(parts)
 
 
+def requantization_summary(conversion: Conversion) -> list[str]:
+    """The line on experts written back quantized, if any were."""
+    records = [r.requantization for r in conversion.layers if r.requantization]
+    if not records:
+        return []
+    count = sum(r["requantized"] for r in records)
+    mean = sum(r["error_mean"] * r["requantized"] for r in records) / max(count, 1)
+    return [f"requantized {count} expert weights ({conversion.plan.storage.fmt.method}), "
+            f"relative error mean {mean:.4f}, max {max(r['error_max'] for r in records):.4f}; "
+            f"{sum(r['copied'] for r in records)} copied as stored"]
+
+
 def print_summary(conversion: Conversion) -> None:
     plan, timer = conversion.plan, conversion.timer
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in timer.seconds.items())
@@ -133,6 +146,7 @@ def print_summary(conversion: Conversion) -> None:
         f"wrote {conversion.out}: {plan.spec.num_experts} -> {plan.experts_out} experts "
         f"in {len(plan.spec.moe_layers)} MoE layers",
         f"size        {human_bytes(plan.bytes_in)} -> {human_bytes(plan.bytes_out)}",
+        *requantization_summary(conversion),
         f"wall time   {timer.wall:.1f}s ({stages})",
         f"peak memory host {human_bytes(peak_rss_bytes())}"
         + (f", GPU {human_bytes(gpu)}" if gpu is not None else ""),

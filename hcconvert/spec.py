@@ -49,10 +49,7 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, config: dict, family: Family) -> ModelSpec:
-        storage = quant_format(config)  # an unknown or malformed method is refused here
-        if storage is not None:
-            raise UserError(f"config.json: {storage.method}-quantized weights are not converted "
-                            "yet; convert a bf16 copy of the checkpoint")
+        quant_format(config)  # an unknown or malformed quantization method is refused here
         text = family.text_config(config)
         decoder = Decoder(config, family)
         layers = len(decoder.layers)

@@ -352,7 +352,7 @@ def test_recorded_frequencies_equal_transformers_router(tmp_path, calib_text, na
 
 @pytest.mark.parametrize("quantization,fragment", [
     ({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-      "weight_block_size": [128, 128]}, "fp8-quantized weights are not converted yet"),
+      "weight_block_size": [128]}, "quantization_config (fp8) weight_block_size is [128]"),
     ({"quant_method": "gptq", "bits": 4}, "quantization method 'gptq' is not supported"),
 ])
 def test_quantized_checkpoints_are_refused_in_one_line(tmp_path, quantization, fragment):

@@ -35,6 +35,7 @@ BAD_VALUES = {
     "prune_by": ("size", "frequency, output"),
     "layer_fit": ("yes", "true or false"),
     "compute_dtype": ("float16", "auto, float32, bfloat16"),
+    "dtype": ("fp16", "source, bf16"),
 }
 # Options the command line can carry a bad value for (calib and revision are always text;
 # --layer-fit is a switch).
