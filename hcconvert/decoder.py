@@ -85,7 +85,9 @@ class Decoder:
         with torch.device("meta"), _default_dtype(dtype), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                self.model = AutoModelForCausalLM.from_config(self.config)
+                # dtype: from_config would otherwise build in config.json's dtype (a bf16
+                # skeleton then hands bf16 hidden states to fp32 layers).
+                self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
             except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:
                 raise UserError(f"transformers cannot build this {family.model_type} model "
                                 f"from config.json: {first_line(err)}") from None

@@ -200,6 +200,9 @@ FAMILIES: dict[str, Family] = {
                experts=_per_expert("mlp"), router="mlp.gate.weight",
                router_bias="mlp.moe_statics.e_score_correction_bias",
                top_k_key="moe_k"),
+        # Gated-DeltaNet linear-attention layers beside full attention: transformers' modules.
+        Family(model_type="qwen3_next", experts_keys=("num_experts",),
+               experts=_per_expert("mlp"), router="mlp.gate.weight"),
     ]
 }
 

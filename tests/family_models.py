@@ -122,6 +122,14 @@ CASES.update({
         moe_num_shared_experts=1, moe_layer_start_index=1, head_dim=16),
         "moe_num_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
         router_bias="mlp.moe_statics.e_score_correction_bias"),
+    # Linear-attention (gated DeltaNet) layers beside full attention, a gated shared expert.
+    "qwen3_next": Case("qwen3_next", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        shared_expert_intermediate_size=40, head_dim=16, partial_rotary_factor=0.25,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_conv_kernel_dim=4, mlp_only_layers=[2],
+        norm_topk_prob=True), "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4),
 })
 
 # Keys the Hub's DeepSeek-V2 config.json carries that transformers 5 does not write.

@@ -318,7 +318,7 @@ def keep_index(picks: dict, layer: int, module, args, out) -> None:
     picks[layer] = out[2]
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3", "minimax_m2", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["deepseek_v3", "minimax_m2", "qwen2_moe", "qwen3_next"])
 def test_recorded_frequencies_equal_transformers_router(tmp_path, calib_text, name):
     """hcconvert.json's frequencies are what transformers' own routers pick on the same
     calibration tokens, run through the whole stock model at once."""
