@@ -110,8 +110,10 @@ class Decoder:
         from transformers.core_model_loading import apply_renamings
 
         name = apply_renamings(module_name, self.reverse_renamings)
-        return self.family.text_prefix + name.removeprefix("model.") \
-            if name.startswith("model.") else name
+        # A wrapper's own renamings may already restore its text prefix.
+        if name.startswith(self.family.text_prefix) or not name.startswith("model."):
+            return name
+        return self.family.text_prefix + name.removeprefix("model.")
 
     def layer_names(self, layer: int, prefix: str, tensors: dict) -> dict:
         """A layer's tensors, keyed on disk below `prefix`, keyed by their names in the
@@ -123,7 +125,7 @@ class Decoder:
     def layer_parts(self, layer: int, raw: dict[str, torch.Tensor], device: torch.device):
         """A layer's tensors as stored, split into the module's tensors on the device (by
         module name) and, in a MoE layer, its routed experts stacked in the compute dtype."""
-        layout = self.family.experts
+        layout = self.family.stored_layout(raw)
         kept = {k: v.to(device, non_blocking=True) for k, v in raw.items()
                 if not k.startswith(layout.prefixes())}
         tensors = self.layer_names(layer, self.family.layer_prefix(layer), kept)

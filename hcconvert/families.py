@@ -12,7 +12,7 @@ under another name (Qwen3-MoE's expert count), the family lists both.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -48,6 +48,11 @@ class PerExpert:
         """Name prefixes that only routed-expert tensors have."""
         return tuple(dict.fromkeys(name.split("{expert}")[0] for name in self.names.all()))
 
+    @property
+    def marker(self) -> str:
+        """A tensor every layer stored this way has."""
+        return self.names.gate.format(expert=0)
+
 
 @dataclass(frozen=True)
 class Fused:
@@ -62,6 +67,10 @@ class Fused:
 
     def prefixes(self) -> tuple[str, ...]:
         return (self.gate_up, self.down)
+
+    @property
+    def marker(self) -> str:
+        return self.gate_up
 
 
 ExpertLayout = PerExpert | Fused
@@ -124,11 +133,20 @@ class Family:
     transformers_type: str | None = None  # model_type transformers knows it by, if another
     text_config_key: str | None = None  # a vision-language wrapper's text config
     text_prefix: str = "model."  # the text model's tensors on disk
+    # Other layouts a checkpoint may store a layer's experts in (re-saves, MTP layers).
+    other_layouts: tuple[ExpertLayout, ...] = ()
 
     def experts_key(self, config: dict) -> str | None:
         """The expert-count key this config.json uses (None when it has none)."""
         text = self.text_config(config)
         return next((k for k in self.experts_keys if text.get(k)), None)
+
+    def stored_layout(self, names: Collection[str]) -> ExpertLayout:
+        """How one layer stores its experts, from its tensor names below the layer prefix:
+        the first layout whose marker tensor is there, else the family's own (whose names a
+        missing-tensor message then gives)."""
+        return next((layout for layout in (self.experts, *self.other_layouts)
+                     if layout.marker in names), self.experts)
 
     def text_config(self, config: dict) -> dict:
         """The text model's config: config.json itself, or its nested text config."""
@@ -203,6 +221,12 @@ FAMILIES: dict[str, Family] = {
         # Gated-DeltaNet linear-attention layers beside full attention: transformers' modules.
         Family(model_type="qwen3_next", experts_keys=("num_experts",),
                experts=_per_expert("mlp"), router="mlp.gate.weight"),
+        # A vision-language wrapper; the official checkpoints fuse the experts, re-saves (and
+        # MTP layers) store them per expert: each layer is written back as it was read.
+        Family(model_type="qwen3_5_moe", experts_keys=("num_experts",),
+               experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+               other_layouts=(_per_expert("mlp"),), router="mlp.gate.weight",
+               text_config_key="text_config", text_prefix="model.language_model."),
     ]
 }
 

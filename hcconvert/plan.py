@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .decoder import Decoder
 from .errors import UserError
+from .families import ExpertLayout
 from .source import Checkpoint
 from .spec import ModelSpec
 from .writer import OutputTensor
@@ -48,9 +49,15 @@ def router_suffixes(spec: ModelSpec) -> list[str]:
     return [family.router] + ([family.router_bias] if family.router_bias else [])
 
 
-def moe_suffixes(spec: ModelSpec, count: int) -> list[str]:
+def moe_suffixes(spec: ModelSpec, layout: ExpertLayout, count: int) -> list[str]:
     """The per-layer tensors a MoE reduction replaces: router and routed experts."""
-    return [*router_suffixes(spec), *spec.family.experts.shapes(count, spec.ffn, spec.hidden)]
+    return [*router_suffixes(spec), *layout.shapes(count, spec.ffn, spec.hidden)]
+
+
+def stored_layout(spec: ModelSpec, layer: int, names: list[str]) -> ExpertLayout:
+    """How layer `layer`, whose tensors are `names` (full names), stores its experts."""
+    prefix = spec.family.layer_prefix(layer)
+    return spec.family.stored_layout({name.removeprefix(prefix) for name in names})
 
 
 def build_plan(ckpt: Checkpoint, spec: ModelSpec, experts_out: int) -> Plan:
@@ -145,7 +152,8 @@ def _check_layer(ckpt: Checkpoint, spec: ModelSpec, decoder: Decoder, layer: int
     prefix = spec.family.layer_prefix(layer)
     module_prefix = f"model.layers.{layer}."
     expected = decoder.expected_tensors(layer)
-    experts = _expert_shapes(spec) if layer in spec.moe_layers else {}
+    layout = stored_layout(spec, layer, names)
+    experts = _expert_shapes(spec, layout) if layer in spec.moe_layers else {}
     found = set()
     for name in names:
         suffix = name.removeprefix(prefix)
@@ -165,8 +173,8 @@ def _check_layer(ckpt: Checkpoint, spec: ModelSpec, decoder: Decoder, layer: int
         _check_experts(ckpt, prefix, experts)
 
 
-def _expert_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    return spec.family.experts.shapes(spec.num_experts, spec.ffn, spec.hidden)
+def _expert_shapes(spec: ModelSpec, layout: ExpertLayout) -> dict[str, tuple[int, ...]]:
+    return layout.shapes(spec.num_experts, spec.ffn, spec.hidden)
 
 
 def _check_experts(ckpt: Checkpoint, prefix: str, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -201,7 +209,8 @@ def _layer_outputs(ckpt: Checkpoint, spec: ModelSpec, layer: int, names: list[st
     if layer not in spec.moe_layers:
         return [_copied(ckpt, n) for n in names]
     prefix = spec.family.layer_prefix(layer)
-    replaced = {prefix + s for s in moe_suffixes(spec, spec.num_experts)}
+    layout = stored_layout(spec, layer, names)
+    replaced = {prefix + s for s in moe_suffixes(spec, layout, spec.num_experts)}
     outputs = [_copied(ckpt, n) for n in names if n not in replaced]
     for suffix in router_suffixes(spec):
         info = ckpt.tensors[prefix + suffix]
@@ -209,7 +218,7 @@ def _layer_outputs(ckpt: Checkpoint, spec: ModelSpec, layer: int, names: list[st
         shape = ((experts_out, *info.shape[1:]) if suffix == spec.family.router
                  else (*info.shape[:-1], experts_out))
         outputs.append(OutputTensor(prefix + suffix, info.dtype, shape))
-    expert_shapes = spec.family.experts.shapes(experts_out, spec.ffn, spec.hidden)
-    dtype = ckpt.tensors[prefix + next(iter(_expert_shapes(spec)))].dtype
+    expert_shapes = layout.shapes(experts_out, spec.ffn, spec.hidden)
+    dtype = ckpt.tensors[prefix + layout.marker].dtype
     outputs += [OutputTensor(prefix + name, dtype, shape) for name, shape in expert_shapes.items()]
     return outputs

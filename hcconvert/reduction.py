@@ -22,7 +22,7 @@ from .experts import Experts
 from .layerfit import FitReport, Route, fit_layer
 from .merging import merge_experts
 from .options import AUTO_CANDIDATES, ConvertOptions, named
-from .plan import Plan
+from .plan import Plan, stored_layout
 from .pruning import prune_groups, prune_scores
 from .ream import ream_groups
 from .resources import StageTimer
@@ -208,7 +208,8 @@ class Reducer:
     def merged_tensors(self, layer: int, router: dict, merged: Experts) -> dict:
         """Reduced router and experts by full name, in the source's expert layout."""
         prefix = self.plan.layer_prefix(layer)
-        tensors = {**router, **merged.to_layer(self.spec.family.experts)}
+        layout = stored_layout(self.spec, layer, self.plan.layer_names[layer])
+        tensors = {**router, **merged.to_layer(layout)}
         return {prefix + name: tensor for name, tensor in tensors.items()}
 
     def write_layer(self, layer: int, raw: dict, produced: dict) -> None:
