@@ -133,6 +133,9 @@ class Family:
     transformers_type: str | None = None  # model_type transformers knows it by, if another
     text_config_key: str | None = None  # a vision-language wrapper's text config
     text_prefix: str = "model."  # the text model's tensors on disk
+    # The router picks top_k experts whatever config.json says (Phi-3.5-MoE's sparsemixer
+    # always picks two): a reduction must keep at least that many.
+    fixed_top_k: bool = False
     # Other layouts a checkpoint may store a layer's experts in (re-saves, MTP layers).
     other_layouts: tuple[ExpertLayout, ...] = ()
 
@@ -221,6 +224,11 @@ FAMILIES: dict[str, Family] = {
         # Gated-DeltaNet linear-attention layers beside full attention: transformers' modules.
         Family(model_type="qwen3_next", experts_keys=("num_experts",),
                experts=_per_expert("mlp"), router="mlp.gate.weight"),
+        # Phi-3.5-MoE: sparsemixer routing, which always picks two experts.
+        Family(model_type="phimoe", experts_keys=("num_local_experts",),
+               experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
+               router="block_sparse_moe.gate.weight", ffn_key="intermediate_size",
+               fixed_top_k=True),
         # A vision-language wrapper; the official checkpoints fuse the experts, re-saves (and
         # MTP layers) store them per expert: each layer is written back as it was read.
         Family(model_type="qwen3_5_moe", experts_keys=("num_experts",),

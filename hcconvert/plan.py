@@ -66,6 +66,9 @@ def build_plan(ckpt: Checkpoint, spec: ModelSpec, experts_out: int) -> Plan:
                         f"(the model has {spec.num_experts} experts per MoE layer)")
     if not spec.moe_layers:
         raise UserError("the config marks no layer as MoE: nothing to reduce")
+    if spec.family.fixed_top_k and experts_out < spec.top_k:
+        raise UserError(f"--experts {experts_out}: {spec.family.model_type}'s router always "
+                        f"picks {spec.top_k} experts; keep at least {spec.top_k}")
     check_routing_groups(spec, experts_out)
     layer_names = validate_tensors(ckpt, spec)
     in_layers = {name for names in layer_names for name in names}

@@ -139,6 +139,16 @@ CASES.update({
         moe_num_shared_experts=1, moe_layer_start_index=1, head_dim=16),
         "moe_num_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
         router_bias="mlp.moe_statics.e_score_correction_bias"),
+    # Phi-3.5-MoE: sparsemixer routing, LongRoPE, biased attention, LayerNorm, an LM head bias.
+    "phimoe": Case("phimoe", dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=24, attention_bias=True,
+        lm_head_bias=True, max_position_embeddings=256, original_max_position_embeddings=64,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "short_factor": [1.0, 1.1, 1.2, 1.3],
+                         "long_factor": [1.5, 2.0, 3.0, 4.0], "short_mscale": 1.1,
+                         "long_mscale": 1.2, "original_max_position_embeddings": 64}),
+        "num_local_experts", "block_sparse_moe.gate.weight",
+        _per_expert("block_sparse_moe", "w1", "w3", "w2"), 4),
     # Qwen3.5: a vision tower beside the text model, experts fused on the Hub.
     "qwen3_5_moe": Case("qwen3_5_moe", dict(
         num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,

@@ -309,6 +309,15 @@ def test_unknown_moe_tensor_is_refused(tmp_path):
         build_plan(ckpt, spec, 4)
 
 
+def test_sparsemixer_keeps_two_experts(tmp_path):
+    """Phi-3.5-MoE's sparsemixer picks two experts whatever top-k says: one would be NaN."""
+    src = save_family_model(CASES["phimoe"], tmp_path / "src")
+    ckpt, spec = open_source(str(src))
+    with pytest.raises(UserError, match="phimoe's router always picks 2 experts"):
+        build_plan(ckpt, spec, 1)
+    assert build_plan(ckpt, spec, 2).top_k_out == 2
+
+
 @pytest.mark.parametrize("experts", [3, 6])
 def test_group_limited_routing_needs_whole_groups(tmp_path, experts):
     src = save_family_model(CASES["deepseek_v2"], tmp_path / "src")
@@ -361,7 +370,7 @@ def keep_index(picks: dict, layer: int, module, args, out) -> None:
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "minimax_m2", "qwen2_moe", "qwen3_next",
-                                  "qwen3_5_moe"])
+                                  "qwen3_5_moe", "phimoe"])
 def test_recorded_frequencies_equal_transformers_router(tmp_path, calib_text, name):
     """hcconvert.json's frequencies are what transformers' own routers pick on the same
     calibration tokens, run through the whole stock model at once."""
