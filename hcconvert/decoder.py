@@ -96,6 +96,7 @@ class Decoder:
                           if isinstance(t, WeightRenaming)]
         self.reverse_renamings = [t.reverse_transform() for t in reversed(self.renamings)]
         self.layers = self.model.model.layers
+        self.activation = family.activation(self.config)
 
     # -- names and shapes ------------------------------------------------------------------
 
@@ -133,7 +134,8 @@ class Decoder:
             return tensors, None
         count = self.family.text_config(self.source_config)[self.family.experts_key(
             self.source_config)]
-        return tensors, Experts.from_layer(raw, layout, count, device, self.dtype)
+        return tensors, Experts.from_layer(raw, layout, count, device, self.dtype,
+                                           self.activation)
 
     def moe_block(self, layer: int) -> str | None:
         """The MoE block's path in a layer (e.g. "mlp"), None for a dense layer."""

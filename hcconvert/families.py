@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from .activation import Activation, clamped_swiglu, silu
 from .errors import UserError
 
 
@@ -56,17 +57,35 @@ class PerExpert:
 
 @dataclass(frozen=True)
 class Fused:
-    """Routed experts stacked on disk: gate_up [E, 2F, H] (gate rows first), down [E, H, F]."""
+    """Routed experts stacked on disk: gate_up [E, 2F, H] (gate rows first), down [E, H, F];
+    GPT-OSS stores them transposed (x @ W: [E, H, 2F], [E, F, H]), gate and up interleaved
+    (gate at even positions of 2F), with biases gate_up [E, 2F] and down [E, H]."""
 
     gate_up: str
     down: str
-    description = "fused tensors (gate_up [E, 2F, H], down [E, H, F])"
+    transposed: bool = False
+    interleaved: bool = False
+    gate_up_bias: str | None = None
+    down_bias: str | None = None
+
+    @property
+    def description(self) -> str:
+        if self.transposed:
+            return "fused tensors, transposed (gate_up [E, H, 2F], down [E, F, H])"
+        return "fused tensors (gate_up [E, 2F, H], down [E, H, F])"
 
     def shapes(self, count: int, ffn: int, hidden: int) -> dict[str, tuple[int, ...]]:
-        return {self.gate_up: (count, 2 * ffn, hidden), self.down: (count, hidden, ffn)}
+        gate_up, down = (hidden, 2 * ffn), (ffn, hidden)
+        shapes = {self.gate_up: (count, *(gate_up if self.transposed else gate_up[::-1])),
+                  self.down: (count, *(down if self.transposed else down[::-1]))}
+        if self.gate_up_bias is not None:
+            shapes[self.gate_up_bias] = (count, 2 * ffn)
+        if self.down_bias is not None:
+            shapes[self.down_bias] = (count, hidden)
+        return shapes
 
     def prefixes(self) -> tuple[str, ...]:
-        return (self.gate_up, self.down)
+        return tuple(self.shapes(1, 1, 1))
 
     @property
     def marker(self) -> str:
@@ -133,6 +152,8 @@ class Family:
     transformers_type: str | None = None  # model_type transformers knows it by, if another
     text_config_key: str | None = None  # a vision-language wrapper's text config
     text_prefix: str = "model."  # the text model's tensors on disk
+    # The experts' activation, from the transformers config (activation.py).
+    activation: Callable[[object], Activation] = silu
     # The router picks top_k experts whatever config.json says (Phi-3.5-MoE's sparsemixer
     # always picks two): a reduction must keep at least that many.
     fixed_top_k: bool = False
@@ -224,6 +245,15 @@ FAMILIES: dict[str, Family] = {
         # Gated-DeltaNet linear-attention layers beside full attention: transformers' modules.
         Family(model_type="qwen3_next", experts_keys=("num_experts",),
                experts=_per_expert("mlp"), router="mlp.gate.weight"),
+        # GPT-OSS (bf16 copies; the Hub's MXFP4 *_blocks/*_scales are not read yet): experts
+        # fused as x @ W with gate/up interleaved and biases, a clamped SwiGLU, a router bias.
+        Family(model_type="gpt_oss", experts_keys=("num_local_experts",),
+               experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                             transposed=True, interleaved=True,
+                             gate_up_bias="mlp.experts.gate_up_proj_bias",
+                             down_bias="mlp.experts.down_proj_bias"),
+               router="mlp.router.weight", router_bias="mlp.router.bias",
+               ffn_key="intermediate_size", activation=clamped_swiglu),
         # Phi-3.5-MoE: sparsemixer routing, which always picks two experts.
         Family(model_type="phimoe", experts_keys=("num_local_experts",),
                experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),

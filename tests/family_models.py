@@ -139,6 +139,17 @@ CASES.update({
         moe_num_shared_experts=1, moe_layer_start_index=1, head_dim=16),
         "moe_num_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
         router_bias="mlp.moe_statics.e_score_correction_bias"),
+    # GPT-OSS in bf16: fused transposed experts with gate/up interleaved and biases, a
+    # clamped SwiGLU (a low limit, so the clamp bites), a router bias, attention sinks,
+    # sliding-window layers shorter than the test's sequences, YaRN.
+    "gpt_oss": Case("gpt_oss", dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=24, head_dim=8,
+        swiglu_limit=1.5, sliding_window=6, attention_bias=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={**YARN, "rope_theta": 150000.0, "truncate": False}),
+        "num_local_experts", "mlp.router.weight",
+        ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj",
+         "mlp.experts.down_proj_bias"), 4, fused=True, router_bias="mlp.router.bias"),
     # Phi-3.5-MoE: sparsemixer routing, LongRoPE, biased attention, LayerNorm, an LM head bias.
     "phimoe": Case("phimoe", dict(
         num_local_experts=6, num_experts_per_tok=2, intermediate_size=24, attention_bias=True,
@@ -172,7 +183,8 @@ CASES.update({
 
 # Keys the Hub's DeepSeek-V2 config.json carries that transformers 5 does not write.
 HUB_EXTRAS = {"deepseek_v2": {"scoring_func": "softmax", "moe_layer_freq": 1, "seq_aux": True,
-                              "aux_loss_alpha": 0.001}}
+                              "aux_loss_alpha": 0.001},
+              "gpt_oss": {"experts_per_token": 2, "initial_context_length": 128}}
 
 
 def save_family_model(case: Case, directory: Path, dtype=torch.float32, hub_style=False,

@@ -370,7 +370,7 @@ def keep_index(picks: dict, layer: int, module, args, out) -> None:
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "minimax_m2", "qwen2_moe", "qwen3_next",
-                                  "qwen3_5_moe", "phimoe"])
+                                  "qwen3_5_moe", "phimoe", "gpt_oss"])
 def test_recorded_frequencies_equal_transformers_router(tmp_path, calib_text, name):
     """hcconvert.json's frequencies are what transformers' own routers pick on the same
     calibration tokens, run through the whole stock model at once."""
@@ -420,7 +420,7 @@ def test_quantized_checkpoints_are_refused_in_one_line(tmp_path, quantization, f
     assert fragment in result.output
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3", "minimax_m2", "granitemoe"])
+@pytest.mark.parametrize("name", ["deepseek_v3", "minimax_m2", "granitemoe", "gpt_oss"])
 def test_auto_fits_through_each_familys_own_router(tmp_path, calib_text, name):
     """--method auto refits layers under the reduced layer's routing as transformers computes
     it (sigmoid scores, correction bias, groups); the output loads and every layer records
