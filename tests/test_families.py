@@ -332,6 +332,8 @@ INSPECTED = {  # case -> (MoE layers, expert line, layout)
     "olmoe": ("MoE: 0-2", "8 routed, top-4, shared expert: no", "per-expert"),
     "deepseek_v2": ("MoE: 1-2", "8 routed, top-2, shared expert: yes", "per-expert"),
     "granitemoe": ("MoE: 0-2", "6 routed, top-2, shared expert: no", "fused"),
+    "qwen3_5_moe": ("MoE: 0-2", "6 routed, top-2, shared expert: yes (sigmoid-gated)", "fused"),
+    "gpt_oss": ("MoE: 0-2", "6 routed, top-2, shared expert: no", "fused tensors, transposed"),
 }
 
 
