@@ -2,7 +2,8 @@
 
 An expert's ffn neurons can be listed in any order: permuting the rows of gate and up and the
 columns of down together leaves its output unchanged, so before weights are averaged the
-neurons must correspond. Neuron f's activation is silu(gate_f·x)·(up_f·x); two neurons
+neurons must correspond. Neuron f's activation is silu(gate_f·x)·(up_f·x) (or the family's
+activation, with biases); two neurons
 correspond when their activations correlate (Pearson) over the tokens the group is used on.
 A group's tokens are those routed (top-k, original router) to any of its members, as in
 M-SMoE and HC-SMoE; a group no token picked falls back to all tokens.
@@ -17,19 +18,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from .experts import Experts
+from .experts import NEURON_AXIS, Experts
 
 ALIGN_CHUNK_TOKENS = 4096
 # Guards the correlation of a neuron that never varies (dead on the group's tokens).
 STD_FLOOR = 1e-12
-
-
-def activations(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """[t, F] fp32 neuron activations silu(x·gateᵀ)·(x·upᵀ) of fp32 tokens x: [t, H]."""
-    return F.silu(x @ gate.T) * (x @ up.T)
 
 
 class NeuronMatcher:
@@ -55,19 +50,15 @@ class NeuronMatcher:
         for start in range(0, tokens.numel(), ALIGN_CHUNK_TOKENS):
             yield self.x[tokens[start:start + ALIGN_CHUNK_TOKENS]].float()
 
-    def _weights32(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.experts.gate[expert].float(), self.experts.up[expert].float()
-
     def correlation(self, group: list[int], a: int, b: int) -> torch.Tensor:
         """[F, F] fp64 Pearson correlation of expert a's neurons (rows) with expert b's
         (columns) over the group's tokens."""
-        (gate_a, up_a), (gate_b, up_b) = self._weights32(a), self._weights32(b)
-        ffn = gate_a.shape[0]
+        ffn = self.experts.gate.shape[1]
         sums = torch.zeros(4, ffn, dtype=torch.float64, device=self.x.device)  # a, b, a², b²
         cross = torch.zeros(ffn, ffn, dtype=torch.float64, device=self.x.device)
         count = 0
         for chunk in self.chunks(group):
-            act_a, act_b = activations(chunk, gate_a, up_a), activations(chunk, gate_b, up_b)
+            act_a, act_b = self.experts.hidden(chunk, a), self.experts.hidden(chunk, b)
             sums += torch.stack([act_a.sum(0), act_b.sum(0), act_a.square().sum(0),
                                  act_b.square().sum(0)])
             cross += act_a.T @ act_b  # the in-place add promotes into fp64 without a copy
@@ -105,11 +96,13 @@ class NeuronMatcher:
 def aligned_members(experts: Experts, group: list[int], dominant: int,
                     matcher: NeuronMatcher) -> Experts:
     """The group's experts, in group order, each with its neurons reordered to match the
-    dominant's: rows of gate and up and columns of down together, so outputs are unchanged."""
+    dominant's: rows of gate and up (and their biases) and columns of down together, so
+    outputs are unchanged."""
     identity = torch.arange(experts.gate.shape[1], device=experts.gate.device)
     perms = [identity if e == dominant else matcher.permutation(group, dominant, e)
              for e in group]
-    pairs = list(zip(group, perms, strict=True))
-    return Experts(torch.stack([experts.gate[e, p] for e, p in pairs]),
-                   torch.stack([experts.up[e, p] for e, p in pairs]),
-                   torch.stack([experts.down[e][:, p] for e, p in pairs]))
+    members = [{name: stacked[e] if NEURON_AXIS[name] is None
+                else stacked[e].index_select(NEURON_AXIS[name], perm)
+                for name, stacked in experts.parts().items()}
+               for e, perm in zip(group, perms, strict=True)]
+    return Experts.stacked(members, experts.activation)

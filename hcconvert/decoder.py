@@ -89,7 +89,8 @@ class Decoder:
         with torch.device("meta"), _default_dtype(dtype), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                # dtype: config.json's torch_dtype would otherwise win over the compute dtype.
+                # dtype: from_config would otherwise build in config.json's dtype (a bf16
+                # skeleton then hands bf16 hidden states to fp32 layers).
                 self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
             except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:
                 raise UserError(f"transformers cannot build this {family.model_type} model "
@@ -99,6 +100,7 @@ class Decoder:
                           if isinstance(t, WeightRenaming)]
         self.reverse_renamings = [t.reverse_transform() for t in reversed(self.renamings)]
         self.layers = self.model.model.layers
+        self.activation = family.activation(self.config)
 
     # -- names and shapes ------------------------------------------------------------------
 
@@ -113,8 +115,10 @@ class Decoder:
         from transformers.core_model_loading import apply_renamings
 
         name = apply_renamings(module_name, self.reverse_renamings)
-        return self.family.text_prefix + name.removeprefix("model.") \
-            if name.startswith("model.") else name
+        # A wrapper's own renamings may already restore its text prefix.
+        if name.startswith(self.family.text_prefix) or not name.startswith("model."):
+            return name
+        return self.family.text_prefix + name.removeprefix("model.")
 
     def layer_names(self, layer: int, prefix: str, tensors: dict) -> dict:
         """A layer's tensors, keyed on disk below `prefix`, keyed by their names in the
@@ -126,7 +130,7 @@ class Decoder:
     def layer_parts(self, layer: int, raw: dict[str, torch.Tensor], device: torch.device):
         """A layer's tensors as stored, split into the module's tensors on the device (by
         module name) and, in a MoE layer, its routed experts stacked in the compute dtype."""
-        layout = self.family.experts
+        layout = self.family.stored_layout(raw)
         # By key: looking a quantized expert up dequantizes it (storage.DenseTensors).
         kept = {k: raw[k].to(device, non_blocking=True) for k in raw
                 if not k.startswith(layout.prefixes())}
@@ -135,7 +139,8 @@ class Decoder:
             return tensors, None
         count = self.family.text_config(self.source_config)[self.family.experts_key(
             self.source_config)]
-        return tensors, Experts.from_layer(raw, layout, count, device, self.dtype)
+        return tensors, Experts.from_layer(raw, layout, count, device, self.dtype,
+                                           self.activation)
 
     def moe_block(self, layer: int) -> str | None:
         """The MoE block's path in a layer (e.g. "mlp"), None for a dense layer."""

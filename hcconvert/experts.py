@@ -6,36 +6,41 @@ T tokens, H hidden, E experts, F expert ffn, K top-k.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activation import SILU, Activation
 from .families import ExpertLayout, Fused
 
-
-def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
-    """One expert: down(silu(gate(x)) * up(x)). Weights as nn.Linear stores them."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+# Each per-expert tensor's neuron (ffn) axis, below the expert axis: permuting neurons moves
+# these together and leaves an expert's output unchanged. down_bias has none.
+NEURON_AXIS = {"gate": 0, "up": 0, "gate_bias": 0, "up_bias": 0, "down": 1, "down_bias": None}
 
 
 @dataclass
 class Experts:
-    """One MoE block's routed experts, stacked. gate, up: [E, F, H]; down: [E, H, F]."""
+    """One MoE block's routed experts, stacked. gate, up: [E, F, H]; down: [E, H, F]; the
+    optional biases (GPT-OSS) gate_bias, up_bias [E, F] and down_bias [E, H]."""
 
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+    activation: Activation = SILU
 
     @classmethod
     def from_layer(cls, w: dict, layout: ExpertLayout, count: int, device=None,
-                   dtype: torch.dtype | None = None) -> Experts:
+                   dtype: torch.dtype | None = None, activation: Activation = SILU) -> Experts:
         """Read the experts whichever way the checkpoint stores them, onto device and dtype
         (default: where and as w holds them)."""
         if isinstance(layout, Fused):
-            gate, up = w[layout.gate_up].chunk(2, dim=1)
-            return cls(gate, up, w[layout.down]).to(device, dtype)
+            return _from_fused(w, layout, activation).to(device, dtype)
 
         def stack(template: str) -> torch.Tensor:
             # Straight into the destination, expert by expert: no host-side stacked copy, and
@@ -48,13 +53,24 @@ class Experts:
             return out
 
         names = layout.names
-        return cls(stack(names.gate), stack(names.up), stack(names.down))
+        return cls(stack(names.gate), stack(names.up), stack(names.down),
+                   activation=activation)
+
+    @classmethod
+    def stacked(cls, members: list[dict[str, torch.Tensor]], activation: Activation) -> Experts:
+        """Experts from one parts() dict per expert."""
+        return cls(**{name: torch.stack([m[name] for m in members]) for name in members[0]},
+                   activation=activation)
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The stacked tensors present, by field name (gate, up, down, then any biases)."""
+        return {name: getattr(self, name) for name in NEURON_AXIS
+                if getattr(self, name) is not None}
 
     def to_layer(self, layout: ExpertLayout) -> dict[str, torch.Tensor]:
         """The tensors to store, in the layout read (per-expert names renumbered 0..E-1)."""
         if isinstance(layout, Fused):
-            return {layout.gate_up: torch.cat((self.gate, self.up), dim=1),
-                    layout.down: self.down}
+            return _to_fused(self, layout)
         out = {}
         for e in range(len(self)):
             for template, stacked in zip(layout.names.all(), (self.gate, self.up, self.down),
@@ -63,11 +79,66 @@ class Experts:
         return out
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> Experts:
-        return Experts(*(t.to(device=device, dtype=dtype) for t in (self.gate, self.up,
-                                                                       self.down)))
+        return dataclasses.replace(self, **{name: t.to(device=device, dtype=dtype)
+                                            for name, t in self.parts().items()})
+
+    def hidden(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """[t, F] expert e's ffn activations on x [t, H], computed in x's dtype."""
+        gate = F.linear(x, self.gate[e].to(x.dtype), _row(self.gate_bias, e, x.dtype))
+        up = F.linear(x, self.up[e].to(x.dtype), _row(self.up_bias, e, x.dtype))
+        return self.activation(gate, up)
+
+    def output(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """[t, H] expert e's output on x [t, H], computed in x's dtype."""
+        return F.linear(self.hidden(x, e), self.down[e].to(x.dtype),
+                        _row(self.down_bias, e, x.dtype))
 
     def __len__(self) -> int:
         return self.gate.shape[0]
+
+
+def _row(bias: torch.Tensor | None, e: int, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if bias is None else bias[e].to(dtype)
+
+
+def _split(fused: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate and up from a [E, 2F, ...] tensor: alternating rows, or gate rows first."""
+    if interleaved:
+        return fused[:, 0::2], fused[:, 1::2]
+    return fused.chunk(2, dim=1)
+
+
+def _join(gate: torch.Tensor, up: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    if interleaved:
+        return torch.stack((gate, up), dim=2).flatten(1, 2)
+    return torch.cat((gate, up), dim=1)
+
+
+def _from_fused(w: dict, layout: Fused, activation: Activation) -> Experts:
+    gate_up, down = w[layout.gate_up], w[layout.down]
+    if layout.transposed:
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    gate, up = _split(gate_up, layout.interleaved)
+    biases = {}
+    if layout.gate_up_bias is not None:
+        biases["gate_bias"], biases["up_bias"] = _split(w[layout.gate_up_bias],
+                                                        layout.interleaved)
+    if layout.down_bias is not None:
+        biases["down_bias"] = w[layout.down_bias]
+    return Experts(gate.contiguous(), up.contiguous(), down.contiguous(), **biases,
+                   activation=activation)
+
+
+def _to_fused(experts: Experts, layout: Fused) -> dict[str, torch.Tensor]:
+    gate_up, down = _join(experts.gate, experts.up, layout.interleaved), experts.down
+    if layout.transposed:
+        gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+    out = {layout.gate_up: gate_up, layout.down: down}
+    if layout.gate_up_bias is not None:
+        out[layout.gate_up_bias] = _join(experts.gate_bias, experts.up_bias, layout.interleaved)
+    if layout.down_bias is not None:
+        out[layout.down_bias] = experts.down_bias
+    return out
 
 
 def routed_outputs(x: torch.Tensor, experts: Experts, index: torch.Tensor):
@@ -76,7 +147,7 @@ def routed_outputs(x: torch.Tensor, experts: Experts, index: torch.Tensor):
     for e in range(len(experts)):
         token, slot = torch.where(index == e)
         if token.numel():
-            yield e, token, slot, swiglu(x[token], experts.gate[e], experts.up[e], experts.down[e])
+            yield e, token, slot, experts.output(x[token], e)
 
 
 @dataclass

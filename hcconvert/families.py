@@ -12,9 +12,10 @@ under another name (Qwen3-MoE's expert count), the family lists both.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from .activation import Activation, clamped_swiglu, silu
 from .errors import UserError
 
 
@@ -48,20 +49,47 @@ class PerExpert:
         """Name prefixes that only routed-expert tensors have."""
         return tuple(dict.fromkeys(name.split("{expert}")[0] for name in self.names.all()))
 
+    @property
+    def marker(self) -> str:
+        """A tensor every layer stored this way has."""
+        return self.names.gate.format(expert=0)
+
 
 @dataclass(frozen=True)
 class Fused:
-    """Routed experts stacked on disk: gate_up [E, 2F, H] (gate rows first), down [E, H, F]."""
+    """Routed experts stacked on disk: gate_up [E, 2F, H] (gate rows first), down [E, H, F];
+    GPT-OSS stores them transposed (x @ W: [E, H, 2F], [E, F, H]), gate and up interleaved
+    (gate at even positions of 2F), with biases gate_up [E, 2F] and down [E, H]."""
 
     gate_up: str
     down: str
-    description = "fused tensors (gate_up [E, 2F, H], down [E, H, F])"
+    transposed: bool = False
+    interleaved: bool = False
+    gate_up_bias: str | None = None
+    down_bias: str | None = None
+
+    @property
+    def description(self) -> str:
+        if self.transposed:
+            return "fused tensors, transposed (gate_up [E, H, 2F], down [E, F, H])"
+        return "fused tensors (gate_up [E, 2F, H], down [E, H, F])"
 
     def shapes(self, count: int, ffn: int, hidden: int) -> dict[str, tuple[int, ...]]:
-        return {self.gate_up: (count, 2 * ffn, hidden), self.down: (count, hidden, ffn)}
+        gate_up, down = (hidden, 2 * ffn), (ffn, hidden)
+        shapes = {self.gate_up: (count, *(gate_up if self.transposed else gate_up[::-1])),
+                  self.down: (count, *(down if self.transposed else down[::-1]))}
+        if self.gate_up_bias is not None:
+            shapes[self.gate_up_bias] = (count, 2 * ffn)
+        if self.down_bias is not None:
+            shapes[self.down_bias] = (count, hidden)
+        return shapes
 
     def prefixes(self) -> tuple[str, ...]:
-        return (self.gate_up, self.down)
+        return tuple(self.shapes(1, 1, 1))
+
+    @property
+    def marker(self) -> str:
+        return self.gate_up
 
 
 ExpertLayout = PerExpert | Fused
@@ -127,11 +155,25 @@ class Family:
     # The keyword by which a layer is given the state the layer before it returned beside its
     # hidden states (GLM-5's indexer top-k, shared between layers).
     carried: str | None = None
+    # The experts' activation, from the transformers config (activation.py).
+    activation: Callable[[object], Activation] = silu
+    # The router picks top_k experts whatever config.json says (Phi-3.5-MoE's sparsemixer
+    # always picks two): a reduction must keep at least that many.
+    fixed_top_k: bool = False
+    # Other layouts a checkpoint may store a layer's experts in (re-saves, MTP layers).
+    other_layouts: tuple[ExpertLayout, ...] = ()
 
     def experts_key(self, config: dict) -> str | None:
         """The expert-count key this config.json uses (None when it has none)."""
         text = self.text_config(config)
         return next((k for k in self.experts_keys if text.get(k)), None)
+
+    def stored_layout(self, names: Collection[str]) -> ExpertLayout:
+        """How one layer stores its experts, from its tensor names below the layer prefix:
+        the first layout whose marker tensor is there, else the family's own (whose names a
+        missing-tensor message then gives)."""
+        return next((layout for layout in (self.experts, *self.other_layouts)
+                     if layout.marker in names), self.experts)
 
     def text_config(self, config: dict) -> dict:
         """The text model's config: config.json itself, or its nested text config."""
@@ -208,6 +250,29 @@ FAMILIES: dict[str, Family] = {
                experts=_per_expert("mlp"), router="mlp.gate.weight",
                router_bias="mlp.moe_statics.e_score_correction_bias",
                top_k_key="moe_k"),
+        # Gated-DeltaNet linear-attention layers beside full attention: transformers' modules.
+        Family(model_type="qwen3_next", experts_keys=("num_experts",),
+               experts=_per_expert("mlp"), router="mlp.gate.weight"),
+        # GPT-OSS (bf16 copies; the Hub's MXFP4 *_blocks/*_scales are not read yet): experts
+        # fused as x @ W with gate/up interleaved and biases, a clamped SwiGLU, a router bias.
+        Family(model_type="gpt_oss", experts_keys=("num_local_experts",),
+               experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                             transposed=True, interleaved=True,
+                             gate_up_bias="mlp.experts.gate_up_proj_bias",
+                             down_bias="mlp.experts.down_proj_bias"),
+               router="mlp.router.weight", router_bias="mlp.router.bias",
+               ffn_key="intermediate_size", activation=clamped_swiglu),
+        # Phi-3.5-MoE: sparsemixer routing, which always picks two experts.
+        Family(model_type="phimoe", experts_keys=("num_local_experts",),
+               experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
+               router="block_sparse_moe.gate.weight", ffn_key="intermediate_size",
+               fixed_top_k=True),
+        # A vision-language wrapper; the official checkpoints fuse the experts, re-saves (and
+        # MTP layers) store them per expert: each layer is written back as it was read.
+        Family(model_type="qwen3_5_moe", experts_keys=("num_experts",),
+               experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+               other_layouts=(_per_expert("mlp"),), router="mlp.gate.weight",
+               text_config_key="text_config", text_prefix="model.language_model."),
     ]
 }
 

@@ -2,7 +2,7 @@
 
 - router-logits: each expert's router-logit column on a fixed, seeded sample of calibration
   tokens: experts the router treats alike are alike (M-SMoE's similarity).
-- weights: the expert's gate, up and down weights flattened and concatenated, in fp32.
+- weights: the expert's gate, up and down weights (and biases) flattened and concatenated.
   Those vectors have E·3·F·H entries (GBs for large models), but every grouping compares
   experts only through Euclidean distances (and k-means through means, which an isometry
   keeps too), so we hand the clustering E coordinates per expert with exactly the same
@@ -35,7 +35,8 @@ def weight_gram(experts: Experts) -> torch.Tensor:
     gram = torch.zeros(num, num, dtype=torch.float64, device=experts.gate.device)
     rows = max(1, GRAM_BLOCK_VALUES // (num * experts.gate.shape[2]))
     # down is [E, H, F]: its transpose has the same F-major rows as gate and up.
-    for stacked in (experts.gate, experts.up, experts.down.transpose(1, 2)):
+    parts = {**experts.parts(), "down": experts.down.transpose(1, 2)}
+    for stacked in parts.values():
         for start in range(0, stacked.shape[1], rows):
             block = stacked[:, start:start + rows].reshape(num, -1).double()
             gram += block @ block.T

@@ -3,7 +3,8 @@
 Whatever a reduction keeps or merges, the reduced layer (new router, new top-k routing, kept
 and merged experts) should reproduce what the original layer's routed experts computed on the
 calibration tokens. With the reduced layer's routing held fixed, its output
-    ŷ_t = Σ_k w_{t,k} · down_{i(t,k)} a_{i(t,k)}(x_t),   a_i(x) = silu(gate_i x) ⊙ (up_i x)
+    ŷ_t = Σ_k w_{t,k} · (down_{i(t,k)} a_{i(t,k)}(x_t) + b_{i(t,k)}),
+    a_i(x) = silu(gate_i x) ⊙ (up_i x) (or the family's activation; b: down's bias, if any)
 is linear in every expert's down projection, so block coordinate descent solves it exactly one
 expert at a time: for expert r, with the others fixed, the tokens routed to r must supply the
 residual y_t − ŷ_t + (r's current contribution), a ridge least-squares problem in down_r whose
@@ -21,11 +22,11 @@ T tokens, H hidden, F expert ffn, R experts of the reduced layer, K top-k.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .experts import Experts
 from .lstsq import ridge_solve
@@ -62,30 +63,27 @@ class FitReport:
                 "fitted": self.fitted}
 
 
-def activations(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """[T, F] fp32 silu(x·gateᵀ) ⊙ (x·upᵀ) of one expert, gate and up [F, H]."""
-    x32 = x.float()
-    return F.silu(x32 @ gate.float().T) * (x32 @ up.float().T)
-
-
 def layer_output(x: torch.Tensor, experts: Experts, route: Route) -> torch.Tensor:
     """[T, H] fp32 routed-expert output of a layer on tokens x [T, H]."""
     out = torch.zeros(x.shape[0], x.shape[1], device=x.device)
     for start in range(0, x.shape[0], CHUNK_TOKENS):
         chunk = x[start:start + CHUNK_TOKENS]
         weights, index = route(chunk)
-        out[start:start + CHUNK_TOKENS] = _routed_sum(chunk, experts.gate, experts.up,
-                                                      experts.down, weights, index)
+        out[start:start + CHUNK_TOKENS] = _routed_sum(chunk, experts, experts.down, weights,
+                                                      index)
     return out
 
 
-def _routed_sum(x, gate, up, down, weights, index) -> torch.Tensor:
-    """Σ_k weights[t, k] · expert index[t, k] (x_t), fp32 [T, H]; down [R, H, F]."""
+def _routed_sum(x, experts: Experts, down, weights, index) -> torch.Tensor:
+    """Σ_k weights[t, k] · expert index[t, k] (x_t) with down projections down [R, H, F],
+    fp32 [T, H]."""
     out = torch.zeros(x.shape[0], x.shape[1], device=x.device)
-    for e in range(gate.shape[0]):
+    for e in range(len(experts)):
         token, slot = torch.where(index == e)
         if token.numel():
-            y = activations(x[token], gate[e], up[e]) @ down[e].float().T
+            y = experts.hidden(x[token].float(), e) @ down[e].float().T
+            if experts.down_bias is not None:
+                y += experts.down_bias[e].float()
             out.index_add_(0, token, y * weights[token, slot, None].float())
     return out
 
@@ -100,7 +98,7 @@ def fit_down(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Rou
     fixed by route) reproduce target [T, H] on x [T, H]; ridge towards experts.down."""
     weights, index = route(x)  # [T, K] each
     down = experts.down.float().clone()
-    predicted = _routed_sum(x, experts.gate, experts.up, down, weights, index)
+    predicted = _routed_sum(x, experts, down, weights, index)
     for _ in range(rounds):
         for e in range(len(experts)):
             token, slot = torch.where(index == e)
@@ -116,7 +114,7 @@ def fit_down(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Rou
 
 def _scaled_activations(x, experts: Experts, e: int, token, gate_weight) -> torch.Tensor:
     """[n, F] routing weight × activations of expert e on its routed tokens."""
-    return activations(x[token], experts.gate[e], experts.up[e]) * gate_weight[:, None]
+    return experts.hidden(x[token].float(), e) * gate_weight[:, None]
 
 
 def _fit_one(x, target, predicted, experts: Experts, down, e: int, token, gate_weight,
@@ -143,7 +141,7 @@ def fit_layer(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Ro
     the held-out relative errors before and after."""
     cut = max(1, int(x.shape[0] * (1 - holdout)))
     down = fit_down(x[:cut], target[:cut], experts, route)
-    fitted = Experts(experts.gate, experts.up, down.to(experts.down.dtype))
+    fitted = dataclasses.replace(experts, down=down.to(experts.down.dtype))
     held_x, held_y = x[cut:], target[cut:]
     before = relative_error(layer_output(held_x, experts, route), held_y)
     after = relative_error(layer_output(held_x, fitted, route), held_y)

@@ -15,6 +15,8 @@ What we implement, per group c with members i, frequency weights p_i (B's entrie
      frequency-averaged aligned down, over the tokens routed to any member; in closed form
      Wᵀ = (AᵀA + λI)⁻¹ (AᵀY + λW_0ᵀ), with AᵀA [F, F] and AᵀY [F, H] accumulated over token
      chunks in fp64, λ = RIDGE × mean diag(AᵀA).
+With expert biases (GPT-OSS) the merged down bias is the members' p-weighted mean, which
+supplies Σ_i p_i b_i exactly, so the fit leaves the biases out of W's target.
 How this differs from the paper: only the down projection is fitted (the paper also derives the
 gate/up side from its optimisation rather than taking an aligned average), the targets use
 fixed frequency weights p_i rather than per-token routing scores, the ridge towards W_0 is ours
@@ -27,28 +29,25 @@ from __future__ import annotations
 
 import torch
 
-from .alignment import NeuronMatcher, activations
+from .alignment import NeuronMatcher
 from .experts import Experts
 from .lstsq import ridge_solve
 
 
 def least_squares_down(matcher: NeuronMatcher, experts: Experts, group: list[int],
-                       weights: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                       prior: torch.Tensor) -> torch.Tensor:
-    """[H, F] fp32 down projection for the merged gate, up [F, H], pulled towards prior
-    [H, F]; weights [G] are the members' shares of the target output."""
-    gate32, up32 = gate.float(), up.float()
-    ffn, hidden = gate.shape
-    device = gate.device
+                       weights: torch.Tensor, merged: Experts) -> torch.Tensor:
+    """[H, F] fp32 down projection for the one merged expert's gate and up, pulled towards
+    its down; weights [G] are the members' shares of the target output."""
+    ffn, hidden = merged.gate.shape[1:]
+    device = merged.gate.device
     gram = torch.zeros(ffn, ffn, dtype=torch.float64, device=device)
     cross = torch.zeros(ffn, hidden, dtype=torch.float64, device=device)
     for chunk in matcher.chunks(group):
-        merged = activations(chunk, gate32, up32)  # [t, F]
+        activations = merged.hidden(chunk, 0)  # [t, F] fp32
         target = torch.zeros(chunk.shape[0], hidden, device=device)
         for e, share in zip(group, weights.tolist(), strict=True):
             # The members' fp32 weights one at a time, so memory stays one expert's worth.
-            member = activations(chunk, experts.gate[e].float(), experts.up[e].float())
-            target += share * (member @ experts.down[e].float().T)
-        gram += merged.T @ merged  # in-place add promotes into fp64 without a copy
-        cross += merged.T @ target
-    return ridge_solve(gram, cross, prior.T).T.float()
+            target += share * (experts.hidden(chunk, e) @ experts.down[e].float().T)
+        gram += activations.T @ activations  # in-place add promotes into fp64 without a copy
+        cross += activations.T @ target
+    return ridge_solve(gram, cross, merged.down[0].float().T).T.float()

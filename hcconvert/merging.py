@@ -20,12 +20,13 @@ import functools
 import torch
 
 from .alignment import NeuronMatcher, aligned_members
-from .experts import Experts
+from .experts import NEURON_AXIS, Experts
 from .mergemoe import least_squares_down
 from .options import MERGES
 
-WEIGHTS = ("gate", "up", "down")
-Merged = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate, up [F, H]; down [H, F]
+# One merged expert's tensors by Experts field: gate, up [F, H]; down [H, F]; any biases
+# (merged with the same weights as their matrices).
+Merged = dict[str, torch.Tensor]
 
 
 def dominant(group: list[int], counts: torch.Tensor) -> int:
@@ -57,20 +58,20 @@ def weighted_sum(stacked: torch.Tensor, group: list[int], weights: torch.Tensor)
 
 def merge_experts(experts: Experts, groups: list[list[int]], counts: torch.Tensor,
                   merge: str = "freq", matcher: NeuronMatcher | None = None) -> Experts:
-    """One merged expert per group, in group order. Returns gate, up [R, F, H]; down [R, H, F].
+    """One merged expert per group, in group order: gate, up [R, F, H]; down [R, H, F].
 
     fix-dom, msmoe and mergemoe read activations: they need the layer's NeuronMatcher.
     """
     if merge not in MERGES:
         raise ValueError(f"unknown merge {merge!r}; choose from {', '.join(MERGES)}")
     merged = [merge_group(experts, group, counts, merge, matcher) for group in groups]
-    return Experts(*(torch.stack(parts) for parts in zip(*merged, strict=True)))
+    return Experts.stacked(merged, experts.activation)
 
 
 def merge_group(experts: Experts, group: list[int], counts: torch.Tensor, merge: str,
                 matcher: NeuronMatcher | None) -> Merged:
     if len(group) == 1:
-        return tuple(getattr(experts, name)[group[0]] for name in WEIGHTS)
+        return {name: stacked[group[0]] for name, stacked in experts.parts().items()}
     if merge in ACTIVATION_RULES and matcher is None:
         raise ValueError(f"the {merge} merge needs calibration activations (a NeuronMatcher)")
     return RULES[merge](experts, group, counts, matcher)
@@ -79,7 +80,8 @@ def merge_group(experts: Experts, group: list[int], counts: torch.Tensor, merge:
 def _averaged(experts: Experts, group: list[int], counts: torch.Tensor, matcher, *,
               rule: str) -> Merged:
     weights = member_weights(group, counts, rule)
-    return tuple(weighted_sum(getattr(experts, name), group, weights) for name in WEIGHTS)
+    return {name: weighted_sum(stacked, group, weights)
+            for name, stacked in experts.parts().items()}
 
 
 def _msmoe(experts: Experts, group: list[int], counts: torch.Tensor,
@@ -92,28 +94,40 @@ def _fix_dom(experts: Experts, group: list[int], counts: torch.Tensor,
              matcher: NeuronMatcher) -> Merged:
     leader = dominant(group, counts)
     share = dict(zip(group, member_weights(group, counts, "freq").tolist(), strict=True))
-    gate, up, down = (getattr(experts, name)[leader].float() * share[leader]
-                      for name in WEIGHTS)
-    mass = torch.full((gate.shape[0],), share[leader], device=gate.device)  # per merged neuron
+    parts = experts.parts()
+    merged = {name: stacked[leader].float() * share[leader] for name, stacked in parts.items()}
+    mass = torch.full((experts.gate.shape[1],), share[leader],
+                      device=experts.gate.device)  # per merged neuron
     for e in group:
         if e == leader:
             continue
         target = matcher.assignment(group, leader, e)  # [F]: each neuron's dominant neuron
-        gate.index_add_(0, target, experts.gate[e].float() * share[e])
-        up.index_add_(0, target, experts.up[e].float() * share[e])
-        down.index_add_(1, target, experts.down[e].float() * share[e])
+        for name, stacked in parts.items():
+            axis = NEURON_AXIS[name]
+            if axis is None:  # no neurons (down's bias): the shares sum to one
+                merged[name] += stacked[e].float() * share[e]
+            else:
+                merged[name].index_add_(axis, target, stacked[e].float() * share[e])
         mass.index_add_(0, target, torch.full_like(mass, share[e]))
-    dtype = experts.gate.dtype
-    return ((gate / mass[:, None]).to(dtype), (up / mass[:, None]).to(dtype),
-            (down / mass[None, :]).to(dtype))
+    return {name: (total if NEURON_AXIS[name] is None
+                   else total / _along(mass, NEURON_AXIS[name], total.dim())).to(parts[name].dtype)
+            for name, total in merged.items()}
+
+
+def _along(values: torch.Tensor, axis: int, dims: int) -> torch.Tensor:
+    """values [F] shaped to broadcast along axis of a dims-dimensional tensor."""
+    shape = [1] * dims
+    shape[axis] = -1
+    return values.view(shape)
 
 
 def _mergemoe(experts: Experts, group: list[int], counts: torch.Tensor,
               matcher: NeuronMatcher) -> Merged:
-    gate, up, prior = _msmoe(experts, group, counts, matcher)
+    merged = _msmoe(experts, group, counts, matcher)
     weights = member_weights(group, counts, "freq")
-    down = least_squares_down(matcher, experts, group, weights, gate, up, prior)
-    return gate, up, down.to(prior.dtype)
+    down = least_squares_down(matcher, experts, group, weights,
+                              Experts.stacked([merged], experts.activation))
+    return {**merged, "down": down.to(merged["down"].dtype)}
 
 
 RULES = {

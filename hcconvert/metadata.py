@@ -49,13 +49,16 @@ def reduced_config(config: dict, family: Family, experts: int, top_k: int) -> di
     both the Hub's and transformers 5's name); routing keys such as n_group stay as they are.
     """
     out = dict(config)
+    text = out  # where the keys are: config.json itself or a wrapper's text config
+    if family.text_config_key is not None:
+        text = out[family.text_config_key] = dict(family.text_config(config))
     for key in family.experts_keys:
-        if key in config:
-            out[key] = experts
-    if top_k < config[family.top_k_key]:
-        print(f"warning: top-k drops from {config[family.top_k_key]} to {top_k} "
+        if key in text:
+            text[key] = experts
+    if top_k < text[family.top_k_key]:
+        print(f"warning: top-k drops from {text[family.top_k_key]} to {top_k} "
               f"(only {experts} experts remain)", file=sys.stderr)
-        out[family.top_k_key] = top_k
+        text[family.top_k_key] = top_k
     return out
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .decoder import Decoder
 from .errors import UserError
+from .families import ExpertLayout
 from .mtp import REQUIRED as MTP_REQUIRED
 from .mtp import mtp_shapes
 from .source import Checkpoint
@@ -58,9 +59,15 @@ def router_suffixes(spec: ModelSpec) -> list[str]:
     return [family.router] + ([family.router_bias] if family.router_bias else [])
 
 
-def moe_suffixes(spec: ModelSpec, count: int) -> list[str]:
+def moe_suffixes(spec: ModelSpec, layout: ExpertLayout, count: int) -> list[str]:
     """The per-layer tensors a MoE reduction replaces: router and routed experts."""
-    return [*router_suffixes(spec), *spec.family.experts.shapes(count, spec.ffn, spec.hidden)]
+    return [*router_suffixes(spec), *layout.shapes(count, spec.ffn, spec.hidden)]
+
+
+def stored_layout(spec: ModelSpec, layer: int, names: list[str]) -> ExpertLayout:
+    """How layer `layer`, whose tensors are `names` (full names), stores its experts."""
+    prefix = spec.family.layer_prefix(layer)
+    return spec.family.stored_layout({name.removeprefix(prefix) for name in names})
 
 
 def build_plan(ckpt: Checkpoint, spec: ModelSpec, experts_out: int,
@@ -71,6 +78,9 @@ def build_plan(ckpt: Checkpoint, spec: ModelSpec, experts_out: int,
                         f"(the model has {spec.num_experts} experts per MoE layer)")
     if not spec.moe_layers:
         raise UserError("the config marks no layer as MoE: nothing to reduce")
+    if spec.family.fixed_top_k and experts_out < spec.top_k:
+        raise UserError(f"--experts {experts_out}: {spec.family.model_type}'s router always "
+                        f"picks {spec.top_k} experts; keep at least {spec.top_k}")
     check_routing_groups(spec, experts_out)
     storage = Storage.of(ckpt).writing(dtype)
     layer_names = validate_tensors(ckpt, spec, storage)
@@ -79,8 +89,10 @@ def build_plan(ckpt: Checkpoint, spec: ModelSpec, experts_out: int,
                                     ckpt.tensors)
     layer_outputs = [_layer_outputs(ckpt, spec, storage, layer, names, experts_out)
                      for layer, names in enumerate(layer_names)]
-    requantized = frozenset(layer for layer in spec.moe_layers
-                            if storage.requantizes(_first_expert(spec, layer)))
+    requantized = frozenset(
+        layer for layer, names in enumerate(layer_names) if spec.reduces(layer)
+        and storage.requantizes(spec.family.layer_prefix(layer)
+                                + stored_layout(spec, layer, names).marker))
     return Plan(spec, experts_out, min(spec.top_k, experts_out), global_outputs, layer_names,
                 layer_outputs, ckpt.total_bytes, storage, requantized)
 
@@ -175,7 +187,8 @@ def _check_layer(tensors: dict[str, tuple[str, Shape]], spec: ModelSpec, decoder
     if layer in spec.mtp_layers:
         tensors = _check_mtp_tensors(tensors, spec, decoder, prefix)
     expected = decoder.expected_tensors(layer)
-    experts = _expert_shapes(spec) if spec.reduces(layer) else {}
+    layout = stored_layout(spec, layer, list(tensors))
+    experts = _expert_shapes(spec, layout) if spec.reduces(layer) else {}
     found = set()
     for name in tensors:
         suffix = name.removeprefix(prefix)
@@ -210,8 +223,8 @@ def _check_mtp_tensors(tensors: dict[str, tuple[str, Shape]], spec: ModelSpec,
             if name.removeprefix(prefix) not in shapes}
 
 
-def _expert_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    return spec.family.experts.shapes(spec.num_experts, spec.ffn, spec.hidden)
+def _expert_shapes(spec: ModelSpec, layout: ExpertLayout) -> dict[str, tuple[int, ...]]:
+    return layout.shapes(spec.num_experts, spec.ffn, spec.hidden)
 
 
 def _check_experts(tensors: dict[str, tuple[str, Shape]], prefix: str,
@@ -236,11 +249,6 @@ def _check_shape(tensors: dict[str, tuple[str, Shape]], name: str, shape: Shape)
                         f"expected {list(shape)} from config.json")
 
 
-def _first_expert(spec: ModelSpec, layer: int) -> str:
-    """The (dense) name of a MoE layer's first routed-expert weight."""
-    return spec.family.layer_prefix(layer) + next(iter(_expert_shapes(spec)))
-
-
 def _layer_outputs(ckpt: Checkpoint, spec: ModelSpec, storage: Storage, layer: int,
                    names: list[str], experts_out: int) -> list[OutputTensor]:
     """Copied tensors in source order, then the reduced router and experts (same layout,
@@ -248,7 +256,8 @@ def _layer_outputs(ckpt: Checkpoint, spec: ModelSpec, storage: Storage, layer: i
     if not spec.reduces(layer):
         return storage.copied(names, ckpt.tensors)
     prefix = spec.family.layer_prefix(layer)
-    replaced = {stored for suffix in moe_suffixes(spec, spec.num_experts)
+    layout = stored_layout(spec, layer, names)
+    replaced = {stored for suffix in moe_suffixes(spec, layout, spec.num_experts)
                 for stored in storage.stored_names(prefix + suffix)}
     outputs = storage.copied([n for n in names if n not in replaced], ckpt.tensors)
     for suffix in router_suffixes(spec):
@@ -257,8 +266,8 @@ def _layer_outputs(ckpt: Checkpoint, spec: ModelSpec, storage: Storage, layer: i
         shape = ((experts_out, *info.shape[1:]) if suffix == spec.family.router
                  else (*info.shape[:-1], experts_out))
         outputs.append(OutputTensor(prefix + suffix, info.dtype, shape))
-    expert_shapes = spec.family.experts.shapes(experts_out, spec.ffn, spec.hidden)
-    source = _first_expert(spec, layer)
+    expert_shapes = layout.shapes(experts_out, spec.ffn, spec.hidden)
+    source = prefix + layout.marker
     for name, shape in expert_shapes.items():
         outputs += storage.replacing(source, prefix + name, shape, ckpt.tensors)
     return outputs

@@ -23,7 +23,7 @@ from .families import ExpertLayout, PerExpert
 from .layerfit import FitReport, Route, fit_layer
 from .merging import merge_experts
 from .options import AUTO_CANDIDATES, ConvertOptions, named
-from .plan import Plan
+from .plan import Plan, stored_layout
 from .pruning import prune_groups, prune_scores
 from .ream import ream_groups
 from .resources import StageTimer
@@ -216,7 +216,8 @@ class Reducer:
         """Reduced router and experts to write, by full name, on the CPU, in the source's
         expert layout; where the plan writes them quantized, in the source's format (plus the
         requantization error, else None)."""
-        prefix, layout = self.plan.layer_prefix(layer), self.spec.family.experts
+        prefix = self.plan.layer_prefix(layer)
+        layout = stored_layout(self.spec, layer, self.plan.layer_names[layer])
         router = {prefix + name: tensor for name, tensor in reduced.router.items()}
         experts = {prefix + name: tensor
                    for name, tensor in reduced.experts.to_layer(layout).items()}

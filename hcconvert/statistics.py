@@ -5,7 +5,9 @@ and weight features, and routed saliency.
 T tokens, E experts, F expert ffn, H hidden, K top-k, R groups.
 An expert's output feature is its mean output over ALL calibration tokens, routed to it or not.
 By linearity, mean_t down(silu(gate x_t) * up x_t) = (sum_t silu(gate x_t) * up x_t / T) @ downᵀ,
-so only the [E, F] activation sums are needed; `expert_act_sums` fuses that on the GPU.
+so only the [E, F] activation sums are needed; `expert_act_sums` fuses that on the GPU for
+SiLU experts without biases, a torch path serves the others (GPT-OSS: the same identity with
+its activation, plus the down bias).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .activation import SILU
 from .errors import first_line
 from .experts import Experts, RoutingRecord
 from .features import router_logit_features, weight_features
@@ -85,9 +88,22 @@ def logit_sums(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
 
 def output_means(x: torch.Tensor, experts: Experts) -> torch.Tensor:
     """[E, H] fp32 mean output of every expert over all tokens x: [T, H]."""
-    mean_act = activation_sums(x, experts.gate, experts.up) / x.shape[0]  # [E, F]
+    mean_act = _all_activation_sums(x, experts) / x.shape[0]  # [E, F]
     # Expert by expert: an fp32 copy of every down projection at once would cost GBs.
-    return torch.stack([experts.down[e].float() @ mean_act[e] for e in range(len(experts))])
+    means = torch.stack([experts.down[e].float() @ mean_act[e] for e in range(len(experts))])
+    return means if experts.down_bias is None else means + experts.down_bias.float()
+
+
+def _all_activation_sums(x: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """[E, F] fp32 sums over tokens of every expert's activations."""
+    if experts.activation == SILU and experts.gate_bias is None:
+        return activation_sums(x, experts.gate, experts.up)
+    sums = torch.zeros(experts.gate.shape[:2], device=x.device)
+    for start in range(0, x.shape[0], ROUTER_CHUNK_TOKENS):
+        chunk = x[start:start + ROUTER_CHUNK_TOKENS].float()
+        for e in range(len(experts)):
+            sums[e] += experts.hidden(chunk, e).sum(0)
+    return sums
 
 
 def collect_layer_stats(x: torch.Tensor, selected: torch.Tensor, router: torch.Tensor,

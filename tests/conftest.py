@@ -95,10 +95,11 @@ def load_all(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def logits_of(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits of the checkpoint as stock transformers loads it."""
+def logits_of(directory: Path, tokens: torch.Tensor, auto_class=None) -> torch.Tensor:
+    """Logits of the checkpoint as stock transformers loads it (auto_class: default
+    AutoModelForCausalLM)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    model = (auto_class or AutoModelForCausalLM).from_pretrained(directory, dtype=torch.float32)
     with torch.no_grad():
         return model(tokens).logits

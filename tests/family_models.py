@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from hcconvert.demo import write_tokenizer
 
@@ -34,6 +35,22 @@ class Case:
     hub_model_type: str | None = None  # the model_type the Hub's config.json says
     # Keys the Hub's original config.json spells differently: transformers 5 name -> Hub name.
     hub_renames: dict = field(default_factory=dict)
+    # A vision-language wrapper's tiny vision config: the text config nests in text_config,
+    # and the model loads with AutoModelForImageTextToText.
+    vision: dict | None = None
+    text_prefix: str = "model."  # the text model's tensors on disk
+    # Fused on the Hub, per expert as transformers saves it: the per-expert templates (gate,
+    # up, down) the test fuses into `experts` (gate_up, down).
+    saved_per_expert: tuple[str, ...] | None = None
+
+    def layer_prefix(self, layer: int) -> str:
+        return f"{self.text_prefix}layers.{layer}."
+
+    @property
+    def auto_class(self):
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+        return AutoModelForCausalLM if self.vision is None else AutoModelForImageTextToText
 
 
 def _per_expert(block: str, gate="gate_proj", up="up_proj", down="down_proj") -> tuple:
@@ -132,28 +149,75 @@ CASES.update({
         moe_num_shared_experts=1, moe_layer_start_index=1, head_dim=16),
         "moe_num_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
         router_bias="mlp.moe_statics.e_score_correction_bias"),
+    # GPT-OSS in bf16: fused transposed experts with gate/up interleaved and biases, a
+    # clamped SwiGLU (a low limit, so the clamp bites), a router bias, attention sinks,
+    # sliding-window layers shorter than the test's sequences, YaRN.
+    "gpt_oss": Case("gpt_oss", dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=24, head_dim=8,
+        swiglu_limit=1.5, sliding_window=6, attention_bias=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={**YARN, "rope_theta": 150000.0, "truncate": False}),
+        "num_local_experts", "mlp.router.weight",
+        ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj",
+         "mlp.experts.down_proj_bias"), 4, fused=True, router_bias="mlp.router.bias"),
+    # Phi-3.5-MoE: sparsemixer routing, LongRoPE, biased attention, LayerNorm, an LM head bias.
+    "phimoe": Case("phimoe", dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=24, attention_bias=True,
+        lm_head_bias=True, max_position_embeddings=256, original_max_position_embeddings=64,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "short_factor": [1.0, 1.1, 1.2, 1.3],
+                         "long_factor": [1.5, 2.0, 3.0, 4.0], "short_mscale": 1.1,
+                         "long_mscale": 1.2, "original_max_position_embeddings": 64}),
+        "num_local_experts", "block_sparse_moe.gate.weight",
+        _per_expert("block_sparse_moe", "w1", "w3", "w2"), 4),
+    # Qwen3.5: a vision tower beside the text model, experts fused on the Hub.
+    "qwen3_5_moe": Case("qwen3_5_moe", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, head_dim=16,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8), "num_experts", "mlp.gate.weight",
+        ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"), 4, fused=True,
+        vision=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                    out_hidden_size=32, patch_size=4, num_position_embeddings=16),
+        text_prefix="model.language_model.", saved_per_expert=_per_expert("mlp")),
+    # Linear-attention (gated DeltaNet) layers beside full attention, a gated shared expert.
+    "qwen3_next": Case("qwen3_next", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        shared_expert_intermediate_size=40, head_dim=16, partial_rotary_factor=0.25,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_conv_kernel_dim=4, mlp_only_layers=[2],
+        norm_topk_prob=True), "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4),
 })
 
 # Keys the Hub's DeepSeek-V2 config.json carries that transformers 5 does not write.
 HUB_EXTRAS = {"deepseek_v2": {"scoring_func": "softmax", "moe_layer_freq": 1, "seq_aux": True,
-                              "aux_loss_alpha": 0.001}}
+                              "aux_loss_alpha": 0.001},
+              "gpt_oss": {"experts_per_token": 2, "initial_context_length": 128}}
 
 
 def save_family_model(case: Case, directory: Path, dtype=torch.float32, hub_style=False,
-                      seed=0) -> Path:
+                      seed=0, fused_layers: range | list[int] | None = None) -> Path:
     """A random model of the case's family saved by transformers in several shards, with a
-    byte tokenizer. hub_style rewrites config.json as the Hub's original repos write it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    byte tokenizer, its experts in the Hub's layout (fused_layers: the layers to fuse, default
+    all, where the Hub fuses them). hub_style rewrites config.json as the Hub's original
+    repos write it."""
+    from transformers import AutoConfig
 
     torch.manual_seed(seed)
     directory.mkdir(parents=True, exist_ok=True)
     vocab = write_tokenizer(directory)
-    config = AutoConfig.for_model(case.model_type, vocab_size=vocab, bos_token_id=1,
-                                  eos_token_id=2, pad_token_id=0,
-                                  **{**COMMON, **case.config})
-    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    text = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                **{**COMMON, **case.config})
+    config = (AutoConfig.for_model(case.model_type, **text) if case.vision is None else
+              AutoConfig.for_model(case.model_type, text_config=text, vision_config=case.vision))
+    model = case.auto_class.from_config(config).to(dtype)
     spread_weights(model)
     model.save_pretrained(directory, max_shard_size="40KB")
+    if case.saved_per_expert is not None:
+        fuse_experts(case, directory, range(COMMON["num_hidden_layers"])
+                     if fused_layers is None else fused_layers)
     if hub_style:
         hub_style_config(case, directory)
     if case.hub_model_type:
@@ -161,6 +225,35 @@ def save_family_model(case: Case, directory: Path, dtype=torch.float32, hub_styl
         path.write_text(json.dumps({**json.loads(path.read_text()),
                                     "model_type": case.hub_model_type}, indent=2))
     return directory
+
+
+def fuse_experts(case: Case, directory: Path, layers) -> None:
+    """Rewrite the per-expert tensors transformers saved in `layers` as the Hub's fused
+    [E, 2F, H] gate_up and [E, H, F] down, in the shard that held expert 0's gate."""
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    weight_map = index["weight_map"]
+    shards = {name: load_file(directory / name) for name in set(weight_map.values())}
+    gate, up, down = case.saved_per_expert
+
+    def stacked(prefix: str, template: str) -> torch.Tensor:
+        names = [prefix + template.format(e=e) for e in range(case.config["num_experts"])]
+        return torch.stack([shards[weight_map.pop(n)].pop(n) for n in names])
+
+    for layer in layers:
+        prefix = case.layer_prefix(layer)
+        home = weight_map.get(prefix + gate.format(e=0))
+        if home is None:  # a dense layer
+            continue
+        gate_up_name, down_name = case.experts
+        fused = {gate_up_name: torch.cat((stacked(prefix, gate), stacked(prefix, up)), dim=1),
+                 down_name: stacked(prefix, down)}
+        for name, tensor in fused.items():
+            shards[home][prefix + name] = tensor
+            weight_map[prefix + name] = home
+    for name, tensors in shards.items():
+        save_file(tensors, str(directory / name), metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
 
 
 def spread_weights(model) -> None:
@@ -187,6 +280,8 @@ def hub_style_config(case: Case, directory: Path) -> None:
     """rope_theta/rope_scaling and torch_dtype instead of rope_parameters and dtype."""
     path = directory / "config.json"
     config = json.loads(path.read_text())
+    if case.vision is not None:  # Qwen3.5's configs were written by transformers 5 already
+        return
     rope = config.pop("rope_parameters")
     config["rope_theta"] = rope.pop("rope_theta")
     rope_type = rope.pop("rope_type")

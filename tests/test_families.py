@@ -52,10 +52,8 @@ def our_forward(directory, tokens, dtype, teacher=None):
     return states, logits
 
 
-def transformers_forward(directory, tokens, dtype):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+def transformers_forward(case: Case, directory, tokens, dtype):
+    model = case.auto_class.from_pretrained(directory, dtype=dtype)
     with torch.no_grad():
         return model(tokens, output_hidden_states=True)
 
@@ -67,7 +65,7 @@ def transformers_forward(directory, tokens, dtype):
 def test_layer_forward_matches_transformers(tmp_path, name, dtype, hub_style):
     src = save_family_model(CASES[name], tmp_path / "m", dtype=dtype, hub_style=hub_style)
     loadable = as_transformers_knows_it(CASES[name], src, tmp_path / "loadable")
-    reference = transformers_forward(loadable, TOKENS, dtype)
+    reference = transformers_forward(CASES[name], loadable, TOKENS, dtype)
     teacher = reference.hidden_states if dtype == torch.bfloat16 else None
     states, logits = our_forward(src, TOKENS, dtype, teacher)
     # transformers' last hidden state has the final norm applied; the logits cover it.
@@ -95,7 +93,7 @@ def reference_merge(case: Case, src, out, router_method):
     tensors = load_all(src)
     count = record["experts_before"]
     for entry in record["layers"]:
-        prefix = f"model.layers.{entry['layer']}."
+        prefix = case.layer_prefix(entry["layer"])
         groups, counts = entry["groups"], torch.tensor(entry["frequencies"], dtype=torch.float64)
         weights = [member_weights(g, counts) for g in groups]
         router = tensors[prefix + case.router]
@@ -112,8 +110,9 @@ def reference_merge(case: Case, src, out, router_method):
                 entries = [merge(bias.movedim(-1, 0), g, wg)
                            for g, wg in zip(groups, weights, strict=True)]
             tensors[prefix + case.router_bias] = torch.stack(entries, dim=-1)
-        for template in case.experts:
-            if case.fused:  # one [E, ...] tensor: merge along its first axis
+        templates, fused = stored_experts(case, tensors, prefix)
+        for template in templates:
+            if fused:  # one [E, ...] tensor: merge along its first axis
                 stacked = tensors[prefix + template]
                 tensors[prefix + template] = torch.stack(
                     [merge(stacked, g, wg) for g, wg in zip(groups, weights, strict=True)])
@@ -123,6 +122,14 @@ def reference_merge(case: Case, src, out, router_method):
             for c, (g, wg) in enumerate(zip(groups, weights, strict=True)):
                 tensors[prefix + template.format(e=c)] = merge(stacked, g, wg)
     return tensors
+
+
+def stored_experts(case: Case, tensors: dict, prefix: str) -> tuple[tuple[str, ...], bool]:
+    """The expert tensor names of one layer and whether they are fused: a fused family's
+    layer may be stored per expert (a mixed checkpoint)."""
+    if case.fused and prefix + case.experts[0] not in tensors:
+        return case.saved_per_expert, False
+    return case.experts, case.fused
 
 
 @pytest.mark.parametrize("dtype,hub_style,router", [
@@ -151,7 +158,8 @@ def test_conversion_equals_reference_merge(tmp_path, calib_text, name, dtype, hu
     save_file(expected, str(reference / "model.safetensors"), metadata={"format": "pt"})
     loadable = as_transformers_knows_it(case, out, tmp_path / "loadable")
     as_transformers_knows_it(case, reference, reference)
-    torch.testing.assert_close(logits_of(loadable, TOKENS), logits_of(reference, TOKENS))
+    torch.testing.assert_close(logits_of(loadable, TOKENS, case.auto_class),
+                               logits_of(reference, TOKENS, case.auto_class))
     assert_config_changes_only_counts(case, src, out)
     if case.grouped or case.config.get("topk_method") == "group_limited_greedy":
         assert_groups_within_routing_groups(case, out)
@@ -172,6 +180,10 @@ def as_transformers_knows_it(case: Case, directory, copy_to):
 def assert_config_changes_only_counts(case: Case, src, out):
     before = json.loads((src / "config.json").read_text())
     after = json.loads((out / "config.json").read_text())
+    if case.vision is not None:  # the counts are in the text config; nothing else changes
+        assert {k: v for k, v in before.items() if k != "text_config"} == \
+            {k: v for k, v in after.items() if k != "text_config"}
+        before, after = before["text_config"], after["text_config"]
     experts_key = case.hub_renames.get(case.experts_key, case.experts_key)
     if experts_key not in before:
         experts_key = case.experts_key
@@ -215,6 +227,36 @@ def test_fused_experts_stay_fused(tmp_path, calib_text):
         assert written[prefix + "input_linear.weight"].shape == (3, 2 * ffn, hidden)
         assert written[prefix + "output_linear.weight"].shape == (3, hidden, ffn)
         assert written[prefix + "router.layer.weight"].shape == (3, hidden)
+
+
+def test_mixed_layouts_are_written_as_read(tmp_path, calib_text):
+    """Qwen3.5 with layer 0 fused (as the Hub) and layers 1-2 per expert (as re-saves): each
+    layer is reduced in its own layout, equal to the reference merge, and every tensor
+    outside the text layers (the vision tower) is copied bit for bit."""
+    case = CASES["qwen3_5_moe"]
+    src = save_family_model(case, tmp_path / "src", fused_layers=[0])
+    out = tmp_path / "out"
+    convert(str(src), out, ConvertOptions(**HC_SMOE, experts=3, calib=str(calib_text),
+                                          calib_samples=2, seq_len=32, router="freq-avg"),
+            progress=False)
+    written, source = load_all(out), load_all(src)
+    gate_up, down = case.experts
+    assert written[case.layer_prefix(0) + gate_up].shape[0] == 3
+    assert case.layer_prefix(0) + "mlp.experts.0.gate_proj.weight" not in written
+    for layer in (1, 2):
+        prefix = case.layer_prefix(layer)
+        assert prefix + gate_up not in written
+        assert {n for n in written if n.startswith(prefix + "mlp.experts.")} == {
+            prefix + t.format(e=e) for t in case.saved_per_expert for e in range(3)}
+    expected = reference_merge(case, src, out, "freq-avg")
+    assert written.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(written[name], tensor, msg=name)
+    outside = [n for n in source if not n.startswith(case.text_prefix + "layers.")]
+    assert any(n.startswith("model.visual.") for n in outside)
+    for name in outside:
+        assert written[name].dtype == source[name].dtype and torch.equal(written[name],
+                                                                         source[name]), name
 
 
 def rewrite_tensor(src, name, change, new_name=None):
@@ -267,6 +309,15 @@ def test_unknown_moe_tensor_is_refused(tmp_path):
         build_plan(ckpt, spec, 4)
 
 
+def test_sparsemixer_keeps_two_experts(tmp_path):
+    """Phi-3.5-MoE's sparsemixer picks two experts whatever top-k says: one would be NaN."""
+    src = save_family_model(CASES["phimoe"], tmp_path / "src")
+    ckpt, spec = open_source(str(src))
+    with pytest.raises(UserError, match="phimoe's router always picks 2 experts"):
+        build_plan(ckpt, spec, 1)
+    assert build_plan(ckpt, spec, 2).top_k_out == 2
+
+
 @pytest.mark.parametrize("experts", [3, 6])
 def test_group_limited_routing_needs_whole_groups(tmp_path, experts):
     src = save_family_model(CASES["deepseek_v2"], tmp_path / "src")
@@ -281,6 +332,8 @@ INSPECTED = {  # case -> (MoE layers, expert line, layout)
     "olmoe": ("MoE: 0-2", "8 routed, top-4, shared expert: no", "per-expert"),
     "deepseek_v2": ("MoE: 1-2", "8 routed, top-2, shared expert: yes", "per-expert"),
     "granitemoe": ("MoE: 0-2", "6 routed, top-2, shared expert: no", "fused"),
+    "qwen3_5_moe": ("MoE: 0-2", "6 routed, top-2, shared expert: yes (sigmoid-gated)", "fused"),
+    "gpt_oss": ("MoE: 0-2", "6 routed, top-2, shared expert: no", "fused tensors, transposed"),
 }
 
 
@@ -318,12 +371,11 @@ def keep_index(picks: dict, layer: int, module, args, out) -> None:
     picks[layer] = out[2]
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3", "minimax_m2", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["deepseek_v3", "minimax_m2", "qwen2_moe", "qwen3_next",
+                                  "qwen3_5_moe", "phimoe", "gpt_oss"])
 def test_recorded_frequencies_equal_transformers_router(tmp_path, calib_text, name):
     """hcconvert.json's frequencies are what transformers' own routers pick on the same
     calibration tokens, run through the whole stock model at once."""
-    from transformers import AutoModelForCausalLM
-
     from hcconvert.calibration import load_calibration
     from hcconvert.source import Checkpoint
 
@@ -335,10 +387,11 @@ def test_recorded_frequencies_equal_transformers_router(tmp_path, calib_text, na
     record = json.loads((tmp_path / "out" / "hcconvert.json").read_text())
     tokens = load_calibration(Checkpoint(src), options.calib, options.calib_samples,
                               options.seq_len, options.seed)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model = case.auto_class.from_pretrained(src, dtype=torch.float32)
+    layers = getattr(model.model, "language_model", model.model).layers
     picks = {}
     for entry in record["layers"]:
-        block = next(m for m in model.model.layers[entry["layer"]].modules()
+        block = next(m for m in layers[entry["layer"]].modules()
                      if hasattr(m, "experts"))
         router = block.gate if hasattr(block, "gate") else block.router
         router.register_forward_hook(functools.partial(keep_index, picks, entry["layer"]))
@@ -369,7 +422,7 @@ def test_quantized_checkpoints_are_refused_in_one_line(tmp_path, quantization, f
     assert fragment in result.output
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3", "minimax_m2", "granitemoe"])
+@pytest.mark.parametrize("name", ["deepseek_v3", "minimax_m2", "granitemoe", "gpt_oss"])
 def test_auto_fits_through_each_familys_own_router(tmp_path, calib_text, name):
     """--method auto refits layers under the reduced layer's routing as transformers computes
     it (sigmoid scores, correction bias, groups); the output loads and every layer records

@@ -11,16 +11,17 @@ from scipy.spatial.distance import pdist
 from test_cli import assert_user_error, convert_args, run
 from test_convert import EXPERT, ROUTER
 
+from hcconvert.activation import Activation
 from hcconvert.alignment import NeuronMatcher, aligned_members
 from hcconvert.compare import named_variants, shared_passes
 from hcconvert.convert import convert, convert_many
 from hcconvert.demo import DemoShape, build_planted_mixtral, data_file
-from hcconvert.experts import Experts, RoutedExperts, RoutingRecord, swiglu
+from hcconvert.experts import Experts, RoutedExperts, RoutingRecord
 from hcconvert.features import router_logit_features, weight_features
 from hcconvert.merging import member_weights, merge_experts
 from hcconvert.options import HC_SMOE, NAMED_METHODS, ConvertOptions
 from hcconvert.pruning import prune_groups
-from hcconvert.statistics import collect_layer_stats
+from hcconvert.statistics import collect_layer_stats, output_means
 
 SHAPE = DemoShape(layers=2, hidden=64, ffn=64, experts=8, heads=4, kv_heads=2)
 # Every method whose grouping compares experts by a similarity (not dominant, not random).
@@ -119,6 +120,11 @@ def test_fix_dom_keeps_the_dominant_expert_of_permuted_copies():
     merged = merge_experts(experts, [[0, 1, 2]], counts, "fix-dom", matcher_for(experts))
     for name in ("gate", "up", "down"):
         torch.testing.assert_close(getattr(merged, name)[0], getattr(experts, name)[1])
+
+
+def swiglu(x, gate, up, down):
+    """One expert written out independently of hcconvert: down(silu(gate x) · up x)."""
+    return torch.nn.functional.silu(x @ gate.T) * (x @ up.T) @ down.T
 
 
 def group_output(experts: Experts, x: torch.Tensor, group, counts) -> torch.Tensor:
@@ -221,3 +227,59 @@ def test_bad_method_options_fail_in_one_line(tmp_path, calib_text, extra, fragme
     src = save_tiny_mixtral(tmp_path / "src")
     assert_user_error(run(*convert_args(src, tmp_path / "out", calib_text, *extra)), fragment)
     assert not (tmp_path / "out").exists()
+
+
+GPT_OSS_ACTIVATION = Activation("clamped_swiglu", alpha=1.702, limit=1.0)
+
+
+def biased_permuted_copies(perms: list[torch.Tensor]) -> Experts:
+    """GPT-OSS-style experts (biases, clamped SwiGLU, a limit the inputs exceed): expert 0
+    of a random set, then one neuron-permuted copy per permutation."""
+    gen = torch.Generator().manual_seed(7)
+    base = random_experts(count=1)
+    gate_bias, up_bias = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    down_bias = torch.randn(8, generator=gen)
+    copies = [torch.arange(16), *perms]
+    return Experts(*(torch.stack([t[p] for p in copies]) for t in (base.gate[0], base.up[0])),
+                   torch.stack([base.down[0][:, p] for p in copies]),
+                   torch.stack([gate_bias[p] for p in copies]),
+                   torch.stack([up_bias[p] for p in copies]),
+                   down_bias.repeat(len(copies), 1), GPT_OSS_ACTIVATION)
+
+
+@pytest.mark.parametrize("merge", ["msmoe", "fix-dom", "mergemoe"])
+def test_aligned_merges_of_biased_permuted_copies_are_exact(merge):
+    """Neuron permutations move the gate/up biases with their rows; the merged expert of
+    permuted copies computes the original expert, biases and clamped activation included."""
+    gen = torch.Generator().manual_seed(8)
+    experts = biased_permuted_copies([torch.randperm(16, generator=gen),
+                                      torch.randperm(16, generator=gen)])
+    matcher = matcher_for(experts)
+    merged = merge_experts(experts, [[0, 1, 2]], torch.tensor([2.0, 5.0, 3.0]), merge, matcher)
+    assert merged.activation == GPT_OSS_ACTIVATION
+    x = matcher.x
+    torch.testing.assert_close(merged.output(x, 0), experts.output(x, 0), rtol=1e-4, atol=1e-4)
+
+
+def test_frequency_merge_averages_biases_with_their_matrices():
+    experts = biased_permuted_copies([torch.randperm(16, generator=torch.Generator())])
+    counts = torch.tensor([1.0, 3.0])
+    merged = merge_experts(experts, [[0, 1]], counts, "freq")
+    for name, stacked in experts.parts().items():
+        torch.testing.assert_close(getattr(merged, name)[0], 0.25 * stacked[0] + 0.75 * stacked[1])
+
+
+def test_output_means_of_biased_experts_equal_the_mean_output():
+    """The linearity shortcut (mean activations through down, plus its bias) holds for any
+    activation: compared with every token's output averaged."""
+    gen = torch.Generator().manual_seed(9)
+    experts = biased_permuted_copies([torch.randperm(16, generator=gen)])
+    x = 2 * torch.randn(300, 8, generator=gen)
+
+    def output(e: int) -> torch.Tensor:  # GPT-OSS's expert, written out
+        gate = (x @ experts.gate[e].T + experts.gate_bias[e]).clamp(max=1)
+        up = (x @ experts.up[e].T + experts.up_bias[e]).clamp(-1, 1)
+        return (gate * torch.sigmoid(1.702 * gate) * (up + 1)) @ experts.down[e].T
+
+    expected = torch.stack([output(e).mean(0) for e in range(2)]) + experts.down_bias
+    torch.testing.assert_close(output_means(x, experts), expected, rtol=1e-5, atol=1e-5)
