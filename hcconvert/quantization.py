@@ -72,9 +72,13 @@ class QuantFormat(ABC):
     def excludes(self, module: str) -> bool:
         """Whether quantization_config leaves this module (full name) unquantized."""
 
-    @abstractmethod
     def base_of(self, name: str, dtype: str) -> str | None:
-        """The base of a quantized weight this stored tensor belongs to, else None."""
+        """The base of a quantized weight this stored tensor belongs to, else None: by
+        default, whatever precedes one of the format's suffixes."""
+        for suffix in self.suffixes:
+            if name.endswith(suffix):
+                return name.removesuffix(suffix)
+        return None
 
     @abstractmethod
     def logical_shape(self, base: str, shapes: Mapping[str, Shape]) -> Shape:
@@ -314,12 +318,6 @@ class PackedInt4(QuantFormat):
     def excludes(self, module: str) -> bool:
         return _compressed_tensors_ignores(module, self.ignore)
 
-    def base_of(self, name: str, dtype: str) -> str | None:
-        for suffix in self.suffixes:
-            if name.endswith(suffix):
-                return name.removesuffix(suffix)
-        return None
-
     def logical_shape(self, base: str, shapes: Mapping[str, Shape]) -> Shape:
         *lead, rows, groups = shapes[".weight_scale"]
         shape = (*lead, rows, groups * self.group_size)
@@ -455,12 +453,6 @@ class Mxfp4(QuantFormat):
 
     def excludes(self, module: str) -> bool:
         return _transformers_excludes(module, self.not_converted)
-
-    def base_of(self, name: str, dtype: str) -> str | None:
-        for suffix in self.suffixes:
-            if name.endswith(suffix):
-                return name.removesuffix(suffix)
-        return None
 
     def logical_shape(self, base: str, shapes: Mapping[str, Shape]) -> Shape:
         blocks, scales = tuple(shapes["_blocks"]), tuple(shapes["_scales"])
