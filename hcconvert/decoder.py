@@ -173,14 +173,13 @@ class Decoder:
     # -- running layers --------------------------------------------------------------------
 
     def build_layer(self, layer: int, tensors: dict[str, torch.Tensor],
-                    experts: nn.Module | None = None, config=None) -> nn.Module:
+                    experts: nn.Module | None = None) -> nn.Module:
         """Layer `layer` with the given tensors (module names below the layer, any dtype: each
         is cast to the dtype transformers gives it) and, in a MoE layer, our routed experts.
-        config: a reduced model's config (default: the source's)."""
-        config = config or self.config
+        (A reduced layer is built by the reduced model's Decoder.)"""
         skeleton = self.skeleton_layer(layer)
         with torch.device("meta"), _default_dtype(self.dtype):
-            module = type(self.layers[skeleton])(config, skeleton)
+            module = type(self.layers[skeleton])(self.config, skeleton)
         block = self.moe_block(layer)
         if block is not None:
             if experts is None:
@@ -195,12 +194,12 @@ class Decoder:
         module.load_state_dict(cast, strict=False, assign=True)
         return module.eval()
 
-    def routing(self, layer: int, tensors: dict[str, torch.Tensor], config=None):
-        """The routing rule of layer `layer` built from tensors (module names; config: a
-        reduced model's), as a callable x [T, H] -> (weights [T, K], index [T, K]): the
-        family's own MoE block routes, its experts replaced by a catcher."""
+    def routing(self, layer: int, tensors: dict[str, torch.Tensor]):
+        """The routing rule of layer `layer` built from tensors (module names), as a callable
+        x [T, H] -> (weights [T, K], index [T, K]): the family's own MoE block routes, its
+        experts replaced by a catcher."""
         catcher = _RoutingCatcher()
-        module = self.build_layer(layer, tensors, catcher, config)
+        module = self.build_layer(layer, tensors, catcher)
         block = module.get_submodule(self.moe_block(layer))
 
         @torch.no_grad()
