@@ -12,7 +12,7 @@ import json
 import random
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from json.decoder import scanstring
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -53,15 +53,19 @@ def default_calibration_file() -> Path:
                         "offline? pass --calib FILE (.jsonl, .txt or .json.gz)") from None
 
 
-def read_documents(path: Path, max_chars: int, kind: str = "calibration") -> list[str]:
-    """Documents from .txt (blank-line separated), .jsonl/.json(.gz) with a "text" field, each
-    cut to its first max_chars characters; the file is read in chunks, so memory is bounded
-    by max_chars and MAX_TEXT_CHARS, not by the file's size or its longest line. kind names
-    the text in messages (eval reads held-out text)."""
+def read_documents(path: Path, max_chars: int, kind: str = "calibration",
+                   reader: JsonText | None = None) -> list[str]:
+    """Documents from .txt (blank-line separated), .jsonl/.json(.gz) with a text field (or
+    chat messages, see JsonText), each cut to its first max_chars characters; the file is read
+    in chunks, so memory is bounded by max_chars and MAX_TEXT_CHARS, not by the file's size or
+    its longest line. kind names the text in messages (eval reads held-out text)."""
     if not path.exists() or path.is_dir():  # a pipe is fine: --calib <(zcat text.gz)
         raise UserError(f"{kind} file {path} does not exist or is a directory")
+    if path.is_file() and not _known_type(path):  # a pipe has no name to go by: read as text
+        raise UserError(f"{kind} file {path}: unknown file type; use .txt, .jsonl or .json "
+                        "(each also as .gz)")
     try:
-        docs = list(_bounded(_iter_documents(path, max_chars)))
+        docs = list(_bounded(_iter_documents(path, max_chars, reader or JsonText())))
     except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError,
             RecursionError) as err:
         raise UserError(f"cannot read {kind} file {path}: {first_line(err)}") from None
@@ -82,17 +86,25 @@ def _bounded(docs: Iterator[str]) -> Iterator[str]:
         yield doc
 
 
-def _iter_documents(path: Path, max_chars: int) -> Iterator[str]:
+TEXT_TYPES = (".txt", ".text", ".md")
+JSON_TYPES = (".jsonl", ".json")
+
+
+def _known_type(path: Path) -> bool:
+    return path.name.lower().removesuffix(".gz").endswith(TEXT_TYPES + JSON_TYPES)
+
+
+def _iter_documents(path: Path, max_chars: int, reader: JsonText) -> Iterator[str]:
     name = path.name.lower()
     opener = gzip.open if name.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
-        if not name.removesuffix(".gz").endswith((".jsonl", ".json")):
+        if not name.removesuffix(".gz").endswith(JSON_TYPES):
             yield from (piece for piece, _ in _pieces(f, "\n\n", max_chars))
             return
         line_chars = JSON_CHARS_PER_CHAR * max_chars + JSON_LINE_SLACK
         for number, (line, cut) in enumerate(_pieces(f, "\n", line_chars), start=1):
             if line.strip():
-                yield _json_text(line, cut, number)
+                yield reader(line, cut, number)
 
 
 def _pieces(f: TextIO, separator: str, cap: int) -> Iterator[tuple[str, bool]]:
@@ -118,39 +130,55 @@ def _extend(kept: str, cut: bool, text: str, cap: int) -> tuple[str, bool]:
     return kept + text, cut
 
 
-def _json_text(line: str, cut: bool, number: int) -> str:
-    """The "text" field of one JSON line; of a line cut short, the start of it."""
-    if cut:
-        text = _text_prefix(line, number)
-    else:
-        record = json.loads(line)
-        if not isinstance(record, dict) or "text" not in record:
-            raise ValueError(f'line {number} is not a JSON object with a "text" field')
-        text = record["text"]
-    if not isinstance(text, str):
-        raise ValueError(f'line {number}: "text" is {json.dumps(text)[:20]}, not a string')
-    return text
+class JsonText:
+    """The document of one JSON line: its text field (--text-field, default "text"), or, for
+    a chat-format line without one, its "messages" rendered with the model's chat template."""
+
+    def __init__(self, field: str = "text", chat_template: Callable[[list], str] | None = None):
+        self.field, self.chat_template = field, chat_template
+
+    def __call__(self, line: str, cut: bool, number: int) -> str:
+        if cut:  # too long to parse whole: the start of its text field
+            text = _text_prefix(line, number, self.field)
+        else:
+            text = self._whole(json.loads(line), number)
+        if not isinstance(text, str):
+            raise ValueError(f'line {number}: "{self.field}" is {json.dumps(text)[:20]}, '
+                             "not a string")
+        return text
+
+    def _whole(self, record: object, number: int):
+        if not isinstance(record, dict):
+            raise ValueError(f"line {number} is not a JSON object")
+        if self.field in record:
+            return record[self.field]
+        if isinstance(record.get("messages"), list):
+            if self.chat_template is None:
+                raise ValueError(f'line {number} holds chat "messages" but the model has no '
+                                 "chat template")
+            return self.chat_template(record["messages"])
+        raise ValueError(f'line {number} has no "{self.field}" field (nor chat "messages")')
 
 
-def _text_prefix(line: str, number: int) -> str:
-    """The start of the "text" string of a JSON object cut short: the members before it must
-    be whole, the string itself may be cut anywhere."""
+def _text_prefix(line: str, number: int, field: str) -> str:
+    """The start of the field's string of a JSON object cut short: the members before it
+    must be whole, the string itself may be cut anywhere."""
     if line[_skip_space(line, 0):][:1] != "{":
         raise ValueError(f"line {number} is not a JSON object")
     try:
-        start = _text_value_start(line)
-    except ValueError:  # a member before "text" runs past the part of the line kept
+        start = _value_start(line, field)
+    except ValueError:  # a member before the field runs past the part of the line kept
         start = None
     if start is None:
-        raise ValueError(f'line {number} has no "text" field in its first {len(line)} '
+        raise ValueError(f'line {number} has no "{field}" field in its first {len(line)} '
                          "characters")
     if line[start:start + 1] != '"':
-        raise ValueError(f'line {number}: "text" is not a string')
+        raise ValueError(f'line {number}: "{field}" is not a string')
     return _string_prefix(line[start + 1:])
 
 
-def _text_value_start(line: str) -> int | None:
-    """Where the value of the top-level "text" member starts; None if no such member."""
+def _value_start(line: str, field: str) -> int | None:
+    """Where the value of the top-level member `field` starts; None if no such member."""
     members = json.JSONDecoder()
     i = _skip_space(line, 0) + 1  # past the "{"
     while True:
@@ -162,7 +190,7 @@ def _text_value_start(line: str) -> int | None:
         if line[i:i + 1] != ":":
             return None
         i = _skip_space(line, i + 1)
-        if key == "text":
+        if key == field:
             return i
         _, i = members.raw_decode(line, i)
         i = _skip_space(line, i)
@@ -208,6 +236,9 @@ class TextTokenizer:
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self.bos_id = self._bos_id(config)
+        self.template = _chat_template(model_dir, config)
+        self.special_tokens = {key: _token_text(config.get(key))
+                               for key in ("bos_token", "eos_token")}
         self.embedding_rows = embedding_rows
         # A token spells at most this many characters of text, so a document's first
         # chars_for(n) characters give n tokens (a tokenizer that drops whitespace may
@@ -222,6 +253,22 @@ class TextTokenizer:
         if not isinstance(bos, str) or not bos or config.get("add_bos_token") is not True:
             return None
         return self.tokenizer.token_to_id(bos)
+
+    def render_chat(self, messages: list) -> str:
+        """A chat-format document as the model sees it: its chat template applied."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            rendered = render_jinja_template([messages], chat_template=self.template,
+                                             **self.special_tokens)
+        except Exception as err:  # jinja2's errors vary: a template error, bad messages
+            raise ValueError(f"the chat template cannot render these messages: "
+                             f"{first_line(err)}") from None
+        return rendered[0][0] if isinstance(rendered, tuple) else rendered[0]
+
+    def json_reader(self, field: str) -> JsonText:
+        """How this model reads a JSON line: field, or chat messages through its template."""
+        return JsonText(field, self.render_chat if self.template else None)
 
     def chars_for(self, tokens: int) -> int:
         """Characters of one document that can be needed to give this many tokens."""
@@ -244,6 +291,24 @@ class TextTokenizer:
                             "belong to this model")
 
 
+def _token_text(token) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _chat_template(model_dir: Path, config: dict) -> str | None:
+    """The model's default chat template: chat_template.jinja beside the tokenizer, or
+    tokenizer_config.json's (a string, or named templates of which "default" is used)."""
+    path = model_dir / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text()
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
+
+
 def calibration_tokens(docs: list[str], tokenizer: TextTokenizer, samples: int, seq_len: int,
                        seed: int, kind: str = "calibration") -> torch.Tensor:
     """[N, S] token ids: shuffled documents, concatenated, cut into N <= samples sequences."""
@@ -258,23 +323,22 @@ def calibration_tokens(docs: list[str], tokenizer: TextTokenizer, samples: int, 
         raise UserError(f"{kind} text tokenizes to nothing")
     count = min(samples, len(stream) // seq_len)
     if count == 0:
-        print(f"warning: {kind} text has {len(stream)} tokens, fewer than one "
-              f"{seq_len}-token sample; using one shorter sample", file=sys.stderr)
-        tokens = torch.tensor([stream], dtype=torch.long)
-    else:
-        if count < samples:
-            print(f"warning: {kind} text gives only {count} of {samples} samples",
-                  file=sys.stderr)
-        tokens = torch.tensor(stream[:count * seq_len], dtype=torch.long).view(count, seq_len)
+        raise UserError(f"{kind} text has {len(stream)} tokens, fewer than one {seq_len}-token "
+                        "sample: give more text or a smaller --seq-len")
+    if count < samples:
+        print(f"warning: {kind} text gives only {count} of {samples} samples",
+              file=sys.stderr)
+    tokens = torch.tensor(stream[:count * seq_len], dtype=torch.long).view(count, seq_len)
     tokenizer.check_ids(tokens)
     return tokens
 
 
 def text_tokens(path: Path, tokenizer: TextTokenizer, samples: int, seq_len: int,
-                seed: int, kind: str = "calibration") -> torch.Tensor:
+                seed: int, kind: str = "calibration", field: str = "text") -> torch.Tensor:
     """calibration_tokens of a text file, reading no more of each document than it can need;
-    kind names the text in messages."""
-    docs = read_documents(path, tokenizer.chars_for(samples * seq_len), kind)
+    kind names the text in messages, field the text field of JSON lines."""
+    docs = read_documents(path, tokenizer.chars_for(samples * seq_len), kind,
+                          tokenizer.json_reader(field))
     return calibration_tokens(docs, tokenizer, samples, seq_len, seed, kind)
 
 
@@ -296,8 +360,46 @@ def calibration_path(calib: str) -> Path:
     return Path(calib)
 
 
+def calibration_sources(calib: str) -> list[tuple[Path, float]]:
+    """--calib's files and their weights: "FILE" or "FILE:W,FILE:W,..." (weights default to
+    1; mixed in proportion)."""
+    sources = []
+    for entry in calib.split(",") if calib else [calib]:
+        path, _, weight = entry.rpartition(":")
+        try:
+            share = float(weight) if path else 1.0
+        except ValueError:  # a colon in the path itself
+            path, share = entry, 1.0
+        if not share > 0:
+            raise UserError(f"--calib {entry!r}: a weight must be a positive number")
+        sources.append((calibration_path((path or entry).strip()), share))
+    return sources
+
+
+def sample_counts(weights: list[float], samples: int) -> list[int]:
+    """samples split in proportion to weights, each source at least one: one each, then the
+    rest by largest remainders."""
+    if samples < len(weights):
+        raise UserError(f"--calib mixes {len(weights)} sources: --calib-samples must be at "
+                        f"least {len(weights)}")
+    rest = samples - len(weights)
+    exact = [rest * w / sum(weights) for w in weights]
+    counts = [1 + int(e) for e in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: int(exact[i]) - exact[i])
+    for i in by_remainder[:samples - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
 def load_calibration(ckpt: Checkpoint, calib: str | None, samples: int, seq_len: int,
-                     seed: int) -> torch.Tensor:
+                     seed: int, field: str = "text") -> torch.Tensor:
+    """[N, S] calibration tokens: from --calib's sources, each cut into its share of the
+    samples (calibration_sources), or from the paper's C4 shard."""
     tokenizer = model_tokenizer(ckpt)
-    path = calibration_path(calib) if calib is not None else default_calibration_file()
-    return text_tokens(path, tokenizer, samples, seq_len, seed)
+    if calib is None:
+        return text_tokens(default_calibration_file(), tokenizer, samples, seq_len, seed,
+                           field=field)
+    sources = calibration_sources(calib)
+    counts = sample_counts([weight for _, weight in sources], samples)
+    return torch.cat([text_tokens(path, tokenizer, count, seq_len, seed, field=field)
+                      for (path, _), count in zip(sources, counts, strict=True)])

@@ -115,6 +115,9 @@ def options_of(*decorators):
 
 # Numbers are checked by ConvertOptions itself, the same for the CLI and the Python API.
 calibration_numbers = options_of(
+    click.option("--text-field", default=DEFAULTS["text_field"], show_default=True,
+                 help="Field of JSON calibration lines that holds the text (lines with chat "
+                 "'messages' instead are rendered with the model's chat template)."),
     click.option("--calib-samples", type=int, default=DEFAULTS["calib_samples"],
                  show_default=True, help="Calibration sequences."),
     click.option("--seq-len", type=int, default=DEFAULTS["seq_len"], show_default=True,
@@ -148,7 +151,8 @@ def shard_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
 @click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Replay a run: the options of its hcconvert.json (or of a JSON object of "
               "options); flags given here override them.")
-@click.option("--calib", help="Calibration text: .jsonl / .json.gz with a 'text' field, or .txt. "
+@click.option("--calib", help="Calibration text: .jsonl / .json(.gz) with a text field or chat "
+              "messages, or .txt; several mixed by weight as FILE:W,FILE:W. "
               "Default: the paper's C4 shard from the Hub.")
 @calibration_numbers
 @click.option("--method", type=click.Choice(METHODS), default=DEFAULTS["method"],

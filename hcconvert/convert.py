@@ -75,7 +75,7 @@ def convert_many(src: str, outputs: list[tuple[Path, ConvertOptions]], overwrite
     device = pick_device(first.device)
     with staged_outputs([out for out, _ in outputs], ckpt.root, overwrite) as stagings:
         tokens = load_calibration(ckpt, first.calib, first.calib_samples, first.seq_len,
-                                  first.seed)
+                                  first.seed, first.text_field)
         reducers, run = run_pass(ckpt, spec, device, tokens, conversions, outputs, stagings,
                                  progress)
         for reducer, staging in zip(reducers, stagings, strict=True):
@@ -115,6 +115,10 @@ def prepare_output(src: str, ckpt: Checkpoint, spec: ModelSpec, out: Path,
     """Plan one output and check its options against the model before any weight is read."""
     plan = build_plan(ckpt, spec, options.experts, options.dtype)
     check_output_dir(out, ckpt.root, overwrite)
+    positions = spec.family.text_config(spec.config).get("max_position_embeddings")
+    if positions and options.seq_len > positions:
+        raise UserError(f"--seq-len {options.seq_len} is above the model's "
+                        f"max_position_embeddings ({positions})")
     if options.method == "merge" and options.router == "lse-fit" \
             and spec.routing.scoring != "softmax":
         raise UserError(f"--router lse-fit fits softmax mass; {spec.family.model_type}'s router "

@@ -35,13 +35,13 @@ CHOICES = {"method": METHODS, "metric": METRICS, "grouping": GROUPINGS, "linkage
 # Integer options and their least value.
 MINIMUMS = {"experts": 1, "calib_samples": 1, "seq_len": 1, "seed": 0, "max_shard_size": 1,
             "max_group_size": 1}
-TEXTS = ("calib", "revision")
+TEXTS = ("calib", "revision", "text_field")
 # Options that may be None: no calibration file (the default C4 shard), no revision, no limit.
 NULLABLE = ("calib", "revision", "max_group_size")
 # What decides the calibration hidden states: conversions that agree on these (and propagate
 # the original outputs) can share one pass over the layers.
 CALIBRATION_FIELDS = ("calib", "calib_samples", "seq_len", "seed", "device", "revision",
-                      "compute_dtype")
+                      "compute_dtype", "text_field")
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 DEFAULT_SHARD_SIZE = "5GB"
 
@@ -106,6 +106,8 @@ class ConvertOptions:
     layer_fit: bool = False
     # The dtype of the layers' products (sums and statistics accumulate in fp32 whatever it is).
     compute_dtype: str = "auto"
+    # The field of JSON calibration lines that holds the text (chat lines: "messages").
+    text_field: str = "text"
     # A quantized source's weights in the output: its format (merged experts requantized with
     # fresh scales), or with "bf16" all dequantized and config.json's quantization_config
     # dropped (storage.py).

@@ -6,10 +6,18 @@ run would stop here: no tokenizer, no calibration text, not enough disk.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
-from .calibration import C4_FILE, C4_REPO, TextTokenizer, calibration_path, read_documents
+from .calibration import (
+    C4_FILE,
+    C4_REPO,
+    JsonText,
+    TextTokenizer,
+    calibration_sources,
+    read_documents,
+)
 from .errors import UserError
 from .families import family_for
 from .options import ConvertOptions
@@ -30,8 +38,8 @@ def plan_from_headers(src: str, options: ConvertOptions) -> tuple[Checkpoint, Pl
 def check_ready(ckpt: Checkpoint, plan: Plan, options: ConvertOptions, out: Path | None,
                 overwrite: bool = False) -> None:
     """Everything the run needs besides the weights; the first missing one is a UserError."""
-    check_tokenizer(ckpt)
-    check_calibration(options.calib)
+    tokenizer = check_tokenizer(ckpt)
+    check_calibration(options.calib, options.text_field, tokenizer)
     if out is None:
         return
     if ckpt.root is not None:  # a Hub source lands in the HF cache, never inside --out
@@ -39,27 +47,31 @@ def check_ready(ckpt: Checkpoint, plan: Plan, options: ConvertOptions, out: Path
     check_disk(ckpt, plan, out)
 
 
-def check_tokenizer(ckpt: Checkpoint) -> None:
-    """Calibration needs tokenizer.json: loaded where the checkpoint is local, looked up on the
-    Hub otherwise."""
+def check_tokenizer(ckpt: Checkpoint) -> TextTokenizer | None:
+    """Calibration needs tokenizer.json: loaded where the checkpoint is local (and returned),
+    looked up on the Hub otherwise."""
     if ckpt.root is not None:
-        TextTokenizer(ckpt.root)
-    elif not ckpt.files.exists("tokenizer.json"):
+        return TextTokenizer(ckpt.root)
+    if not ckpt.files.exists("tokenizer.json"):
         raise UserError(f"{ckpt.location} has no tokenizer.json (needed for calibration text)")
+    return None
 
 
 # Enough of a --calib file to know it holds text, without reading a big one twice.
 PREFLIGHT_CHARS = 100_000
 
 
-def check_calibration(calib: str | None) -> None:
-    """A --calib file must hold text; without it, the default C4 shard must be reachable or
-    already in the HF cache."""
+def check_calibration(calib: str | None, field: str = "text",
+                      tokenizer: TextTokenizer | None = None) -> None:
+    """Every --calib source must hold text (chat lines rendered with the model's template;
+    with no tokenizer at hand, a Hub source's, only their structure is checked); without
+    --calib, the default C4 shard must be reachable or already in the HF cache."""
     if calib is not None:
-        path = calibration_path(calib)
-        if path.exists() and not path.is_file() and not path.is_dir():
-            return  # a pipe (--calib <(zcat ...)) can be read once: by the run
-        read_documents(path, PREFLIGHT_CHARS)
+        reader = tokenizer.json_reader(field) if tokenizer else JsonText(field, json.dumps)
+        for path, _ in calibration_sources(calib):
+            if path.exists() and not path.is_file() and not path.is_dir():
+                continue  # a pipe (--calib <(zcat ...)) can be read once: by the run
+            read_documents(path, PREFLIGHT_CHARS, reader=reader)
         return
     from huggingface_hub import constants, try_to_load_from_cache
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import save_tiny_mixtral, tree_digest
 
@@ -246,3 +247,63 @@ def test_unwritable_out_parent(tmp_path, src, calib_text):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     assert_user_error(run(*convert_args(src, blocker / "out", calib_text)), str(blocker))
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_calibration_mixes_sources_by_weight(tmp_path, src, calib_text):
+    """Two sources at 3:1 give 3 and 1 samples, each cut from its own text."""
+    from hcconvert.calibration import load_calibration
+    from hcconvert.source import Checkpoint
+
+    other = write_jsonl(tmp_path / "other.jsonl",
+                        [{"body": "zebra quartz " * 400}, {"body": "jumping fox " * 400}])
+    tokens = load_calibration(Checkpoint(src), f"{calib_text}:3,{other}:1", 4, 32, 42,
+                              field="body")
+    alone = load_calibration(Checkpoint(src), str(calib_text), 3, 32, 42)
+    assert tokens.shape == (4, 32)
+    torch.testing.assert_close(tokens[:3], alone)
+    mixed_in = load_calibration(Checkpoint(src), str(other), 1, 32, 42, field="body")
+    torch.testing.assert_close(tokens[3:], mixed_in)
+
+
+def test_chat_lines_use_the_models_chat_template(tmp_path, src):
+    from hcconvert.calibration import TextTokenizer
+
+    (src / "chat_template.jinja").write_text(
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}")
+    tokenizer = TextTokenizer(src)
+    read = tokenizer.json_reader("text")
+    line = json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                    {"role": "assistant", "content": "hello"}]})
+    assert read(line, False, 1) == "<user>hi\n<assistant>hello\n"
+    (src / "chat_template.jinja").unlink()
+    with pytest.raises(ValueError, match="no chat template"):
+        TextTokenizer(src).json_reader("text")(line, False, 1)
+
+
+@pytest.mark.parametrize("calib,extra,fragment", [
+    ("data.csv", (), "unknown file type"),
+    ("{calib}:0", (), "a weight must be a positive number"),
+    ("{calib}:1,{calib}:1", ("--calib-samples", "1"), "--calib-samples must be at least 2"),
+    ("{calib}", ("--text-field", "body"), ""),  # a .txt has no fields: the option is moot
+    ("{jsonl}", ("--text-field", "body"), 'has no "body" field'),
+    ("{calib}", ("--seq-len", "4096"), "above the model's max_position_embeddings (512)"),
+    ("{tiny}", ("--seq-len", "64"), "fewer than one 64-token sample"),
+])
+def test_calibration_refusals(tmp_path, src, calib_text, calib, extra, fragment):
+    (tmp_path / "data.csv").write_text("a,b\n1,2\n")
+    jsonl = write_jsonl(tmp_path / "c.jsonl", [{"text": "some words " * 50}])
+    (tmp_path / "tiny.txt").write_text("a few words")
+    path = calib.format(calib=calib_text, jsonl=jsonl, tiny=tmp_path / "tiny.txt")
+    if not path.startswith("/"):
+        path = str(tmp_path / path)
+    result = run(*convert_args(src, tmp_path / "out", path), *extra)
+    if not fragment:
+        assert result.exit_code == 0, result.stderr
+        return
+    assert_user_error(result, fragment)
+    assert not (tmp_path / "out").exists()

@@ -35,11 +35,13 @@ BAD_VALUES = {
     "prune_by": ("size", "frequency, output"),
     "layer_fit": ("yes", "true or false"),
     "compute_dtype": ("float16", "auto, float32, bfloat16"),
+    "text_field": (3, "text"),
     "dtype": ("fp16", "source, bf16"),
 }
-# Options the command line can carry a bad value for (calib and revision are always text;
-# --layer-fit is a switch).
-CLI_BAD = [name for name in BAD_VALUES if name not in ("calib", "revision", "layer_fit")]
+# Options the command line can carry a bad value for (calib, revision and text_field are
+# always text; --layer-fit is a switch).
+CLI_BAD = [name for name in BAD_VALUES
+           if name not in ("calib", "revision", "layer_fit", "text_field")]
 
 
 def test_every_option_has_a_bad_value_case():
@@ -200,5 +202,5 @@ def test_eval_calls_its_text_held_out(tmp_path, src):
     short = tmp_path / "short.txt"
     short.write_text("a few words")
     result = run("eval", src, src, "--text", short, "--seq-len", 64, "--samples", 2)
-    assert result.exit_code == 0, result.stderr
-    assert "warning: held-out text has" in result.stderr and "calibration" not in result.stderr
+    assert_user_error(result, "held-out text has")  # too short: refused, not a short sample
+    assert "calibration" not in result.stderr
