@@ -173,8 +173,10 @@ class LayerPipeline:
         with BackgroundWriter() as background, bar:
             for _ in range(num_layers):
                 bar.set_postfix_str(f"layer {bar.n + 1}/{num_layers}: reading")
-                with self.timer.stage("read"):  # time spent waiting for the prefetch
-                    layer, raw = next(layers)
+                # The background read's own time, and how long the compute waited for it.
+                with self.timer.stage("read wait"):
+                    layer, raw, seconds = next(layers)
+                self.timer.seconds["read"] += seconds
                 bar.set_postfix_str(f"layer {layer + 1}/{num_layers}: calibrating")
                 if layer in self.plan.mtp_layers:
                     with self.timer.stage("compute"):

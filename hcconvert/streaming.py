@@ -7,6 +7,7 @@ writes keep their order; torch and safetensors release the GIL during the heavy 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -15,27 +16,29 @@ import torch
 from .source import Checkpoint
 
 
-def read_layer(ckpt: Checkpoint, prefix: str, pin: bool) -> dict[str, torch.Tensor]:
-    """A layer's tensors as stored; in pinned memory when they go to a GPU next, so the
-    host-to-device copy is asynchronous and runs at full PCIe speed."""
+def read_layer(ckpt: Checkpoint, prefix: str,
+               pin: bool) -> tuple[dict[str, torch.Tensor], float]:
+    """A layer's tensors as stored, and the seconds the read took; in pinned memory when they
+    go to a GPU next, so the host-to-device copy is asynchronous and runs at full PCIe speed."""
+    start = time.perf_counter()
     tensors = ckpt.layer_tensors(prefix)
     if pin:
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
-    return tensors
+    return tensors, time.perf_counter() - start
 
 
-def prefetched_layers(ckpt: Checkpoint, prefixes: list[str],
-                      pin: bool = False) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Yield (layer, tensors) in order, layer k holding the tensors below prefixes[k], while
-    the next layer is read on a background thread."""
+def prefetched_layers(ckpt: Checkpoint, prefixes: list[str], pin: bool = False
+                      ) -> Iterator[tuple[int, dict[str, torch.Tensor], float]]:
+    """Yield (layer, tensors, seconds the read took) in order, layer k holding the tensors
+    below prefixes[k], while the next layer is read on a background thread."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hcconvert-read") as pool:
         pending: Future | None = pool.submit(read_layer, ckpt, prefixes[0], pin) if prefixes \
             else None
         for layer in range(len(prefixes)):
-            tensors = pending.result()
+            tensors, seconds = pending.result()
             pending = (pool.submit(read_layer, ckpt, prefixes[layer + 1], pin)
                        if layer + 1 < len(prefixes) else None)
-            yield layer, tensors
+            yield layer, tensors, seconds
 
 
 class BackgroundWriter:

@@ -154,3 +154,13 @@ def test_bfloat16_compute_keeps_the_groups_and_is_recorded(tmp_path, calib_text)
         assert records[dtype]["run"] == {"device": "cpu", "dtype": dtype, "kernel": "torch"}
     groups = {d: [entry["groups"] for entry in r["layers"]] for d, r in records.items()}
     assert groups["bfloat16"] == groups["float32"]
+
+
+def test_the_summary_times_the_reads(tmp_path, calib_text):
+    """The read stage is the background reads' own time, not only the wait for them."""
+    src = save_tiny_mixtral(tmp_path / "src")
+    conversion = convert(str(src), tmp_path / "out",
+                         ConvertOptions(experts=3, calib=str(calib_text), calib_samples=2,
+                                        seq_len=32, **HC_SMOE), progress=False)
+    assert conversion.timer.seconds["read"] > 0
+    assert "read wait" in conversion.timer.seconds

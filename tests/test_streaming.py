@@ -19,8 +19,9 @@ def test_prefetch_yields_every_layer_in_order(tmp_path):
     src = save_tiny_mixtral(tmp_path / "src", num_hidden_layers=3)
     ckpt = Checkpoint(src)
     layers = list(prefetched_layers(ckpt, [f"model.layers.{i}." for i in range(3)]))
-    assert [layer for layer, _ in layers] == [0, 1, 2]
-    for layer, tensors in layers:
+    assert [layer for layer, _, _ in layers] == [0, 1, 2]
+    for layer, tensors, seconds in layers:
+        assert seconds > 0
         expected = ckpt.layer_tensors(f"model.layers.{layer}.")
         assert tensors.keys() == expected.keys()
         assert all(torch.equal(tensors[k], expected[k]) for k in expected)
