@@ -8,6 +8,7 @@ code 2.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import sys
 import tempfile
@@ -333,15 +334,23 @@ def inspect(src, revision) -> None:
 @click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True)
 @device_option
-def evaluate_command(original, reduced, text, seq_len, samples, device) -> None:
+@click.option("--record", is_flag=True, help="Also write the numbers into REDUCED's model "
+              "card and hcconvert.json (REDUCED: a directory hcconvert wrote).")
+def evaluate_command(original, reduced, text, seq_len, samples, device, record) -> None:
     """Perplexity of ORIGINAL and REDUCED on TEXT, KL(original ‖ reduced), top-1 agreement,
     and how many tokens of the original's greedy continuations REDUCED reproduces."""
     from .evaluate import evaluate
     from .greedy import CONTINUATION_TOKENS
 
     def action():
+        if record and not (Path(reduced) / "hcconvert.json").is_file():
+            raise UserError(f"--record: {reduced} is not a directory hcconvert wrote")
         probe_hub_if_needed(original, reduced)
         result = evaluate(original, reduced, text, seq_len, samples, device)
+        if record:
+            from .metadata import record_evaluation
+
+            record_evaluation(Path(reduced), original, text, dataclasses.asdict(result))
         click.echo(f"tokens               {result.tokens}")
         click.echo(f"perplexity original  {result.perplexity_original:.4f}")
         click.echo(f"perplexity reduced   {result.perplexity_reduced:.4f}")

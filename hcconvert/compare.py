@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .convert import Conversion, convert_many, open_source
 from .evaluate import Fidelity, evaluate_many
+from .metadata import record_evaluation
 from .options import NAMED_METHODS, ConvertOptions, named
 from .plan import build_plan
 
@@ -91,6 +92,8 @@ def compare(src: str, variants: dict[str, ConvertOptions], eval_text: Path, work
                                seq_len=seq_len, samples=samples, device=device,
                                progress=progress)
     eval_minutes = (time.perf_counter() - start) / 60 / len(variants)  # one shared pass
+    for label, fidelity in zip(variants, fidelities, strict=True):
+        record_evaluation(outs[label], src, eval_text, dataclasses.asdict(fidelity))
     return [Result(label, conversions[label], fidelity,
                    sum(conversions[label].timer.seconds.values()) / 60, eval_minutes)
             for label, fidelity in zip(variants, fidelities, strict=True)]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .calibration import C4_FILE, C4_REPO
+from .errors import UserError
 from .options import ConvertOptions
 from .source import Checkpoint, is_hub_id
 from .writer import write_json
@@ -188,3 +189,36 @@ def calibration_details(conversion: Conversion, options: ConvertOptions) -> str:
            else f"{options.calib_samples} samples")
     return (f"Calibration: {cut} of up to {options.seq_len} tokens from {text}, "
             f"seed {options.seed}.")
+
+
+EVALUATION_HEADING = "## Evaluation"
+
+
+def record_evaluation(directory: Path, original: str, text: Path, numbers: dict) -> None:
+    """An evaluation of the reduced checkpoint in directory against its original: under
+    "evaluation" in hcconvert.json and as the model card's last section (replacing any
+    earlier one)."""
+    record_path = directory / "hcconvert.json"
+    if not record_path.is_file():
+        raise UserError(f"{directory} has no hcconvert.json: not a checkpoint hcconvert wrote")
+    record = json.loads(record_path.read_text())
+    record["evaluation"] = {"original": original, "text": text.name, **numbers}
+    write_json(record_path, record)
+    card_path = directory / "README.md"
+    card = card_path.read_text() if card_path.is_file() else ""
+    kept = card.split("\n" + EVALUATION_HEADING)[0].rstrip("\n")
+    card_path.write_text(f"{kept}\n\n{evaluation_section(original, text, numbers)}")
+
+
+def evaluation_section(original: str, text: Path, numbers: dict) -> str:
+    greedy = numbers.get("greedy_match")
+    rows = [("tokens", f"{numbers['tokens']}"),
+            ("perplexity (original)", f"{numbers['perplexity_original']:.4f}"),
+            ("perplexity (reduced)", f"{numbers['perplexity_reduced']:.4f}"),
+            ("KL(original ‖ reduced), nats/token", f"{numbers['kl']:.5f}"),
+            ("next-token top-1 agreement", f"{numbers['top1_agreement']:.4f}")]
+    if greedy is not None:
+        rows.append(("greedy continuation matched, tokens", f"{greedy:.2f}"))
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return (f"{EVALUATION_HEADING}\n\nAgainst `{original}` on `{text.name}` "
+            f"(`hcconvert eval`):\n\n| | |\n| --- | --- |\n{table}\n")

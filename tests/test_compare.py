@@ -137,3 +137,29 @@ def test_matched_length_counts_only_the_leading_run():
     guesses = torch.tensor([1, 2, 0, 4, 9])  # right, right, wrong, right (after a miss)
     log_probs = torch.nn.functional.one_hot(guesses, 10).float()[None].log()
     assert matched_lengths(log_probs, continued, steps=4).tolist() == [2]
+
+
+def test_eval_record_writes_the_numbers_into_the_card(tmp_path, calib_text, eval_text):
+    """`eval --record` (and compare, for its outputs) puts the numbers into the reduced
+    checkpoint's hcconvert.json and a last Evaluation section of its card, replacing any
+    earlier one; a directory hcconvert did not write is refused in one line."""
+    from click.testing import CliRunner
+
+    from hcconvert.cli import main
+
+    src = save_tiny_mixtral(tmp_path / "src")
+    out = tmp_path / "out"
+    convert(str(src), out, ConvertOptions(experts=3, calib=str(calib_text), calib_samples=2,
+                                          seq_len=32), progress=False)
+    args = ["eval", str(src), str(out), "--text", str(eval_text), "--seq-len", "32",
+            "--samples", "2", "--record"]
+    for _ in range(2):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+    card = (out / "README.md").read_text()
+    assert card.count("## Evaluation") == 1 and card.rstrip().endswith("|")
+    evaluation = json.loads((out / "hcconvert.json").read_text())["evaluation"]
+    assert f"| KL(original ‖ reduced), nats/token | {evaluation['kl']:.5f} |" in card
+    refused = CliRunner().invoke(main, ["eval", str(src), str(src), "--text", str(eval_text),
+                                        "--record"])
+    assert refused.exit_code == 2 and "not a directory hcconvert wrote" in refused.output
