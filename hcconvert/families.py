@@ -50,6 +50,11 @@ class PerExpert:
         return tuple(dict.fromkeys(name.split("{expert}")[0] for name in self.names.all()))
 
     @property
+    def biases(self) -> tuple[str, ...]:
+        """The stored expert biases: none."""
+        return ()
+
+    @property
     def marker(self) -> str:
         """A tensor every layer stored this way has."""
         return self.names.gate.format(expert=0)
@@ -86,6 +91,11 @@ class Fused:
 
     def prefixes(self) -> tuple[str, ...]:
         return tuple(self.shapes(1, 1, 1))
+
+    @property
+    def biases(self) -> tuple[str, ...]:
+        """The stored expert bias names."""
+        return tuple(b for b in (self.gate_up_bias, self.down_bias) if b is not None)
 
     @property
     def marker(self) -> str:
@@ -253,8 +263,9 @@ FAMILIES: dict[str, Family] = {
         # Gated-DeltaNet linear-attention layers beside full attention: transformers' modules.
         Family(model_type="qwen3_next", experts_keys=("num_experts",),
                experts=_per_expert("mlp"), router="mlp.gate.weight"),
-        # GPT-OSS (bf16 copies; the Hub's MXFP4 *_blocks/*_scales are not read yet): experts
-        # fused as x @ W with gate/up interleaved and biases, a clamped SwiGLU, a router bias.
+        # GPT-OSS: experts fused as x @ W with gate/up interleaved and biases, a clamped
+        # SwiGLU, a router bias. The Hub's MXFP4 matrices are read as these weights
+        # (quantization.Mxfp4 dequantizes to the transpose of what it stores).
         Family(model_type="gpt_oss", experts_keys=("num_local_experts",),
                experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj",
                              transposed=True, interleaved=True,
