@@ -172,6 +172,11 @@ class Family:
     fixed_top_k: bool = False
     # Other layouts a checkpoint may store a layer's experts in (re-saves, MTP layers).
     other_layouts: tuple[ExpertLayout, ...] = ()
+    # Where the LM head sits on disk, before `lm_head.` (a wrapper's `language_model.`).
+    head_prefix: str = ""
+    # The MoE block calls experts(routed_in) with every token's input already scaled by its
+    # router score (Llama-4), not experts(x, index, weights): experts.PrescaledExperts adapts.
+    prescaled_inputs: bool = False
 
     def experts_key(self, config: dict) -> str | None:
         """The expert-count key this config.json uses (None when it has none)."""
@@ -198,6 +203,8 @@ class Family:
         """A tensor's name as the text-only transformers model calls it."""
         if name.startswith(self.text_prefix):
             return "model." + name.removeprefix(self.text_prefix)
+        if self.head_prefix and name.startswith(self.head_prefix + "lm_head."):
+            return name.removeprefix(self.head_prefix)
         return name
 
     @property
@@ -278,6 +285,21 @@ FAMILIES: dict[str, Family] = {
                experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
                router="block_sparse_moe.gate.weight", ffn_key="intermediate_size",
                fixed_top_k=True),
+        # Llama-4's text model (Scout, Maverick): fused experts as x @ W (gate columns first),
+        # a top-1 sigmoid router whose score scales the expert's input, a shared expert, MoE
+        # layers interleaved with dense ones, NoPE and chunked-attention layers, QK norm.
+        *[Family(model_type=model_type, experts_keys=("num_local_experts",),
+                 experts=Fused("feed_forward.experts.gate_up_proj",
+                               "feed_forward.experts.down_proj", transposed=True),
+                 router="feed_forward.router.weight", ffn_key="intermediate_size",
+                 scoring="sigmoid", prescaled_inputs=True, **wrapper)
+          for model_type, wrapper in [
+              ("llama4_text", {}),
+              # The vision-language checkpoint: the text model and its LM head under
+              # language_model., the text config under text_config.
+              ("llama4", dict(text_config_key="text_config",
+                              text_prefix="language_model.model.",
+                              head_prefix="language_model."))]],
         # A vision-language wrapper; the official checkpoints fuse the experts, re-saves (and
         # MTP layers) store them per expert: each layer is written back as it was read.
         Family(model_type="qwen3_5_moe", experts_keys=("num_experts",),
