@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import UserError, first_line
-from .experts import Experts
+from .experts import Experts, PrescaledExperts
 from .families import Family
 
 EXPERTS_ATTRIBUTE = "experts"  # transformers 5's MoE blocks call self.experts(x, index, weights)
@@ -115,6 +115,8 @@ class Decoder:
         from transformers.core_model_loading import apply_renamings
 
         name = apply_renamings(module_name, self.reverse_renamings)
+        if name.startswith("lm_head."):
+            return self.family.head_prefix + name
         # A wrapper's own renamings may already restore its text prefix.
         if name.startswith(self.family.text_prefix) or not name.startswith("model."):
             return name
@@ -184,6 +186,9 @@ class Decoder:
         if block is not None:
             if experts is None:
                 raise ValueError(f"layer {layer} is a MoE layer: it needs its experts")
+            if self.family.prescaled_inputs:
+                router = self.family.router.removesuffix(".weight")
+                experts = PrescaledExperts(experts, module.get_submodule(router))
             setattr(module.get_submodule(block), EXPERTS_ATTRIBUTE, experts)
         expected = {n: t.dtype for n, t in module.state_dict(keep_vars=True).items()
                     if not n.startswith(f"{block}.{EXPERTS_ATTRIBUTE}.")}

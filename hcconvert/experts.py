@@ -227,3 +227,40 @@ class RoutedExperts(nn.Module):
         if record is not None:
             record.observe_sum(out)
         return out
+
+
+class PrescaledExperts(nn.Module):
+    """Adapts Llama-4's calling convention to experts(x, index, weights) (`inner`: RoutedExperts
+    or decoder's routing catcher).
+
+    Llama-4's MoE block calls experts(routed_in): routed_in [E*T, H] is every token repeated
+    once per expert and scaled by that expert's router score (the sigmoid of its logit for
+    the top-1 expert, 0 for the others), and the block sums the E outputs. The score scales
+    the expert's input, not its output. With top-1 routing (spec.py refuses more) each token
+    reaches one expert e, with u = score · x; this hands inner x = u, index = e, weights = 1.
+    So the routing record holds the inputs the experts actually see, the output Σ 1 · expert(u)
+    is the block's own, and REAP's saliency (weight × output norm) is the norm of the expert's
+    contribution. The statistics' "mean output over all tokens" is then every expert's output
+    on every token's routed input u (the token scaled by the score of the expert it picked):
+    the inputs this layer's experts see. The layer fit and HC-SMoE's features hold each token's
+    input at the original router's score, though a reduced router scores anew (the forward
+    of a reduced layer, --propagate merged included, uses its own scores)."""
+
+    def __init__(self, inner: nn.Module, router: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.picked: torch.Tensor | None = None  # [T, 1]: each token's expert, from the router
+        router.register_forward_hook(self._catch_choice)
+
+    def _catch_choice(self, router: nn.Module, args, output) -> None:
+        _, logits = output
+        self.picked = logits.topk(1, dim=-1).indices  # the router's own top-1 choice
+
+    def forward(self, routed_in: torch.Tensor) -> torch.Tensor:
+        tokens = self.picked.shape[0]
+        per_expert = routed_in.view(-1, tokens, routed_in.shape[-1])  # [E, T, H]
+        seen = per_expert[self.picked[:, 0], torch.arange(tokens, device=routed_in.device)]
+        out = self.inner(seen, self.picked, torch.ones(self.picked.shape,
+                                                       device=routed_in.device))
+        # The block sums E slices of T rows: the routed output in the first, zeros after.
+        return torch.cat((out, out.new_zeros((per_expert.shape[0] - 1) * tokens, out.shape[1])))

@@ -50,6 +50,11 @@ class PerExpert:
         return tuple(dict.fromkeys(name.split("{expert}")[0] for name in self.names.all()))
 
     @property
+    def biases(self) -> tuple[str, ...]:
+        """The stored expert biases: none."""
+        return ()
+
+    @property
     def marker(self) -> str:
         """A tensor every layer stored this way has."""
         return self.names.gate.format(expert=0)
@@ -86,6 +91,11 @@ class Fused:
 
     def prefixes(self) -> tuple[str, ...]:
         return tuple(self.shapes(1, 1, 1))
+
+    @property
+    def biases(self) -> tuple[str, ...]:
+        """The stored expert bias names."""
+        return tuple(b for b in (self.gate_up_bias, self.down_bias) if b is not None)
 
     @property
     def marker(self) -> str:
@@ -162,6 +172,11 @@ class Family:
     fixed_top_k: bool = False
     # Other layouts a checkpoint may store a layer's experts in (re-saves, MTP layers).
     other_layouts: tuple[ExpertLayout, ...] = ()
+    # Where the LM head sits on disk, before `lm_head.` (a wrapper's `language_model.`).
+    head_prefix: str = ""
+    # The MoE block calls experts(routed_in) with every token's input already scaled by its
+    # router score (Llama-4), not experts(x, index, weights): experts.PrescaledExperts adapts.
+    prescaled_inputs: bool = False
 
     def experts_key(self, config: dict) -> str | None:
         """The expert-count key this config.json uses (None when it has none)."""
@@ -188,6 +203,8 @@ class Family:
         """A tensor's name as the text-only transformers model calls it."""
         if name.startswith(self.text_prefix):
             return "model." + name.removeprefix(self.text_prefix)
+        if self.head_prefix and name.startswith(self.head_prefix + "lm_head."):
+            return name.removeprefix(self.head_prefix)
         return name
 
     @property
@@ -253,8 +270,9 @@ FAMILIES: dict[str, Family] = {
         # Gated-DeltaNet linear-attention layers beside full attention: transformers' modules.
         Family(model_type="qwen3_next", experts_keys=("num_experts",),
                experts=_per_expert("mlp"), router="mlp.gate.weight"),
-        # GPT-OSS (bf16 copies; the Hub's MXFP4 *_blocks/*_scales are not read yet): experts
-        # fused as x @ W with gate/up interleaved and biases, a clamped SwiGLU, a router bias.
+        # GPT-OSS: experts fused as x @ W with gate/up interleaved and biases, a clamped
+        # SwiGLU, a router bias. The Hub's MXFP4 matrices are read as these weights
+        # (quantization.Mxfp4 dequantizes to the transpose of what it stores).
         Family(model_type="gpt_oss", experts_keys=("num_local_experts",),
                experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj",
                              transposed=True, interleaved=True,
@@ -267,6 +285,21 @@ FAMILIES: dict[str, Family] = {
                experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
                router="block_sparse_moe.gate.weight", ffn_key="intermediate_size",
                fixed_top_k=True),
+        # Llama-4's text model (Scout, Maverick): fused experts as x @ W (gate columns first),
+        # a top-1 sigmoid router whose score scales the expert's input, a shared expert, MoE
+        # layers interleaved with dense ones, NoPE and chunked-attention layers, QK norm.
+        *[Family(model_type=model_type, experts_keys=("num_local_experts",),
+                 experts=Fused("feed_forward.experts.gate_up_proj",
+                               "feed_forward.experts.down_proj", transposed=True),
+                 router="feed_forward.router.weight", ffn_key="intermediate_size",
+                 scoring="sigmoid", prescaled_inputs=True, **wrapper)
+          for model_type, wrapper in [
+              ("llama4_text", {}),
+              # The vision-language checkpoint: the text model and its LM head under
+              # language_model., the text config under text_config.
+              ("llama4", dict(text_config_key="text_config",
+                              text_prefix="language_model.model.",
+                              head_prefix="language_model."))]],
         # A vision-language wrapper; the official checkpoints fuse the experts, re-saves (and
         # MTP layers) store them per expert: each layer is written back as it was read.
         Family(model_type="qwen3_5_moe", experts_keys=("num_experts",),

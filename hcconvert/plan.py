@@ -205,7 +205,7 @@ def _check_layer(tensors: dict[str, tuple[str, Shape]], spec: ModelSpec, decoder
         raise UserError(f"tensor {decoder.disk_name(module_prefix + missing[0])} is missing "
                         "from the checkpoint")
     if experts:
-        _check_experts(tensors, prefix, experts)
+        _check_experts(tensors, prefix, experts, layout.biases)
 
 
 def _check_mtp_tensors(tensors: dict[str, tuple[str, Shape]], spec: ModelSpec,
@@ -228,14 +228,17 @@ def _expert_shapes(spec: ModelSpec, layout: ExpertLayout) -> dict[str, tuple[int
 
 
 def _check_experts(tensors: dict[str, tuple[str, Shape]], prefix: str,
-                   shapes: dict[str, Shape]) -> None:
-    """Present, with the config's F and H, all of one dtype (or all quantized alike)."""
+                   shapes: dict[str, Shape], biases: tuple[str, ...]) -> None:
+    """Present, with the config's F and H, the matrices all of one dtype (or all quantized
+    alike; biases may differ: GPT-OSS's stay bf16 beside MXFP4 matrices)."""
     expert_dtype = None
     for suffix, shape in shapes.items():
         name = prefix + suffix
         if name not in tensors:
             raise UserError(f"tensor {name} is missing from the checkpoint")
         _check_shape(tensors, name, shape)
+        if suffix in biases:
+            continue
         dtype = tensors[name][0]
         expert_dtype = expert_dtype or dtype
         if dtype != expert_dtype:
@@ -266,8 +269,9 @@ def _layer_outputs(ckpt: Checkpoint, spec: ModelSpec, storage: Storage, layer: i
         shape = ((experts_out, *info.shape[1:]) if suffix == spec.family.router
                  else (*info.shape[:-1], experts_out))
         outputs.append(OutputTensor(prefix + suffix, info.dtype, shape))
-    expert_shapes = layout.shapes(experts_out, spec.ffn, spec.hidden)
-    source = prefix + layout.marker
-    for name, shape in expert_shapes.items():
-        outputs += storage.replacing(source, prefix + name, shape, ckpt.tensors)
+    # Each new expert tensor is stored as the source's tensor of its name is (experts are
+    # renumbered 0..R-1 below E): a quantized weight requantized, a bias (GPT-OSS's, bf16
+    # beside MXFP4 matrices) in its dtype.
+    for name, shape in layout.shapes(experts_out, spec.ffn, spec.hidden).items():
+        outputs += storage.replacing(prefix + name, shape, ckpt.tensors)
     return outputs

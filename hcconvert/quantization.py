@@ -19,8 +19,10 @@ Layouts, as the code that reads them on the Hub decodes them:
 - `mxfp4` (GPT-OSS; transformers `integrations/mxfp4.py` convert_moe_packed_tensors):
   `B_blocks` U8 [..., R, C/32, 16] and `B_scales` U8 [..., R, C/32]; byte k of a block holds
   values 2k (low nibble) and 2k+1 (high nibble) as e2m1 codes; w = value * 2**(scale - 127).
-  The dequantized tensor is [..., R, C] as stored (rows x blocked columns); transformers'
-  GPT-OSS experts hold its transpose, [E, C, R].
+  The dequantized weight is [..., C, R], the transpose of the stored rows x blocked columns,
+  as transformers' loader hands it to GPT-OSS's experts (x @ W): gate_up_proj_blocks
+  [E, 2F, H/32, 16] is the weight gate_up_proj [E, H, 2F], down_proj_blocks [E, H, F/32, 16]
+  the weight down_proj [E, F, H].
 """
 
 from __future__ import annotations
@@ -442,7 +444,8 @@ def _int4_scheme(name: str, group: Mapping, default_format: str | None) -> int:
 
 @dataclass(frozen=True)
 class Mxfp4(QuantFormat):
-    """e2m1 values, two per byte, 32 sharing one e8m0 exponent."""
+    """e2m1 values, two per byte, 32 sharing one e8m0 exponent, blocked along the stored rows'
+    columns; the weight is the transpose of the stored [..., R, C] (the module docstring)."""
 
     not_converted: tuple[str, ...] = ()
     rows_per_chunk: int = 1 << 16  # blocks decoded at once: bounds dequantize's temporaries
@@ -459,18 +462,20 @@ class Mxfp4(QuantFormat):
         if len(blocks) < 3 or blocks[-1] != MX_BLOCK // 2 or scales != blocks[:-1]:
             raise UserError(f"tensors {base}_blocks {list(blocks)} and {base}_scales "
                             f"{list(scales)} are not an mxfp4 pair ([..., R, G, 16], [..., R, G])")
-        return (*blocks[:-2], blocks[-2] * MX_BLOCK)
+        return (*blocks[:-3], blocks[-2] * MX_BLOCK, blocks[-3])
 
     def planned(self, base: str, shape: Shape) -> list[OutputTensor]:
         self._check_blocks(base, shape)
-        *lead, cols = shape
-        return [OutputTensor(f"{base}_blocks", "U8", (*lead, cols // MX_BLOCK, MX_BLOCK // 2)),
-                OutputTensor(f"{base}_scales", "U8", (*lead, cols // MX_BLOCK))]
+        *lead, cols, rows = shape
+        return [OutputTensor(f"{base}_blocks", "U8", (*lead, rows, cols // MX_BLOCK,
+                                                      MX_BLOCK // 2)),
+                OutputTensor(f"{base}_scales", "U8", (*lead, rows, cols // MX_BLOCK))]
 
     def dequantize(self, base: str, parts: Mapping[str, torch.Tensor],
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
         blocks, scales = parts["_blocks"], parts["_scales"]
-        shape = self.logical_shape(base, {"_blocks": blocks.shape, "_scales": scales.shape})
+        *lead, cols, rows = self.logical_shape(base, {"_blocks": blocks.shape,
+                                                      "_scales": scales.shape})
         packed = blocks.reshape(-1, MX_BLOCK // 2)  # one row per block of 32 values
         exponents = scales.reshape(-1, 1).float() - 127
         table = torch.tensor(E2M1_VALUES, device=blocks.device)
@@ -482,11 +487,13 @@ class Mxfp4(QuantFormat):
             # A power of two times an e2m1 value is exact in float32.
             out[start:start + len(chunk)] = values * torch.exp2(
                 exponents[start:start + len(chunk)])
-        return out.reshape(shape)
+        # Contiguous, as transformers' loader gives it: a merge then reads it row by row.
+        return out.reshape(*lead, rows, cols).transpose(-1, -2).contiguous()
 
     def quantize(self, base: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check_blocks(base, tuple(weight.shape))
-        blocks = weight.float().unflatten(-1, (-1, MX_BLOCK))  # [..., R, G, 32]
+        stored = weight.float().transpose(-1, -2).contiguous()  # [..., R, C]: blocked along C
+        blocks = stored.unflatten(-1, (-1, MX_BLOCK))  # [..., R, G, 32]
         biased = _mx_exponents(blocks.abs().amax(dim=-1, keepdim=True))  # [..., R, G, 1]
         scaled = blocks / torch.exp2(biased.float() - 127)
         magnitude = torch.tensor(E2M1_MIDPOINTS, device=weight.device)
@@ -496,8 +503,9 @@ class Mxfp4(QuantFormat):
         return {"_blocks": packed.to(torch.uint8), "_scales": biased.squeeze(-1).to(torch.uint8)}
 
     def _check_blocks(self, base: str, shape: Shape) -> None:
-        if len(shape) < 2 or shape[-1] % MX_BLOCK:
-            raise UserError(f"{base} {list(shape)}: mxfp4 needs the last dimension to be a "
+        if len(shape) < 2 or shape[-2] % MX_BLOCK:
+            raise UserError(f"{base} {list(shape)}: mxfp4 stores the weight transposed in "
+                            f"blocks along its second-to-last dimension, which must be a "
                             f"multiple of {MX_BLOCK}")
 
 

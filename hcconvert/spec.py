@@ -68,6 +68,11 @@ class ModelSpec:
         if not 1 <= spec.top_k <= spec.num_experts:
             raise UserError(f"config.json asks for top-{spec.top_k} routing over "
                             f"{spec.num_experts} experts")
+        if family.prescaled_inputs and spec.top_k != 1:
+            # With top-k > 1 a token reaches its experts with k differently scaled inputs.
+            raise UserError(f"config.json asks for top-{spec.top_k} routing; hcconvert reads "
+                            f"{family.model_type}'s router-scaled expert inputs with top-1 "
+                            "routing only (as Llama-4 Scout and Maverick route)")
         return spec
 
     def decoder(self, dtype: torch.dtype = torch.float32) -> Decoder:

@@ -130,14 +130,14 @@ class Storage:
         written quantized."""
         return not self.dense_output and self.base(source) is not None
 
-    def replacing(self, source: str, name: str, shape: Shape,
+    def replacing(self, name: str, shape: Shape,
                   infos: Mapping[str, TensorInfo]) -> list[OutputTensor]:
-        """The outputs of a new weight `name` replacing the source's weight `source` (a dense
-        name): in the source's format where that is quantized (bf16 with --dtype bf16), else
-        in the source's dtype."""
-        if self.requantizes(source):
+        """The outputs of a new weight replacing the source's weight of the same (dense) name:
+        in the source's format where that is quantized (bf16 with --dtype bf16), else in the
+        source's dtype."""
+        if self.requantizes(name):
             return self.fmt.planned(name.removesuffix(self.fmt.dense_suffix), shape)
-        dtype = DENSE_DTYPE if self.base(source) else infos[source].dtype
+        dtype = DENSE_DTYPE if self.base(name) else infos[name].dtype
         return [OutputTensor(name, dtype, shape)]
 
     def output_config(self, config: dict) -> dict:
@@ -177,10 +177,14 @@ class Storage:
                    prefix: str) -> tuple[dict[str, torch.Tensor], list[float]]:
         """New weights (dense full names) in the source's format: one equal to a source weight
         (unchanged: its dense name -> the source weight's) as that weight is stored, the rest
-        quantized with fresh scales; and each of those one's relative Frobenius error."""
+        quantized with fresh scales; and each of those one's relative Frobenius error. A new
+        tensor whose source is not quantized (GPT-OSS's expert biases) is passed through."""
         fmt, written, errors = self.fmt, {}, []
         for name, weight in dense.items():
             base = name.removesuffix(fmt.dense_suffix)
+            if self.base(name) is None:
+                written[name] = weight
+                continue
             if name in unchanged:
                 source = unchanged[name].removesuffix(fmt.dense_suffix).removeprefix(prefix)
                 parts = {suffix: stored[source + suffix] for suffix in fmt.suffixes}
@@ -218,6 +222,10 @@ class DenseTensors(Mapping):
     def __iter__(self) -> Iterator[str]:
         yield from self.plain
         yield from self.quantized
+
+    def __contains__(self, name: object) -> bool:
+        # Mapping's own would look the weight up, dequantizing it to answer.
+        return name in self.plain or name in self.quantized
 
     def __len__(self) -> int:
         return len(self.plain) + len(self.quantized)

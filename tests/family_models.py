@@ -42,6 +42,9 @@ class Case:
     # Fused on the Hub, per expert as transformers saves it: the per-expert templates (gate,
     # up, down) the test fuses into `experts` (gate_up, down).
     saved_per_expert: tuple[str, ...] | None = None
+    # The attribute of the loaded wrapper whose forward a text-only test runs, where the
+    # wrapper's own forward cannot run on text alone (None: the model itself).
+    text_forward: str | None = None
 
     def layer_prefix(self, layer: int) -> str:
         return f"{self.text_prefix}layers.{layer}."
@@ -51,6 +54,11 @@ class Case:
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
         return AutoModelForCausalLM if self.vision is None else AutoModelForImageTextToText
+
+    def load(self, directory, **kwargs):
+        """The checkpoint as stock transformers loads it, ready for a text-only forward."""
+        model = self.auto_class.from_pretrained(directory, **kwargs)
+        return model if self.text_forward is None else getattr(model, self.text_forward)
 
 
 def _per_expert(block: str, gate="gate_proj", up="up_proj", down="down_proj") -> tuple:
@@ -189,6 +197,32 @@ CASES.update({
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
         linear_value_head_dim=8, linear_conv_kernel_dim=4, mlp_only_layers=[2],
         norm_topk_prob=True), "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4),
+})
+
+# Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size
+# for the routed and shared experts, intermediate_size_mlp for the dense MLPs), a top-1 sigmoid
+# router scaling the expert's input, NoPE layers 1 and 3 with temperature tuning that bites
+# (floor_scale below the sequence length), chunked attention shorter than the test's
+# sequences, QK norm.
+LLAMA4 = dict(num_hidden_layers=4, num_local_experts=6, num_experts_per_tok=1,
+              intermediate_size=24, intermediate_size_mlp=56, interleave_moe_layer_step=2,
+              head_dim=8, no_rope_layer_interval=2, attention_chunk_size=8, use_qk_norm=True,
+              floor_scale=8, attn_scale=0.5)
+LLAMA4_EXPERTS = ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj")
+CASES.update({
+    "llama4_text": Case("llama4_text", LLAMA4, "num_local_experts", "feed_forward.router.weight",
+                        LLAMA4_EXPERTS, 4, fused=True),
+    # The vision-language checkpoint: the text model under language_model.model., its LM head
+    # at language_model.lm_head.
+    "llama4": Case("llama4", LLAMA4, "num_local_experts", "feed_forward.router.weight",
+                   LLAMA4_EXPERTS, 4, fused=True,
+                   vision=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, vision_output_dim=32, image_size=16,
+                               patch_size=4, projector_input_dim=32, projector_output_dim=32),
+                   text_prefix="language_model.model.",
+                   # transformers 5.24's Llama4ForConditionalGeneration.forward reads
+                   # image_outputs from its language model's output, which has none.
+                   text_forward="language_model"),
 })
 
 # Keys the Hub's DeepSeek-V2 config.json carries that transformers 5 does not write.

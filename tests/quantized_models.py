@@ -5,6 +5,9 @@ quantizers written here, independently of hcconvert's codecs:
   `weight_scale_inv` per block; norms, embeddings, LM head and the router gate stay bf16.
 - compressed-tensors pack-quantized int4 as Kimi-K2-Thinking: routed experts only (its
   ignore list keeps attention, shared experts, dense MLPs and the LM head in bf16).
+- mxfp4 as openai/gpt-oss-20b and -120b: the fused expert matrices as `*_blocks` [E, R, C/32,
+  16] and `*_scales` [E, R, C/32] of the transposed weight (gate_up_proj [E, H, 2F] stored
+  as [E, 2F, H/32, 16]); their biases, attention, router, embeddings and LM head in bf16.
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ from pathlib import Path
 import torch
 from family_models import Case, save_family_model
 from safetensors.torch import load_file, save_file
-from test_quantization import KIMI_K2_THINKING, reference_pack, reference_quantize
+from test_quantization import (
+    GPT_OSS,
+    KIMI_K2_THINKING,
+    reference_downcast_mxfp4,
+    reference_pack,
+    reference_quantize,
+)
 
 FP8_KEPT = ("norm", "embed_tokens", "lm_head", "mlp.gate.weight")  # not quantized on the Hub
 FP8_MAX = 448.0
@@ -83,6 +92,24 @@ def save_int4_model(case: Case, directory: Path, group: int = 32) -> Path:
     settings = {**KIMI_K2_THINKING, "config_groups": {"group_0": {
         **groups, "weights": {**groups["weights"], "group_size": group}}}}
     set_quantization_config(directory, settings)
+    return directory
+
+
+MXFP4_WEIGHTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def save_mxfp4_model(case: Case, directory: Path) -> Path:
+    """The case's GPT-OSS model in bf16 with its expert matrices in mxfp4, as the Hub's."""
+    save_family_model(case, directory, dtype=torch.bfloat16, hub_style=True)
+
+    def quantize(name, tensor):
+        if not name.endswith(MXFP4_WEIGHTS):
+            return {name: tensor}
+        # transformers' experts hold x @ W; the Hub stores W's transpose, blocked along H.
+        blocks, scales = reference_downcast_mxfp4(tensor.float().transpose(1, 2))
+        return {name + "_blocks": blocks, name + "_scales": scales}
+    rewrite_shards(directory, quantize)
+    set_quantization_config(directory, GPT_OSS)
     return directory
 
 

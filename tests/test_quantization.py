@@ -289,8 +289,8 @@ def test_mxfp4_dequantize_matches_transformers(shape, dtype):
     parts = {"_blocks": blocks, "_scales": scales}
     ours = Mxfp4(rows_per_chunk=7).dequantize("w", parts, dtype=dtype)
     reference = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
-    # transformers returns GPT-OSS's [E, C, R] parameter; we return the stored [E, R, C].
-    assert torch.equal(ours.transpose(1, 2), reference)
+    # Both give GPT-OSS's parameter [E, C, R], the transpose of the stored [E, R, C].
+    assert torch.equal(ours, reference)
 
 
 def test_mxfp4_requantizing_a_dequantized_weight_gives_its_bytes_back():
@@ -345,7 +345,8 @@ def test_mxfp4_encoder_matches_triton_kernels_reference():
     ties = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] * 4)
     weight[0, 0, :32] = ties
     weight[0, 1, :32] = -ties
-    ours = Mxfp4().quantize("w", weight)
+    # The weight is the transpose of what is blocked: blocks run along its second-last axis.
+    ours = Mxfp4().quantize("w", weight.transpose(1, 2))
     blocks, scales = reference_downcast_mxfp4(weight)
     assert torch.equal(ours["_blocks"], blocks)
     assert torch.equal(ours["_scales"], scales)
@@ -365,8 +366,8 @@ def test_mxfp4_random_weights_round_trip_within_e2m1_precision():
 
 def test_mxfp4_shapes_that_do_not_fit_are_named():
     fmt = Mxfp4()
-    with pytest.raises(UserError, match=r"mlp\.experts\.gate_up_proj \[2, 8, 40\]"):
-        fmt.planned("mlp.experts.gate_up_proj", (2, 8, 40))
+    with pytest.raises(UserError, match=r"mlp\.experts\.gate_up_proj \[2, 40, 8\]"):
+        fmt.planned("mlp.experts.gate_up_proj", (2, 40, 8))
     blocks, scales = random_mxfp4((2, 8, 3), torch.Generator().manual_seed(10))
     with pytest.raises(UserError, match=r"gate_up_proj_blocks \[2, 8, 3, 16\]"):
         fmt.dequantize("gate_up_proj", {"_blocks": blocks, "_scales": scales[..., :2]})
