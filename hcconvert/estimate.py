@@ -115,7 +115,7 @@ def layer_budget(spec: ModelSpec, options: ConvertOptions, dtype: torch.dtype,
             f"--max-gpu-memory {human_bytes(budget)} is too small: a MoE layer needs "
             f"{human_bytes(fixed)} on the GPU for its token buffers and other weights, plus "
             f"{human_bytes(2 * expert)} for two experts; give at least "
-            f"{human_bytes(fixed + 2 * expert)} or fewer calibration tokens")
+            f"{human_bytes(fixed + 2 * expert)}, or use fewer calibration tokens")
     return LayerBudget(fixed, expert, chunk, spec.num_experts, options.experts)
 
 
