@@ -36,6 +36,7 @@ BAD_VALUES = {
     "layer_fit": ("yes", "true or false"),
     "compute_dtype": ("float16", "auto, float32, bfloat16"),
     "dtype": ("fp16", "source, bf16"),
+    "max_gpu_memory": (0, "at least 1"),
 }
 # Options the command line can carry a bad value for (calib and revision are always text;
 # --layer-fit is a switch).
