@@ -54,11 +54,12 @@ class NeuronMatcher:
         """[F, F] fp64 Pearson correlation of expert a's neurons (rows) with expert b's
         (columns) over the group's tokens."""
         ffn = self.experts.gate.shape[1]
+        pair, (at_a, at_b) = self.experts.select([a, b])
         sums = torch.zeros(4, ffn, dtype=torch.float64, device=self.x.device)  # a, b, a², b²
         cross = torch.zeros(ffn, ffn, dtype=torch.float64, device=self.x.device)
         count = 0
         for chunk in self.chunks(group):
-            act_a, act_b = self.experts.hidden(chunk, a), self.experts.hidden(chunk, b)
+            act_a, act_b = pair.hidden(chunk, at_a), pair.hidden(chunk, at_b)
             sums += torch.stack([act_a.sum(0), act_b.sum(0), act_a.square().sum(0),
                                  act_b.square().sum(0)])
             cross += act_a.T @ act_b  # the in-place add promotes into fp64 without a copy
@@ -93,16 +94,9 @@ class NeuronMatcher:
         return self._cache[key]
 
 
-def aligned_members(experts: Experts, group: list[int], dominant: int,
-                    matcher: NeuronMatcher) -> Experts:
-    """The group's experts, in group order, each with its neurons reordered to match the
-    dominant's: rows of gate and up (and their biases) and columns of down together, so
-    outputs are unchanged."""
-    identity = torch.arange(experts.gate.shape[1], device=experts.gate.device)
-    perms = [identity if e == dominant else matcher.permutation(group, dominant, e)
-             for e in group]
-    members = [{name: stacked[e] if NEURON_AXIS[name] is None
-                else stacked[e].index_select(NEURON_AXIS[name], perm)
-                for name, stacked in experts.parts().items()}
-               for e, perm in zip(group, perms, strict=True)]
-    return Experts.stacked(members, experts.activation)
+def aligned(expert: dict[str, torch.Tensor], perm: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One expert's tensors (by Experts field) with its neurons reordered by perm: rows of gate
+    and up (and their biases) and columns of down together, so its output is unchanged."""
+    return {name: tensor if NEURON_AXIS[name] is None
+            else tensor.index_select(NEURON_AXIS[name], perm)
+            for name, tensor in expert.items()}

@@ -137,9 +137,11 @@ compute_dtype_option = click.option(
     "precision on a GPU, float32 on the CPU); statistics accumulate in float32.")
 
 
-def shard_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+def size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
     try:
-        return size_option(value)
+        return size_option(value, param.name)
     except UserError as err:
         raise click.BadParameter(str(err)) from None
 
@@ -192,7 +194,11 @@ def shard_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
               "the rest as stored; bf16 writes every quantized weight dequantized and drops "
               "config.json's quantization_config.")
 @click.option("--max-shard-size", default=DEFAULT_SHARD_SIZE, show_default=True,
-              callback=shard_size)
+              callback=size)
+@click.option("--max-gpu-memory", metavar="SIZE", callback=size,
+              help="GPU memory a layer may use, e.g. 40GB: a MoE layer's experts stay on the "
+              "host and come to the GPU in chunks that fit (default: the free GPU memory less "
+              "a margin). Results do not depend on it.")
 @device_option
 @compute_dtype_option
 @click.option("--revision", help="Hub revision of SRC.")

@@ -11,6 +11,7 @@ T tokens, H hidden, E experts, R groups.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from contextlib import ExitStack
@@ -23,6 +24,7 @@ from .alignment import NeuronMatcher
 from .calibration import load_calibration
 from .decoder import Decoder, HiddenStream, compute_dtype
 from .errors import UserError
+from .estimate import gpu_budget, layer_budget
 from .experts import Experts, RoutedExperts, RoutingRecord
 from .families import family_for
 from .metadata import RunRecord, reduced_config, write_metadata
@@ -35,7 +37,7 @@ from .source import Checkpoint, resolve_source
 from .spec import ModelSpec
 from .statistics import collect_layer_stats, statistics_kernel
 from .streaming import BackgroundWriter, prefetched_layers
-from .writer import ShardWriter, check_output_dir, copy_side_files, staged_outputs
+from .writer import TORCH_DTYPES, ShardWriter, check_output_dir, copy_side_files, staged_outputs
 
 __all__ = ["Conversion", "LayerResult", "LayerPipeline", "convert", "convert_many"]
 
@@ -150,12 +152,16 @@ class LayerPipeline:
         self.storage = reducers[0].plan.storage
 
     def run(self, tokens: torch.Tensor, progress: bool) -> None:
-        with self.timer.stage("read"):  # once, for every output
-            globals_ = self.ckpt.read([t.name for t in self.reducers[0].plan.global_outputs])
-        embedding = next(t for n, t in globals_.items() if n.endswith("embed_tokens.weight"))
-        self.dtype = compute_dtype(self.device, embedding.dtype,
+        embedding = next(info for n, info in self.ckpt.tensors.items()
+                         if n.endswith("embed_tokens.weight"))
+        self.dtype = compute_dtype(self.device, TORCH_DTYPES[embedding.dtype],
                                    self.reducers[0].options.compute_dtype)
         self.decoder = self.spec.decoder(self.dtype)
+        self.budget = gpu_budget(self.reducers[0].options.max_gpu_memory, self.device)
+        for layer in self.spec.moe_layers:  # a budget too small fails before any weight is read
+            self.expert_chunk(layer)
+        with self.timer.stage("read"):  # once, for every output
+            globals_ = self.ckpt.read([t.name for t in self.reducers[0].plan.global_outputs])
         with self.timer.stage("compute"):
             self.decoder.load_globals(self.dense(globals_, None), self.device)
             stream = HiddenStream(self.decoder, tokens, self.device)
@@ -164,7 +170,7 @@ class LayerPipeline:
             self.decoder.drop_globals()
         for reducer in self.reducers:
             reducer.write_globals(globals_)
-        del globals_, embedding
+        del globals_
         num_layers = len(self.plan.layer_names)  # the MTP layer last, if stored
         bar = tqdm(total=num_layers, desc="layers", unit="layer", disable=not progress,
                    file=sys.stderr)
@@ -209,7 +215,8 @@ class LayerPipeline:
         spec, family = self.spec, self.spec.family
         with self.timer.stage("compute"):
             dense = self.dense(raw, layer)
-            tensors, experts = self.decoder.layer_parts(layer, dense, self.device)
+            tensors, experts = self.decoder.layer_parts(layer, dense, self.device,
+                                                        self.expert_chunk(layer))
             record = RoutingRecord(stream.tokens, saliency="saliency" in self.needs,
                                    keep_output=any(r.fits_layers for r in self.reducers))
             module = self.decoder.build_layer(layer, tensors, RoutedExperts(experts, record))
@@ -231,6 +238,19 @@ class LayerPipeline:
                     self.propagate(layer, tensors, reduced_router, merged, stream, layer_input)
             del reduced_router, merged, produced  # free the merged experts no later layer needs
         self.synchronize()
+
+    def expert_chunk(self, layer: int) -> int | None:
+        """How many of a MoE layer's experts the GPU budget lets the device hold at once
+        (None: all of them, and the merged ones)."""
+        other = sum(torch.Size(shape).numel()
+                    for shape, _ in self.decoder.expected_tensors(layer).values())
+        # Every output is reduced in turn: the most experts kept bounds the merged ones, and
+        # any layer fit keeps its target.
+        options = dataclasses.replace(
+            self.reducers[0].options, experts=max(r.options.experts for r in self.reducers),
+            layer_fit=any(r.fits_layers for r in self.reducers))
+        return layer_budget(self.spec, options, self.dtype, other, bool(self.plan.mtp_layers),
+                            self.budget).chunk_experts
 
     def dense(self, stored: dict, layer: int | None):
         """A layer's stored tensors (the globals for None) as the forward reads them, quantized

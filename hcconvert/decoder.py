@@ -129,9 +129,12 @@ class Decoder:
         return {self.module_name(prefix + k).removeprefix(module_prefix): v
                 for k, v in tensors.items()}
 
-    def layer_parts(self, layer: int, raw: dict[str, torch.Tensor], device: torch.device):
+    def layer_parts(self, layer: int, raw: dict[str, torch.Tensor], device: torch.device,
+                    chunk_experts: int | None = None):
         """A layer's tensors as stored, split into the module's tensors on the device (by
-        module name) and, in a MoE layer, its routed experts stacked in the compute dtype."""
+        module name) and, in a MoE layer, its routed experts stacked in the compute dtype:
+        on the device, or with chunk_experts (a GPU budget, estimate.layer_budget) on the host
+        (pinned for CUDA), brought to the device that many at a time."""
         layout = self.family.stored_layout(raw)
         # By key: looking a quantized expert up dequantizes it (storage.DenseTensors).
         kept = {k: raw[k].to(device, non_blocking=True) for k in raw
@@ -141,8 +144,10 @@ class Decoder:
             return tensors, None
         count = self.family.text_config(self.source_config)[self.family.experts_key(
             self.source_config)]
-        return tensors, Experts.from_layer(raw, layout, count, device, self.dtype,
-                                           self.activation)
+        home = device if chunk_experts is None else torch.device("cpu")
+        experts = Experts.from_layer(raw, layout, count, home, self.dtype, self.activation,
+                                     pin=home != device and device.type == "cuda")
+        return tensors, experts.kept_on(device, chunk_experts)
 
     def moe_block(self, layer: int) -> str | None:
         """The MoE block's path in a layer (e.g. "mlp"), None for a dense layer."""

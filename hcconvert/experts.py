@@ -1,12 +1,18 @@
 """Routed experts: the stacked weights of one MoE layer, and the module that runs them inside
 transformers' MoE block while recording what the router chose.
 
+A layer's experts may be kept where they do not compute (on the host, pinned, when the layer
+does not fit the GPU budget, --max-gpu-memory): every consumer then brings them to the compute
+device in chunks (Experts.chunks), so the GPU holds at most two chunks, the one in use and the
+next, never the whole layer. On the CPU, or with the whole layer resident, a chunk is a view.
+
 T tokens, H hidden, E experts, F expert ffn, K top-k.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,23 +39,31 @@ class Experts:
     up_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
     activation: Activation = SILU
+    # Where the experts compute (None: where the tensors are) and how many at most are brought
+    # there at once (None: all); set by kept_on.
+    compute_device: torch.device | None = None
+    chunk_experts: int | None = None
 
     @classmethod
     def from_layer(cls, w: dict, layout: ExpertLayout, count: int, device=None,
-                   dtype: torch.dtype | None = None, activation: Activation = SILU) -> Experts:
+                   dtype: torch.dtype | None = None, activation: Activation = SILU,
+                   pin: bool = False) -> Experts:
         """Read the experts whichever way the checkpoint stores them, onto device and dtype
-        (default: where and as w holds them)."""
+        (default: where and as w holds them); pin: into pinned host memory."""
         if isinstance(layout, Fused):
-            return _from_fused(w, layout, activation).to(device, dtype)
+            fused = _from_fused(w, layout, activation).to(device, dtype)
+            return fused.pinned() if pin else fused
 
         def stack(template: str) -> torch.Tensor:
             # Straight into the destination, expert by expert: no host-side stacked copy, and
             # pinned sources copy to the GPU asynchronously.
             first = w[template.format(expert=0)]
             out = torch.empty((count, *first.shape), dtype=dtype or first.dtype,
-                              device=device or first.device)
+                              device=device or first.device, pin_memory=pin)
+            # Into the host, the copy must be complete before the host reads it.
+            non_blocking = out.device.type != "cpu"
             for e in range(count):
-                out[e].copy_(w[template.format(expert=e)], non_blocking=True)
+                out[e].copy_(w[template.format(expert=e)], non_blocking=non_blocking)
             return out
 
         names = layout.names
@@ -82,6 +96,52 @@ class Experts:
         return dataclasses.replace(self, **{name: t.to(device=device, dtype=dtype)
                                             for name, t in self.parts().items()})
 
+    def pinned(self) -> Experts:
+        return dataclasses.replace(self, **{name: t.pin_memory()
+                                            for name, t in self.parts().items()})
+
+    def kept_on(self, device: torch.device, chunk_experts: int | None) -> Experts:
+        """These experts computing on device, at most chunk_experts of them there at once."""
+        return dataclasses.replace(self, compute_device=device, chunk_experts=chunk_experts)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the experts compute."""
+        return self.compute_device or self.gate.device
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert as held."""
+        return sum(t[0].numel() * t.element_size() for t in self.parts().values())
+
+    def expert(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert e's tensors by field name, where they are held."""
+        return {name: stacked[e] for name, stacked in self.parts().items()}
+
+    def select(self, indices: Sequence[int]) -> tuple[Experts, list[int]]:
+        """The experts `indices` on the compute device (one chunk: at most chunk_experts of
+        them), and where each of them is in it. Experts kept there without a chunk size are not
+        copied; with one (a budget) they are, the CPU included, so a chunk costs the same
+        wherever it runs."""
+        indices = list(indices)
+        if self.chunk_experts is None and self.gate.device == self.device:
+            return dataclasses.replace(self, compute_device=None, chunk_experts=None), indices
+        chunk = dataclasses.replace(
+            self, compute_device=None, chunk_experts=None,
+            **{name: _gather(t, indices, self.device) for name, t in self.parts().items()})
+        return chunk, list(range(len(indices)))
+
+    def chunks(self, indices: Sequence[int] | None = None) -> ExpertChunks:
+        """The experts `indices` (default: all), in order, brought to the compute device a
+        chunk at a time."""
+        return ExpertChunks(self, list(range(len(self)) if indices is None else indices))
+
+    def members(self, indices: Sequence[int]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """(e, expert e's tensors on the compute device) for each of indices, in order."""
+        for chunk, places in self.chunks(indices):
+            for e, at in places:
+                yield e, chunk.expert(at)
+
     def hidden(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """[t, F] expert e's ffn activations on x [t, H], computed in x's dtype."""
         gate = F.linear(x, self.gate[e].to(x.dtype), _row(self.gate_bias, e, x.dtype))
@@ -95,6 +155,39 @@ class Experts:
 
     def __len__(self) -> int:
         return self.gate.shape[0]
+
+
+class ExpertChunks:
+    """Some experts of a layer on the compute device a chunk at a time, iterated as (the
+    chunk's Experts, (e, e's place in the chunk) for each of its experts); iterable again. A
+    single chunk is brought over once and kept, so a group that fits is not copied again for
+    every pass over the tokens."""
+
+    def __init__(self, experts: Experts, indices: list[int]):
+        size = experts.chunk_experts or max(1, len(indices))
+        self.experts = experts
+        self.parts = [indices[start:start + size] for start in range(0, len(indices), size)]
+        self.kept = [self._bring(self.parts[0])] if len(self.parts) == 1 else None
+
+    def _bring(self, part: list[int]) -> tuple[Experts, list[tuple[int, int]]]:
+        chunk, places = self.experts.select(part)
+        return chunk, list(zip(part, places, strict=True))
+
+    def __iter__(self) -> Iterator[tuple[Experts, list[tuple[int, int]]]]:
+        if self.kept is not None:
+            yield from self.kept
+            return
+        for part in self.parts:
+            yield self._bring(part)
+
+
+def _gather(stacked: torch.Tensor, indices: list[int], device: torch.device) -> torch.Tensor:
+    """stacked[indices] on device, copied expert by expert: views of pinned host memory copy
+    to the GPU asynchronously, a gathered host copy would not be pinned."""
+    out = torch.empty((len(indices), *stacked.shape[1:]), dtype=stacked.dtype, device=device)
+    for position, e in enumerate(indices):
+        out[position].copy_(stacked[e], non_blocking=True)
+    return out
 
 
 def _row(bias: torch.Tensor | None, e: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -142,12 +235,13 @@ def _to_fused(experts: Experts, layout: Fused) -> dict[str, torch.Tensor]:
 
 
 def routed_outputs(x: torch.Tensor, experts: Experts, index: torch.Tensor):
-    """For each expert e some token picked: (e, token, slot, output) with index[token, slot] = e
-    and output = expert e on x[token]. x: [T, H]; index: [T, K]."""
-    for e in range(len(experts)):
-        token, slot = torch.where(index == e)
-        if token.numel():
-            yield e, token, slot, experts.output(x[token], e)
+    """For each expert e some token picked, in expert order: (e, token, slot, output) with
+    index[token, slot] = e and output = expert e on x[token]. x: [T, H]; index: [T, K].
+    Only the picked experts are brought to the compute device."""
+    for chunk, places in experts.chunks(index.unique().tolist()):
+        for e, at in places:
+            token, slot = torch.where(index == e)
+            yield e, token, slot, chunk.output(x[token], at)
 
 
 @dataclass

@@ -30,15 +30,17 @@ def router_logit_features(x: torch.Tensor, router: torch.Tensor, seed: int) -> t
 
 def weight_gram(experts: Experts) -> torch.Tensor:
     """[E, E] Gram matrix of the experts' flattened weights, in fp64 block by block: near-
-    duplicate experts differ by a small fraction of their norm, which fp32 sums would blur."""
-    num = len(experts)
-    gram = torch.zeros(num, num, dtype=torch.float64, device=experts.gate.device)
+    duplicate experts differ by a small fraction of their norm, which fp32 sums would blur.
+    Each block (every expert's rows of one slice) moves to the compute device on its own, so
+    experts kept on the host stay there."""
+    num, device = len(experts), experts.device
+    gram = torch.zeros(num, num, dtype=torch.float64, device=device)
     rows = max(1, GRAM_BLOCK_VALUES // (num * experts.gate.shape[2]))
     # down is [E, H, F]: its transpose has the same F-major rows as gate and up.
     parts = {**experts.parts(), "down": experts.down.transpose(1, 2)}
     for stacked in parts.values():
         for start in range(0, stacked.shape[1], rows):
-            block = stacked[:, start:start + rows].reshape(num, -1).double()
+            block = stacked[:, start:start + rows].to(device).reshape(num, -1).double()
             gram += block @ block.T
     return gram
 

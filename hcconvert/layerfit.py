@@ -69,21 +69,22 @@ def layer_output(x: torch.Tensor, experts: Experts, route: Route) -> torch.Tenso
     for start in range(0, x.shape[0], CHUNK_TOKENS):
         chunk = x[start:start + CHUNK_TOKENS]
         weights, index = route(chunk)
-        out[start:start + CHUNK_TOKENS] = _routed_sum(chunk, experts, experts.down, weights,
-                                                      index)
+        out[start:start + CHUNK_TOKENS] = _routed_sum(chunk, experts, None, weights, index)
     return out
 
 
-def _routed_sum(x, experts: Experts, down, weights, index) -> torch.Tensor:
-    """Σ_k weights[t, k] · expert index[t, k] (x_t) with down projections down [R, H, F],
-    fp32 [T, H]."""
+def _routed_sum(x, experts: Experts, down: torch.Tensor | None, weights,
+                index) -> torch.Tensor:
+    """Σ_k weights[t, k] · expert index[t, k] (x_t), fp32 [T, H], with the experts' own down
+    projections or down [R, H, F] (kept where the experts are)."""
     out = torch.zeros(x.shape[0], x.shape[1], device=x.device)
-    for e in range(len(experts)):
-        token, slot = torch.where(index == e)
-        if token.numel():
-            y = experts.hidden(x[token].float(), e) @ down[e].float().T
-            if experts.down_bias is not None:
-                y += experts.down_bias[e].float()
+    for chunk, places in experts.chunks(index.unique().tolist()):
+        for e, at in places:
+            token, slot = torch.where(index == e)
+            projection = chunk.down[at] if down is None else down[e].to(x.device)
+            y = chunk.hidden(x[token].float(), at) @ projection.float().T
+            if chunk.down_bias is not None:
+                y += chunk.down_bias[at].float()
             out.index_add_(0, token, y * weights[token, slot, None].float())
     return out
 
@@ -94,21 +95,24 @@ def relative_error(predicted: torch.Tensor, target: torch.Tensor) -> float:
 
 def fit_down(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Route,
              rounds: int = ROUNDS, ridge: float = FIT_RIDGE) -> torch.Tensor:
-    """[R, H, F] fp32 down projections that make the reduced layer (its experts, routing
-    fixed by route) reproduce target [T, H] on x [T, H]; ridge towards experts.down."""
+    """[R, H, F] fp32 down projections (kept where the experts are) that make the reduced
+    layer (its experts, routing fixed by route) reproduce target [T, H] on x [T, H]; ridge
+    towards experts.down. The experts come to the device a chunk at a time."""
     weights, index = route(x)  # [T, K] each
     down = experts.down.float().clone()
     predicted = _routed_sum(x, experts, down, weights, index)
     for _ in range(rounds):
-        for e in range(len(experts)):
-            token, slot = torch.where(index == e)
-            if token.numel() == 0:
-                continue  # nothing routed here: the expert stays as it was
-            new = _fit_one(x, target, predicted, experts, down, e, token,
-                           weights[token, slot].float(), ridge)
-            scaled = _scaled_activations(x, experts, e, token, weights[token, slot].float())
-            predicted.index_add_(0, token, scaled @ (new - down[e]).T)
-            down[e] = new
+        # Nothing routed to an expert: it stays as it was.
+        for chunk, places in experts.chunks(index.unique().tolist()):
+            for e, at in places:
+                token, slot = torch.where(index == e)
+                gate_weight = weights[token, slot].float()
+                current = down[e].to(x.device)
+                new = _fit_one(x, target, predicted, chunk, at, current, token, gate_weight,
+                               ridge)
+                scaled = _scaled_activations(x, chunk, at, token, gate_weight)
+                predicted.index_add_(0, token, scaled @ (new - current).T)
+                down[e] = new
     return down
 
 
@@ -117,10 +121,10 @@ def _scaled_activations(x, experts: Experts, e: int, token, gate_weight) -> torc
     return experts.hidden(x[token].float(), e) * gate_weight[:, None]
 
 
-def _fit_one(x, target, predicted, experts: Experts, down, e: int, token, gate_weight,
-             ridge: float) -> torch.Tensor:
-    """Expert e's [H, F] down projection, the others fixed: the normal equations over its
-    routed tokens in chunks, fp64 sums."""
+def _fit_one(x, target, predicted, experts: Experts, e: int, current: torch.Tensor, token,
+             gate_weight, ridge: float) -> torch.Tensor:
+    """Expert e's [H, F] down projection (now `current`), the others fixed: the normal
+    equations over its routed tokens in chunks, fp64 sums."""
     ffn, hidden = experts.gate.shape[1], x.shape[1]
     gram = torch.zeros(ffn, ffn, dtype=torch.float64, device=x.device)
     cross = torch.zeros(ffn, hidden, dtype=torch.float64, device=x.device)
@@ -128,7 +132,7 @@ def _fit_one(x, target, predicted, experts: Experts, down, e: int, token, gate_w
         part = token[start:start + CHUNK_TOKENS]
         a = _scaled_activations(x, experts, e, part, gate_weight[start:start + CHUNK_TOKENS])
         # What expert e must supply on these tokens: the residual plus its current share.
-        wanted = target[part] - predicted[part] + a @ down[e].T  # [n, H]
+        wanted = target[part] - predicted[part] + a @ current.T  # [n, H]
         gram += a.T @ a
         cross += a.T @ wanted
     return ridge_solve(gram, cross, experts.down[e].float().T, ridge).T.float()

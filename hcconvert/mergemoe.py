@@ -40,14 +40,17 @@ def least_squares_down(matcher: NeuronMatcher, experts: Experts, group: list[int
     its down; weights [G] are the members' shares of the target output."""
     ffn, hidden = merged.gate.shape[1:]
     device = merged.gate.device
+    share = dict(zip(group, weights.tolist(), strict=True))
+    members = experts.chunks(group)  # a group that fits one chunk is brought over once
     gram = torch.zeros(ffn, ffn, dtype=torch.float64, device=device)
     cross = torch.zeros(ffn, hidden, dtype=torch.float64, device=device)
     for chunk in matcher.chunks(group):
         activations = merged.hidden(chunk, 0)  # [t, F] fp32
         target = torch.zeros(chunk.shape[0], hidden, device=device)
-        for e, share in zip(group, weights.tolist(), strict=True):
-            # The members' fp32 weights one at a time, so memory stays one expert's worth.
-            target += share * (experts.hidden(chunk, e) @ experts.down[e].float().T)
+        for part, places in members:
+            for e, at in places:
+                # The members' fp32 weights one at a time: one expert's worth of memory.
+                target += share[e] * (part.hidden(chunk, at) @ part.down[at].float().T)
         gram += activations.T @ activations  # in-place add promotes into fp64 without a copy
         cross += activations.T @ target
     return ridge_solve(gram, cross, merged.down[0].float().T).T.float()

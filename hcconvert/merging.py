@@ -16,10 +16,11 @@ Arithmetic in fp32, results cast back to the source dtype.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import torch
 
-from .alignment import NeuronMatcher, aligned_members
+from .alignment import NeuronMatcher, aligned
 from .experts import NEURON_AXIS, Experts
 from .mergemoe import least_squares_down
 from .options import MERGES
@@ -48,30 +49,51 @@ def member_weights(group: list[int], counts: torch.Tensor, merge: str) -> torch.
 
 
 def weighted_sum(stacked: torch.Tensor, group: list[int], weights: torch.Tensor) -> torch.Tensor:
-    """Σ_i weights[i] · stacked[group[i]] in fp32, cast back to stacked's dtype. One member at
-    a time: a [G, F, H] fp32 copy of a big group would cost GBs at Mixtral sizes."""
+    """Σ_i weights[i] · stacked[group[i]] in fp32, cast back to stacked's dtype (router rows)."""
     total = torch.zeros(stacked.shape[1:], dtype=torch.float32, device=stacked.device)
     for member, weight in zip(group, weights.tolist(), strict=True):
         total += stacked[member].float() * weight
     return total.to(stacked.dtype)
 
 
+def weighted_members(members: Iterable[tuple[int, Merged]], weights: torch.Tensor) -> Merged:
+    """Σ_i weights[i] · member i, tensor by tensor, in fp32, cast back to the members' dtype.
+    One member at a time, as the members arrive on the device: a [G, F, H] fp32 copy of a big
+    group would cost GBs at Mixtral sizes."""
+    totals: Merged = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for (_, member), weight in zip(members, weights.tolist(), strict=True):
+        for name, tensor in member.items():
+            if name not in totals:
+                totals[name] = torch.zeros(tensor.shape, dtype=torch.float32,
+                                           device=tensor.device)
+                dtypes[name] = tensor.dtype
+            totals[name] += tensor.float() * weight
+    return {name: total.to(dtypes[name]) for name, total in totals.items()}
+
+
 def merge_experts(experts: Experts, groups: list[list[int]], counts: torch.Tensor,
                   merge: str = "freq", matcher: NeuronMatcher | None = None) -> Experts:
-    """One merged expert per group, in group order: gate, up [R, F, H]; down [R, H, F].
+    """One merged expert per group, in group order: gate, up [R, F, H]; down [R, H, F]. Only a
+    group's members are brought to the compute device; the merged experts are kept where the
+    layer's are and compute where they do.
 
     fix-dom, msmoe and mergemoe read activations: they need the layer's NeuronMatcher.
     """
     if merge not in MERGES:
         raise ValueError(f"unknown merge {merge!r}; choose from {', '.join(MERGES)}")
-    merged = [merge_group(experts, group, counts, merge, matcher) for group in groups]
-    return Experts.stacked(merged, experts.activation)
+    home = experts.gate.device
+    merged = [{name: tensor.to(home) for name, tensor in
+               merge_group(experts, group, counts, merge, matcher).items()}
+              for group in groups]
+    return Experts.stacked(merged, experts.activation).kept_on(experts.device,
+                                                              experts.chunk_experts)
 
 
 def merge_group(experts: Experts, group: list[int], counts: torch.Tensor, merge: str,
                 matcher: NeuronMatcher | None) -> Merged:
     if len(group) == 1:
-        return {name: stacked[group[0]] for name, stacked in experts.parts().items()}
+        return next(experts.members(group))[1]
     if merge in ACTIVATION_RULES and matcher is None:
         raise ValueError(f"the {merge} merge needs calibration activations (a NeuronMatcher)")
     return RULES[merge](experts, group, counts, matcher)
@@ -79,38 +101,39 @@ def merge_group(experts: Experts, group: list[int], counts: torch.Tensor, merge:
 
 def _averaged(experts: Experts, group: list[int], counts: torch.Tensor, matcher, *,
               rule: str) -> Merged:
-    weights = member_weights(group, counts, rule)
-    return {name: weighted_sum(stacked, group, weights)
-            for name, stacked in experts.parts().items()}
+    return weighted_members(experts.members(group), member_weights(group, counts, rule))
 
 
 def _msmoe(experts: Experts, group: list[int], counts: torch.Tensor,
            matcher: NeuronMatcher) -> Merged:
-    aligned = aligned_members(experts, group, dominant(group, counts), matcher)
-    return _averaged(aligned, list(range(len(group))), counts[group], None, rule="freq")
+    """Each member's neurons aligned to the dominant's as it arrives, then freq."""
+    leader = dominant(group, counts)
+    members = ((e, member if e == leader
+                else aligned(member, matcher.permutation(group, leader, e)))
+               for e, member in experts.members(group))
+    return weighted_members(members, member_weights(group, counts, "freq"))
 
 
 def _fix_dom(experts: Experts, group: list[int], counts: torch.Tensor,
              matcher: NeuronMatcher) -> Merged:
     leader = dominant(group, counts)
     share = dict(zip(group, member_weights(group, counts, "freq").tolist(), strict=True))
-    parts = experts.parts()
-    merged = {name: stacked[leader].float() * share[leader] for name, stacked in parts.items()}
+    first = next(experts.members([leader]))[1]
+    dtypes = {name: tensor.dtype for name, tensor in first.items()}
+    merged = {name: tensor.float() * share[leader] for name, tensor in first.items()}
     mass = torch.full((experts.gate.shape[1],), share[leader],
-                      device=experts.gate.device)  # per merged neuron
-    for e in group:
-        if e == leader:
-            continue
+                      device=first["gate"].device)  # per merged neuron
+    for e, member in experts.members([e for e in group if e != leader]):
         target = matcher.assignment(group, leader, e)  # [F]: each neuron's dominant neuron
-        for name, stacked in parts.items():
+        for name, tensor in member.items():
             axis = NEURON_AXIS[name]
             if axis is None:  # no neurons (down's bias): the shares sum to one
-                merged[name] += stacked[e].float() * share[e]
+                merged[name] += tensor.float() * share[e]
             else:
-                merged[name].index_add_(axis, target, stacked[e].float() * share[e])
+                merged[name].index_add_(axis, target, tensor.float() * share[e])
         mass.index_add_(0, target, torch.full_like(mass, share[e]))
     return {name: (total if NEURON_AXIS[name] is None
-                   else total / _along(mass, NEURON_AXIS[name], total.dim())).to(parts[name].dtype)
+                   else total / _along(mass, NEURON_AXIS[name], total.dim())).to(dtypes[name])
             for name, total in merged.items()}
 
 

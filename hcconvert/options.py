@@ -34,10 +34,13 @@ CHOICES = {"method": METHODS, "metric": METRICS, "grouping": GROUPINGS, "linkage
            "dtype": DTYPES}
 # Integer options and their least value.
 MINIMUMS = {"experts": 1, "calib_samples": 1, "seq_len": 1, "seed": 0, "max_shard_size": 1,
-            "max_group_size": 1}
+            "max_group_size": 1, "max_gpu_memory": 1}
 TEXTS = ("calib", "revision", "text_field")
-# Options that may be None: no calibration file (the default C4 shard), no revision, no limit.
-NULLABLE = ("calib", "revision", "max_group_size")
+# Options that may be None: no calibration file (the default C4 shard), no revision, no limit,
+# the GPU budget from the free memory (estimate.gpu_budget).
+NULLABLE = ("calib", "revision", "max_group_size", "max_gpu_memory")
+# Options given as sizes (5GB) on the command line and in recipes.
+SIZES = ("max_shard_size", "max_gpu_memory")
 # What decides the calibration hidden states: conversions that agree on these (and propagate
 # the original outputs) can share one pass over the layers.
 CALIBRATION_FIELDS = ("calib", "calib_samples", "seq_len", "seed", "device", "revision",
@@ -112,6 +115,10 @@ class ConvertOptions:
     # fresh scales), or with "bf16" all dequantized and config.json's quantization_config
     # dropped (storage.py).
     dtype: str = "source"
+    # GPU bytes a MoE layer may use: its experts are brought there in chunks that fit
+    # (estimate.layer_budget). None: the free memory less a margin on CUDA, no limit on the
+    # CPU. The results do not depend on it.
+    max_gpu_memory: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.calib, os.PathLike):  # a Path from the Python API; JSON needs str
@@ -157,7 +164,7 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(ConvertOptions)
 def read_recipe(path: Path) -> dict:
     """The options of a recipe: an hcconvert.json written by a conversion (its "options"), or
     a JSON object of options such as {"experts": 4, "method": "prune"}. Values are checked
-    when the ConvertOptions is built; max_shard_size may be a size such as "5GB"."""
+    when the ConvertOptions is built; the SIZES may be sizes such as "5GB"."""
     try:
         recipe = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
@@ -169,17 +176,16 @@ def read_recipe(path: Path) -> dict:
     if unknown:
         raise UserError(f"recipe {path}: unknown option {unknown[0]!r}; options are "
                         f"{', '.join(FIELD_NAMES)}")
-    if isinstance(options.get("max_shard_size"), str):
-        options = {**options, "max_shard_size": size_option(options["max_shard_size"])}
-    return options
+    return {**options, **{name: size_option(options[name], name) for name in SIZES
+                          if isinstance(options.get(name), str)}}
 
 
-def size_option(text: str) -> int:
-    """--max-shard-size as bytes; a malformed size is a UserError."""
+def size_option(text: str, name: str = "max_shard_size") -> int:
+    """A size option (SIZES) as bytes; a malformed size is a UserError."""
     try:
         return parse_size(text)
     except (ValueError, OverflowError):
-        raise UserError(f"--max-shard-size {text!r} is not a size like 5GB") from None
+        raise UserError(f"{flag(name)} {text!r} is not a size like 5GB") from None
 
 
 # HC-SMoE, the paper's recipe: ConvertOptions' defaults (average-linkage clustering of expert

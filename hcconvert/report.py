@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import torch
 
 from .convert import Conversion
 from .errors import UserError
-from .estimate import estimate_memory
+from .estimate import estimate_memory, gpu_budget
 from .families import family_for
 from .options import ConvertOptions
 from .plan import validate_tensors
@@ -25,8 +26,11 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
     ckpt, plan = plan_from_headers(src, options)
     spec = plan.spec
     layer_bytes = plan.max_layer_bytes(ckpt)
+    budget = options.max_gpu_memory
+    if budget is None and torch.cuda.is_available():
+        budget = gpu_budget(None, torch.device("cuda"))
     on_gpu = estimate_memory(ckpt, spec, options, layer_bytes, gpu=True,
-                             mtp=bool(plan.mtp_layers))
+                             mtp=bool(plan.mtp_layers), budget=budget)
     on_cpu = estimate_memory(ckpt, spec, options, layer_bytes, gpu=False,
                              mtp=bool(plan.mtp_layers))
     lines = [
@@ -41,12 +45,21 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
         *([f"quantized     {storage}"] if (storage := plan.storage.describe()) else []),
         f"calibration   {options.calib_samples} x {options.seq_len} tokens",
         f"largest layer {human_bytes(layer_bytes)}",
+        f"gpu budget    {_budget_line(budget, on_gpu.chunk_experts, spec.num_experts)}",
         f"memory (est.) on a GPU: {human_bytes(on_gpu.device)} GPU + "
         f"{human_bytes(on_gpu.host)} host; on the CPU: {human_bytes(on_cpu.host)}",
         *_mtp_line(spec, plan.mtp_layers),
     ]
     click.echo("\n".join(lines))
     check_ready(ckpt, plan, options, out, overwrite)
+
+
+def _budget_line(budget: int | None, chunk: int | None, experts: int) -> str:
+    limit = "none" if budget is None else human_bytes(budget)
+    if chunk is None:
+        return f"{limit} (a MoE layer's experts all on the GPU)"
+    return f"{limit} (experts on the host, at most {min(chunk, experts)} of {experts} per chunk " \
+        "on the GPU)"
 
 
 def _ranges(layers: tuple[int, ...]) -> str:

@@ -87,11 +87,16 @@ def logit_sums(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
 
 
 def output_means(x: torch.Tensor, experts: Experts) -> torch.Tensor:
-    """[E, H] fp32 mean output of every expert over all tokens x: [T, H]."""
-    mean_act = _all_activation_sums(x, experts) / x.shape[0]  # [E, F]
-    # Expert by expert: an fp32 copy of every down projection at once would cost GBs.
-    means = torch.stack([experts.down[e].float() @ mean_act[e] for e in range(len(experts))])
-    return means if experts.down_bias is None else means + experts.down_bias.float()
+    """[E, H] fp32 mean output of every expert over all tokens x: [T, H], a chunk of experts
+    on the device at a time."""
+    means = []
+    for chunk, places in experts.chunks():
+        mean_act = _all_activation_sums(x, chunk) / x.shape[0]  # [E, F]
+        # Expert by expert: an fp32 copy of every down projection at once would cost GBs.
+        means += [chunk.down[at].float() @ mean_act[at] for _, at in places]
+    means = torch.stack(means)
+    return means if experts.down_bias is None else \
+        means + experts.down_bias.to(means.device).float()
 
 
 def _all_activation_sums(x: torch.Tensor, experts: Experts) -> torch.Tensor:

@@ -12,7 +12,7 @@ from test_cli import assert_user_error, convert_args, run
 from test_convert import EXPERT, ROUTER
 
 from hcconvert.activation import Activation
-from hcconvert.alignment import NeuronMatcher, aligned_members
+from hcconvert.alignment import NeuronMatcher, aligned
 from hcconvert.compare import named_variants, shared_passes
 from hcconvert.convert import convert, convert_many
 from hcconvert.demo import DemoShape, build_planted_mixtral, data_file
@@ -107,9 +107,9 @@ def test_alignment_recovers_a_neuron_permutation():
     experts = with_permuted_copies(random_experts(), [perm])
     matcher = matcher_for(experts)
     assert torch.equal(experts.gate[1][matcher.permutation([0, 1], 0, 1)], experts.gate[0])
-    aligned = aligned_members(experts, [0, 1], 0, matcher)
+    member = aligned(experts.expert(1), matcher.permutation([0, 1], 0, 1))
     for name in ("gate", "up", "down"):
-        assert torch.equal(getattr(aligned, name)[1], getattr(experts, name)[0])
+        assert torch.equal(member[name], getattr(experts, name)[0])
 
 
 def test_fix_dom_keeps_the_dominant_expert_of_permuted_copies():

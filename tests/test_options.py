@@ -37,6 +37,7 @@ BAD_VALUES = {
     "compute_dtype": ("float16", "auto, float32, bfloat16"),
     "text_field": (3, "text"),
     "dtype": ("fp16", "source, bf16"),
+    "max_gpu_memory": (0, "at least 1"),
 }
 # Options the command line can carry a bad value for (calib, revision and text_field are
 # always text; --layer-fit is a switch).
