@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -28,11 +29,19 @@ from hcconvert.resume import KILL_AT_VARIABLE
 CLI = [sys.executable, "-c", "from hcconvert.cli import main; main()"]
 
 
-def timed_run(args: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    start = time.perf_counter()
+def timed_run(args: list[str], env: dict | None = None) -> tuple[float, float, int, str]:
+    """Wall and CPU seconds (user + system: what a shared machine's load does not inflate),
+    exit code and stderr of one CLI run."""
+    start, cpu = time.perf_counter(), children_cpu()
     process = subprocess.run([*CLI, *args], env={**os.environ, **(env or {})}, text=True,
                              capture_output=True)
-    return time.perf_counter() - start, process.returncode, process.stderr
+    return (time.perf_counter() - start, children_cpu() - cpu, process.returncode,
+            process.stderr)
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def checkpoint_seconds(stderr: str) -> float:
@@ -68,21 +77,22 @@ def main() -> None:
         convert = [str(root / "src"), "--experts", str(args.experts // 2), "--method", "merge",
                    "--calib", str(calib), "--calib-samples", str(args.samples),
                    "--seq-len", str(args.seq_len), "--max-shard-size", "1GB", "--out"]
-        whole, code, stderr = timed_run([*convert, str(root / "whole" / "out")])
-        assert code == 0, stderr
-        killed, code, _ = timed_run([*convert, str(root / "out")],
-                                    {KILL_AT_VARIABLE: f"commit:{args.kill_after}"})
-        assert code == -9, code
+        whole = timed_run([*convert, str(root / "whole" / "out")])
+        assert whole[2] == 0, whole[3]
+        killed = timed_run([*convert, str(root / "out")],
+                           {KILL_AT_VARIABLE: f"commit:{args.kill_after}"})
+        assert killed[2] == -9, killed[2]
         staged = largest_staging(root)
-        resumed, code, resumed_err = timed_run([*convert, str(root / "out")])
-        assert code == 0, resumed_err
-    lost = killed + resumed - whole
+        resumed = timed_run([*convert, str(root / "out")])
+        assert resumed[2] == 0, resumed[3]
     print(f"checkpoint: {args.layers} layers, {human_bytes(source_bytes)}; "
           f"{args.samples} x {args.seq_len} calibration tokens; CPU")
-    print(f"uninterrupted: {whole:.1f}s (of which saving hidden states "
-          f"{checkpoint_seconds(stderr):.1f}s)")
-    print(f"killed after layer {args.kill_after}: {killed:.1f}s; resumed: {resumed:.1f}s; "
-          f"time lost to the kill: {lost:.1f}s ({100 * lost / whole:.0f}% of a run)")
+    print(f"saving hidden states in the uninterrupted run: {checkpoint_seconds(whole[3]):.1f}s")
+    for unit, index in (("wall", 0), ("cpu", 1)):
+        lost = killed[index] + resumed[index] - whole[index]
+        print(f"{unit}: uninterrupted {whole[index]:.1f}s; killed after layer "
+              f"{args.kill_after} {killed[index]:.1f}s + resumed {resumed[index]:.1f}s; "
+              f"lost to the kill {lost:.1f}s ({100 * lost / whole[index]:.0f}% of a run)")
     print(f"staging at the kill: {human_bytes(staged)}")
 
 

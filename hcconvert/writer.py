@@ -261,9 +261,8 @@ class StagedOutput:
                 self.root = self.staging = Path(tempfile.mkdtemp(
                     prefix=hidden_name(self.out, STAGING_TAG), dir=self.out.parent))
             else:
-                self.root = self.out.parent / (hidden_name(self.out, STAGING_TAG)
-                                               + key_digest(self.run_key)[:KEY_CHARS])
-                self.staging = self._open_resumable()
+                self.staging = self._open_resumable(self.out.parent / (
+                    hidden_name(self.out, STAGING_TAG) + key_digest(self.run_key)[:KEY_CHARS]))
             self._report_stale()
         except BaseException:
             self._clean_up(published=False, kept=False)
@@ -285,14 +284,16 @@ class StagedOutput:
         if received and exc_type is None:
             raise Interrupted(received[0], published=True)
 
-    def _open_resumable(self) -> Path:
+    def _open_resumable(self, root: Path) -> Path:
         """The run key's staging directory, made or found; emptied with fresh, or when the
-        run that left it had published (killed before it removed its state)."""
-        root = self.root
+        run that left it had published (killed before it removed its state). Found, it is
+        kept if this run fails too: its finished layers are an earlier run's work."""
         if root.is_symlink() or (root.exists() and not root.is_dir()):
             raise UserError(f"{root} is in the way (hcconvert stages there); remove it")
+        self.root = root  # ours from here on: removed on failure unless kept
         if root.exists() and (self.fresh or not (root / OUTPUT_DIR).is_dir()):
             remove_tree(root, self.src)
+        self.keep = self.keep or root.exists()
         (root / OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
         return root / OUTPUT_DIR
 
