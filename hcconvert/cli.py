@@ -79,6 +79,9 @@ def run_guarded(action):
         interrupt = err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT)
         outcome = ("after the output was published" if interrupt.published
                    else "nothing was published")
+        if interrupt.kept is not None:
+            outcome += (f"; the finished layers are kept in {interrupt.kept}: run the same "
+                        "command again to go on")
         fail(f"interrupted by {interrupt.name}; {outcome}", 128 + interrupt.signum)
 
 
@@ -203,6 +206,11 @@ def size(ctx: click.Context, param: click.Parameter, value: str | None) -> int |
 @compute_dtype_option
 @click.option("--revision", help="Hub revision of SRC.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--resume/--no-resume", default=None,
+              help="--resume: go on from where an interrupted run of the same command stopped, "
+              "and when this run is stopped (Ctrl-C, SIGTERM) keep its finished layers for "
+              "the next. --no-resume: start over. Default: go on from a run that was killed "
+              "outright; clean up when stopped.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and check what the run needs "
               "(tokenizer, calibration text, disk, Hub access); reads headers only, exits 2 "
               "where the run would fail.")
@@ -210,7 +218,8 @@ def size(ctx: click.Context, param: click.Parameter, value: str | None) -> int |
               "repo name and write access are checked before the conversion starts).")
 @click.option("--private", is_flag=True, help="With --push-to-hub: a private repo.")
 @click.pass_context
-def convert(ctx, src, out, recipe, overwrite, dry_run, push_repo, private, **given) -> None:
+def convert(ctx, src, out, recipe, overwrite, resume, dry_run, push_repo, private,
+            **given) -> None:
     """Convert SRC (a directory or a Hub repo id) into a checkpoint with fewer experts."""
     def action():
         options = options_from(ctx, given, recipe)
@@ -230,7 +239,7 @@ def convert(ctx, src, out, recipe, overwrite, dry_run, push_repo, private, **giv
         from .report import print_summary
 
         check_ready(*plan_from_headers(src, options), options, out, overwrite)
-        conversion = run_conversion(src, out, options, overwrite=overwrite)
+        conversion = run_conversion(src, out, options, overwrite=overwrite, resume=resume)
         print_summary(conversion)
         if push_repo:
             from .hub import push

@@ -33,6 +33,7 @@ from .options import ConvertOptions
 from .plan import build_plan, router_suffixes
 from .reduction import Conversion, LayerResult, Reducer
 from .resources import StageTimer
+from .resume import Progress, checkpoint_fingerprint, open_progress, run_key, source_identity
 from .source import Checkpoint, resolve_source
 from .spec import ModelSpec
 from .statistics import collect_layer_stats, statistics_kernel
@@ -56,17 +57,21 @@ def pick_device(device: str) -> torch.device:
 
 
 def convert(src: str, out: Path, options: ConvertOptions, overwrite: bool = False,
-            progress: bool = True) -> Conversion:
-    """Convert SRC into a reduced checkpoint at OUT; nothing appears at OUT unless it succeeds."""
-    return convert_many(src, [(out, options)], overwrite, progress)[0]
+            progress: bool = True, resume: bool | None = None) -> Conversion:
+    """Convert SRC into a reduced checkpoint at OUT; nothing appears at OUT unless it succeeds.
+    The run is resumable (resume.py): by default it goes on from where an interrupted run
+    with the same source, options and hcconvert version stopped; resume=True also keeps this
+    run's finished layers when it fails or is stopped; resume=False starts over."""
+    return convert_many(src, [(out, options)], overwrite, progress, resume)[0]
 
 
 def convert_many(src: str, outputs: list[tuple[Path, ConvertOptions]], overwrite: bool = False,
-                 progress: bool = True) -> list[Conversion]:
+                 progress: bool = True, resume: bool | None = None) -> list[Conversion]:
     """Several reductions of SRC from one pass over its layers, each into its own directory
     (its own shards, staging directory and hcconvert.json). They must share the calibration
     options; with more than one, all must propagate the original outputs, since merged
-    propagation gives each its own hidden states. Nothing appears unless all succeed."""
+    propagation gives each its own hidden states. Nothing appears unless all succeed.
+    A single output is resumable (see convert); several share private staging directories."""
     check_shareable([options for _, options in outputs])
     if len({out.resolve() for out, _ in outputs}) < len(outputs):
         raise ValueError("every output needs its own directory")
@@ -75,11 +80,16 @@ def convert_many(src: str, outputs: list[tuple[Path, ConvertOptions]], overwrite
     conversions = [prepare_output(src, ckpt, spec, out, options, overwrite)
                    for out, options in outputs]
     device = pick_device(first.device)
-    with staged_outputs([out for out, _ in outputs], ckpt.root, overwrite) as stagings:
+    key = (run_key(source_identity(src), first, checkpoint_fingerprint(src, ckpt))
+           if len(outputs) == 1 else None)
+    with staged_outputs([out for out, _ in outputs], ckpt.root, overwrite, key,
+                        keep=resume is True, fresh=resume is False) as stagings:
         tokens = load_calibration(ckpt, first.calib, first.calib_samples, first.seq_len,
                                   first.seed, first.text_field)
+        state = (open_progress(stagings[0], key, tokens, len(conversions[0].plan.layer_names))
+                 if key is not None else None)
         reducers, run = run_pass(ckpt, spec, device, tokens, conversions, outputs, stagings,
-                                 progress)
+                                 progress, state)
         for reducer, staging in zip(reducers, stagings, strict=True):
             copy_side_files(ckpt.root, staging)
             write_metadata(staging, ckpt, reducer.conversion, reducer.options, run)
@@ -88,15 +98,21 @@ def convert_many(src: str, outputs: list[tuple[Path, ConvertOptions]], overwrite
 
 def run_pass(ckpt: Checkpoint, spec: ModelSpec, device: torch.device, tokens: torch.Tensor,
              conversions: list[Conversion], outputs: list[tuple[Path, ConvertOptions]],
-             stagings: list[Path], progress: bool) -> tuple[list[Reducer], RunRecord]:
-    """One pass over the layers writing every output's shards into its staging directory;
+             stagings: list[Path], progress: bool,
+             state: Progress | None = None) -> tuple[list[Reducer], RunRecord]:
+    """One pass over the layers writing every output's shards into its staging directory,
+    from the first layer an interrupted run left unfinished (state: a single output's);
     returns the reducers and how the pass computed (device, dtype, statistics kernel)."""
+    position = state.state.writer_position if state is not None else 0
     with ExitStack() as writers:
         reducers = [Reducer(conversion, options, writers.enter_context(
-                        ShardWriter(staging, conversion.plan.outputs, options.max_shard_size)))
+                        ShardWriter(staging, conversion.plan.outputs, options.max_shard_size,
+                                    position)))
                     for conversion, (_, options), staging
                     in zip(conversions, outputs, stagings, strict=True)]
-        pipeline = LayerPipeline(ckpt, spec, device, reducers, outputs[0][1].seed)
+        if state is not None:
+            conversions[0].layers[:] = state.results()
+        pipeline = LayerPipeline(ckpt, spec, device, reducers, outputs[0][1].seed, state)
         pipeline.run(tokens, progress)
     return reducers, RunRecord(device.type, str(pipeline.dtype).removeprefix("torch."),
                                statistics_kernel(device))
@@ -138,8 +154,12 @@ class LayerPipeline:
     every reducer; each MoE layer's statistics are collected once, for all of them."""
 
     def __init__(self, ckpt: Checkpoint, spec: ModelSpec, device: torch.device,
-                 reducers: list[Reducer], seed: int):
+                 reducers: list[Reducer], seed: int, progress: Progress | None = None):
         self.ckpt, self.spec, self.device, self.reducers = ckpt, spec, device, reducers
+        # A single output's resumable state: where to start, and a checkpoint per layer.
+        self.progress = progress
+        if progress is not None and len(reducers) != 1:
+            raise ValueError("a resumable pass has one output")
         self.plan = reducers[0].plan  # every output reduces the same source layers
         self.seed = seed
         self.needs = frozenset().union(*(r.needs for r in reducers))
@@ -168,31 +188,50 @@ class LayerPipeline:
             next_tokens = (NextTokenInputs(self.decoder, tokens, self.device)
                            if self.plan.mtp_layers else None)
             self.decoder.drop_globals()
-        for reducer in self.reducers:
-            reducer.write_globals(globals_)
-        del globals_
         num_layers = len(self.plan.layer_names)  # the MTP layer last, if stored
-        bar = tqdm(total=num_layers, desc="layers", unit="layer", disable=not progress,
-                   file=sys.stderr)
+        start = self.progress.finished if self.progress is not None else 0
+        if start == 0:
+            for reducer in self.reducers:
+                reducer.write_globals(globals_)
+        elif start < num_layers:
+            self.progress.restore(stream)
+        del globals_, embedding
+        bar = tqdm(total=num_layers, initial=start, desc="layers", unit="layer",
+                   disable=not progress, file=sys.stderr)
         prefixes = [self.spec.family.layer_prefix(i) for i in range(num_layers)]
-        layers = prefetched_layers(self.ckpt, prefixes, pin=self.device.type == "cuda")
+        layers = prefetched_layers(self.ckpt, prefixes[start:], pin=self.device.type == "cuda")
         with BackgroundWriter() as background, bar:
-            for _ in range(num_layers):
+            for _ in range(start, num_layers):
                 bar.set_postfix_str(f"layer {bar.n + 1}/{num_layers}: reading")
                 # The background read's own time, and how long the compute waited for it.
                 with self.timer.stage("read wait"):
                     layer, raw, seconds = next(layers)
                 self.timer.seconds["read"] += seconds
+                layer += start  # prefetched_layers counts from the first unfinished layer
                 bar.set_postfix_str(f"layer {layer + 1}/{num_layers}: calibrating")
                 if layer in self.plan.mtp_layers:
                     with self.timer.stage("compute"):
                         stream = next_tokens.stream_for(self.dense(raw, layer), stream)
                 self.layer(layer, raw, stream, background)
+                self.checkpoint(layer, stream, background)
                 bar.update()
         for reducer in self.reducers:
             for stage, seconds in self.timer.seconds.items():
                 reducer.timer.seconds[stage] += seconds
             reducer.conversion.shared_seconds = sum(self.timer.seconds.values())
+
+    def checkpoint(self, layer: int, stream: HiddenStream, background: BackgroundWriter) -> None:
+        """With a resumable state: the hidden states after layer saved now, and the layer
+        recorded as finished once its writes are done (behind them on the writer's thread)."""
+        if self.progress is None:
+            return
+        (reducer,) = self.reducers
+        position = len(self.plan.global_outputs) + sum(
+            len(outputs) for outputs in self.plan.layer_outputs[:layer + 1])
+        last = layer + 1 == len(self.plan.layer_names)  # no layer needs its hidden states
+        with self.timer.stage("checkpoint"):
+            background.then(self.progress.layer_done(layer, stream, reducer.writer,
+                                                     reducer.conversion.layers, position, last))
 
     def layer(self, layer: int, raw: dict, stream: HiddenStream,
               background: BackgroundWriter) -> None:

@@ -11,6 +11,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 TERMINATING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -21,13 +22,15 @@ _held: list[int] | None = None
 class Interrupted(KeyboardInterrupt):
     """A termination signal arrived; raised in the main thread like Ctrl-C's KeyboardInterrupt.
 
-    `published` is true when it was held back until an output had been published.
+    `published` is true when it was held back until an output had been published; `kept`
+    names the staging directory left for a resumed run (writer.StagedOutput), if any.
     """
 
     def __init__(self, signum: int, published: bool = False):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.published = published
+        self.kept: Path | None = None
 
     @property
     def name(self) -> str:

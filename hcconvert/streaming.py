@@ -56,6 +56,18 @@ class BackgroundWriter:
             self._last.result()  # bound memory: the previous layer's writes must be done
         self._last = self._pool.submit(job)
 
+    def then(self, job: Callable[[], None]) -> None:
+        """Queue a job that holds no tensors (a layer's checkpoint) after the last, without
+        waiting for it; it runs only if the last succeeded, so it never records a failed
+        write as done."""
+        previous = self._last
+
+        def after_previous() -> None:
+            if previous is not None:
+                previous.result()  # done already (one thread, in order): re-raises its error
+            job()
+        self._last = self._pool.submit(after_previous)
+
     def close(self) -> None:
         try:
             if self._last is not None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -22,6 +24,16 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .resources import human_bytes
+from .resume import (
+    KEY_CHARS,
+    OUTPUT_DIR,
+    describe_difference,
+    key_digest,
+    kill_point,
+    read_state,
+    sync_directory,
+)
 from .signals import Interrupted, held_signals
 from .source import SIDE_FILES, tensor_nbytes
 
@@ -30,7 +42,8 @@ TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
                 "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 SAFETENSORS_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
-# What hcconvert puts beside --out: ".NAME" + tag (+ tempfile's random suffix on the first two).
+# What hcconvert puts beside --out: ".NAME" + tag (+ tempfile's random suffix on the first two,
+# or on a resumable staging directory the run key's first KEY_CHARS hex digits).
 STAGING_TAG = ".hcconvert-tmp-"
 PREVIOUS_TAG = ".hcconvert-old-"
 LOCK_TAG = ".hcconvert-lock"
@@ -70,22 +83,33 @@ class ShardWriter:
     """Writes tensors in plan order into pre-headed shards; writes the index on close.
 
     Use as a context manager; `write` must be called once per planned tensor, in plan order.
+    Given a position (tensors already written by an interrupted run), it goes on from there:
+    the open shard is cut back to that tensor's offset and any later shard is removed.
+    Every shard is synced to disk when it is closed, so a published output survives a crash.
     """
 
-    def __init__(self, directory: Path, tensors: list[OutputTensor], max_shard_size: int):
+    def __init__(self, directory: Path, tensors: list[OutputTensor], max_shard_size: int,
+                 position: int = 0):
         self.directory = directory
         self.shards = assign_shards(tensors, max_shard_size)
         self._queue = [(k, t) for k, shard in enumerate(self.shards) for t in shard]
         self._position = 0
         self._file = None
         self._open_shard = -1
+        if position:
+            self._resume_at(position)
+
+    @property
+    def position(self) -> int:
+        """How many tensors are written."""
+        return self._position
 
     def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._file is not None:
-            self._file.close()
+            self._close_shard()
         if exc_type is None:
             if self._position != len(self._queue):
                 missing = self._queue[self._position][1].name
@@ -103,10 +127,19 @@ class ShardWriter:
         data = tensor.detach().to("cpu").contiguous().view(-1)
         self._file.write(data.view(torch.uint8).numpy().data if data.numel() else b"")
         self._position += 1
+        kill_point(f"tensor:{self._position}")
 
-    def _start_shard(self, k: int) -> None:
+    def sync(self) -> None:
+        """Everything written so far on disk (before a checkpoint records the position)."""
         if self._file is not None:
-            self._file.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        sync_directory(self.directory)
+
+    def _shard_path(self, k: int) -> Path:
+        return self.directory / shard_name(k + 1, len(self.shards))
+
+    def _shard_header(self, k: int) -> bytes:
         header, offset = {}, 0
         for t in self.shards[k]:
             header[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
@@ -115,9 +148,40 @@ class ShardWriter:
         header["__metadata__"] = {"format": "pt"}
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data start to 8 bytes
-        self._file = open(self.directory / shard_name(k + 1, len(self.shards)), "wb")
-        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+        return struct.pack("<Q", len(encoded)) + encoded
+
+    def _start_shard(self, k: int) -> None:
+        if self._file is not None:
+            self._close_shard()
+        self._file = open(self._shard_path(k), "wb")
+        self._file.write(self._shard_header(k))
         self._open_shard = k
+
+    def _close_shard(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+
+    def _resume_at(self, position: int) -> None:
+        """Go on after `position` tensors: reopen their shard cut back to where the next
+        tensor starts (bytes past it are from after the checkpoint), drop later shards."""
+        if not 0 < position <= len(self._queue):
+            raise UserError(f"cannot resume in {self.directory}: position {position} is not in "
+                            "the plan; pass --no-resume to start over")
+        shard, _ = self._queue[position - 1]
+        before = sum(1 for k, _ in self._queue[:position] if k == shard)
+        end = len(self._shard_header(shard)) + sum(t.nbytes for t in self.shards[shard][:before])
+        path = self._shard_path(shard)
+        if not path.is_file() or path.stat().st_size < end:
+            raise UserError(f"cannot resume: {path} is shorter than its checkpoint says; pass "
+                            "--no-resume to start over")
+        for later in range(shard + 1, len(self.shards)):
+            self._shard_path(later).unlink(missing_ok=True)
+        self._file = open(path, "r+b")
+        self._file.truncate(end)
+        self._file.seek(end)
+        self._open_shard, self._position = shard, position
 
     def _write_index(self) -> None:
         n = len(self.shards)
@@ -151,26 +215,37 @@ def check_output_dir(out: Path, src: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def staged_outputs(outs: list[Path], src: Path, overwrite: bool) -> Iterator[list[Path]]:
-    """Private staging directories for the outputs, each --out locked for the whole block.
+def staged_outputs(outs: list[Path], src: Path, overwrite: bool, run_key: dict | None = None,
+                   keep: bool = False, fresh: bool = False) -> Iterator[list[Path]]:
+    """Staging directories for the outputs, each --out locked for the whole block.
 
     On a clean exit each staging directory replaces its --out; on any exception (a signal
     included) the staging directories, the locks and the parent directories this run created
-    are removed, and every --out is left as it was.
+    are removed, and every --out is left as it was. With a run_key (one output only) the
+    staging directory is the run's own, found again by a later run with the same key
+    (resume.py); with keep it stays when the block fails, for that later run, and with fresh
+    a state found there is discarded first.
     """
+    if run_key is not None and len(outs) != 1:
+        raise ValueError("a resumable run has one output")
     with ExitStack() as stack:
-        yield [stack.enter_context(StagedOutput(out, src, overwrite)) for out in outs]
+        yield [stack.enter_context(StagedOutput(out, src, overwrite, run_key, keep, fresh))
+               for out in outs]
 
 
 class StagedOutput:
-    """One --out: an exclusive lock beside it, a staging directory of this run's own beside
-    it, published by rename on success (see staged_outputs)."""
+    """One --out: an exclusive lock beside it, a staging directory beside it (this run's own,
+    or with a run key the one its interrupted runs used), published by rename on success (see
+    staged_outputs)."""
 
-    def __init__(self, out: Path, src: Path, overwrite: bool):
+    def __init__(self, out: Path, src: Path, overwrite: bool, run_key: dict | None = None,
+                 keep: bool = False, fresh: bool = False):
         self.out = Path(os.path.abspath(out))  # "a/.." names its parent: no dot-dot names
         self.src = src.resolve()
         self.overwrite = overwrite
-        self.staging: Path | None = None
+        self.run_key, self.keep, self.fresh = run_key, keep, fresh
+        self.root: Path | None = None  # the staging directory: removed unless kept
+        self.staging: Path | None = None  # what is published: root, or root/output
         self._created: list[Path] = []
         self._lock: OutputLock | None = None
 
@@ -180,35 +255,89 @@ class StagedOutput:
         try:
             self._created = make_parents(self.out.parent)
             self._lock = OutputLock(self.out)
+            self._finish_interrupted_publish()
             check_output_dir(self.out, self.src, self.overwrite)  # again, now that it is ours
-            self.staging = Path(tempfile.mkdtemp(prefix=hidden_name(self.out, STAGING_TAG),
-                                                 dir=self.out.parent))
+            if self.run_key is None:
+                self.root = self.staging = Path(tempfile.mkdtemp(
+                    prefix=hidden_name(self.out, STAGING_TAG), dir=self.out.parent))
+            else:
+                self.staging = self._open_resumable(self.out.parent / (
+                    hidden_name(self.out, STAGING_TAG) + key_digest(self.run_key)[:KEY_CHARS]))
+            self._report_stale()
         except BaseException:
-            self._clean_up(published=False)
+            self._clean_up(published=False, kept=False)
             raise
         return self.staging
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        published = False
+        published = kept = False
         with held_signals() as received:
             try:
                 if exc_type is None:
                     self._publish()
                     published = True
             finally:
-                self._clean_up(published)
+                kept = exc_type is not None and self.keep and self.run_key is not None
+                self._clean_up(published, kept)
+        if kept and isinstance(exc, Interrupted):
+            exc.kept = self.root
         if received and exc_type is None:
             raise Interrupted(received[0], published=True)
+
+    def _open_resumable(self, root: Path) -> Path:
+        """The run key's staging directory, made or found; emptied with fresh, or when the
+        run that left it had published (killed before it removed its state). Found, it is
+        kept if this run fails too: its finished layers are an earlier run's work."""
+        if root.is_symlink() or (root.exists() and not root.is_dir()):
+            raise UserError(f"{root} is in the way (hcconvert stages there); remove it")
+        self.root = root  # ours from here on: removed on failure unless kept
+        if root.exists() and (self.fresh or not (root / OUTPUT_DIR).is_dir()):
+            remove_tree(root, self.src)
+        self.keep = self.keep or root.exists()
+        (root / OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+        return root / OUTPUT_DIR
+
+    def _scratch(self, tag: str) -> list[Path]:
+        """Directories a killed run left beside --out under this tag (SRC never counts)."""
+        prefix = hidden_name(self.out, tag)
+        return [path for path in self.out.parent.glob(glob.escape(prefix) + "*")
+                if path.is_dir() and not path.is_symlink() and path != self.root
+                and len(path.name) == len(prefix) + max(TEMP_SUFFIX_CHARS, KEY_CHARS)
+                and not is_or_holds(path, self.src)]
+
+    def _report_stale(self) -> None:
+        """Staging directories of other runs on this --out (other options, another version,
+        a killed private run): named with their size, never reused or deleted unasked."""
+        for path in self._scratch(STAGING_TAG):
+            state = read_state(path)
+            what = ("nothing resumable" if state is None or self.run_key is None else
+                    f"{state.finished} layers of a run with "
+                    f"{describe_difference(state.key, self.run_key)}")
+            print(f"warning: {path} was left by an interrupted run ({what}); it is not reused: "
+                  f"delete it to free {human_bytes(tree_bytes(path))}", file=sys.stderr)
+
+    def _finish_interrupted_publish(self) -> None:
+        """A run killed while publishing may have moved the old --out aside: put it back when
+        --out is missing (the new output is still staged), else it was replaced: remove it."""
+        for previous in self._scratch(PREVIOUS_TAG):
+            if self.out.exists():
+                remove_tree(previous, self.src)
+                continue
+            os.replace(previous, self.out)
+            print(f"warning: restored {self.out} from {previous.name}, where an interrupted run "
+                  "had moved it while publishing", file=sys.stderr)
 
     def _publish(self) -> None:
         """Move staging into place. An old --out is moved aside first and deleted only once
         the new one is in place, so a crash never leaves neither."""
         if not self.out.exists():
+            kill_point("publish")
             os.replace(self.staging, self.out)
             return
         previous = Path(tempfile.mkdtemp(prefix=hidden_name(self.out, PREVIOUS_TAG),
                                          dir=self.out.parent))
         os.replace(self.out, previous)  # onto the empty directory mkdtemp made
+        kill_point("publish")
         try:
             os.replace(self.staging, self.out)
         except BaseException:
@@ -216,15 +345,24 @@ class StagedOutput:
             raise
         remove_tree(previous, self.src)
 
-    def _clean_up(self, published: bool) -> None:
-        if self.staging is not None and self.staging.exists():
-            remove_tree(self.staging, self.src)
+    def _clean_up(self, published: bool, kept: bool) -> None:
+        if self.root is not None and self.root.exists() and not kept:
+            remove_tree(self.root, self.src)
         if self._lock is not None:
             self._lock.release()
-        if not published:
+        if not published and not kept:
             for directory in self._created:  # deepest first; one another run filled stays
                 with contextlib.suppress(OSError):
                     directory.rmdir()
+
+
+def is_or_holds(path: Path, src: Path) -> bool:
+    target = path.resolve()
+    return target == src or src in target.parents or target in src.parents
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def hidden_name(out: Path, tag: str) -> str:
@@ -235,7 +373,7 @@ def check_name_length(out: Path) -> None:
     """The names hcconvert puts beside --out (staging, old output, lock) must fit the file
     system's name limit, or the run would fail only once the work is done."""
     longest = max(len(os.fsencode(hidden_name(out, tag)))
-                  for tag in (STAGING_TAG, PREVIOUS_TAG)) + TEMP_SUFFIX_CHARS
+                  for tag in (STAGING_TAG, PREVIOUS_TAG)) + max(TEMP_SUFFIX_CHARS, KEY_CHARS)
     existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
     try:
         limit = os.pathconf(existing, "PC_NAME_MAX")
@@ -259,10 +397,9 @@ def make_parents(directory: Path) -> list[Path]:
 
 def remove_tree(path: Path, src: Path) -> None:
     """rmtree, refusing any path that is SRC, inside it or holds it (whatever its name)."""
-    target = path.resolve()
-    if target == src or src in target.parents or target in src.parents:
+    if is_or_holds(path, src):
         raise UserError(f"refusing to remove {path}: it is or holds the source directory")
-    shutil.rmtree(target)
+    shutil.rmtree(path.resolve())
 
 
 class OutputLock:
