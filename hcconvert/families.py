@@ -251,6 +251,7 @@ FAMILIES: dict[str, Family] = {
         # Kimi-K2's config.json says kimi_k2 (remote code); its text model is DeepSeek-V3's.
         _deepseek_v3("kimi_k2", transformers_type="deepseek_v3"),
         _deepseek_v3("glm4_moe"),
+        _deepseek_v3("glm4_moe_lite"),  # GLM-4.7-Flash: DeepSeek-V3's MLA and routing
         # DeepSeek-V3.2 and GLM-5's sparse attention (DSA): an indexer keeps each query's
         # index_topk best keys; transformers' own attention module computes it exactly at
         # any calibration length (all keys while the sequence is no longer than index_topk).

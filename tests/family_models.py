@@ -133,6 +133,11 @@ CASES.update({
                                         "index_head_dim": 16},
                         "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
                         router_bias=V3_BIAS),
+    # GLM-4.7-Flash: MLA with q LoRA, one routing group, a first dense layer.
+    "glm4_moe_lite": Case("glm4_moe_lite", {**DEEPSEEK_V3, "n_group": 1, "topk_group": 1,
+                                            "mlp_layer_types": ["dense", "sparse", "sparse"]},
+                          "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+                          router_bias=V3_BIAS),
     # GLM-4.5's shape: partial rotary, QK norm, biased q/k/v, one routing group.
     "glm4_moe": Case("glm4_moe", dict(
         n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
