@@ -250,6 +250,10 @@ FAMILIES: dict[str, Family] = {
         _deepseek_v3("deepseek_v3"),
         # Kimi-K2's config.json says kimi_k2 (remote code); its text model is DeepSeek-V3's.
         _deepseek_v3("kimi_k2", transformers_type="deepseek_v3"),
+        # Kimi-K2.5: a vision-language wrapper around Kimi-K2's text model, which sits under
+        # language_model. (its LM head too) with the text config nested.
+        _deepseek_v3("kimi_k25", transformers_type="deepseek_v3", text_config_key="text_config",
+                     text_prefix="language_model.model.", head_prefix="language_model."),
         _deepseek_v3("glm4_moe"),
         _deepseek_v3("glm4_moe_lite"),  # GLM-4.7-Flash: DeepSeek-V3's MLA and routing
         # DeepSeek-V3.2 and GLM-5's sparse attention (DSA): an indexer keeps each query's

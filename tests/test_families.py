@@ -30,7 +30,9 @@ TOKENS = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(
 
 def test_every_family_has_a_case():
     model_types = {case.hub_model_type or case.model_type for case in CASES.values()}
-    assert model_types == set(FAMILIES)
+    # Kimi-K2.5's wrapper: test_kimi_k25_converts_as_its_text_model (transformers 5.24 saves
+    # its text layers under other names than the Hub's).
+    assert model_types | {"kimi_k25"} == set(FAMILIES)
 
 
 def our_forward(directory, tokens, dtype, teacher=None):
@@ -451,3 +453,41 @@ def test_llama4_top_k_above_one_is_refused(tmp_path):
     (src / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": 2}))
     with pytest.raises(UserError, match="top-2 routing; hcconvert reads llama4_text's"):
         open_source(str(src))
+
+
+def as_kimi_k25(src, directory):
+    """src (a deepseek_v3 checkpoint) as Kimi-K2.5 stores its text model: under
+    language_model., the text config nested (model_type kimi_k2), a vision tower beside."""
+    directory.mkdir()
+    tensors = {("language_model." + name if name.startswith(("model.", "lm_head.")) else name):
+               tensor for name, tensor in load_all(src).items()}
+    tensors["vision_tower.patch_embed.proj.weight"] = torch.randn(8, 3, 4, 4)
+    tensors["mm_projector.proj.0.weight"] = torch.randn(32, 8)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    text = json.loads((src / "config.json").read_text())
+    config = {"model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"],
+              "text_config": {**text, "model_type": "kimi_k2"}, "vision_config": {}}
+    (directory / "config.json").write_text(json.dumps(config))
+    for side in src.glob("tokenizer*"):
+        shutil.copy(side, directory / side.name)
+    return directory
+
+
+def test_kimi_k25_converts_as_its_text_model(tmp_path, calib_text):
+    """The wrapper's conversion writes exactly what the text model's own conversion writes,
+    under the wrapper's names; the vision tower is copied byte for byte; the expert count is
+    rewritten inside text_config."""
+    src = save_family_model(CASES["deepseek_v3"], tmp_path / "v3")
+    wrapped = as_kimi_k25(src, tmp_path / "k25")
+    options = ConvertOptions(experts=4, calib=str(calib_text), calib_samples=3, seq_len=48)
+    for source, out in ((src, tmp_path / "v3-out"), (wrapped, tmp_path / "k25-out")):
+        convert(str(source), out, options, progress=False)
+    text_only, wrapper = load_all(tmp_path / "v3-out"), load_all(tmp_path / "k25-out")
+    source = load_all(wrapped)
+    for name in ("vision_tower.patch_embed.proj.weight", "mm_projector.proj.0.weight"):
+        assert torch.equal(wrapper.pop(name), source[name])
+    assert wrapper.keys() == {"language_model." + name for name in text_only}
+    for name, tensor in text_only.items():
+        assert torch.equal(wrapper["language_model." + name], tensor), name
+    config = json.loads((tmp_path / "k25-out" / "config.json").read_text())
+    assert config["text_config"]["n_routed_experts"] == 4
