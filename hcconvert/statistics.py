@@ -86,9 +86,13 @@ def logit_sums(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def output_means(x: torch.Tensor, experts: Experts) -> torch.Tensor:
-    """[E, H] fp32 mean output of every expert over all tokens x: [T, H]."""
-    mean_act = _all_activation_sums(x, experts) / x.shape[0]  # [E, F]
+def output_means(x: torch.Tensor, experts: Experts,
+                 sums: torch.Tensor | None = None) -> torch.Tensor:
+    """[E, H] fp32 mean output of every expert over all tokens x: [T, H]; sums: the [E, F]
+    activation sums over x if the forward already formed them."""
+    if sums is None:
+        sums = _all_activation_sums(x, experts)
+    mean_act = sums / x.shape[0]  # [E, F]
     # Expert by expert: an fp32 copy of every down projection at once would cost GBs.
     means = torch.stack([experts.down[e].float() @ mean_act[e] for e in range(len(experts))])
     return means if experts.down_bias is None else means + experts.down_bias.float()
@@ -113,7 +117,8 @@ def collect_layer_stats(x: torch.Tensor, selected: torch.Tensor, router: torch.T
     experts the router chose for them, selected: [T, K].
 
     needs names the optional parts (OPTIONAL_STATS) to compute; the routing is always measured.
-    The saliency comes from the record of the layer's forward, which computed the routed
+    The saliency, and the activation sums behind the output means where the record asked the
+    forward for them, come from the record of the layer's forward, which computed the routed
     outputs anyway.
     """
     unknown = set(needs) - set(OPTIONAL_STATS)
@@ -123,7 +128,7 @@ def collect_layer_stats(x: torch.Tensor, selected: torch.Tensor, router: torch.T
     counts = torch.bincount(selected.flatten(), minlength=len(experts)).float().cpu()
     stats = LayerStats(tokens, counts, (logit_sums(x, router) / tokens).float().cpu(), selected)
     if "output" in needs:
-        stats.output_mean = output_means(x, experts).cpu()
+        stats.output_mean = output_means(x, experts, None if record is None else record.sums).cpu()
     if "router-logits" in needs:
         stats.router_features = router_logit_features(x, router, seed)
     if "weights" in needs:
