@@ -79,3 +79,17 @@ def test_one_routing_pass_and_one_routed_forward_per_moe_layer(tmp_path, monkeyp
     assert forwards.calls == routers.calls == batches * layers  # each token routed once
     assert len({id(module) for module in forwards.callers}) == layers  # one module per layer
     assert separate_sums.calls == 0  # the output means came from the forward's products
+
+
+def test_bfloat16_summing_forward_keeps_fp32_sums_of_bf16_products():
+    """With --compute-dtype bfloat16 the products run in bf16 (as the CUDA kernel's do), the
+    activations and their sums in fp32: the means stay within bf16 rounding of fp32's."""
+    experts = random_experts(count=4, ffn=32, hidden=16)
+    x, index, weights = routed_inputs(experts, 200, seed=2)
+    record = RoutingRecord(x.shape[0], activation_sums=True)
+    out = RoutedExperts(experts.to(dtype=torch.bfloat16), record)(x.bfloat16(), index, weights)
+    assert out.dtype == record.inputs.dtype == torch.bfloat16
+    assert record.sums.dtype == torch.float32
+    expected = output_means(x, experts)
+    scale = expected.abs().mean()
+    assert ((output_means(x, experts, record.sums) - expected).abs() / scale).max() < 2e-2
