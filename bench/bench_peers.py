@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -216,6 +217,7 @@ def run_method(args, method: str, python: str) -> dict:
          "--samples", str(args.samples), "--seq-len", str(args.seq_len)],
         capture_output=True, text=True, cwd=BENCH.parent, env=env)
     wall = time.perf_counter() - start
+    shutil.rmtree(args.workdir / f"out-{name}", ignore_errors=True)  # the next run writes there
     if result.returncode:
         print(f"{method} failed:\n{result.stderr[-3000:]}", file=sys.stderr)
         return {"wall": None, "peak_rss": None}
@@ -232,7 +234,8 @@ def methods(args) -> dict[str, str]:
     if args.baseline:
         for method in ("hcconvert-hc-smoe", "hcconvert-hc-smoe:bfloat16"):
             found[method + BASELINE] = sys.executable
-    return found
+    return {method: python for method, python in found.items()
+            if not args.only or method in args.only}
 
 
 def compute_dtype(method: str) -> torch.dtype:
@@ -243,13 +246,17 @@ def compute_dtype(method: str) -> torch.dtype:
     return torch.bfloat16
 
 
+def print_rates(rates: dict[torch.dtype, float]) -> None:
+    print("matmul rate: " + ", ".join(f"{str(d).removeprefix('torch.')} {r:.0f} GFLOP/s"
+                                      for d, r in rates.items()) + "\n", flush=True)
+
+
 def report(args, runs: dict[str, list[dict]], rates: dict[torch.dtype, float]) -> None:
     print(f"\nmachine: {platform.node()} {platform.machine()}, {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
     print(f"model: {args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, {args.experts} "
           f"experts, top-2, bf16; {args.samples} x {args.seq_len} tokens; {args.rounds} rounds")
-    print("matmul rate: " + ", ".join(f"{str(d).removeprefix('torch.')} {r:.0f} GFLOP/s"
-                                      for d, r in rates.items()) + "\n")
+    print_rates(rates)
     print("| method | wall (median) | runs | peak RSS (median) | min TFLOP | "
           "of the matmul rate |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -263,15 +270,18 @@ def report(args, runs: dict[str, list[dict]], rates: dict[torch.dtype, float]) -
         share = flops / wall / 1e9 / rates[compute_dtype(method)]
         print(f"| {method} | {wall:.1f} s | {' '.join(f'{w:.1f}' for w in walls)} | "
               f"{rss / 1e9:.2f} GB | {flops / 1e12:.2f} | {share:.0%} |")
-    for ours, peer in (("hcconvert-o-prune", "llm-compressor-reap"),
-                       ("hcconvert-hc-smoe", "in-memory-hc-smoe")):
-        for variant in (ours, f"{ours}:bfloat16"):
-            ratios = [p["wall"] / o["wall"] for o, p in zip(runs[variant], runs.get(peer, []),
-                                                            strict=False)
-                      if o["wall"] and p["wall"]]
-            if ratios:
-                print(f"{variant} vs {peer}: {statistics.median(ratios):.2f}x faster "
-                      f"(median of per-round ratios {', '.join(f'{r:.2f}' for r in ratios)})")
+    pairs = [(ours + dtype, peer) for ours, peer in (("hcconvert-o-prune", "llm-compressor-reap"),
+                                                      ("hcconvert-hc-smoe", "in-memory-hc-smoe"))
+             for dtype in ("", ":bfloat16")]
+    pairs += [(ours, ours + BASELINE)
+              for ours in ("hcconvert-hc-smoe", "hcconvert-hc-smoe:bfloat16")]
+    for ours, peer in pairs:
+        ratios = [p["wall"] / o["wall"] for o, p in zip(runs.get(ours, []), runs.get(peer, []),
+                                                        strict=False)
+                  if o["wall"] and p["wall"]]
+        if ratios:
+            print(f"{ours} vs {peer}: {statistics.median(ratios):.2f}x faster "
+                  f"(median of per-round ratios {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 def main() -> None:
@@ -288,6 +298,7 @@ def main() -> None:
     parser.add_argument("--llmcompressor-python", help="a Python with llmcompressor installed")
     parser.add_argument("--baseline", type=Path,
                         help="an earlier checkout of hcconvert whose HC-SMoE runs too")
+    parser.add_argument("--only", nargs="+", help="run just these methods (their labels)")
     parser.add_argument("--workdir", type=Path, help="where the model is built (a temp dir)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -298,6 +309,7 @@ def main() -> None:
         args.workdir = Path(tmp)
         build_inputs(args)
         rates = {d: matmul_rate(d, args.hidden, args.ffn) for d in (torch.float32, torch.bfloat16)}
+        print_rates(rates)  # now too: a run cut short still tells them
         order = methods(args)
         runs: dict[str, list[dict]] = {method: [] for method in order}
         for round_ in range(args.rounds):
