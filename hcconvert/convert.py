@@ -256,8 +256,12 @@ class LayerPipeline:
             dense = self.dense(raw, layer)
             tensors, experts = self.decoder.layer_parts(layer, dense, self.device,
                                                         self.expert_chunk(layer))
+            # On the CPU the forward also sums the activations for the output statistics,
+            # reusing its products; on CUDA the Triton kernel sums them without materialising.
             record = RoutingRecord(stream.tokens, saliency="saliency" in self.needs,
-                                   keep_output=any(r.fits_layers for r in self.reducers))
+                                   keep_output=any(r.fits_layers for r in self.reducers),
+                                   activation_sums=("output" in self.needs
+                                                    and self.device.type == "cpu"))
             module = self.decoder.build_layer(layer, tensors, RoutedExperts(experts, record))
             layer_input = stream.hidden.clone() if self.propagator is not None else None
             stream.advance(layer, module)

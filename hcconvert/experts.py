@@ -25,6 +25,9 @@ from .families import ExpertLayout, Fused
 # Each per-expert tensor's neuron (ffn) axis, below the expert axis: permuting neurons moves
 # these together and leaves an expert's output unchanged. down_bias has none.
 NEURON_AXIS = {"gate": 0, "up": 0, "gate_bias": 0, "up_bias": 0, "down": 1, "down_bias": None}
+# Rows per product when the routed forward also sums activations over all tokens: bounds the
+# fp32 temporaries at 3 x SUM_CHUNK_TOKENS x F (the statistics' own pass used 4096 too).
+SUM_CHUNK_TOKENS = 4096
 
 
 @dataclass
@@ -142,16 +145,24 @@ class Experts:
             for e, at in places:
                 yield e, chunk.expert(at)
 
-    def hidden(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """[t, F] expert e's ffn activations on x [t, H], computed in x's dtype."""
+    def projections(self, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[t, F] expert e's gate and up projections of x [t, H], computed in x's dtype."""
         gate = F.linear(x, self.gate[e].to(x.dtype), _row(self.gate_bias, e, x.dtype))
         up = F.linear(x, self.up[e].to(x.dtype), _row(self.up_bias, e, x.dtype))
-        return self.activation(gate, up)
+        return gate, up
+
+    def hidden(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """[t, F] expert e's ffn activations on x [t, H], computed in x's dtype."""
+        return self.activation(*self.projections(x, e))
+
+    def down_projection(self, hidden: torch.Tensor, e: int) -> torch.Tensor:
+        """[t, H] expert e's output from its ffn activations [t, F], in their dtype."""
+        return F.linear(hidden, self.down[e].to(hidden.dtype),
+                        _row(self.down_bias, e, hidden.dtype))
 
     def output(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """[t, H] expert e's output on x [t, H], computed in x's dtype."""
-        return F.linear(self.hidden(x, e), self.down[e].to(x.dtype),
-                        _row(self.down_bias, e, x.dtype))
+        return self.down_projection(self.hidden(x, e), e)
 
     def __len__(self) -> int:
         return self.gate.shape[0]
@@ -234,14 +245,43 @@ def _to_fused(experts: Experts, layout: Fused) -> dict[str, torch.Tensor]:
     return out
 
 
-def routed_outputs(x: torch.Tensor, experts: Experts, index: torch.Tensor):
+def routed_outputs(x: torch.Tensor, experts: Experts, index: torch.Tensor,
+                   sums: torch.Tensor | None = None):
     """For each expert e some token picked, in expert order: (e, token, slot, output) with
     index[token, slot] = e and output = expert e on x[token]. x: [T, H]; index: [T, K].
-    Only the picked experts are brought to the compute device."""
-    for chunk, places in experts.chunks(index.unique().tolist()):
+    Only the picked experts are brought to the compute device.
+
+    With sums ([E, F] fp32), also adds every expert's activations over ALL of x to it (every
+    expert is then brought over): the output statistics need them on every token, and the
+    routed tokens' rows are then taken from them rather than projected a second time."""
+    wanted = range(len(experts)) if sums is not None else index.unique().tolist()
+    for chunk, places in experts.chunks(list(wanted)):
         for e, at in places:
             token, slot = torch.where(index == e)
-            yield e, token, slot, chunk.output(x[token], at)
+            if sums is not None:
+                hidden = _summed_hidden(x, chunk, at, token, sums[e])
+                if token.numel():
+                    yield e, token, slot, chunk.down_projection(hidden, at)
+            elif token.numel():
+                yield e, token, slot, chunk.output(x[token], at)
+
+
+def _summed_hidden(x: torch.Tensor, experts: Experts, e: int, token: torch.Tensor,
+                   sums: torch.Tensor) -> torch.Tensor:
+    """Expert e's activations [len(token), F] on x[token] (token ascending), in x's dtype,
+    after adding its fp32 activations over every row of x to sums ([F], its running sums).
+    The products run in x's dtype, the activation and the sum in fp32, as in the
+    statistics' own pass."""
+    bounds = torch.searchsorted(token, torch.arange(0, x.shape[0] + SUM_CHUNK_TOKENS,
+                                                    SUM_CHUNK_TOKENS, device=token.device))
+    picked = []
+    for chunk, start in enumerate(range(0, x.shape[0], SUM_CHUNK_TOKENS)):
+        gate, up = experts.projections(x[start:start + SUM_CHUNK_TOKENS], e)
+        activations = experts.activation(gate.float(), up.float())
+        sums += activations.sum(0)
+        rows = token[bounds[chunk]:bounds[chunk + 1]] - start
+        picked.append(activations[rows].to(x.dtype))
+    return torch.cat(picked)
 
 
 @dataclass
@@ -254,6 +294,8 @@ class RoutingRecord:
     tokens: int
     saliency: bool = False
     keep_output: bool = False  # keep the routed-expert output too (the layer fit's target)
+    # Sum every expert's activations over all tokens in the forward (the output statistics).
+    activation_sums: bool = False
     inputs: torch.Tensor | None = None  # [T, H]
     outputs: torch.Tensor | None = None  # [T, H] fp32, with keep_output
     index: list[torch.Tensor] = field(default_factory=list)  # [t, K] per call
@@ -261,6 +303,13 @@ class RoutingRecord:
     filled: int = 0
     saliency_sum: torch.Tensor | None = None  # [E] fp64
     picked: torch.Tensor | None = None  # [E] fp64
+    sums: torch.Tensor | None = None  # [E, F] fp32, with activation_sums
+
+    def sums_for(self, experts: Experts) -> torch.Tensor | None:
+        """The running activation sums the forward adds to (None without activation_sums)."""
+        if self.activation_sums and self.sums is None:
+            self.sums = torch.zeros(experts.gate.shape[:2], device=experts.device)
+        return self.sums
 
     def observe(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
         if self.inputs is None:
@@ -313,7 +362,8 @@ class RoutedExperts(nn.Module):
         if record is not None:
             record.observe(x, index, weights)
         out = torch.zeros_like(x)
-        for e, token, slot, y in routed_outputs(x, self.stacked, index):
+        sums = None if record is None else record.sums_for(self.stacked)
+        for e, token, slot, y in routed_outputs(x, self.stacked, index, sums):
             weight = weights[token, slot, None]
             out.index_add_(0, token, (y * weight).to(x.dtype))
             if record is not None and record.saliency:

@@ -184,7 +184,7 @@ class Reducer:
                                                 gram, cross)}
         if family.router_bias is not None:
             reduced[family.router_bias] = reduce_router_bias(
-                router[family.router_bias], groups, stats.counts, options.router)
+                router[family.router_bias], groups, stats.counts)
         if not options.layer_fit:
             return Reduced(groups, reduced, merged)
         if target is None:

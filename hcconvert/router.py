@@ -44,15 +44,11 @@ def _lse_fit(router, prior, groups, gram, cross) -> torch.Tensor:
     return rows
 
 
-def reduce_router_bias(bias: torch.Tensor, groups: list[list[int]], counts: torch.Tensor,
-                       method: str) -> torch.Tensor:
-    """A per-expert router bias ([E], or [1, E] as Ernie stores it) for the groups: the
-    dominant member's entry under the dominant router, else the frequency-weighted average
-    of the members' entries (the same rule as their rows). Singletons keep theirs."""
+def reduce_router_bias(bias: torch.Tensor, groups: list[list[int]],
+                       counts: torch.Tensor) -> torch.Tensor:
+    """A per-expert router bias ([E], or [1, E] as Ernie stores it) for the groups: each
+    group's dominant member's entry (it kept the most quality in docs/DESIGN.md's measurement,
+    ahead of the frequency-weighted mean, the largest entry and zero). Singletons keep theirs."""
     flat = bias.reshape(-1, bias.shape[-1]).T  # [E, rows]
-    if method == "dominant" or all(len(g) == 1 for g in groups):
-        reduced = flat[[dominant(g, counts) for g in groups]]
-    else:
-        reduced = torch.stack([weighted_sum(flat, g, member_weights(g, counts, "freq"))
-                               for g in groups])
+    reduced = flat[[dominant(g, counts) for g in groups]]
     return reduced.T.reshape(*bias.shape[:-1], len(groups)).contiguous()

@@ -86,14 +86,17 @@ def logit_sums(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def output_means(x: torch.Tensor, experts: Experts) -> torch.Tensor:
+def output_means(x: torch.Tensor, experts: Experts,
+                 sums: torch.Tensor | None = None) -> torch.Tensor:
     """[E, H] fp32 mean output of every expert over all tokens x: [T, H], a chunk of experts
-    on the device at a time."""
+    on the device at a time; sums: the [E, F] activation sums over x if the forward already
+    formed them."""
     means = []
     for chunk, places in experts.chunks():
-        mean_act = _all_activation_sums(x, chunk) / x.shape[0]  # [E, F]
+        mean_act = (_all_activation_sums(x, chunk) if sums is None
+                    else sums[[e for e, _ in places]].to(x.device)) / x.shape[0]  # [e, F]
         # Expert by expert: an fp32 copy of every down projection at once would cost GBs.
-        means += [chunk.down[at].float() @ mean_act[at] for _, at in places]
+        means += [chunk.down[at].float() @ mean_act[i] for i, (_, at) in enumerate(places)]
     means = torch.stack(means)
     return means if experts.down_bias is None else \
         means + experts.down_bias.to(means.device).float()
@@ -118,7 +121,8 @@ def collect_layer_stats(x: torch.Tensor, selected: torch.Tensor, router: torch.T
     experts the router chose for them, selected: [T, K].
 
     needs names the optional parts (OPTIONAL_STATS) to compute; the routing is always measured.
-    The saliency comes from the record of the layer's forward, which computed the routed
+    The saliency, and the activation sums behind the output means where the record asked the
+    forward for them, come from the record of the layer's forward, which computed the routed
     outputs anyway.
     """
     unknown = set(needs) - set(OPTIONAL_STATS)
@@ -128,7 +132,7 @@ def collect_layer_stats(x: torch.Tensor, selected: torch.Tensor, router: torch.T
     counts = torch.bincount(selected.flatten(), minlength=len(experts)).float().cpu()
     stats = LayerStats(tokens, counts, (logit_sums(x, router) / tokens).float().cpu(), selected)
     if "output" in needs:
-        stats.output_mean = output_means(x, experts).cpu()
+        stats.output_mean = output_means(x, experts, None if record is None else record.sums).cpu()
     if "router-logits" in needs:
         stats.router_features = router_logit_features(x, router, seed)
     if "weights" in needs:

@@ -104,13 +104,9 @@ def reference_merge(case: Case, src, out, router_method):
         else:
             rows = [merge(router, g, wg) for g, wg in zip(groups, weights, strict=True)]
         tensors[prefix + case.router] = torch.stack(rows)
-        if case.router_bias is not None:  # reduced like the rows, along its last axis
+        if case.router_bias is not None:  # the dominant member's entry, along its last axis
             bias = tensors[prefix + case.router_bias]
-            if router_method == "dominant":
-                entries = [bias[..., max(g, key=lambda e: (counts[e], -e))] for g in groups]
-            else:
-                entries = [merge(bias.movedim(-1, 0), g, wg)
-                           for g, wg in zip(groups, weights, strict=True)]
+            entries = [bias[..., max(g, key=lambda e: (counts[e], -e))] for g in groups]
             tensors[prefix + case.router_bias] = torch.stack(entries, dim=-1)
         templates, fused = stored_experts(case, tensors, prefix)
         for template in templates:

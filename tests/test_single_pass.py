@@ -1,0 +1,95 @@
+"""Every FLOP once (issue 14): one routing pass and one routed forward per MoE layer serve the
+statistics and the next layer's input, and the forward that also sums the activations for the
+output statistics gives the same outputs and statistics as the separate passes did."""
+
+import pytest
+import torch
+from conftest import save_tiny_mixtral
+from test_methods import biased_permuted_copies, random_experts
+
+from hcconvert import experts as experts_module
+from hcconvert import statistics
+from hcconvert.convert import convert
+from hcconvert.decoder import ATTENTION_BATCH
+from hcconvert.demo import data_file
+from hcconvert.experts import Experts, RoutedExperts, RoutingRecord
+from hcconvert.options import HC_SMOE, ConvertOptions
+from hcconvert.statistics import output_means
+
+SAMPLES = 6  # two batches of ATTENTION_BATCH sequences, the last one short
+
+
+def routed_inputs(experts: Experts, tokens: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = experts.gate.shape[2]
+    x = torch.randn(tokens, hidden, generator=gen)
+    logits = torch.randn(tokens, len(experts), generator=gen)
+    weights, index = logits.softmax(-1).topk(2, dim=-1)
+    return x, index, weights
+
+
+@pytest.mark.parametrize("experts", [random_experts(count=5), biased_permuted_copies(
+    [torch.randperm(16, generator=torch.Generator().manual_seed(s)) for s in range(3)])],
+    ids=["silu", "gpt-oss"])
+def test_summing_forward_gives_the_same_outputs_and_means(monkeypatch, experts):
+    # Chunks far smaller than the tokens, so rows are picked across several chunks.
+    monkeypatch.setattr(experts_module, "SUM_CHUNK_TOKENS", 7)
+    x, index, weights = routed_inputs(experts, 50, seed=1)
+    index[:, 0] = torch.where(index[:, 0] == 1, 0, index[:, 0])  # some expert left unpicked
+    index[:, 1] = torch.where(index[:, 1] == 1, 2, index[:, 1])
+    plain = RoutingRecord(x.shape[0], saliency=True)
+    summing = RoutingRecord(x.shape[0], saliency=True, activation_sums=True)
+    expected = RoutedExperts(experts, plain)(x, index, weights)
+    torch.testing.assert_close(RoutedExperts(experts, summing)(x, index, weights), expected,
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(summing.mean_saliency(len(experts)),
+                               plain.mean_saliency(len(experts)), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(output_means(x, experts, summing.sums), output_means(x, experts),
+                               rtol=1e-5, atol=1e-6)
+
+
+class Counter:
+    """Counts calls of a function, and which objects the calls came from."""
+
+    def __init__(self, monkeypatch, owner, name: str):
+        self.calls, self.callers = 0, []
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            self.callers.append(args[0] if args else None)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
+@pytest.mark.parametrize("method", [{"method": "prune", "prune_by": "output"}, HC_SMOE],
+                         ids=["o-prune", "hc-smoe"])
+def test_one_routing_pass_and_one_routed_forward_per_moe_layer(tmp_path, monkeypatch, method):
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    save_tiny_mixtral(tmp_path / "src")
+    routers = Counter(monkeypatch, MixtralTopKRouter, "forward")
+    forwards = Counter(monkeypatch, RoutedExperts, "forward")
+    separate_sums = Counter(monkeypatch, statistics, "_all_activation_sums")
+    options = ConvertOptions(**method, experts=4, calib=str(data_file("demo_calib.txt")),
+                             calib_samples=SAMPLES, seq_len=32, device="cpu")
+    convert(str(tmp_path / "src"), tmp_path / "out", options, progress=False)
+    batches, layers = -(-SAMPLES // ATTENTION_BATCH), 2
+    assert forwards.calls == routers.calls == batches * layers  # each token routed once
+    assert len({id(module) for module in forwards.callers}) == layers  # one module per layer
+    assert separate_sums.calls == 0  # the output means came from the forward's products
+
+
+def test_bfloat16_summing_forward_keeps_fp32_sums_of_bf16_products():
+    """With --compute-dtype bfloat16 the products run in bf16 (as the CUDA kernel's do), the
+    activations and their sums in fp32: the means stay within bf16 rounding of fp32's."""
+    experts = random_experts(count=4, ffn=32, hidden=16)
+    x, index, weights = routed_inputs(experts, 200, seed=2)
+    record = RoutingRecord(x.shape[0], activation_sums=True)
+    out = RoutedExperts(experts.to(dtype=torch.bfloat16), record)(x.bfloat16(), index, weights)
+    assert out.dtype == record.inputs.dtype == torch.bfloat16
+    assert record.sums.dtype == torch.float32
+    expected = output_means(x, experts)
+    scale = expected.abs().mean()
+    assert ((output_means(x, experts, record.sums) - expected).abs() / scale).max() < 2e-2
