@@ -70,11 +70,16 @@ def test_layer_forward_matches_transformers(tmp_path, name, dtype, hub_style):
     reference = transformers_forward(CASES[name], loadable, TOKENS, dtype)
     teacher = reference.hidden_states if dtype == torch.bfloat16 else None
     states, logits = our_forward(src, TOKENS, dtype, teacher)
-    # transformers' last hidden state has the final norm applied; the logits cover it.
+    assert_same_forward(states, logits, reference, **TOLERANCE[dtype])
+
+
+def assert_same_forward(states, logits, reference, **tolerance):
+    """Our hidden states after the embeddings and each layer, and our logits, equal
+    transformers' (whose last hidden state has the final norm applied: the logits cover it)."""
     for layer, (ours, theirs) in enumerate(zip(states[:-1], reference.hidden_states[:-1],
                                                strict=True)):
-        torch.testing.assert_close(ours, theirs, **TOLERANCE[dtype], msg=f"after layer {layer}")
-    torch.testing.assert_close(logits, reference.logits.float(), **TOLERANCE[dtype])
+        torch.testing.assert_close(ours, theirs, **tolerance, msg=f"after layer {layer}")
+    torch.testing.assert_close(logits, reference.logits.float(), **tolerance)
 
 
 def member_weights(group, counts):

@@ -10,7 +10,13 @@ import torch
 from conftest import load_all, logits_of
 from family_models import CASES
 from quantized_models import MXFP4_WEIGHTS, save_mxfp4_model
-from test_families import TOKENS, member_weights, merge, our_forward
+from test_families import (
+    TOKENS,
+    assert_same_forward,
+    member_weights,
+    merge,
+    our_forward,
+)
 from test_quantized_storage import reduce, relative_error, same_bytes
 
 from hcconvert.options import HC_SMOE
@@ -50,10 +56,7 @@ def dequantized(tensors: dict) -> dict:
 def test_forward_matches_transformers(source):
     reference = transformers_mxfp4(source, hidden_states=True)
     states, logits = our_forward(source, TOKENS, torch.float32)
-    for layer, (ours, theirs) in enumerate(zip(states[:-1], reference.hidden_states[:-1],
-                                               strict=True)):
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=f"layer {layer}")
-    torch.testing.assert_close(logits, reference.logits, rtol=1e-4, atol=1e-4)
+    assert_same_forward(states, logits, reference, rtol=1e-4, atol=1e-4)
 
 
 def reference_experts(source: dict, record: dict, dense: dict) -> dict:

@@ -17,7 +17,14 @@ from quantized_models import (
     save_int4_model,
 )
 from safetensors.torch import load_file, save_file
-from test_families import TOKENS, as_transformers_knows_it, member_weights, merge, our_forward
+from test_families import (
+    TOKENS,
+    as_transformers_knows_it,
+    assert_same_forward,
+    member_weights,
+    merge,
+    our_forward,
+)
 
 from hcconvert.cli import main
 from hcconvert.convert import convert
@@ -46,10 +53,7 @@ def test_fp8_forward_matches_transformers(tmp_path, name):
     src = save_fp8_model(CASES[name], tmp_path / "src", BLOCK)
     reference = fp8_logits(src, hidden_states=True)
     states, logits = our_forward(src, TOKENS, torch.float32)
-    for layer, (ours, theirs) in enumerate(zip(states[:-1], reference.hidden_states[:-1],
-                                               strict=True)):
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=f"layer {layer}")
-    torch.testing.assert_close(logits, reference.logits, rtol=1e-4, atol=1e-4)
+    assert_same_forward(states, logits, reference, rtol=1e-4, atol=1e-4)
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
