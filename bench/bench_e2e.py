@@ -64,15 +64,22 @@ def write_checkpoint(directory: Path, args) -> None:
         "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "tie_word_embeddings": False}))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--layers", type=int, default=3)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--ffn", type=int, default=14336)
+def add_checkpoint_args(parser: argparse.ArgumentParser, layers: int, hidden: int, ffn: int,
+                        samples: int, seq_len: int) -> None:
+    """The synthetic checkpoint's shape (write_checkpoint) and the calibration budget, with
+    each benchmark's own defaults."""
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--ffn", type=int, default=ffn)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--samples", type=int, default=samples)
+    parser.add_argument("--seq-len", type=int, default=seq_len)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_checkpoint_args(parser, layers=3, hidden=4096, ffn=14336, samples=32, seq_len=2048)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workdir", type=Path, help="where to build (default: a temp dir)")
     args = parser.parse_args()

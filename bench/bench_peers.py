@@ -285,15 +285,13 @@ def report(args, runs: dict[str, list[dict]], rates: dict[torch.dtype, float]) -
 
 
 def main() -> None:
+    # The parent alone imports hcconvert's benches: the peers' children run in other envs.
+    sys.path.insert(0, str(BENCH))
+    from bench_e2e import add_checkpoint_args
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--ffn", type=int, default=2048)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=256)
+    add_checkpoint_args(parser, layers=16, hidden=1024, ffn=2048, samples=32, seq_len=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--llmcompressor-python", help="a Python with llmcompressor installed")
     parser.add_argument("--baseline", type=Path,

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_e2e import write_checkpoint
+from bench_e2e import add_checkpoint_args, write_checkpoint
 
 from hcconvert.demo import data_file
 from hcconvert.resources import human_bytes
@@ -57,13 +57,7 @@ def largest_staging(root: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--ffn", type=int, default=4096)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=512)
+    add_checkpoint_args(parser, layers=6, hidden=2048, ffn=4096, samples=8, seq_len=512)
     parser.add_argument("--kill-after", type=int, default=3, help="layer index")
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
