@@ -178,8 +178,10 @@ class LayerPipeline:
                                    self.reducers[0].options.compute_dtype)
         self.decoder = self.spec.decoder(self.dtype)
         self.budget = gpu_budget(self.reducers[0].options.max_gpu_memory, self.device)
-        for layer in self.spec.moe_layers:  # a budget too small fails before any weight is read
-            self.expert_chunk(layer)
+        # Once per reduced layer, before any weight is read: a budget too small fails here.
+        self.chunk_experts = {layer: self.expert_chunk(layer)
+                              for layer in range(len(self.plan.layer_names))
+                              if self.spec.reduces(layer)}
         with self.timer.stage("read"):  # once, for every output
             globals_ = self.ckpt.read([t.name for t in self.reducers[0].plan.global_outputs])
         with self.timer.stage("compute"):
@@ -195,7 +197,7 @@ class LayerPipeline:
                 reducer.write_globals(globals_)
         elif start < num_layers:
             self.progress.restore(stream)
-        del globals_, embedding
+        del globals_
         bar = tqdm(total=num_layers, initial=start, desc="layers", unit="layer",
                    disable=not progress, file=sys.stderr)
         prefixes = [self.spec.family.layer_prefix(i) for i in range(num_layers)]
@@ -255,7 +257,7 @@ class LayerPipeline:
         with self.timer.stage("compute"):
             dense = self.dense(raw, layer)
             tensors, experts = self.decoder.layer_parts(layer, dense, self.device,
-                                                        self.expert_chunk(layer))
+                                                        self.chunk_experts[layer])
             # On the CPU the forward also sums the activations for the output statistics,
             # reusing its products; on CUDA the Triton kernel sums them without materialising.
             record = RoutingRecord(stream.tokens, saliency="saliency" in self.needs,
