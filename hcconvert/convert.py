@@ -268,7 +268,7 @@ class LayerPipeline:
             layer_input = stream.hidden.clone() if self.propagator is not None else None
             stream.advance(layer, module)
             del module
-            x, selected, _ = record.routing()
+            x, selected = record.routing()
             router = {s: dense[s].to(self.device) for s in router_suffixes(spec)}
             stats = collect_layer_stats(x, selected, router[family.router], experts,
                                         self.needs, self.seed, record)

@@ -287,7 +287,7 @@ def _summed_hidden(x: torch.Tensor, experts: Experts, e: int, token: torch.Tenso
 @dataclass
 class RoutingRecord:
     """What a MoE block's router chose over every call: the block's inputs and each token's
-    top-k experts and weights, in call order; with saliency, REAP's running sums (the routed
+    top-k experts, in call order; with saliency, REAP's running sums (the routed
     weight times the norm of the expert's output, per expert) from the same forward.
     tokens: how many tokens the calls will bring in all (the inputs are written in place)."""
 
@@ -299,7 +299,6 @@ class RoutingRecord:
     inputs: torch.Tensor | None = None  # [T, H]
     outputs: torch.Tensor | None = None  # [T, H] fp32, with keep_output
     index: list[torch.Tensor] = field(default_factory=list)  # [t, K] per call
-    weights: list[torch.Tensor] = field(default_factory=list)  # [t, K] fp32 per call
     filled: int = 0
     saliency_sum: torch.Tensor | None = None  # [E] fp64
     picked: torch.Tensor | None = None  # [E] fp64
@@ -311,13 +310,12 @@ class RoutingRecord:
             self.sums = torch.zeros(experts.gate.shape[:2], device=experts.device)
         return self.sums
 
-    def observe(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+    def observe(self, x: torch.Tensor, index: torch.Tensor) -> None:
         if self.inputs is None:
             self.inputs = x.new_empty((self.tokens, x.shape[1]))
         self.inputs[self.filled:self.filled + x.shape[0]] = x
         self.filled += x.shape[0]
         self.index.append(index)
-        self.weights.append(weights.float())
 
     def observe_sum(self, out: torch.Tensor) -> None:
         """The routed-expert output of the tokens observe saw last."""
@@ -327,11 +325,11 @@ class RoutingRecord:
             self.outputs = out.new_empty((self.tokens, out.shape[1]), dtype=torch.float32)
         self.outputs[self.filled - out.shape[0]:self.filled] = out
 
-    def routing(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The inputs [T, H], top-k index [T, K] and weights [T, K] of every token."""
+    def routing(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs [T, H] and top-k index [T, K] of every token."""
         if self.filled != self.tokens:
             raise RuntimeError(f"the layer saw {self.filled} of {self.tokens} tokens")
-        return self.inputs, torch.cat(self.index), torch.cat(self.weights)
+        return self.inputs, torch.cat(self.index)
 
     def mean_saliency(self, experts: int) -> torch.Tensor:
         """[E] REAP's saliency: over the tokens routed to an expert, the mean routed weight
@@ -360,7 +358,7 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor):
         record = self.record
         if record is not None:
-            record.observe(x, index, weights)
+            record.observe(x, index)
         out = torch.zeros_like(x)
         sums = None if record is None else record.sums_for(self.stacked)
         for e, token, slot, y in routed_outputs(x, self.stacked, index, sums):
