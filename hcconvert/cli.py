@@ -211,6 +211,9 @@ def size(ctx: click.Context, param: click.Parameter, value: str | None) -> int |
               "and when this run is stopped (Ctrl-C, SIGTERM) keep its finished layers for "
               "the next. --no-resume: start over. Default: go on from a run that was killed "
               "outright; clean up when stopped.")
+@click.option("--low-disk", is_flag=True, help="A Hub SRC: delete each shard from the HF "
+              "cache once every tensor in it is read, so the cache holds about a layer's "
+              "shards instead of the whole checkpoint.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and check what the run needs "
               "(tokenizer, calibration text, disk, Hub access); reads headers only, exits 2 "
               "where the run would fail.")
@@ -218,7 +221,7 @@ def size(ctx: click.Context, param: click.Parameter, value: str | None) -> int |
               "repo name and write access are checked before the conversion starts).")
 @click.option("--private", is_flag=True, help="With --push-to-hub: a private repo.")
 @click.pass_context
-def convert(ctx, src, out, recipe, overwrite, resume, dry_run, push_repo, private,
+def convert(ctx, src, out, recipe, overwrite, resume, low_disk, dry_run, push_repo, private,
             **given) -> None:
     """Convert SRC (a directory or a Hub repo id) into a checkpoint with fewer experts."""
     def action():
@@ -228,18 +231,23 @@ def convert(ctx, src, out, recipe, overwrite, resume, dry_run, push_repo, privat
             from .hub import check_push
 
             check_push(push_repo)
+        if low_disk:
+            from .source import check_low_disk
+
+            check_low_disk(src)
         if dry_run:
             from .report import print_plan
 
-            return print_plan(src, options, out, overwrite)
+            return print_plan(src, options, out, overwrite, low_disk)
         if out is None:
             raise UserError("--out is required (or pass --dry-run)")
         from .convert import convert as run_conversion
         from .preflight import check_ready, plan_from_headers
         from .report import print_summary
 
-        check_ready(*plan_from_headers(src, options), options, out, overwrite)
-        conversion = run_conversion(src, out, options, overwrite=overwrite, resume=resume)
+        check_ready(*plan_from_headers(src, options), options, out, overwrite, low_disk)
+        conversion = run_conversion(src, out, options, overwrite=overwrite, resume=resume,
+                                    low_disk=low_disk)
         print_summary(conversion)
         if push_repo:
             from .hub import push

@@ -32,9 +32,10 @@ from .mtp import NextTokenInputs
 from .options import ConvertOptions
 from .plan import build_plan, router_suffixes
 from .reduction import Conversion, LayerResult, Reducer
+from .remote import HubFiles
 from .resources import StageTimer
 from .resume import Progress, checkpoint_fingerprint, open_progress, run_key, source_identity
-from .source import Checkpoint, resolve_source
+from .source import Checkpoint, open_checkpoint
 from .spec import ModelSpec
 from .statistics import collect_layer_stats, statistics_kernel
 from .streaming import BackgroundWriter, prefetched_layers
@@ -43,8 +44,10 @@ from .writer import TORCH_DTYPES, ShardWriter, check_output_dir, copy_side_files
 __all__ = ["Conversion", "LayerResult", "LayerPipeline", "convert", "convert_many"]
 
 
-def open_source(src: str, revision: str | None = None) -> tuple[Checkpoint, ModelSpec]:
-    ckpt = Checkpoint(resolve_source(src, revision))
+def open_source(src: str, revision: str | None = None,
+                low_disk: bool = False) -> tuple[Checkpoint, ModelSpec]:
+    """SRC to convert; a Hub repo's shards are downloaded just in time (remote.HubFiles)."""
+    ckpt = open_checkpoint(src, revision, low_disk)
     return ckpt, ModelSpec.from_config(ckpt.config, family_for(ckpt.config))
 
 
@@ -57,16 +60,19 @@ def pick_device(device: str) -> torch.device:
 
 
 def convert(src: str, out: Path, options: ConvertOptions, overwrite: bool = False,
-            progress: bool = True, resume: bool | None = None) -> Conversion:
+            progress: bool = True, resume: bool | None = None,
+            low_disk: bool = False) -> Conversion:
     """Convert SRC into a reduced checkpoint at OUT; nothing appears at OUT unless it succeeds.
     The run is resumable (resume.py): by default it goes on from where an interrupted run
     with the same source, options and hcconvert version stopped; resume=True also keeps this
-    run's finished layers when it fails or is stopped; resume=False starts over."""
-    return convert_many(src, [(out, options)], overwrite, progress, resume)[0]
+    run's finished layers when it fails or is stopped; resume=False starts over. low_disk:
+    a Hub source's shards leave the HF cache once read (remote.HubFiles)."""
+    return convert_many(src, [(out, options)], overwrite, progress, resume, low_disk)[0]
 
 
 def convert_many(src: str, outputs: list[tuple[Path, ConvertOptions]], overwrite: bool = False,
-                 progress: bool = True, resume: bool | None = None) -> list[Conversion]:
+                 progress: bool = True, resume: bool | None = None,
+                 low_disk: bool = False) -> list[Conversion]:
     """Several reductions of SRC from one pass over its layers, each into its own directory
     (its own shards, staging directory and hcconvert.json). They must share the calibration
     options; with more than one, all must propagate the original outputs, since merged
@@ -76,7 +82,7 @@ def convert_many(src: str, outputs: list[tuple[Path, ConvertOptions]], overwrite
     if len({out.resolve() for out, _ in outputs}) < len(outputs):
         raise ValueError("every output needs its own directory")
     first = outputs[0][1]
-    ckpt, spec = open_source(src, first.revision)
+    ckpt, spec = open_source(src, first.revision, low_disk)
     conversions = [prepare_output(src, ckpt, spec, out, options, overwrite)
                    for out, options in outputs]
     device = pick_device(first.device)
@@ -93,6 +99,9 @@ def convert_many(src: str, outputs: list[tuple[Path, ConvertOptions]], overwrite
         for reducer, staging in zip(reducers, stagings, strict=True):
             copy_side_files(ckpt.root, staging)
             write_metadata(staging, ckpt, reducer.conversion, reducer.options, run)
+    if isinstance(ckpt.files, HubFiles):
+        for conversion in conversions:
+            conversion.source_peak_bytes = ckpt.files.peak_bytes
     return conversions
 
 
@@ -183,15 +192,17 @@ class LayerPipeline:
                               for layer in range(len(self.plan.layer_names))
                               if self.spec.reduces(layer)}
         with self.timer.stage("read"):  # once, for every output
-            globals_ = self.ckpt.read([t.name for t in self.reducers[0].plan.global_outputs])
+            globals_ = self.ckpt.read(self.plan.global_names)
+        num_layers = len(self.plan.layer_names)  # the MTP layer last, if stored
+        start = self.progress.finished if self.progress is not None else 0
+        # A resumed run never reads the layers it finished (--low-disk: their shards may go).
+        self.ckpt.release([name for names in self.plan.layer_names[:start] for name in names])
         with self.timer.stage("compute"):
             self.decoder.load_globals(self.dense(globals_, None), self.device)
             stream = HiddenStream(self.decoder, tokens, self.device)
             next_tokens = (NextTokenInputs(self.decoder, tokens, self.device)
                            if self.plan.mtp_layers else None)
             self.decoder.drop_globals()
-        num_layers = len(self.plan.layer_names)  # the MTP layer last, if stored
-        start = self.progress.finished if self.progress is not None else 0
         if start == 0:
             for reducer in self.reducers:
                 reducer.write_globals(globals_)

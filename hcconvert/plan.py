@@ -25,7 +25,8 @@ class Plan:
     spec: ModelSpec
     experts_out: int
     top_k_out: int
-    global_outputs: list[OutputTensor]  # tensors outside the decoder layers, copied first
+    global_names: list[str]  # source tensors outside the decoder layers
+    global_outputs: list[OutputTensor]  # what they write, first
     layer_names: list[list[str]]  # per layer: its source tensors (full names)
     layer_outputs: list[list[OutputTensor]]  # per layer: what it writes, in order
     bytes_in: int
@@ -85,15 +86,16 @@ def build_plan(ckpt: Checkpoint, spec: ModelSpec, experts_out: int,
     storage = Storage.of(ckpt).writing(dtype)
     layer_names = validate_tensors(ckpt, spec, storage)
     in_layers = {name for names in layer_names for name in names}
-    global_outputs = storage.copied([n for n in ckpt.tensors if n not in in_layers],
-                                    ckpt.tensors)
+    global_names = [n for n in ckpt.tensors if n not in in_layers]
+    global_outputs = storage.copied(global_names, ckpt.tensors)
     layer_outputs = [_layer_outputs(ckpt, spec, storage, layer, names, experts_out)
                      for layer, names in enumerate(layer_names)]
     requantized = frozenset(
         layer for layer, names in enumerate(layer_names) if spec.reduces(layer)
         and storage.requantizes(spec.family.layer_prefix(layer)
                                 + stored_layout(spec, layer, names).marker))
-    return Plan(spec, experts_out, min(spec.top_k, experts_out), global_outputs, layer_names,
+    return Plan(spec, experts_out, min(spec.top_k, experts_out), global_names, global_outputs,
+                layer_names,
                 layer_outputs, ckpt.total_bytes, storage, requantized)
 
 

@@ -36,7 +36,7 @@ def plan_from_headers(src: str, options: ConvertOptions) -> tuple[Checkpoint, Pl
 
 
 def check_ready(ckpt: Checkpoint, plan: Plan, options: ConvertOptions, out: Path | None,
-                overwrite: bool = False) -> None:
+                overwrite: bool = False, low_disk: bool = False) -> None:
     """Everything the run needs besides the weights; the first missing one is a UserError."""
     tokenizer = check_tokenizer(ckpt)
     check_calibration(options.calib, options.text_field, tokenizer)
@@ -44,7 +44,7 @@ def check_ready(ckpt: Checkpoint, plan: Plan, options: ConvertOptions, out: Path
         return
     if ckpt.root is not None:  # a Hub source lands in the HF cache, never inside --out
         check_output_dir(out, ckpt.root, overwrite)
-    check_disk(ckpt, plan, out)
+    check_disk(ckpt, plan, out, low_disk)
 
 
 def check_tokenizer(ckpt: Checkpoint) -> TextTokenizer | None:
@@ -81,14 +81,15 @@ def check_calibration(calib: str | None, field: str = "text",
                         "not in the HF cache: pass --calib FILE (.jsonl, .txt or .json.gz)")
 
 
-def check_disk(ckpt: Checkpoint, plan: Plan, out: Path) -> None:
+def check_disk(ckpt: Checkpoint, plan: Plan, out: Path, low_disk: bool = False) -> None:
     """The output must fit on --out's filesystem; the shards of a Hub source not yet in the HF
-    cache must fit there too (counted together where both share a filesystem)."""
+    cache must fit there too (counted together where both share a filesystem), or with
+    --low-disk the most of them the cache holds at once."""
     needs = [(out, plan.bytes_out)]
     if ckpt.root is None:
         from huggingface_hub import constants
 
-        needs.append((Path(constants.HF_HUB_CACHE), _bytes_to_download(ckpt)))
+        needs.append((Path(constants.HF_HUB_CACHE), download_bytes(ckpt, plan, low_disk)))
     claimed: dict[int, int] = {}  # per filesystem (st_dev): bytes needed so far
     for path, needed in needs:
         place = _existing_ancestor(path)
@@ -100,17 +101,45 @@ def check_disk(ckpt: Checkpoint, plan: Plan, out: Path) -> None:
                             f"{human_bytes(claimed[device])}, {human_bytes(free)} is free")
 
 
-def _bytes_to_download(ckpt: Checkpoint) -> int:
-    """Bytes of the Hub source's shards that are not in the HF cache yet."""
+def download_bytes(ckpt: Checkpoint, plan: Plan, low_disk: bool) -> int:
+    """The HF cache space a Hub source's run needs: the shards not cached yet, or with
+    --low-disk the most of them held at once."""
+    missing = _shards_to_download(ckpt)
+    if not low_disk:
+        return sum(missing.values())
+    return low_disk_peak(ckpt, [plan.global_names, *plan.layer_names], missing)
+
+
+def low_disk_peak(ckpt: Checkpoint, reads: list[list[str]], downloaded: dict[str, int]) -> int:
+    """The most bytes of the downloaded shards (name -> bytes) the HF cache holds at once with
+    --low-disk, when the run reads these groups of tensors in order (the globals, then layer
+    by layer): a shard comes with the first read of a tensor in it and goes once all of its
+    tensors are read. An upper bound: the run fetches a group's shards one by one."""
+    unread: dict[str, set[str]] = {}
+    for name, info in ckpt.tensors.items():
+        unread.setdefault(info.shard, set()).add(name)
+    present: set[str] = set()
+    peak = 0
+    for names in reads:
+        present.update(ckpt.tensors[name].shard for name in names)
+        peak = max(peak, sum(downloaded.get(shard, 0) for shard in present))
+        for name in names:
+            unread[ckpt.tensors[name].shard].discard(name)
+        present = {shard for shard in present if unread[shard]}
+    return peak
+
+
+def _shards_to_download(ckpt: Checkpoint) -> dict[str, int]:
+    """The Hub source's shards that are not in the HF cache yet, and their bytes."""
     from huggingface_hub import try_to_load_from_cache
 
     shard_bytes: dict[str, int] = {}
     for info in ckpt.tensors.values():
         shard_bytes[info.shard] = shard_bytes.get(info.shard, 0) + info.nbytes
     files = ckpt.files
-    return sum(size for shard, size in shard_bytes.items()
-               if not isinstance(try_to_load_from_cache(files.repo_id, shard,
-                                                        revision=files.revision), str))
+    return {shard: size for shard, size in shard_bytes.items()
+            if not isinstance(try_to_load_from_cache(files.repo_id, shard,
+                                                     revision=files.revision), str)}
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -55,6 +55,8 @@ class Conversion:
     layers: list[LayerResult] = field(default_factory=list)
     timer: StageTimer = field(default_factory=StageTimer)
     shared_seconds: float = 0.0  # of timer's: the pass shared with other outputs (compare)
+    # A Hub source downloaded just in time: the most of its shards the HF cache held at once.
+    source_peak_bytes: int | None = None
 
 
 @dataclass

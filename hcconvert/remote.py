@@ -1,8 +1,9 @@
-"""A Hub checkpoint's config, index and safetensors headers, read over HTTP without its weights.
+"""A Hub checkpoint read over HTTP: its config, index and safetensors headers without its
+weights (RemoteFiles), and its shards downloaded just in time for a conversion (HubFiles).
 
 A safetensors shard starts with an 8-byte header length and the JSON header; an HTTP range
 request fetches just those, so planning a 93 GB checkpoint moves a few hundred kilobytes.
-Errors are left to the caller's hub.hub_errors.
+RemoteFiles leaves errors to the caller's hub.hub_errors.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import json
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import quote
 
 from .errors import UserError
-from .source import TensorInfo, header_tensors
+from .source import HUB_SIDE_FILES, LocalFiles, TensorInfo, header_tensors
 
 # Bytes asked for first: most headers fit (huggingface_hub's own reader asks for as much), so
 # one request per shard is the rule and a second, exact one the exception.
@@ -118,3 +120,76 @@ def _file_size(headers) -> int | None:
         return int(content_range.rsplit("/", 1)[1])
     length = headers.get("Content-Length")
     return int(length) if length and not content_range else None
+
+
+class HubFiles(LocalFiles):
+    """A Hub repo's snapshot in the HF cache that starts with its small files only: the shard
+    headers are read remotely, and each shard is downloaded when the run first reads a tensor
+    in it (on the prefetch thread, a layer ahead of the computation). With low_disk a shard
+    is deleted from the cache once the run has released every tensor in it (also one an
+    earlier, killed run downloaded), so the cache holds little more than the shards of the
+    layers in flight."""
+
+    def __init__(self, repo_id: str, root: Path, low_disk: bool):
+        super().__init__(root)
+        # The snapshot directory is named by its commit: every shard from that same commit.
+        self.remote = RemoteFiles(repo_id, root.name)
+        self.location = repo_id
+        self.low_disk = low_disk
+        self.shard_of: dict[str, str] = {}  # tensor -> its shard
+        self.unreleased: dict[str, set[str]] = {}  # shard -> its tensors the run may still read
+        self.downloaded: dict[str, int] = {}  # shard -> bytes, downloaded by this run, still here
+        self.peak_bytes = 0  # the most of self.downloaded held at once
+
+    @classmethod
+    def download_side_files(cls, repo_id: str, revision: str | None,
+                            low_disk: bool) -> HubFiles:
+        """The repo's config, index, tokenizer and card downloaded into the HF cache now."""
+        from huggingface_hub import snapshot_download
+
+        from .hub import hub_errors
+
+        with hub_errors(f"cannot download {repo_id!r}"):
+            root = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_SIDE_FILES)
+        return cls(repo_id, Path(root), low_disk)
+
+    def shard_headers(self, shards: list[str]) -> dict[str, TensorInfo]:
+        from .hub import hub_errors
+
+        with hub_errors(f"cannot read {self.location!r} from the Hub"):
+            headers = self.remote.shard_headers(shards)
+        self.shard_of = {name: info.shard for name, info in headers.items()}
+        for name, info in headers.items():
+            self.unreleased.setdefault(info.shard, set()).add(name)
+        return headers
+
+    def local_shard(self, shard: str) -> Path:
+        path = self.root / shard
+        if not path.exists():
+            from huggingface_hub import hf_hub_download
+
+            from .hub import hub_errors
+
+            with hub_errors(f"cannot download {shard} of {self.location}"):
+                hf_hub_download(self.remote.repo_id, shard, revision=self.remote.revision)
+            self.downloaded[shard] = path.stat().st_size
+            self.peak_bytes = max(self.peak_bytes, sum(self.downloaded.values()))
+        return path
+
+    def release(self, names: list[str]) -> None:
+        shards = {self.shard_of[name] for name in names}
+        for name in names:
+            self.unreleased[self.shard_of[name]].discard(name)
+        for shard in shards:
+            if self.low_disk and not self.unreleased[shard]:
+                remove_cached(self.root / shard)
+                self.downloaded.pop(shard, None)
+
+
+def remove_cached(path: Path) -> None:
+    """A file of the HF cache: the snapshot's link and the blob it points to (if any)."""
+    if not path.is_symlink() and not path.exists():
+        return
+    blob = path.resolve()
+    path.unlink(missing_ok=True)
+    blob.unlink(missing_ok=True)

@@ -12,15 +12,15 @@ from .errors import UserError
 from .estimate import estimate_memory, gpu_budget
 from .families import family_for
 from .options import ConvertOptions
-from .plan import validate_tensors
-from .preflight import check_ready, plan_from_headers
+from .plan import Plan, validate_tensors
+from .preflight import check_ready, download_bytes, plan_from_headers
 from .resources import human_bytes, peak_gpu_bytes, peak_rss_bytes
-from .source import open_headers
+from .source import Checkpoint, open_headers
 from .spec import ModelSpec
 
 
 def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
-               overwrite: bool = False) -> None:
+               overwrite: bool = False, low_disk: bool = False) -> None:
     """The plan from SRC's headers, then the checks the real run makes before its work: a
     UserError from them means the real run would fail."""
     ckpt, plan = plan_from_headers(src, options)
@@ -49,9 +49,19 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
         f"memory (est.) on a GPU: {human_bytes(on_gpu.device)} GPU + "
         f"{human_bytes(on_gpu.host)} host; on the CPU: {human_bytes(on_cpu.host)}",
         *_mtp_line(spec, plan.mtp_layers),
+        *_download_line(ckpt, plan, low_disk),
     ]
     click.echo("\n".join(lines))
-    check_ready(ckpt, plan, options, out, overwrite)
+    check_ready(ckpt, plan, options, out, overwrite, low_disk)
+
+
+def _download_line(ckpt: Checkpoint, plan: Plan, low_disk: bool) -> list[str]:
+    """A Hub source: what its shards take in the HF cache (none for a local directory)."""
+    if ckpt.root is not None:
+        return []
+    return [f"download      {human_bytes(download_bytes(ckpt, plan, False))} of shards, "
+            f"at most {human_bytes(download_bytes(ckpt, plan, True))} in the HF cache at once "
+            + ("(--low-disk)" if low_disk else "with --low-disk")]
 
 
 def _budget_line(budget: int | None, chunk: int | None, experts: int) -> str:
@@ -163,4 +173,7 @@ def print_summary(conversion: Conversion) -> None:
         f"wall time   {timer.wall:.1f}s ({stages})",
         f"peak memory host {human_bytes(peak_rss_bytes())}"
         + (f", GPU {human_bytes(gpu)}" if gpu is not None else ""),
+        *([f"source disk peak {human_bytes(conversion.source_peak_bytes)} of "
+           f"{human_bytes(plan.bytes_in)} (shards downloaded as the layers needed them)"]
+          if conversion.source_peak_bytes is not None else []),
     ]))

@@ -76,12 +76,31 @@ def check_hub_id(src: str) -> None:
         raise UserError(f"source {src}: no such directory, and not a Hub repo id (owner/name)")
 
 
-def resolve_source(src: str, revision: str | None = None) -> Path:
-    """A local directory as is, or a Hub repo id downloaded (safetensors and config only)."""
+def check_low_disk(src: str) -> None:
+    """--low-disk deletes downloaded shards: a local directory is never touched."""
     if Path(src).is_dir():
-        return Path(src)
+        raise UserError(f"--low-disk deletes a Hub source's shards once read; {src} is a "
+                        "local directory, which hcconvert never modifies")
+
+
+def open_checkpoint(src: str, revision: str | None = None,
+                    low_disk: bool = False) -> Checkpoint:
+    """SRC to read weights from: a local directory as is; a Hub repo with its small files
+    downloaded now and each shard when a tensor in it is first read (remote.HubFiles; with
+    low_disk deleted again once all its tensors are read); offline, a Hub repo's snapshot in
+    the HF cache."""
+    from huggingface_hub import constants
+
+    if low_disk:
+        check_low_disk(src)
+    if Path(src).is_dir():
+        return Checkpoint(Path(src))
     check_hub_id(src)
-    return _download(src, revision)
+    if constants.is_offline_mode():
+        return Checkpoint(_download(src, revision))
+    from .remote import HubFiles
+
+    return Checkpoint(HubFiles.download_side_files(src, revision, low_disk))
 
 
 def open_headers(src: str, revision: str | None = None) -> Checkpoint:
@@ -230,7 +249,6 @@ class CheckpointFiles(Protocol):
     def shard_headers(self, shards: list[str]) -> dict[str, TensorInfo]:
         """Every tensor of these shards, from their headers; a missing shard is a UserError."""
 
-
 class LocalFiles:
     """A checkpoint directory."""
 
@@ -245,6 +263,13 @@ class LocalFiles:
     def exists(self, name: str) -> bool:
         return (self.root / name).is_file()
 
+    def local_shard(self, shard: str) -> Path:
+        """Where to read the shard's tensors (remote.HubFiles downloads it first)."""
+        return self.root / shard
+
+    def release(self, names: list[str]) -> None:
+        """The run needs these tensors no more (remote.HubFiles may delete their shards)."""
+
     def shard_headers(self, shards: list[str]) -> dict[str, TensorInfo]:
         headers: dict[str, TensorInfo] = {}
         for shard in shards:
@@ -255,7 +280,8 @@ class LocalFiles:
 
 
 class Checkpoint:
-    """A Hugging Face checkpoint: config, tensor index, lazy tensor access (local only)."""
+    """A Hugging Face checkpoint: config, tensor index, lazy tensor access (through files
+    that have local shards: LocalFiles, remote.HubFiles)."""
 
     def __init__(self, source: Path | str | CheckpointFiles):
         self.files = (LocalFiles(Path(source)) if isinstance(source, str | os.PathLike)
@@ -305,10 +331,16 @@ class Checkpoint:
             by_shard.setdefault(self.tensors[name].shard, []).append(name)
         tensors = {}
         for shard, members in by_shard.items():
-            with safe_open(str(self.root / shard), framework="pt") as handle:
+            with safe_open(str(self.files.local_shard(shard)), framework="pt") as handle:
                 tensors.update({name: handle.get_tensor(name) for name in members})
+            self.files.release(members)
         check_finite(tensors)
         return tensors
+
+    def release(self, names: list[str]) -> None:
+        """Tensors the run will not read (a resumed run's finished layers, source tensors
+        with no output of their own): with --low-disk their shards may go."""
+        self.files.release(names)
 
     def get(self, name: str) -> torch.Tensor:
         return self.read([name])[name]

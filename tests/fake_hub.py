@@ -1,20 +1,25 @@
 """A fake Hugging Face Hub on 127.0.0.1: serves checkpoint directories as repos and answers
 /api/whoami-v2, recording every request, so tests see what hcconvert asked for.
 
-It serves files (with HTTP ranges) under /{owner}/{name}/resolve/{revision}/{file} and
-nothing else: a client that wanted the snapshot or tree APIs to download a repo gets 404.
+It serves files (with HTTP ranges, and the commit and ETag headers hf_hub_download needs)
+under /{owner}/{name}/resolve/{revision}/{file}, and the two API calls snapshot_download
+starts with: a repo's commit (/api/models/{repo}/revision/{revision}) and its file tree
+(/api/models/{repo}/tree/{commit}). Every revision names the one commit a repo has.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import shutil
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 RESOLVE = re.compile(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
+MODEL_API = re.compile(r"^/api/models/([^/]+/[^/]+)/(revision|tree)/([^/?]+)")
 RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
@@ -80,13 +85,28 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(self.state.status, b"{}", body)
         if self.path == "/api/whoami-v2":
             return self._whoami(body)
-        match = RESOLVE.match(self.path)
+        match = RESOLVE.match(self.path) or MODEL_API.match(self.path)
         if not match or match.group(1) not in self.state.repos:
             return self._send(404, b"", body, {"X-Error-Code": "RepoNotFound"})
-        path = self.state.repos[match.group(1)] / match.group(3)
+        repo_id, root = match.group(1), self.state.repos[match.group(1)]
+        if match.re is MODEL_API:
+            return self._model_api(repo_id, root, match.group(2), body)
+        path = root / match.group(3)
         if not path.is_file():
             return self._send(404, b"", body, {"X-Error-Code": "EntryNotFound"})
-        request.bytes_sent = self._send_file(path.read_bytes(), body)
+        request.bytes_sent = self._send_file(path, body, {"X-Repo-Commit": commit(repo_id),
+                                                          "ETag": f'"{etag(path)}"'})
+
+    def _model_api(self, repo_id: str, root: Path, call: str, body: bool) -> None:
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        names = [str(p.relative_to(root)) for p in files]
+        if call == "revision":
+            answer: object = {"id": repo_id, "sha": commit(repo_id),
+                              "siblings": [{"rfilename": name} for name in names]}
+        else:
+            answer = [{"type": "file", "path": name, "size": p.stat().st_size, "oid": etag(p)}
+                      for name, p in zip(names, files, strict=True)]
+        self._send(200, json.dumps(answer).encode(), body)
 
     def _whoami(self, body: bool) -> None:
         token = self.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -95,25 +115,60 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(401, b'{"error": "Invalid credentials"}', body)
         self._send(200, json.dumps(account).encode(), body)
 
-    def _send_file(self, data: bytes, body: bool) -> int:
+    def _send_file(self, path: Path, body: bool, headers: dict) -> int:
+        """The file, or the asked range of it, streamed from disk (shards may be GBs)."""
+        size = path.stat().st_size
         match = RANGE.match(self.headers.get("Range", ""))
-        if not match:
-            self._send(200, data, body)
-            return len(data) if body else 0
-        start = int(match.group(1))
-        end = min(int(match.group(2)) if match.group(2) else len(data) - 1, len(data) - 1)
-        part = data[start:end + 1]
-        self._send(206, part, body, {"Content-Range": f"bytes {start}-{end}/{len(data)}"})
-        return len(part) if body else 0
+        start, end = 0, size - 1
+        if match:
+            start = int(match.group(1))
+            end = min(int(match.group(2)) if match.group(2) else size - 1, size - 1)
+            headers = {**headers, "Content-Range": f"bytes {start}-{end}/{size}"}
+        self._send(206 if match else 200, None, body, headers, end + 1 - start)
+        if not body:
+            return 0
+        with open(path, "rb") as f:
+            f.seek(start)
+            try:
+                shutil.copyfileobj(_Limited(f, end + 1 - start), self.wfile)
+            except (BrokenPipeError, ConnectionResetError):  # the client had enough
+                pass
+        return end + 1 - start
 
-    def _send(self, status: int, data: bytes, body: bool, headers: dict | None = None) -> None:
+    def _send(self, status: int, data: bytes | None, body: bool, headers: dict | None = None,
+              length: int | None = None) -> None:
+        """The status line and headers, then data unless the caller streams length bytes."""
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Length", str(len(data) if data is not None else length))
         self.end_headers()
-        if body:
+        if body and data is not None:
             self.wfile.write(data)
+
+
+class _Limited:
+    """The next `left` bytes of a file, for shutil.copyfileobj."""
+
+    def __init__(self, f, left: int):
+        self.f, self.left = f, left
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        data = self.f.read(size)
+        self.left -= len(data)
+        return data
+
+
+def commit(repo_id: str) -> str:
+    """The one commit of a repo: 40 hex digits, as the Hub names commits."""
+    return hashlib.sha1(repo_id.encode()).hexdigest()
+
+
+def etag(path: Path) -> str:
+    """A stand-in for the file's blob id, cheap for GB files: its name, size and mtime."""
+    stat = path.stat()
+    return hashlib.sha1(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
 
 
 def account(name: str, role: str = "write", orgs: dict[str, str] | None = None) -> dict:

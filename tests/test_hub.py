@@ -1,20 +1,28 @@
 """Against a fake Hub on 127.0.0.1: inspect and --dry-run read headers only, Hub failures and
---push-to-hub preflight are one line and exit 2 before any conversion work."""
+--push-to-hub preflight are one line and exit 2 before any conversion work, a conversion
+downloads shards just in time and --low-disk deletes them once read."""
 
+import os
+import re
 import shutil
+import signal
 import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-from conftest import save_tiny_mixtral
+from conftest import save_tiny_mixtral, tree_digest
 from fake_hub import FakeHub, account
-from test_cli import assert_user_error, run
+from test_cli import assert_user_error, convert_args, run
+from test_resume import CLI
 
 import hcconvert.convert
-from hcconvert import remote
+from hcconvert import preflight, remote, streaming
+from hcconvert.options import ConvertOptions
+from hcconvert.resume import KILL_AT_VARIABLE
 
 REPO = "org/tiny-moe"
 # An offline run used to spend 25 s in huggingface_hub's retries; a one-line failure is fast.
@@ -33,6 +41,9 @@ def hub(tmp_path, monkeypatch):
 
     with FakeHub() as fake:
         monkeypatch.setattr(constants, "ENDPOINT", fake.url)
+        # hf_hub_download builds its URLs from this, fixed when huggingface_hub is imported
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            fake.url + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -85,10 +96,12 @@ def test_dry_run_reads_only_headers(hub, tiny, calib_text, tmp_path):
     result = run(REPO, *args)
     assert result.exit_code == 0, result.stderr
     local = run(tiny, *args).stdout
-    without_source = [line for line in local.splitlines() if not line.startswith("source")]
-    assert [line for line in result.stdout.splitlines()
-            if not line.startswith("source")] == without_source
+    hub_only = ("source", "download")  # a local directory downloads nothing
+    assert [line for line in result.stdout.splitlines() if not line.startswith(hub_only)] \
+        == [line for line in local.splitlines() if not line.startswith(hub_only)]
     assert f"source        {REPO}" in result.stdout
+    assert re.search(r"download +\S+ KB of shards, at most \S+ KB in the HF cache at once with "
+                     "--low-disk", result.stdout)
     assert_headers_only(hub, tiny)
     assert not (tmp_path / "out").exists()
 
@@ -178,3 +191,119 @@ def test_push_while_offline(hub, tiny, calib_text, tmp_path, monkeypatch, conver
                  "--push-to-hub", "me/small")
     assert_user_error(result, "--push-to-hub me/small: offline (HF_HUB_OFFLINE is set")
     assert not conversions and not hub.state.requests
+
+
+def cached_shards() -> set[str]:
+    """The shards in the HF cache (a link whose blob was deleted does not count)."""
+    return {p.name for p in Path(huggingface_hub.constants.HF_HUB_CACHE).rglob("*.safetensors")
+            if p.exists()}
+
+
+def layers_by_shard(src: Path) -> dict[str, set[int]]:
+    """The decoder layers each shard holds tensors of; -1 for tensors outside the layers."""
+    import json
+
+    held: dict[str, set[int]] = {}
+    for name, shard in json.loads((src / "model.safetensors.index.json").read_text())[
+            "weight_map"].items():
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        held.setdefault(shard, set()).add(int(layer.group(1)) if layer else -1)
+    return held
+
+
+@pytest.fixture
+def layer_reads(monkeypatch):
+    """(layer, shards in the HF cache) as the read of each decoder layer begins."""
+    reads = []
+    read_layer = streaming.read_layer
+
+    def recording(ckpt, prefix, pin):
+        reads.append((int(prefix.split(".")[-2]), cached_shards()))
+        return read_layer(ckpt, prefix, pin)
+    monkeypatch.setattr(streaming, "read_layer", recording)
+    return reads
+
+
+def weights_digest(out: Path) -> dict[str, str]:
+    """The output but its metadata and card, which name the source."""
+    return {name: digest for name, digest in tree_digest(out).items()
+            if name not in ("hcconvert.json", "README.md")}
+
+
+@pytest.mark.parametrize("low_disk", [False, True])
+def test_conversion_downloads_each_shard_just_in_time(hub, tiny, calib_text, tmp_path,
+                                                      layer_reads, low_disk):
+    hub.state.repos[REPO] = tiny
+    flag = ("--low-disk",) if low_disk else ()
+    result = run(*convert_args(REPO, tmp_path / "hub", calib_text, *flag))
+    assert result.exit_code == 0, result.stderr
+    layer_reads_of_the_hub_run = list(layer_reads)
+    assert run(*convert_args(tiny, tmp_path / "local", calib_text)).exit_code == 0
+    assert weights_digest(tmp_path / "hub") == weights_digest(tmp_path / "local")
+
+    held = layers_by_shard(tiny)
+    downloads = [r.path.rsplit("/", 1)[1] for r in hub.shard_requests()
+                 if r.method == "GET" and not r.range]
+    assert sorted(downloads) == sorted(held)  # each shard once, whole
+    assert [layer for layer, _ in layer_reads_of_the_hub_run] == [0, 1]
+    for layer, cached in layer_reads_of_the_hub_run:
+        # nothing fetched before a layer that needs it; with --low-disk nothing kept after
+        assert all(min(held[shard]) < layer for shard in cached), (layer, cached)
+        if low_disk:
+            assert all(max(held[shard]) >= layer for shard in cached), (layer, cached)
+    assert cached_shards() == (set() if low_disk else set(held))
+    peak = float(re.search(r"source disk peak (\S+) KB", result.stdout).group(1))
+    shard_kb = sum(p.stat().st_size for p in tiny.glob("*.safetensors")) / 1000
+    assert peak < shard_kb / 2 if low_disk else peak == pytest.approx(shard_kb, abs=0.1)
+
+
+def test_low_disk_resumes_a_killed_run_and_empties_the_cache(hub, tiny, calib_text, tmp_path):
+    hub.state.repos[REPO] = tiny
+    for place in ("reference", "resumed"):
+        (tmp_path / place).mkdir()
+    args = [str(a) for a in convert_args(REPO, "out", calib_text, "--low-disk")]
+    assert run(*args[:4], str(tmp_path / "reference" / "out"), *args[5:]).exit_code == 0
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
+           "HF_HUB_CACHE": huggingface_hub.constants.HF_HUB_CACHE, KILL_AT_VARIABLE: "commit:0"}
+    killed = subprocess.run([*CLI, *args], cwd=tmp_path / "resumed", env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # What a kill can leave in the cache: a shard of the finished layer
+    first_layer_only = [shard for shard, layers in layers_by_shard(tiny).items()
+                        if layers == {0}]
+    huggingface_hub.hf_hub_download(REPO, first_layer_only[0])
+    del hub.state.requests[:]
+
+    resumed = run(*args[:4], str(tmp_path / "resumed" / "out"), *args[5:])
+    assert resumed.exit_code == 0 and "resuming: " in resumed.stderr, resumed.stderr
+    assert tree_digest(tmp_path / "resumed" / "out") == tree_digest(tmp_path / "reference" / "out")
+    downloads = {r.path.rsplit("/", 1)[1] for r in hub.shard_requests() if not r.range}
+    assert downloads and not downloads & set(first_layer_only)  # layer 0 is not read again
+    assert cached_shards() == set()
+
+
+def test_low_disk_refuses_a_local_directory(tiny, calib_text, tmp_path):
+    before = tree_digest(tiny)
+    for extra in ((), ("--dry-run",)):
+        result = run(*convert_args(tiny, tmp_path / "out", calib_text, "--low-disk", *extra))
+        assert_user_error(result, "is a local directory, which hcconvert never modifies")
+    assert not (tmp_path / "out").exists() and tree_digest(tiny) == before
+
+
+def test_low_disk_needs_only_the_shards_in_flight(hub, tiny, calib_text, tmp_path,
+                                                   monkeypatch):
+    """Free disk between what --low-disk needs and the whole checkpoint: the preflight
+    passes with --low-disk only."""
+    hub.state.repos[REPO] = tiny
+    options = ConvertOptions(experts=3, calib=str(calib_text))
+    ckpt, plan = preflight.plan_from_headers(REPO, options)
+    low = plan.bytes_out + preflight.download_bytes(ckpt, plan, low_disk=True)
+    whole = plan.bytes_out + preflight.download_bytes(ckpt, plan, low_disk=False)
+    assert low < whole and whole - plan.bytes_out == plan.bytes_in
+    free = shutil.disk_usage(tmp_path)._replace(free=(low + whole) // 2)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: free)
+    args = (REPO, "--experts", 3, "--calib", calib_text, "--out", tmp_path / "out", "--dry-run")
+    assert_user_error(run(*args), "not enough disk")
+    result = run(*args, "--low-disk")
+    assert result.exit_code == 0, result.stderr
+    assert "(--low-disk)" in result.stdout
