@@ -44,11 +44,11 @@ def mixtral_tensors(args) -> list[OutputTensor]:
     return [OutputTensor(name, bf16, shape) for name, shape in shapes.items()]
 
 
-def write_checkpoint(directory: Path, args) -> None:
+def write_checkpoint(directory: Path, args, shard_bytes: int = 5 * 10**9) -> None:
     """Random weights, one tensor in memory at a time; norms are ones."""
     directory.mkdir(parents=True)
     tensors = mixtral_tensors(args)
-    with ShardWriter(directory, tensors, 5 * 10**9) as writer:
+    with ShardWriter(directory, tensors, shard_bytes) as writer:
         for t in tensors:
             if len(t.shape) == 1:
                 value = torch.ones(t.shape, dtype=torch.bfloat16)

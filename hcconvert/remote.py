@@ -163,6 +163,9 @@ class HubFiles(LocalFiles):
             self.unreleased.setdefault(info.shard, set()).add(name)
         return headers
 
+    def exists(self, name: str) -> bool:
+        return super().exists(name) or self.remote.exists(name)  # a shard not downloaded yet
+
     def local_shard(self, shard: str) -> Path:
         path = self.root / shard
         if not path.exists():

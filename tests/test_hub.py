@@ -14,7 +14,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-from conftest import save_tiny_mixtral, tree_digest
+from conftest import load_all, save_tiny_mixtral, tree_digest
 from fake_hub import FakeHub, account
 from test_cli import assert_user_error, convert_args, run
 from test_resume import CLI
@@ -255,6 +255,22 @@ def test_conversion_downloads_each_shard_just_in_time(hub, tiny, calib_text, tmp
     peak = float(re.search(r"source disk peak (\S+) KB", result.stdout).group(1))
     shard_kb = sum(p.stat().st_size for p in tiny.glob("*.safetensors")) / 1000
     assert peak < shard_kb / 2 if low_disk else peak == pytest.approx(shard_kb, abs=0.1)
+
+
+def test_single_file_checkpoint_from_the_hub(hub, tiny, calib_text, tmp_path):
+    from safetensors.torch import save_file
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / name, repo / name)
+    save_file(load_all(tiny), repo / "model.safetensors")
+    hub.state.repos[REPO] = repo
+    result = run(*convert_args(REPO, tmp_path / "out", calib_text, "--low-disk"))
+    assert result.exit_code == 0, result.stderr
+    assert run(*convert_args(repo, tmp_path / "local", calib_text)).exit_code == 0
+    assert weights_digest(tmp_path / "out") == weights_digest(tmp_path / "local")
+    assert cached_shards() == set()
 
 
 def test_low_disk_resumes_a_killed_run_and_empties_the_cache(hub, tiny, calib_text, tmp_path):
