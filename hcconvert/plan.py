@@ -95,8 +95,7 @@ def build_plan(ckpt: Checkpoint, spec: ModelSpec, experts_out: int,
         and storage.requantizes(spec.family.layer_prefix(layer)
                                 + stored_layout(spec, layer, names).marker))
     return Plan(spec, experts_out, min(spec.top_k, experts_out), global_names, global_outputs,
-                layer_names,
-                layer_outputs, ckpt.total_bytes, storage, requantized)
+                layer_names, layer_outputs, ckpt.total_bytes, storage, requantized)
 
 
 def valid_expert_counts(spec: ModelSpec) -> list[int]:
