@@ -200,7 +200,8 @@ class LayerPipeline:
         with self.timer.stage("compute"):
             self.decoder.load_globals(self.dense(globals_, None), self.device)
             stream = HiddenStream(self.decoder, tokens, self.device)
-            next_tokens = (NextTokenInputs(self.decoder, tokens, self.device)
+            next_tokens = (NextTokenInputs(self.decoder, tokens, self.device,
+                                           self.mtp_own(globals_))
                            if self.plan.mtp_layers else None)
             self.decoder.drop_globals()
         if start == 0:
@@ -211,7 +212,7 @@ class LayerPipeline:
         del globals_
         bar = tqdm(total=num_layers, initial=start, desc="layers", unit="layer",
                    disable=not progress, file=sys.stderr)
-        prefixes = [self.spec.family.layer_prefix(i) for i in range(num_layers)]
+        prefixes = [self.spec.layer_prefix(i) for i in range(num_layers)]
         layers = prefetched_layers(self.ckpt, prefixes[start:], pin=self.device.type == "cuda")
         with BackgroundWriter() as background, bar:
             for _ in range(start, num_layers):
@@ -311,8 +312,17 @@ class LayerPipeline:
     def dense(self, stored: dict, layer: int | None):
         """A layer's stored tensors (the globals for None) as the forward reads them, quantized
         weights dequantized on the device (storage.DenseTensors)."""
-        prefix = "" if layer is None else self.spec.family.layer_prefix(layer)
+        prefix = "" if layer is None else self.spec.layer_prefix(layer)
         return self.storage.dense(stored, prefix, self.device, self.dtype)
+
+    def mtp_own(self, globals_: dict) -> dict[str, torch.Tensor]:
+        """The MTP layer's own tensors where they are stored outside it (Qwen's mtp.fc...),
+        read with the globals, as the forward reads them, by name below their prefix."""
+        mtp = self.spec.family.mtp
+        if mtp.own_prefix is None:
+            return {}
+        dense = self.dense(globals_, None)
+        return {name: dense[mtp.own_prefix + name] for name in mtp.required}
 
     def reduced_decoder(self, experts: int) -> Decoder:
         """The skeleton of the model with `experts` routed experts per MoE layer, built once."""

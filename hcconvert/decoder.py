@@ -155,16 +155,19 @@ class Decoder:
 
     def skeleton_layer(self, layer: int) -> int:
         """The skeleton layer whose module class, index and arguments serve layer `layer`:
-        itself, or for a multi-token-prediction layer (stored after the decoder layers;
-        transformers builds no module for it) the last MoE layer, since an MTP layer's
-        decoder block is a MoE decoder layer like it."""
+        itself, or for a multi-token-prediction layer (transformers builds no module for
+        it) the last MoE layer with full attention, since an MTP layer's decoder block is a
+        full-attention MoE decoder layer (vLLM builds Qwen3-Next's and Qwen3.5's with
+        layer_type="full_attention" among linear-attention layers)."""
         if layer < len(self.layers):
             return layer
+        kinds = getattr(self.config, "layer_types", None) or []
         moe = [index for index, module in enumerate(self.layers)
-               if _moe_path(module) is not None]
+               if _moe_path(module) is not None
+               and (index >= len(kinds) or kinds[index] == "full_attention")]
         if not moe:
             raise UserError(f"layer {layer}: a multi-token-prediction layer needs a MoE layer "
-                            "in the model to be built like")
+                            "with full attention in the model to be built like")
         return moe[-1]
 
     def expected_tensors(self, layer: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -57,7 +57,7 @@ class StreamedModel:
         self.decoder.drop_globals()  # the head is read again after the last layer
 
     def advance(self, layer: int) -> None:
-        prefix = self.spec.family.layer_prefix(layer)
+        prefix = self.spec.layer_prefix(layer)
         raw = self.dense(self.ckpt.layer_tensors(prefix), prefix)
         tensors, experts = self.decoder.layer_parts(layer, raw, self.device)
         module = self.decoder.build_layer(layer, tensors,

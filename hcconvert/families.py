@@ -144,6 +144,52 @@ def no_groups(config: dict) -> RoutingGroups | None:
 
 
 @dataclass(frozen=True)
+class MtpLayout:
+    """Where a family stores its multi-token-prediction (MTP) layer and the tensors that feed
+    its decoder layer x = projection(cat(embedding_norm(embed(t_{i+1})), hidden_norm(h_i)))
+    (mtp.py). Tensor names are below own_prefix; every supported family's engines put the
+    embedding first and take h_i after the final norm, so neither is a field."""
+
+    count_key: str  # the config key of how many MTP layers there are
+    default_count: int = 0  # without count_key: the count vLLM assumes
+    # Where MTP layer d's decoder layer is ({depth} stands for d): None after the decoder
+    # layers, at index num_hidden_layers + d (DeepSeek-V3, GLM).
+    layer_prefix: str | None = None
+    own_prefix: str | None = None  # where its own tensors are: None beside its decoder layer
+    embedding_norm: str = "enorm.weight"
+    hidden_norm: str = "hnorm.weight"
+    projection: str = "eh_proj.weight"  # [H, 2H]
+    output_norm: str = "shared_head.norm.weight"  # before the LM head; not calibrated
+    # Copies of the embedding and the LM head some checkpoints add (DeepSeek-V3's layer 61).
+    optional: tuple[str, ...] = ("shared_head.head.weight", "embed_tokens.weight")
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return (self.embedding_norm, self.hidden_norm, self.projection, self.output_norm)
+
+    def shapes(self, hidden: int, vocab: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each of its own tensors, by name: the projection [H, 2H], the
+        embedding and head copies [V, H], the norms [H]."""
+        return {name: (hidden, 2 * hidden) if name == self.projection
+                else (vocab, hidden) if name in self.optional else (hidden,)
+                for name in self.required + self.optional}
+
+
+# DeepSeek-V3's and GLM's: model.layers.{num_hidden_layers}, its own tensors beside.
+NEXTN = MtpLayout("num_nextn_predict_layers")
+
+
+def _qwen_mtp(count_key: str) -> MtpLayout:
+    """Qwen3-Next's and Qwen3.5's, outside the text model: mtp.fc, mtp.pre_fc_norm_embedding,
+    mtp.pre_fc_norm_hidden and mtp.norm beside the decoder layer mtp.layers.0 (vLLM's
+    qwen3_next_mtp.py, qwen3_5_mtp.py; one layer unless config.json says otherwise)."""
+    return MtpLayout(count_key, default_count=1, layer_prefix="mtp.layers.{depth}.",
+                     own_prefix="mtp.", embedding_norm="pre_fc_norm_embedding.weight",
+                     hidden_norm="pre_fc_norm_hidden.weight", projection="fc.weight",
+                     output_norm="norm.weight", optional=())
+
+
+@dataclass(frozen=True)
 class Family:
     """One model_type: where its routed experts and router are on disk, which config keys say
     what, and how the router scores experts. Everything else in a layer (attention, norms,
@@ -177,6 +223,7 @@ class Family:
     # The MoE block calls experts(routed_in) with every token's input already scaled by its
     # router score (Llama-4), not experts(x, index, weights): experts.PrescaledExperts adapts.
     prescaled_inputs: bool = False
+    mtp: MtpLayout = NEXTN  # where a multi-token-prediction layer would be stored
 
     def experts_key(self, config: dict) -> str | None:
         """The expert-count key this config.json uses (None when it has none)."""
@@ -274,7 +321,8 @@ FAMILIES: dict[str, Family] = {
                top_k_key="moe_k"),
         # Gated-DeltaNet linear-attention layers beside full attention: transformers' modules.
         Family(model_type="qwen3_next", experts_keys=("num_experts",),
-               experts=_per_expert("mlp"), router="mlp.gate.weight"),
+               experts=_per_expert("mlp"), router="mlp.gate.weight",
+               mtp=_qwen_mtp("num_nextn_predict_layers")),
         # GPT-OSS: experts fused as x @ W with gate/up interleaved and biases, a clamped
         # SwiGLU, a router bias. The Hub's MXFP4 matrices are read as these weights
         # (quantization.Mxfp4 dequantizes to the transpose of what it stores).
@@ -310,7 +358,8 @@ FAMILIES: dict[str, Family] = {
         Family(model_type="qwen3_5_moe", experts_keys=("num_experts",),
                experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
                other_layouts=(_per_expert("mlp"),), router="mlp.gate.weight",
-               text_config_key="text_config", text_prefix="model.language_model."),
+               text_config_key="text_config", text_prefix="model.language_model.",
+               mtp=_qwen_mtp("mtp_num_hidden_layers")),
     ]
 }
 

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from .decoder import Decoder
 from .errors import UserError
 from .families import ExpertLayout
-from .mtp import REQUIRED as MTP_REQUIRED
-from .mtp import mtp_shapes
 from .source import Checkpoint
 from .spec import ModelSpec
 from .storage import Shape, Storage
@@ -48,7 +46,7 @@ class Plan:
         return sum(t.nbytes for t in self.outputs)
 
     def layer_prefix(self, layer: int) -> str:
-        return self.spec.family.layer_prefix(layer)
+        return self.spec.layer_prefix(layer)
 
     def max_layer_bytes(self, ckpt: Checkpoint) -> int:
         return max(sum(ckpt.tensors[n].nbytes for n in names) for names in self.layer_names)
@@ -67,7 +65,7 @@ def moe_suffixes(spec: ModelSpec, layout: ExpertLayout, count: int) -> list[str]
 
 def stored_layout(spec: ModelSpec, layer: int, names: list[str]) -> ExpertLayout:
     """How layer `layer`, whose tensors are `names` (full names), stores its experts."""
-    prefix = spec.family.layer_prefix(layer)
+    prefix = spec.layer_prefix(layer)
     return spec.family.stored_layout({name.removeprefix(prefix) for name in names})
 
 
@@ -92,7 +90,7 @@ def build_plan(ckpt: Checkpoint, spec: ModelSpec, experts_out: int,
                      for layer, names in enumerate(layer_names)]
     requantized = frozenset(
         layer for layer, names in enumerate(layer_names) if spec.reduces(layer)
-        and storage.requantizes(spec.family.layer_prefix(layer)
+        and storage.requantizes(spec.layer_prefix(layer)
                                 + stored_layout(spec, layer, names).marker))
     return Plan(spec, experts_out, min(spec.top_k, experts_out), global_names, global_outputs,
                 layer_names, layer_outputs, ckpt.total_bytes, storage, requantized)
@@ -133,10 +131,15 @@ def validate_tensors(ckpt: Checkpoint, spec: ModelSpec,
     layers', then the MTP layer's if stored)."""
     storage = storage or Storage.of(ckpt)
     decoder = spec.decoder()
-    _check_globals(storage.logical(ckpt.tensors, ckpt.tensors), decoder)
+    every = storage.logical(ckpt.tensors, ckpt.tensors)
+    _check_globals(every, decoder)
     per_layer = _names_by_layer(ckpt, spec)
     for layer, names in enumerate(per_layer):
-        _check_layer(storage.logical(names, ckpt.tensors), spec, decoder, layer)
+        own = _check_mtp_tensors(every, spec, decoder, layer) if layer in spec.mtp_layers \
+            else set()
+        tensors = storage.logical(names, ckpt.tensors)
+        _check_layer({n: info for n, info in tensors.items() if n not in own}, spec, decoder,
+                     layer)
     return per_layer
 
 
@@ -158,16 +161,10 @@ def _names_by_layer(ckpt: Checkpoint, spec: ModelSpec) -> list[list[str]]:
     the checkpoint holds it (transformers, and so many re-uploads, drop MTP layers)."""
     stored = spec.num_layers + len(spec.mtp_layers)
     per_layer: list[list[str]] = [[] for _ in range(stored)]
-    layers = spec.family.layers_prefix
     for name in ckpt.tensors:
-        if not name.startswith(layers):
-            continue
-        index = name.removeprefix(layers).split(".")[0]
-        if not index.isdigit() or int(index) >= stored:
-            mtp = f" + num_nextn_predict_layers={len(spec.mtp_layers)}" if spec.mtp_layers \
-                else ""
-            raise UserError(f"tensor {name} is beyond num_hidden_layers={spec.num_layers}{mtp}")
-        per_layer[int(index)].append(name)
+        layer = _stored_layer(spec, name)
+        if layer is not None:
+            per_layer[layer].append(name)
     mtp = per_layer[spec.num_layers:]
     later = next((names[0] for names in mtp[1:] if names), None)
     if later is not None:
@@ -178,15 +175,38 @@ def _names_by_layer(ckpt: Checkpoint, spec: ModelSpec) -> list[list[str]]:
     return per_layer[:spec.num_layers] + [names for names in mtp[:1] if names]
 
 
+def _stored_layer(spec: ModelSpec, name: str) -> int | None:
+    """The index of the layer a tensor belongs to (MTP layers after the decoder layers), None
+    outside every layer; a layer beyond the declared ones is refused."""
+    mtp = spec.family.mtp
+    apart = mtp.layer_prefix is not None  # MTP layers outside the text model's layers
+    # (prefix, index of its first layer, how many layers it holds)
+    where = [(spec.family.layers_prefix, 0,
+              spec.num_layers + (0 if apart else len(spec.mtp_layers)))]
+    if apart:
+        where.append((mtp.layer_prefix.split("{depth}")[0], spec.num_layers,
+                      len(spec.mtp_layers)))
+    for prefix, first, count in where:
+        if not name.startswith(prefix):
+            continue
+        index = name.removeprefix(prefix).split(".")[0]
+        if not index.isdigit() or int(index) >= count:
+            declared = f" + {mtp.count_key}={len(spec.mtp_layers)}" if spec.mtp_layers else ""
+            raise UserError(f"tensor {name} is beyond num_hidden_layers={spec.num_layers}"
+                            f"{declared}")
+        return first + int(index)
+    return None
+
+
 def _check_layer(tensors: dict[str, tuple[str, Shape]], spec: ModelSpec, decoder: Decoder,
                  layer: int) -> None:
     """Every tensor the layer's modules load is present with its shape, nothing unknown is
     there, and the experts are as the family stores them. tensors: the layer's, as
     Storage.logical gives them."""
-    prefix = spec.family.layer_prefix(layer)
+    prefix = spec.layer_prefix(layer)
     module_prefix = f"model.layers.{layer}."
-    if layer in spec.mtp_layers:
-        tensors = _check_mtp_tensors(tensors, spec, decoder, prefix)
+    # An MTP layer's tensors are named as transformers would name a decoder layer's there.
+    text_prefix = spec.family.layer_prefix(layer)
     expected = decoder.expected_tensors(layer)
     layout = stored_layout(spec, layer, list(tensors))
     experts = _expert_shapes(spec, layout) if spec.reduces(layer) else {}
@@ -195,7 +215,7 @@ def _check_layer(tensors: dict[str, tuple[str, Shape]], spec: ModelSpec, decoder
         suffix = name.removeprefix(prefix)
         if suffix in experts:
             continue
-        module = decoder.module_name(name).removeprefix(module_prefix)
+        module = decoder.module_name(text_prefix + suffix).removeprefix(module_prefix)
         if module not in expected:
             raise UserError(f"tensor {name} is not part of a {spec.family.model_type} layer "
                             "as config.json describes it")
@@ -203,25 +223,27 @@ def _check_layer(tensors: dict[str, tuple[str, Shape]], spec: ModelSpec, decoder
         found.add(module)
     missing = sorted(set(expected) - found)
     if missing:
-        raise UserError(f"tensor {decoder.disk_name(module_prefix + missing[0])} is missing "
-                        "from the checkpoint")
+        stored = decoder.disk_name(module_prefix + missing[0]).removeprefix(text_prefix)
+        raise UserError(f"tensor {prefix + stored} is missing from the checkpoint")
     if experts:
         _check_experts(tensors, prefix, experts, layout.biases)
 
 
 def _check_mtp_tensors(tensors: dict[str, tuple[str, Shape]], spec: ModelSpec,
-                       decoder: Decoder, prefix: str) -> dict[str, tuple[str, Shape]]:
-    """An MTP layer's own tensors are all there with their shapes; returns its decoder
-    layer's tensors, checked like any layer's."""
-    shapes = mtp_shapes(spec.hidden, decoder.config.vocab_size)
-    missing = next((prefix + s for s in MTP_REQUIRED if prefix + s not in tensors), None)
+                       decoder: Decoder, layer: int) -> set[str]:
+    """MTP layer `layer`'s own tensors are all there with their shapes (tensors: every
+    tensor, as Storage.logical gives them); returns their names."""
+    prefix = spec.mtp_own_prefix(layer)
+    mtp = spec.family.mtp
+    missing = next((prefix + s for s in mtp.required if prefix + s not in tensors), None)
     if missing is not None:
         raise UserError(f"tensor {missing} is missing from the checkpoint")
-    for name in tensors:
-        if name.removeprefix(prefix) in shapes:
-            _check_shape(tensors, name, shapes[name.removeprefix(prefix)])
-    return {name: info for name, info in tensors.items()
-            if name.removeprefix(prefix) not in shapes}
+    own = {prefix + name: shape
+           for name, shape in mtp.shapes(spec.hidden, decoder.config.vocab_size).items()
+           if prefix + name in tensors}
+    for name, shape in own.items():
+        _check_shape(tensors, name, shape)
+    return set(own)
 
 
 def _expert_shapes(spec: ModelSpec, layout: ExpertLayout) -> dict[str, tuple[int, ...]]:
@@ -259,7 +281,7 @@ def _layer_outputs(ckpt: Checkpoint, spec: ModelSpec, storage: Storage, layer: i
     stored as the source's experts are, or dense with --dtype bf16)."""
     if not spec.reduces(layer):
         return storage.copied(names, ckpt.tensors)
-    prefix = spec.family.layer_prefix(layer)
+    prefix = spec.layer_prefix(layer)
     layout = stored_layout(spec, layer, names)
     replaced = {stored for suffix in moe_suffixes(spec, layout, spec.num_experts)
                 for stored in storage.stored_names(prefix + suffix)}

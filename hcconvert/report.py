@@ -121,7 +121,9 @@ def _mtp_line(spec: ModelSpec, stored: tuple[int, ...] | None) -> list[str]:
         return [f"mtp           layer {_ranges(stored)}, reduced with the MoE layers"]
     if not spec.mtp_layers:
         return []
-    declared = f"config.json declares {len(spec.mtp_layers)}"
+    declared = (f"config.json declares {len(spec.mtp_layers)}"
+                if spec.family.mtp.count_key in spec.family.text_config(spec.config)
+                else f"{len(spec.mtp_layers)} by default")
     return [f"mtp           {declared}" if stored is None
             else f"mtp           none stored ({declared})"]
 

@@ -47,6 +47,19 @@ class ModelSpec:
         layer's (its decoder layer is a MoE layer)."""
         return layer in self.moe_layers or layer in self.mtp_layers
 
+    def layer_prefix(self, layer: int) -> str:
+        """Where a layer's tensors are on disk: a decoder layer's, or an MTP layer's decoder
+        layer's (below the text model's layers, or outside the text model: Qwen's mtp.)."""
+        mtp = self.family.mtp
+        if layer in self.mtp_layers and mtp.layer_prefix is not None:
+            return mtp.layer_prefix.format(depth=layer - self.num_layers)
+        return self.family.layer_prefix(layer)
+
+    def mtp_own_prefix(self, layer: int) -> str:
+        """Where MTP layer `layer`'s own tensors (its norms and projection) are on disk."""
+        own = self.family.mtp.own_prefix
+        return self.layer_prefix(layer) if own is None else own
+
     @classmethod
     def from_config(cls, config: dict, family: Family) -> ModelSpec:
         quant_format(config)  # an unknown or malformed quantization method is refused here
@@ -63,7 +76,7 @@ class ModelSpec:
             routing=Routing(_required(text, family.top_k_key), family.scoring,
                             family.routing_groups(text)),
             moe_layers=tuple(i for i in range(layers) if decoder.moe_block(i) is not None),
-            mtp_layers=tuple(range(layers, layers + (text.get("num_nextn_predict_layers") or 0))),
+            mtp_layers=tuple(range(layers, layers + _mtp_count(text, family))),
         )
         if not 1 <= spec.top_k <= spec.num_experts:
             raise UserError(f"config.json asks for top-{spec.top_k} routing over "
@@ -78,6 +91,13 @@ class ModelSpec:
     def decoder(self, dtype: torch.dtype = torch.float32) -> Decoder:
         """The transformers skeleton whose layers compute in dtype."""
         return Decoder(self.config, self.family, dtype)
+
+
+def _mtp_count(text: dict, family: Family) -> int:
+    """How many MTP layers config.json declares, or the family's default where it is silent
+    (Qwen3-Next's config.json has no count; vLLM assumes one)."""
+    count = text.get(family.mtp.count_key)
+    return family.mtp.default_count if count is None else count or 0
 
 
 def _required(config: dict, key: str):

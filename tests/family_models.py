@@ -45,8 +45,13 @@ class Case:
     # The attribute of the loaded wrapper whose forward a text-only test runs, where the
     # wrapper's own forward cannot run on text alone (None: the model itself).
     text_forward: str | None = None
+    # Where the Hub keeps the multi-token-prediction layer's decoder layer when it is outside
+    # the text model (Qwen's mtp.layers.0., with mtp.fc and its norms beside).
+    mtp_prefix: str | None = None
 
     def layer_prefix(self, layer: int) -> str:
+        if self.mtp_prefix is not None and layer >= COMMON["num_hidden_layers"]:
+            return self.mtp_prefix
         return f"{self.text_prefix}layers.{layer}."
 
     @property
@@ -193,7 +198,8 @@ CASES.update({
         ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"), 4, fused=True,
         vision=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
                     out_hidden_size=32, patch_size=4, num_position_embeddings=16),
-        text_prefix="model.language_model.", saved_per_expert=_per_expert("mlp")),
+        text_prefix="model.language_model.", saved_per_expert=_per_expert("mlp"),
+        mtp_prefix="mtp.layers.0."),
     # Linear-attention (gated DeltaNet) layers beside full attention, a gated shared expert.
     "qwen3_next": Case("qwen3_next", dict(
         num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
@@ -201,7 +207,8 @@ CASES.update({
         layer_types=["linear_attention", "full_attention", "linear_attention"],
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
         linear_value_head_dim=8, linear_conv_kernel_dim=4, mlp_only_layers=[2],
-        norm_topk_prob=True), "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4),
+        norm_topk_prob=True), "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+        mtp_prefix="mtp.layers.0."),
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size
@@ -334,6 +341,9 @@ def hub_style_config(case: Case, directory: Path) -> None:
 
 
 MTP_SHARD = "model-mtp.safetensors"
+# Qwen's MTP tensors beside its decoder layer, below mtp. (vLLM's qwen3_next_mtp.py).
+QWEN_MTP_OWN = ("pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight", "fc.weight",
+                "norm.weight")
 
 
 def add_mtp_layer(directory: Path, seed: int = 1, with_copies: bool = True) -> int:
@@ -341,35 +351,91 @@ def add_mtp_layer(directory: Path, seed: int = 1, with_copies: bool = True) -> i
     saves none): at index num_hidden_layers, a MoE decoder layer (the last layer's tensors,
     redrawn) plus enorm, hnorm, eh_proj [H, 2H] and shared_head.norm, and with_copies the
     embedding and LM head copies DeepSeek-V3's layer 61 carries. Returns the layer's index."""
-    from safetensors.torch import load_file, save_file
-
-    config_path, index_path = directory / "config.json", directory / "model.safetensors.index.json"
-    config, index = json.loads(config_path.read_text()), json.loads(index_path.read_text())
+    config, weights = _config_and_weights(directory)
     layer, hidden = config["num_hidden_layers"], config["hidden_size"]
-    weights = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        weights.update(load_file(directory / shard))
     generator = torch.Generator().manual_seed(seed)
-
-    def redrawn(tensor: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(tensor.shape, generator=generator)
-        return (tensor.float() + tensor.float().std() * noise).to(tensor.dtype)
-
-    last = f"model.layers.{layer - 1}."
-    mtp = {f"model.layers.{layer}.{name.removeprefix(last)}": redrawn(tensor)
-           for name, tensor in weights.items() if name.startswith(last)}
-    dtype = weights["model.norm.weight"].dtype
+    prefix = f"model.layers.{layer}."
+    mtp = _redrawn_layer(weights, f"model.layers.{layer - 1}.", prefix, generator)
     own = {"enorm.weight": 1 + 0.2 * torch.randn(hidden, generator=generator),
            "hnorm.weight": 1 + 0.2 * torch.randn(hidden, generator=generator),
-           "eh_proj.weight": torch.randn(hidden, 2 * hidden, generator=generator)
-           * (2 * hidden) ** -0.5,
+           "eh_proj.weight": _projection(hidden, generator),
            "shared_head.norm.weight": 1 + 0.2 * torch.randn(hidden, generator=generator)}
     if with_copies:
         own["embed_tokens.weight"] = weights["model.embed_tokens.weight"]
         own["shared_head.head.weight"] = weights["lm_head.weight"]
-    mtp.update({f"model.layers.{layer}.{name}": t.to(dtype) for name, t in own.items()})
-    save_file(mtp, str(directory / MTP_SHARD), metadata={"format": "pt"})
-    index["weight_map"].update(dict.fromkeys(mtp, MTP_SHARD))
-    index_path.write_text(json.dumps(index, indent=2))
-    config_path.write_text(json.dumps({**config, "num_nextn_predict_layers": 1}, indent=2))
+    dtype = weights["model.norm.weight"].dtype
+    mtp.update({prefix + name: t.to(dtype) for name, t in own.items()})
+    _save_mtp(directory, mtp, {**config, "num_nextn_predict_layers": 1})
     return layer
+
+
+def add_qwen_mtp_layer(case: Case, directory: Path, seed: int = 1) -> int:
+    """Append the MTP layer Qwen3-Next's and Qwen3.5's Hub checkpoints carry: a full-attention
+    MoE decoder layer at mtp.layers.0 (the last full-attention layer's tensors, redrawn; its
+    experts per expert, as the Hub stores them) and mtp.fc [H, 2H], mtp.pre_fc_norm_embedding,
+    mtp.pre_fc_norm_hidden and mtp.norm (zero-centred norms: the scale is 1 + weight). Qwen3.5's
+    config.json declares mtp_num_hidden_layers, Qwen3-Next's nothing. Returns the layer's
+    index as hcconvert.json gives it (num_hidden_layers)."""
+    config, weights = _config_and_weights(directory)
+    text = config.get("text_config", config)
+    hidden = text["hidden_size"]
+    generator = torch.Generator().manual_seed(seed)
+    source = max(i for i, kind in enumerate(text["layer_types"]) if kind == "full_attention")
+    mtp = _redrawn_layer(_per_expert_layer(case, weights, source), case.layer_prefix(source),
+                         case.mtp_prefix, generator)
+    own = {name: 0.2 * torch.randn(hidden, generator=generator) for name in QWEN_MTP_OWN}
+    own["fc.weight"] = _projection(hidden, generator)
+    dtype = weights[case.text_prefix + "norm.weight"].dtype
+    mtp.update({"mtp." + name: t.to(dtype) for name, t in own.items()})
+    if case.vision is not None:
+        config = {**config, "text_config": {**text, "mtp_num_hidden_layers": 1}}
+    _save_mtp(directory, mtp, config)
+    return text["num_hidden_layers"]
+
+
+def _per_expert_layer(case: Case, weights: dict, layer: int) -> dict[str, torch.Tensor]:
+    """Layer `layer`'s tensors with fused experts split per expert (gate rows first)."""
+    prefix = case.layer_prefix(layer)
+    tensors = {n: t for n, t in weights.items() if n.startswith(prefix)}
+    if case.saved_per_expert is None or prefix + case.experts[0] not in tensors:
+        return tensors
+    gate_up, down = (tensors.pop(prefix + name) for name in case.experts)
+    ffn = down.shape[-1]
+    for e in range(gate_up.shape[0]):
+        for template, tensor in zip(case.saved_per_expert,
+                                    (gate_up[e, :ffn], gate_up[e, ffn:], down[e]), strict=True):
+            tensors[prefix + template.format(e=e)] = tensor.contiguous()
+    return tensors
+
+
+def _config_and_weights(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    weights = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        weights.update(load_file(directory / shard))
+    return json.loads((directory / "config.json").read_text()), weights
+
+
+def _redrawn_layer(weights: dict, source: str, target: str,
+                   generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The tensors below `source`, renamed below `target`, each with as much noise again."""
+    def redrawn(tensor: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(tensor.shape, generator=generator)
+        return (tensor.float() + tensor.float().std() * noise).to(tensor.dtype)
+
+    return {target + name.removeprefix(source): redrawn(tensor)
+            for name, tensor in weights.items() if name.startswith(source)}
+
+
+def _projection(hidden: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(hidden, 2 * hidden, generator=generator) * (2 * hidden) ** -0.5
+
+
+def _save_mtp(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """The MTP tensors in a shard of their own, indexed, and config.json rewritten."""
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    save_file(tensors, str(directory / MTP_SHARD), metadata={"format": "pt"})
+    index["weight_map"].update(dict.fromkeys(tensors, MTP_SHARD))
+    index_path.write_text(json.dumps(index, indent=2))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
