@@ -100,9 +100,18 @@ class QuantFormat(ABC):
         """The stored tensors (by suffix) for a float weight, with fresh scales."""
 
 
+def quantization_settings(config: Mapping) -> object:
+    """config.json's quantization_config: at the top, or inside a wrapper's text_config
+    (where some Kimi-K2.5-style checkpoints keep it); None for none."""
+    text = config.get("text_config")
+    if "quantization_config" not in config and isinstance(text, dict):
+        return text.get("quantization_config")
+    return config.get("quantization_config")
+
+
 def quant_format(config: Mapping) -> QuantFormat | None:
     """The format config.json's quantization_config describes, or None for none."""
-    settings = config.get("quantization_config")
+    settings = quantization_settings(config)
     if settings is None:
         return None
     if not isinstance(settings, dict):

@@ -144,7 +144,11 @@ class Storage:
         """config.json for the output: without quantization_config once nothing is quantized."""
         if not self.dense_output:
             return config
-        return {key: value for key, value in config.items() if key != "quantization_config"}
+        config = {key: value for key, value in config.items() if key != "quantization_config"}
+        if isinstance(config.get("text_config"), dict):  # where a wrapper may keep it
+            config["text_config"] = {key: value for key, value in config["text_config"].items()
+                                     if key != "quantization_config"}
+        return config
 
     # -- values ----------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@
     where it must drop); (d) fused on-disk experts stay fused, with R experts.
 """
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -474,12 +475,21 @@ def as_kimi_k25(src, directory):
     return directory
 
 
-def test_kimi_k25_converts_as_its_text_model(tmp_path, calib_text):
+@pytest.mark.parametrize("int4", [False, True])
+def test_kimi_k25_converts_as_its_text_model(tmp_path, calib_text, int4):
     """The wrapper's conversion writes exactly what the text model's own conversion writes,
     under the wrapper's names; the vision tower is copied byte for byte; the expert count is
-    rewritten inside text_config."""
-    src = save_family_model(CASES["deepseek_v3"], tmp_path / "v3")
+    rewritten inside text_config. int4: Kimi-K2.5's routed experts as Kimi-K2-Thinking's
+    compressed-tensors int4, the quantization_config nested in text_config with the rest."""
+    if int4:
+        from test_quantized_storage import KIMI_INT4, save_int4_model
+
+        src = save_int4_model(KIMI_INT4, tmp_path / "v3")
+    else:
+        src = save_family_model(CASES["deepseek_v3"], tmp_path / "v3")
     wrapped = as_kimi_k25(src, tmp_path / "k25")
+    assert "quantization_config" in json.loads((wrapped / "config.json").read_text())[
+        "text_config"] or not int4
     options = ConvertOptions(experts=4, calib=str(calib_text), calib_samples=3, seq_len=48)
     for source, out in ((src, tmp_path / "v3-out"), (wrapped, tmp_path / "k25-out")):
         convert(str(source), out, options, progress=False)
@@ -492,3 +502,8 @@ def test_kimi_k25_converts_as_its_text_model(tmp_path, calib_text):
         assert torch.equal(wrapper["language_model." + name], tensor), name
     config = json.loads((tmp_path / "k25-out" / "config.json").read_text())
     assert config["text_config"]["n_routed_experts"] == 4
+    if int4:  # written dense, the nested quantization_config goes too
+        dense = dataclasses.replace(options, dtype="bf16")
+        convert(str(wrapped), tmp_path / "k25-bf16", dense, progress=False)
+        text = json.loads((tmp_path / "k25-bf16" / "config.json").read_text())["text_config"]
+        assert "quantization_config" not in text and text["n_routed_experts"] == 4
