@@ -57,8 +57,8 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=32)
     args = parser.parse_args()
     print(f"machine: {platform.node()} ({platform.machine()}), CPU, {time.strftime('%Y-%m-%d')}")
-    print("| model | method | same groups | max freq. gap | KL fp32 | KL bf16 | pass fp32 s "
-          "| pass bf16 s |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | method | same groups | max freq. gap | KL fp32 | KL bf16 | KL gap "
+          "| pass fp32 s | pass bf16 s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for model in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             runs = {d: run(model, d, args, Path(tmp)) for d in ("float32", "bfloat16")}
@@ -66,8 +66,9 @@ def main() -> None:
         for i, name in enumerate(METHODS):
             same = [a["groups"] for a in l32[name]] == [b["groups"] for b in l16[name]]
             print(f"| {model.name} | {name} | {'yes' if same else 'no'} | "
-                  f"{frequency_gap(l32[name], l16[name]):.4f} | {f32[i].kl:.4f} | "
-                  f"{f16[i].kl:.4f} | {s32:.1f} | {s16:.1f} |", flush=True)
+                  f"{frequency_gap(l32[name], l16[name]):.4f} | {f32[i].kl:.5f} | "
+                  f"{f16[i].kl:.5f} | {abs(f16[i].kl - f32[i].kl):.1e} | {s32:.1f} | "
+                  f"{s16:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

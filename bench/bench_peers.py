@@ -224,25 +224,39 @@ def run_method(args, method: str, python: str) -> dict:
     return {"wall": wall, **json.loads(result.stdout.strip().splitlines()[-1])}
 
 
+def auto_dtype() -> torch.dtype:
+    """What hcconvert's default (--compute-dtype auto) computes this bf16 checkpoint in here."""
+    from hcconvert.decoder import compute_dtype as hcconvert_compute_dtype
+
+    return hcconvert_compute_dtype(torch.device("cpu"), torch.bfloat16)
+
+
+def other_dtype() -> str:
+    """The label suffix of hcconvert's runs in the dtype auto does not pick here."""
+    return ":float32" if auto_dtype() != torch.float32 else ":bfloat16"
+
+
 def methods(args) -> dict[str, str]:
-    """Each method's label and the Python that runs it."""
-    found = {"hcconvert-o-prune": sys.executable, "hcconvert-o-prune:bfloat16": sys.executable,
-             "hcconvert-hc-smoe": sys.executable, "hcconvert-hc-smoe:bfloat16": sys.executable,
-             "in-memory-hc-smoe": sys.executable}
+    """Each method's label and the Python that runs it. hcconvert runs with its default and
+    in the other dtype; the baseline checkout is told its dtypes (its auto may differ)."""
+    ours, other = ("hcconvert-o-prune", "hcconvert-hc-smoe"), other_dtype()
+    found = {method + dtype: sys.executable for method in ours for dtype in ("", other)}
+    found["in-memory-hc-smoe"] = sys.executable
     if args.llmcompressor_python:
         found["llm-compressor-reap"] = args.llmcompressor_python
     if args.baseline:
-        for method in ("hcconvert-hc-smoe", "hcconvert-hc-smoe:bfloat16"):
-            found[method + BASELINE] = sys.executable
+        for dtype in (":" + str(auto_dtype()).removeprefix("torch."), other):
+            found["hcconvert-hc-smoe" + dtype + BASELINE] = sys.executable
     return {method: python for method, python in found.items()
             if not args.only or method in args.only}
 
 
 def compute_dtype(method: str) -> torch.dtype:
-    """What a method's matmuls run in: hcconvert's fp32 default on the CPU unless told; the
-    peers run the checkpoint's bf16."""
-    if method.startswith("hcconvert"):
-        return torch.bfloat16 if ":bfloat16" in method else torch.float32
+    """What a method's matmuls run in: hcconvert's the one its label names, else its default;
+    the peers run the checkpoint's bf16."""
+    name, _, dtype = method.removesuffix(BASELINE).partition(":")
+    if name.startswith("hcconvert"):
+        return getattr(torch, dtype) if dtype else auto_dtype()
     return torch.bfloat16
 
 
@@ -257,6 +271,7 @@ def report(args, runs: dict[str, list[dict]], rates: dict[torch.dtype, float]) -
     print(f"model: {args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, {args.experts} "
           f"experts, top-2, bf16; {args.samples} x {args.seq_len} tokens; {args.rounds} rounds")
     print_rates(rates)
+    print(f"hcconvert's default computes in {str(auto_dtype()).removeprefix('torch.')} here\n")
     print("| method | wall (median) | runs | peak RSS (median) | min TFLOP | "
           "of the matmul rate |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -270,11 +285,13 @@ def report(args, runs: dict[str, list[dict]], rates: dict[torch.dtype, float]) -
         share = flops / wall / 1e9 / rates[compute_dtype(method)]
         print(f"| {method} | {wall:.1f} s | {' '.join(f'{w:.1f}' for w in walls)} | "
               f"{rss / 1e9:.2f} GB | {flops / 1e12:.2f} | {share:.0%} |")
+    other = other_dtype()
     pairs = [(ours + dtype, peer) for ours, peer in (("hcconvert-o-prune", "llm-compressor-reap"),
                                                       ("hcconvert-hc-smoe", "in-memory-hc-smoe"))
-             for dtype in ("", ":bfloat16")]
-    pairs += [(ours, ours + BASELINE)
-              for ours in ("hcconvert-hc-smoe", "hcconvert-hc-smoe:bfloat16")]
+             for dtype in ("", other)]
+    pairs += [(ours, ours + other) for ours in ("hcconvert-o-prune", "hcconvert-hc-smoe")]
+    merge, auto = "hcconvert-hc-smoe", ":" + str(auto_dtype()).removeprefix("torch.")
+    pairs += [(merge, merge + auto + BASELINE), (merge + other, merge + other + BASELINE)]
     for ours, peer in pairs:
         ratios = [p["wall"] / o["wall"] for o, p in zip(runs.get(ours, []), runs.get(peer, []),
                                                         strict=False)

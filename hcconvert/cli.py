@@ -137,7 +137,7 @@ device_option = click.option("--device", type=click.Choice(DEVICES), default=DEF
 compute_dtype_option = click.option(
     "--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default=DEFAULTS["compute_dtype"],
     show_default=True, help="dtype of the layers' products (auto: the checkpoint's half "
-    "precision on a GPU, float32 on the CPU); statistics accumulate in float32.")
+    "precision on a GPU or an AMX CPU, else float32); statistics accumulate in float32.")
 
 
 def size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:

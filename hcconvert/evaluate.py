@@ -44,14 +44,17 @@ class StreamedModel:
 
     def __init__(self, ckpt: Checkpoint, spec: ModelSpec, tokens: torch.Tensor,
                  device: torch.device, dtype: torch.dtype | None = None):
-        """dtype: the compute dtype (default: the checkpoint's on a GPU, fp32 on the CPU)."""
+        """dtype: the compute dtype (default: the checkpoint's on a GPU, fp32 on the CPU even
+        where conversions compute in bf16: the measuring instrument must not add bf16 noise
+        of its own to the KL it measures, which is compared to 1e-4 nats)."""
         self.ckpt, self.spec, self.device, self.tokens = ckpt, spec, device, tokens
         self.storage = Storage.of(ckpt)
         self.global_names = [n for n in ckpt.tensors
                              if not n.startswith(spec.family.layers_prefix)]
         globals_ = ckpt.read(self.global_names)
         embedding = next(t for n, t in globals_.items() if n.endswith("embed_tokens.weight"))
-        self.decoder = spec.decoder(dtype or compute_dtype(device, embedding.dtype))
+        cpu_default = None if device.type == "cuda" else torch.float32
+        self.decoder = spec.decoder(dtype or cpu_default or compute_dtype(device, embedding.dtype))
         self.load_head(globals_)
         self.stream = HiddenStream(self.decoder, tokens, device)
         self.decoder.drop_globals()  # the head is read again after the last layer

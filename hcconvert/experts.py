@@ -28,6 +28,12 @@ NEURON_AXIS = {"gate": 0, "up": 0, "gate_bias": 0, "up_bias": 0, "down": 1, "dow
 # Rows per product when the routed forward also sums activations over all tokens: bounds the
 # fp32 temporaries at 3 x SUM_CHUNK_TOKENS x F (the statistics' own pass used 4096 too).
 SUM_CHUNK_TOKENS = 4096
+# Half-precision products on the CPU run through oneDNN, which JIT-compiles (about 8 ms) and
+# caches (about 1 MB, up to 1024 of them) one primitive per matmul shape. Routed token counts
+# would give hundreds of shapes per run: 0.5-2 GB of host memory and seconds of compiling
+# (docs/BENCHMARKS.md, "bf16 products"). Padding an expert's rows up to one of this many
+# sizes per octave bounds the shapes (about 60 up to 1024 rows) at <= 12.5 % extra rows.
+ROW_SIZES_PER_OCTAVE = 8
 
 
 @dataclass
@@ -261,9 +267,26 @@ def routed_outputs(x: torch.Tensor, experts: Experts, index: torch.Tensor,
             if sums is not None:
                 hidden = _summed_hidden(x, chunk, at, token, sums[e])
                 if token.numel():
-                    yield e, token, slot, chunk.down_projection(hidden, at)
+                    y = chunk.down_projection(_shape_stable(hidden), at)
+                    yield e, token, slot, y[:len(token)]
             elif token.numel():
-                yield e, token, slot, chunk.output(x[token], at)
+                yield e, token, slot, chunk.output(_shape_stable(x[token]), at)[:len(token)]
+
+
+def padded_rows(rows: int) -> int:
+    """rows rounded up to one of ROW_SIZES_PER_OCTAVE sizes per octave (exact below twice it)."""
+    step = 1 << max(rows.bit_length() - ROW_SIZES_PER_OCTAVE.bit_length(), 0)
+    return -(-rows // step) * step
+
+
+def _shape_stable(rows: torch.Tensor) -> torch.Tensor:
+    """rows [t, ·] with zero rows appended up to padded_rows(t) where the products go through
+    oneDNN (half precision on the CPU, see ROW_SIZES_PER_OCTAVE); elsewhere rows itself, since
+    padding would only add work."""
+    if rows.device.type != "cpu" or rows.dtype == torch.float32:
+        return rows
+    extra = padded_rows(len(rows)) - len(rows)
+    return torch.cat([rows, rows.new_zeros(extra, rows.shape[1])]) if extra else rows
 
 
 def _summed_hidden(x: torch.Tensor, experts: Experts, e: int, token: torch.Tensor,

@@ -23,7 +23,8 @@ MERGES = ("freq", "average", "fix-dom", "msmoe", "mergemoe")
 PRUNE_BY = ("frequency", "output")
 PROPAGATIONS = ("original", "merged")
 DEVICES = ("auto", "cpu", "cuda")
-# auto: the checkpoint's half precision on a GPU, float32 on the CPU (decoder.compute_dtype).
+# auto: the checkpoint's half precision on a GPU and on a CPU with a matrix unit for it
+# (AMX), float32 otherwise (decoder.compute_dtype).
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 # How quantized weights are written: as the source stores them, or dequantized in bf16.
 DTYPES = ("source", "bf16")

@@ -69,6 +69,15 @@ def restore_hub_offline_switch(monkeypatch):
                         huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_matrix_unit(monkeypatch):
+    """auto computes in fp32 on the CPU in every test, as on a CPU without AMX: the results
+    must not depend on the machine running the suite (tests that want bf16 ask for it)."""
+    from hcconvert import decoder
+
+    monkeypatch.setattr(decoder, "half_is_fast", lambda dtype: False)
+
+
 @pytest.fixture
 def calib_text() -> Path:
     return data_file("demo_calib.txt")

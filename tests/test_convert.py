@@ -7,7 +7,9 @@ import torch
 from conftest import load_all, logits_of, save_tiny_mixtral, tree_digest
 from safetensors.torch import save_file
 
+from hcconvert import decoder
 from hcconvert.convert import convert
+from hcconvert.decoder import compute_dtype, half_is_fast
 from hcconvert.options import HC_SMOE, ConvertOptions
 
 EXPERT = "model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"
@@ -154,6 +156,31 @@ def test_bfloat16_compute_keeps_the_groups_and_is_recorded(tmp_path, calib_text)
         assert records[dtype]["run"] == {"device": "cpu", "dtype": dtype, "kernel": "torch"}
     groups = {d: [entry["groups"] for entry in r["layers"]] for d, r in records.items()}
     assert groups["bfloat16"] == groups["float32"]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["amx", "no-amx"])
+def test_auto_computes_in_half_precision_where_the_cpu_multiplies_it_fast(
+        tmp_path, calib_text, monkeypatch, fast):
+    """auto: a bf16 checkpoint computes in bf16 on a CPU with a matrix unit for it, in fp32
+    on one without; fp32 checkpoints in fp32; an explicit dtype always wins."""
+    monkeypatch.setattr(decoder, "half_is_fast", lambda dtype: fast)
+    cpu = torch.device("cpu")
+    assert compute_dtype(cpu, torch.bfloat16) == (torch.bfloat16 if fast else torch.float32)
+    assert compute_dtype(cpu, torch.float32) == torch.float32
+    assert compute_dtype(cpu, torch.bfloat16, "float32") == torch.float32
+    assert compute_dtype(torch.device("cuda"), torch.float16) == torch.float16
+    src = save_tiny_mixtral(tmp_path / "src", dtype=torch.bfloat16)
+    options = ConvertOptions(experts=4, method="merge", calib=str(calib_text),
+                             calib_samples=4, seq_len=32)
+    convert(str(src), tmp_path / "out", options, progress=False)
+    run = json.loads((tmp_path / "out" / "hcconvert.json").read_text())["run"]
+    assert run["dtype"] == ("bfloat16" if fast else "float32")
+
+
+def test_a_torch_without_the_matrix_unit_probe_counts_as_none(monkeypatch):
+    # half_is_fast as imported here is the real one (conftest stands in for the module's).
+    monkeypatch.setitem(decoder.CPU_MATRIX_UNIT, torch.bfloat16, "_no_such_probe")
+    assert not half_is_fast(torch.bfloat16)
 
 
 def test_the_summary_times_the_reads(tmp_path, calib_text):

@@ -12,7 +12,7 @@ from hcconvert import statistics
 from hcconvert.convert import convert
 from hcconvert.decoder import ATTENTION_BATCH
 from hcconvert.demo import data_file
-from hcconvert.experts import Experts, RoutedExperts, RoutingRecord
+from hcconvert.experts import Experts, RoutedExperts, RoutingRecord, padded_rows
 from hcconvert.options import HC_SMOE, ConvertOptions
 from hcconvert.statistics import output_means
 
@@ -93,3 +93,33 @@ def test_bfloat16_summing_forward_keeps_fp32_sums_of_bf16_products():
     expected = output_means(x, experts)
     scale = expected.abs().mean()
     assert ((output_means(x, experts, record.sums) - expected).abs() / scale).max() < 2e-2
+
+
+def test_padded_rows_are_few_sizes_and_little_extra_work():
+    sizes = [padded_rows(rows) for rows in range(1, 4097)]
+    assert all(rows <= size <= 1.125 * rows for rows, size in enumerate(sizes, 1))
+    assert len(set(sizes[:1024])) == 64  # 15 exact sizes below 16, then 8 per octave
+
+
+@pytest.mark.parametrize("activation_sums", [False, True], ids=["plain", "summing"])
+def test_half_precision_routed_products_come_in_padded_shapes(monkeypatch, activation_sums):
+    """bf16 on the CPU: every product over routed rows has a padded row count (oneDNN compiles
+    and keeps one primitive per shape), and the outputs are those of the unpadded rows. (The
+    summing forward's gate and up run on all of x, the same shape every batch.)"""
+    experts = random_experts(count=4, ffn=32, hidden=16).to(dtype=torch.bfloat16)
+    x, index, weights = routed_inputs(experts, 300, seed=3)
+    x = x.bfloat16()
+    expected = torch.zeros_like(x)
+    for e in range(len(experts)):
+        token, slot = torch.where(index == e)
+        expected.index_add_(0, token, (experts.output(x[token], e)
+                                       * weights[token, slot, None]).bfloat16())
+    rows, linear = [], experts_module.F.linear
+    monkeypatch.setattr(experts_module.F, "linear",
+                        lambda a, *args: rows.append(a.shape) or linear(a, *args))
+    record = RoutingRecord(x.shape[0], activation_sums=activation_sums)
+    got = RoutedExperts(experts, record)(x, index, weights)
+    routed = [n for n, width in rows if not activation_sums or width == experts.down.shape[2]]
+    assert all(padded_rows(n) == n for n in routed) and any(n > 16 for n in routed)
+    # The summing forward's activations are fp32 rounded to bf16, the plain one's bf16.
+    assert (got.float() - expected.float()).abs().max() < 2e-2 * expected.float().abs().max()
