@@ -300,7 +300,7 @@ def _summed_hidden(x: torch.Tensor, experts: Experts, e: int, token: torch.Tenso
     picked = []
     for chunk, start in enumerate(range(0, x.shape[0], SUM_CHUNK_TOKENS)):
         gate, up = experts.projections(x[start:start + SUM_CHUNK_TOKENS], e)
-        activations = experts.activation(gate.float(), up.float())
+        activations = experts.activation.in_fp32(gate, up)
         sums += activations.sum(0)
         rows = token[bounds[chunk]:bounds[chunk + 1]] - start
         picked.append(activations[rows].to(x.dtype))

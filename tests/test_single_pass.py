@@ -9,6 +9,7 @@ from test_methods import biased_permuted_copies, random_experts
 
 from hcconvert import experts as experts_module
 from hcconvert import statistics
+from hcconvert.activation import SILU, Activation
 from hcconvert.convert import convert
 from hcconvert.decoder import ATTENTION_BATCH
 from hcconvert.demo import data_file
@@ -93,6 +94,16 @@ def test_bfloat16_summing_forward_keeps_fp32_sums_of_bf16_products():
     expected = output_means(x, experts)
     scale = expected.abs().mean()
     assert ((output_means(x, experts, record.sums) - expected).abs() / scale).max() < 2e-2
+
+
+@pytest.mark.parametrize("activation", [SILU, Activation("clamped_swiglu", 1.702, 7.0)],
+                         ids=["silu", "gpt-oss"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_fp32_activations_equal_the_plain_ones(activation, dtype):
+    gen = torch.Generator().manual_seed(3)
+    gate, up = (torch.randn(64, 48, generator=gen).mul(4).to(dtype) for _ in range(2))
+    expected = activation(gate.float(), up.float())
+    assert torch.equal(activation.in_fp32(gate.clone(), up), expected)
 
 
 def test_padded_rows_are_few_sizes_and_little_extra_work():
