@@ -301,7 +301,20 @@ def report(args, runs: dict[str, list[dict]], rates: dict[torch.dtype, float]) -
                   f"(median of per-round ratios {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
+def child_main() -> None:
+    """A child's arguments (run_method's): it imports no hcconvert bench, since a peer's child
+    runs in the peer's own environment."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", required=True)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--samples", type=int, required=True)
+    parser.add_argument("--seq-len", type=int, required=True)
+    child(parser.parse_args())
+
+
 def main() -> None:
+    if "--child" in sys.argv:
+        return child_main()
     # The parent alone imports hcconvert's benches: the peers' children run in other envs.
     sys.path.insert(0, str(BENCH))
     from bench_e2e import add_checkpoint_args
@@ -315,11 +328,7 @@ def main() -> None:
                         help="an earlier checkout of hcconvert whose HC-SMoE runs too")
     parser.add_argument("--only", nargs="+", help="run just these methods (their labels)")
     parser.add_argument("--workdir", type=Path, help="where the model is built (a temp dir)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        child(args)
-        return
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         args.workdir = Path(tmp)
         build_inputs(args)
