@@ -53,8 +53,10 @@ class StreamedModel:
                              if not n.startswith(spec.family.layers_prefix)]
         globals_ = ckpt.read(self.global_names)
         embedding = next(t for n, t in globals_.items() if n.endswith("embed_tokens.weight"))
-        cpu_default = None if device.type == "cuda" else torch.float32
-        self.decoder = spec.decoder(dtype or cpu_default or compute_dtype(device, embedding.dtype))
+        if dtype is None:
+            dtype = compute_dtype(device, embedding.dtype) if device.type == "cuda" \
+                else torch.float32
+        self.decoder = spec.decoder(dtype)
         self.load_head(globals_)
         self.stream = HiddenStream(self.decoder, tokens, device)
         self.decoder.drop_globals()  # the head is read again after the last layer
