@@ -20,7 +20,7 @@ from hcconvert.convert import convert_many, open_source
 from hcconvert.evaluate import evaluate_many
 from hcconvert.options import ConvertOptions
 
-METHODS = ["hc-smoe", "o-prune"]
+METHODS = ["hc-smoe", "o-prune", "auto"]
 
 
 def run(model: Path, dtype: str, args, workdir: Path) -> tuple[dict, float, list]:

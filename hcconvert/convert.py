@@ -32,7 +32,6 @@ from .mtp import NextTokenInputs
 from .options import ConvertOptions
 from .plan import build_plan, router_suffixes
 from .reduction import Conversion, LayerResult, Reducer
-from .remote import HubFiles
 from .resources import StageTimer
 from .resume import Progress, checkpoint_fingerprint, open_progress, run_key, source_identity
 from .source import Checkpoint, open_checkpoint
@@ -99,9 +98,8 @@ def convert_many(src: str, outputs: list[tuple[Path, ConvertOptions]], overwrite
         for reducer, staging in zip(reducers, stagings, strict=True):
             copy_side_files(ckpt.root, staging)
             write_metadata(staging, ckpt, reducer.conversion, reducer.options, run)
-    if isinstance(ckpt.files, HubFiles):
-        for conversion in conversions:
-            conversion.source_peak_bytes = ckpt.files.peak_bytes
+    for conversion in conversions:
+        conversion.source_peak_bytes = ckpt.files.peak_bytes
     return conversions
 
 

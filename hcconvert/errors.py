@@ -12,3 +12,8 @@ class UserError(Exception):
 
     The message is a single line that says what is wrong and, where it helps, what to do.
     """
+
+
+class ResumableError(UserError):
+    """A failure outside the user's input that leaves the run resumable (a shard download in
+    the middle of a run): a resumable run keeps its finished layers (writer.StagedOutput)."""

@@ -130,13 +130,15 @@ def low_disk_peak(ckpt: Checkpoint, reads: list[list[str]], downloaded: dict[str
 
 
 def _shards_to_download(ckpt: Checkpoint) -> dict[str, int]:
-    """The Hub source's shards that are not in the HF cache yet, and their bytes."""
+    """The Hub source's shards that are not in the HF cache yet, and their bytes (the file's,
+    header included, where the server said; else its tensors')."""
     from huggingface_hub import try_to_load_from_cache
 
-    shard_bytes: dict[str, int] = {}
-    for info in ckpt.tensors.values():
-        shard_bytes[info.shard] = shard_bytes.get(info.shard, 0) + info.nbytes
     files = ckpt.files
+    shard_bytes = dict(files.sizes)
+    for info in ckpt.tensors.values():
+        if info.shard not in files.sizes:
+            shard_bytes[info.shard] = shard_bytes.get(info.shard, 0) + info.nbytes
     return {shard: size for shard, size in shard_bytes.items()
             if not isinstance(try_to_load_from_cache(files.repo_id, shard,
                                                      revision=files.revision), str)}

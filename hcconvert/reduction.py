@@ -55,7 +55,8 @@ class Conversion:
     layers: list[LayerResult] = field(default_factory=list)
     timer: StageTimer = field(default_factory=StageTimer)
     shared_seconds: float = 0.0  # of timer's: the pass shared with other outputs (compare)
-    # A Hub source downloaded just in time: the most of its shards the HF cache held at once.
+    # A Hub source downloaded just in time: the most of its shards the HF cache held at once
+    # (None for a local directory; 0 when every shard was cached already).
     source_peak_bytes: int | None = None
 
 

@@ -9,12 +9,13 @@ RemoteFiles leaves errors to the caller's hub.hub_errors.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
-from .errors import UserError
+from .errors import ResumableError, UserError
 from .source import HUB_SIDE_FILES, LocalFiles, TensorInfo, header_tensors
 
 # Bytes asked for first: most headers fit (huggingface_hub's own reader asks for as much), so
@@ -36,6 +37,7 @@ class RemoteFiles:
         self.repo_id, self.revision = repo_id, revision
         self.location = repo_id if revision is None else f"{repo_id}@{revision}"
         self.headers = build_hf_headers()  # the token from the usual HF environment, if any
+        self.sizes: dict[str, int] = {}  # shard -> file bytes, where the server said
 
     def url(self, name: str) -> str:
         """The file's resolve URL, as hf_hub_url builds it, on the endpoint configured now."""
@@ -55,6 +57,9 @@ class RemoteFiles:
 
         response = get_session().head(self.url(name), headers=self.headers, timeout=TIMEOUT_S)
         return not _raise_unless_missing(response)
+
+    def track(self, tensors: dict[str, TensorInfo]) -> None:
+        """Nothing to count: no shard of a RemoteFiles is ever downloaded."""
 
     def shard_headers(self, shards: list[str]) -> dict[str, TensorInfo]:
         with ThreadPoolExecutor(PARALLEL_REQUESTS) as pool:
@@ -76,6 +81,8 @@ class RemoteFiles:
         except ValueError as err:
             raise UserError(f"shard {shard} of {self.location} has an unreadable header "
                             f"({err})") from None
+        if size is not None:
+            self.sizes[shard] = size
         return header_tensors(shard, header, header_len, size)
 
     def read_prefix(self, name: str, length: int) -> tuple[bytes, int | None]:
@@ -126,9 +133,10 @@ class HubFiles(LocalFiles):
     """A Hub repo's snapshot in the HF cache that starts with its small files only: the shard
     headers are read remotely, and each shard is downloaded when the run first reads a tensor
     in it (on the prefetch thread, a layer ahead of the computation). With low_disk a shard
-    is deleted from the cache once the run has released every tensor in it (also one an
-    earlier, killed run downloaded), so the cache holds little more than the shards of the
-    layers in flight."""
+    leaves the cache once the run has released every tensor in it (also one cached before
+    the run: --low-disk treats the cache's copy of SRC as disposable), so the cache holds
+    little more than the shards of the layers in flight. One thread at a time uses it: the
+    main thread until the prefetch thread starts, then that one."""
 
     def __init__(self, repo_id: str, root: Path, low_disk: bool):
         super().__init__(root)
@@ -157,26 +165,35 @@ class HubFiles(LocalFiles):
         from .hub import hub_errors
 
         with hub_errors(f"cannot read {self.location!r} from the Hub"):
-            headers = self.remote.shard_headers(shards)
-        self.shard_of = {name: info.shard for name, info in headers.items()}
-        for name, info in headers.items():
-            self.unreleased.setdefault(info.shard, set()).add(name)
-        return headers
+            return self.remote.shard_headers(shards)
 
     def exists(self, name: str) -> bool:
-        return super().exists(name) or self.remote.exists(name)  # a shard not downloaded yet
+        from .hub import hub_errors
+
+        with hub_errors(f"cannot read {self.location!r} from the Hub"):
+            return super().exists(name) or self.remote.exists(name)  # a shard not here yet
+
+    def track(self, tensors: dict[str, TensorInfo]) -> None:
+        self.shard_of = {name: info.shard for name, info in tensors.items()}
+        for name, info in tensors.items():
+            self.unreleased.setdefault(info.shard, set()).add(name)
 
     def local_shard(self, shard: str) -> Path:
         path = self.root / shard
-        if not path.exists():
-            from huggingface_hub import hf_hub_download
+        if path.exists():
+            return path
+        from huggingface_hub import hf_hub_download
 
-            from .hub import hub_errors
+        from .hub import hub_errors
 
+        try:
             with hub_errors(f"cannot download {shard} of {self.location}"):
-                hf_hub_download(self.remote.repo_id, shard, revision=self.remote.revision)
-            self.downloaded[shard] = path.stat().st_size
-            self.peak_bytes = max(self.peak_bytes, sum(self.downloaded.values()))
+                path = Path(hf_hub_download(self.remote.repo_id, shard,
+                                            revision=self.remote.revision))
+        except UserError as err:  # mid-run: the finished layers are worth keeping
+            raise ResumableError(str(err)) from None
+        self.downloaded[shard] = path.stat().st_size
+        self.peak_bytes = max(self.peak_bytes, sum(self.downloaded.values()))
         return path
 
     def release(self, names: list[str]) -> None:
@@ -190,9 +207,24 @@ class HubFiles(LocalFiles):
 
 
 def remove_cached(path: Path) -> None:
-    """A file of the HF cache: the snapshot's link and the blob it points to (if any)."""
-    if not path.is_symlink() and not path.exists():
+    """A snapshot's file out of the HF cache, with huggingface_hub's own deletion: the link,
+    and the repo's blob it points to unless another snapshot of the repo links to it too (a
+    shard unchanged between two commits); a blob that is a link into the cache-wide store
+    of Xet files takes that copy with it only when no other repo refers to it."""
+    from huggingface_hub import DeleteCacheStrategy, constants
+
+    if not path.is_symlink():
+        path.unlink(missing_ok=True)  # a cache without links holds copies
         return
-    blob = path.resolve()
-    path.unlink(missing_ok=True)
-    blob.unlink(missing_ok=True)
+    blob = _first_hop(path)
+    snapshots = path.parents[1]  # the repo's snapshots/; path is snapshots/<commit>/<file>
+    shared = any(other != path and other.is_symlink() and _first_hop(other) == blob
+                 for other in snapshots.glob("*/**/*"))
+    DeleteCacheStrategy(expected_freed_size=0, blobs=frozenset() if shared else frozenset({blob}),
+                        refs=frozenset(), repos=frozenset(), snapshots=frozenset(),
+                        files=frozenset({path}), cache_dir=Path(constants.HF_HUB_CACHE)).execute()
+
+
+def _first_hop(link: Path) -> Path:
+    """Where a link points, one step only (the repo's blob, not what that blob links to)."""
+    return Path(os.path.normpath(link.parent / os.readlink(link)))

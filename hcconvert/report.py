@@ -177,5 +177,5 @@ def print_summary(conversion: Conversion) -> None:
         + (f", GPU {human_bytes(gpu)}" if gpu is not None else ""),
         *([f"source disk peak {human_bytes(conversion.source_peak_bytes)} of "
            f"{human_bytes(plan.bytes_in)} (shards downloaded as the layers needed them)"]
-          if conversion.source_peak_bytes is not None else []),
+          if conversion.source_peak_bytes else []),
     ]))

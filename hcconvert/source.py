@@ -89,13 +89,13 @@ def open_checkpoint(src: str, revision: str | None = None,
     downloaded now and each shard when a tensor in it is first read (remote.HubFiles; with
     low_disk deleted again once all its tensors are read); offline, a Hub repo's snapshot in
     the HF cache."""
-    from huggingface_hub import constants
-
     if low_disk:
         check_low_disk(src)
     if Path(src).is_dir():
         return Checkpoint(Path(src))
     check_hub_id(src)
+    from huggingface_hub import constants
+
     if constants.is_offline_mode():
         return Checkpoint(_download(src, revision))
     from .remote import HubFiles
@@ -249,8 +249,14 @@ class CheckpointFiles(Protocol):
     def shard_headers(self, shards: list[str]) -> dict[str, TensorInfo]:
         """Every tensor of these shards, from their headers; a missing shard is a UserError."""
 
+    def track(self, tensors: dict[str, TensorInfo]) -> None:
+        """The checkpoint's tensors, as its index names them."""
+
+
 class LocalFiles:
     """A checkpoint directory."""
+
+    peak_bytes: int | None = None  # of downloaded shards held at once (remote.HubFiles)
 
     def __init__(self, root: Path):
         self.root = root
@@ -266,6 +272,9 @@ class LocalFiles:
     def local_shard(self, shard: str) -> Path:
         """Where to read the shard's tensors (remote.HubFiles downloads it first)."""
         return self.root / shard
+
+    def track(self, tensors: dict[str, TensorInfo]) -> None:
+        """The checkpoint's tensors, as its index names them (remote.HubFiles counts them)."""
 
     def release(self, names: list[str]) -> None:
         """The run needs these tensors no more (remote.HubFiles may delete their shards)."""
@@ -290,6 +299,7 @@ class Checkpoint:
         self.location = self.files.location
         self.config = self._read_config()
         self.tensors = self._read_index()
+        self.files.track(self.tensors)
 
     def _read_config(self) -> dict:
         text = self.files.read_text("config.json")
@@ -321,7 +331,8 @@ class Checkpoint:
         return {name: headers[name] for name in weight_map}
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Read tensors (copies out of the memory-mapped shards), opening each shard once.
+        """Read tensors (copies out of the memory-mapped shards), opening each shard once,
+        and release them (with --low-disk a second read downloads their shard again).
 
         The maps close again before returning: pages of a map stay counted in the resident
         set while it is open, so a cached handle would grow RSS with every layer read.
@@ -338,8 +349,8 @@ class Checkpoint:
         return tensors
 
     def release(self, names: list[str]) -> None:
-        """Tensors the run will not read (a resumed run's finished layers, source tensors
-        with no output of their own): with --low-disk their shards may go."""
+        """Tensors the run will not read (a resumed run's finished layers): with --low-disk
+        their shards may go."""
         self.files.release(names)
 
     def get(self, name: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import ResumableError, UserError
 from .resources import human_bytes
 from .resume import (
     KEY_CHARS,
@@ -277,10 +277,14 @@ class StagedOutput:
                     self._publish()
                     published = True
             finally:
-                kept = exc_type is not None and self.keep and self.run_key is not None
+                kept = exc_type is not None and self.run_key is not None and (
+                    self.keep or isinstance(exc, ResumableError))
                 self._clean_up(published, kept)
         if kept and isinstance(exc, Interrupted):
             exc.kept = self.root
+        if kept and isinstance(exc, ResumableError):
+            exc.args = (f"{exc}; the finished layers are kept: run the same command again to "
+                        "go on",)
         if received and exc_type is None:
             raise Interrupted(received[0], published=True)
 

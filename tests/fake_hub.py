@@ -36,6 +36,7 @@ class HubState:
     repos: dict[str, Path] = field(default_factory=dict)  # repo id -> directory served
     accounts: dict[str, dict] = field(default_factory=dict)  # token -> whoami-v2 answer
     status: int | None = None  # when set, every /api and resolve request fails with it
+    broken: set[str] = field(default_factory=set)  # files whose download (no Range) is refused (403)
     requests: list[Request] = field(default_factory=list)
 
 
@@ -92,6 +93,8 @@ class _Handler(BaseHTTPRequestHandler):
         if match.re is MODEL_API:
             return self._model_api(repo_id, root, match.group(2), body)
         path = root / match.group(3)
+        if match.group(3) in self.state.broken and not self.headers.get("Range"):
+            return self._send(403, b"{}", body)
         if not path.is_file():
             return self._send(404, b"", body, {"X-Error-Code": "EntryNotFound"})
         request.bytes_sent = self._send_file(path, body, {"X-Repo-Commit": commit(repo_id),

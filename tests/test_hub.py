@@ -15,7 +15,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 from conftest import load_all, save_tiny_mixtral, tree_digest
-from fake_hub import FakeHub, account
+from fake_hub import FakeHub, account, commit
 from test_cli import assert_user_error, convert_args, run
 from test_resume import CLI
 
@@ -242,9 +242,9 @@ def test_conversion_downloads_each_shard_just_in_time(hub, tiny, calib_text, tmp
     assert weights_digest(tmp_path / "hub") == weights_digest(tmp_path / "local")
 
     held = layers_by_shard(tiny)
-    downloads = [r.path.rsplit("/", 1)[1] for r in hub.shard_requests()
-                 if r.method == "GET" and not r.range]
-    assert sorted(downloads) == sorted(held)  # each shard once, whole
+    whole = [r.path for r in hub.shard_requests() if r.method == "GET" and not r.range]
+    assert sorted(path.rsplit("/", 1)[1] for path in whole) == sorted(held)  # each once
+    assert all(f"/resolve/{commit(REPO)}/" in path for path in whole)  # pinned, not "main"
     assert [layer for layer, _ in layer_reads_of_the_hub_run] == [0, 1]
     for layer, cached in layer_reads_of_the_hub_run:
         # nothing fetched before a layer that needs it; with --low-disk nothing kept after
@@ -255,6 +255,9 @@ def test_conversion_downloads_each_shard_just_in_time(hub, tiny, calib_text, tmp
     peak = float(re.search(r"source disk peak (\S+) KB", result.stdout).group(1))
     shard_kb = sum(p.stat().st_size for p in tiny.glob("*.safetensors")) / 1000
     assert peak < shard_kb / 2 if low_disk else peak == pytest.approx(shard_kb, abs=0.1)
+    ckpt, plan = preflight.plan_from_headers(REPO, ConvertOptions(experts=3))
+    if low_disk:  # the preflight's bound holds
+        assert peak <= preflight.download_bytes(ckpt, plan, low_disk=True) / 1000 + 0.05
 
 
 def test_single_file_checkpoint_from_the_hub(hub, tiny, calib_text, tmp_path):
@@ -298,6 +301,55 @@ def test_low_disk_resumes_a_killed_run_and_empties_the_cache(hub, tiny, calib_te
     assert cached_shards() == set()
 
 
+def test_a_download_failing_mid_run_keeps_the_finished_layers(hub, tiny, calib_text,
+                                                               tmp_path):
+    hub.state.repos[REPO] = tiny
+    second_layer_only = [shard for shard, layers in layers_by_shard(tiny).items()
+                         if layers == {1}]
+    hub.state.broken.add(second_layer_only[0])
+    args = convert_args(REPO, tmp_path / "out", calib_text, "--low-disk")
+    failed = run(*args)
+    assert failed.exit_code == 2  # one error line, after the progress bars of the work done
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"hcconvert: error: cannot download {second_layer_only[0]}")
+    assert last.endswith("the finished layers are kept: run the same command again to go on")
+    assert list(tmp_path.glob(".out.hcconvert-tmp-*")) and not (tmp_path / "out").exists()
+
+    hub.state.broken.clear()
+    resumed = run(*args)
+    assert resumed.exit_code == 0 and "resuming: " in resumed.stderr, resumed.stderr
+    assert run(*convert_args(tiny, tmp_path / "local", calib_text)).exit_code == 0
+    assert weights_digest(tmp_path / "out") == weights_digest(tmp_path / "local")
+
+
+def make_link(link: Path, target: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(target, link.parent))
+
+
+def test_removing_a_cached_shard_spares_what_others_link_to(hub):
+    """A blob two snapshots share (a shard unchanged between commits) stays until the last
+    goes; a repo blob that links into the cache-wide store of Xet files takes nothing
+    another repo still refers to."""
+    cache = Path(huggingface_hub.constants.HF_HUB_CACHE)
+    repo, other = cache / "models--org--tiny-moe", cache / "models--org--other"
+    store = cache / "blobs" / "ab" / ("ab" + "0" * 62)
+    store.parent.mkdir(parents=True)
+    store.write_bytes(b"shared bytes")
+    make_link(repo / "blobs" / "e1", store)
+    make_link(other / "blobs" / "e1", store)
+    make_link(other / "snapshots" / "c" / "m.safetensors", other / "blobs" / "e1")
+    first, second = (repo / "snapshots" / c / "m.safetensors" for c in ("a", "b"))
+    for link in (first, second):
+        make_link(link, repo / "blobs" / "e1")
+
+    remote.remove_cached(first)
+    assert not first.is_symlink() and second.read_bytes() == b"shared bytes"
+    remote.remove_cached(second)
+    assert not second.is_symlink() and not (repo / "blobs" / "e1").is_symlink()
+    assert (other / "snapshots" / "c" / "m.safetensors").read_bytes() == b"shared bytes"
+
+
 def test_low_disk_refuses_a_local_directory(tiny, calib_text, tmp_path):
     before = tree_digest(tiny)
     for extra in ((), ("--dry-run",)):
@@ -315,7 +367,7 @@ def test_low_disk_needs_only_the_shards_in_flight(hub, tiny, calib_text, tmp_pat
     ckpt, plan = preflight.plan_from_headers(REPO, options)
     low = plan.bytes_out + preflight.download_bytes(ckpt, plan, low_disk=True)
     whole = plan.bytes_out + preflight.download_bytes(ckpt, plan, low_disk=False)
-    assert low < whole and whole - plan.bytes_out == plan.bytes_in
+    assert low < whole and whole - plan.bytes_out > plan.bytes_in  # files: headers too
     free = shutil.disk_usage(tmp_path)._replace(free=(low + whole) // 2)
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: free)
     args = (REPO, "--experts", 3, "--calib", calib_text, "--out", tmp_path / "out", "--dry-run")
