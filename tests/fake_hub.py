@@ -36,7 +36,7 @@ class HubState:
     repos: dict[str, Path] = field(default_factory=dict)  # repo id -> directory served
     accounts: dict[str, dict] = field(default_factory=dict)  # token -> whoami-v2 answer
     status: int | None = None  # when set, every /api and resolve request fails with it
-    broken: set[str] = field(default_factory=set)  # files whose download (no Range) is refused (403)
+    broken: set[str] = field(default_factory=set)  # files whose download (no Range) gets 403
     requests: list[Request] = field(default_factory=list)
 
 
