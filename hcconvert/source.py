@@ -150,10 +150,12 @@ def parse_index(text: str, where: str | Path) -> dict[str, str]:
     return weight_map
 
 
-def read_shard_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header and check it the way safetensors will when the shard is
-    opened: every entry a known dtype, a shape of non-negative integers and offsets holding
-    exactly its bytes, the tensors packed end to end, and the file exactly that long."""
+def read_shard_header(root: Path, shard: str) -> dict[str, TensorInfo]:
+    """Parse the header of shard (its path below root, as the index names it: it may be in a
+    subfolder) and check it the way safetensors will when the shard is opened: every entry a
+    known dtype, a shape of non-negative integers and offsets holding exactly its bytes, the
+    tensors packed end to end, and the file exactly that long."""
+    path = root / shard
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -162,9 +164,9 @@ def read_shard_header(path: Path) -> dict[str, TensorInfo]:
                 raise ValueError(f"header of {header_len} bytes in a {size}-byte file")
             header = json.loads(f.read(header_len))
     except (OSError, ValueError, RecursionError, struct.error) as err:
-        raise UserError(f"shard {path.name} is unreadable or truncated "
+        raise UserError(f"shard {shard} is unreadable or truncated "
                         f"({first_line(err)})") from None
-    return header_tensors(path.name, header, header_len, size)
+    return header_tensors(shard, header, header_len, size)
 
 
 def header_tensors(shard: str, header: object, header_len: int,
@@ -284,7 +286,7 @@ class LocalFiles:
         for shard in shards:
             if not (self.root / shard).is_file():
                 raise UserError(f"shard {shard} named in the index is missing from {self.root}")
-            headers.update(read_shard_header(self.root / shard))
+            headers.update(read_shard_header(self.root, shard))
         return headers
 
 

@@ -276,6 +276,24 @@ def test_single_file_checkpoint_from_the_hub(hub, tiny, calib_text, tmp_path):
     assert cached_shards() == set()
 
 
+def test_shards_in_a_subfolder_convert_locally_and_from_the_hub(hub, tiny, calib_text,
+                                                                  tmp_path):
+    import json
+
+    repo = shutil.copytree(tiny, tmp_path / "repo")
+    index = json.loads((repo / "model.safetensors.index.json").read_text())
+    (repo / "weights").mkdir()
+    for shard in set(index["weight_map"].values()):
+        (repo / shard).rename(repo / "weights" / shard)
+    index["weight_map"] = {name: "weights/" + shard for name, shard in index["weight_map"].items()}
+    (repo / "model.safetensors.index.json").write_text(json.dumps(index))
+    hub.state.repos[REPO] = repo
+    for source, out in ((repo, "local"), (REPO, "hub")):
+        result = run(*convert_args(source, tmp_path / out, calib_text))
+        assert result.exit_code == 0, result.stderr
+    assert weights_digest(tmp_path / "hub") == weights_digest(tmp_path / "local")
+
+
 def test_low_disk_resumes_a_killed_run_and_empties_the_cache(hub, tiny, calib_text, tmp_path):
     hub.state.repos[REPO] = tiny
     for place in ("reference", "resumed"):
