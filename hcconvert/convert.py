@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -196,10 +197,11 @@ class LayerPipeline:
         # A resumed run never reads the layers it finished (--low-disk: their shards may go).
         self.ckpt.release([name for names in self.plan.layer_names[:start] for name in names])
         with self.timer.stage("compute"):
-            self.decoder.load_globals(self.dense(globals_, None), self.device)
+            dense_globals = self.dense(globals_, None)
+            self.decoder.load_globals(dense_globals, self.device)
             stream = HiddenStream(self.decoder, tokens, self.device)
             next_tokens = (NextTokenInputs(self.decoder, tokens, self.device,
-                                           self.mtp_own(globals_))
+                                           self.mtp_own(dense_globals))
                            if self.plan.mtp_layers else None)
             self.decoder.drop_globals()
         if start == 0:
@@ -313,14 +315,13 @@ class LayerPipeline:
         prefix = "" if layer is None else self.spec.layer_prefix(layer)
         return self.storage.dense(stored, prefix, self.device, self.dtype)
 
-    def mtp_own(self, globals_: dict) -> dict[str, torch.Tensor]:
+    def mtp_own(self, dense_globals: Mapping) -> dict[str, torch.Tensor]:
         """The MTP layer's own tensors where they are stored outside it (Qwen's mtp.fc...),
-        read with the globals, as the forward reads them, by name below their prefix."""
+        taken from the globals as the forward reads them, by name below their prefix."""
         mtp = self.spec.family.mtp
         if mtp.own_prefix is None:
             return {}
-        dense = self.dense(globals_, None)
-        return {name: dense[mtp.own_prefix + name] for name in mtp.required}
+        return {name: dense_globals[mtp.own_prefix + name] for name in mtp.required}
 
     def reduced_decoder(self, experts: int) -> Decoder:
         """The skeleton of the model with `experts` routed experts per MoE layer, built once."""
