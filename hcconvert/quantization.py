@@ -109,6 +109,14 @@ def quantization_settings(config: Mapping) -> object:
     return config.get("quantization_config")
 
 
+def without_quantization_config(config: dict) -> dict:
+    """config.json with no quantization_config, at the top or in a wrapper's text_config."""
+    config = {key: value for key, value in config.items() if key != "quantization_config"}
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"] = without_quantization_config(config["text_config"])
+    return config
+
+
 def quant_format(config: Mapping) -> QuantFormat | None:
     """The format config.json's quantization_config describes, or None for none."""
     settings = quantization_settings(config)

@@ -27,6 +27,7 @@ from .quantization import (
     quant_format,
     quantize_with_error,
     quantized_weights,
+    without_quantization_config,
 )
 from .source import Checkpoint, TensorInfo
 from .writer import SAFETENSORS_DTYPES, OutputTensor
@@ -144,11 +145,7 @@ class Storage:
         """config.json for the output: without quantization_config once nothing is quantized."""
         if not self.dense_output:
             return config
-        config = {key: value for key, value in config.items() if key != "quantization_config"}
-        if isinstance(config.get("text_config"), dict):  # where a wrapper may keep it
-            config["text_config"] = {key: value for key, value in config["text_config"].items()
-                                     if key != "quantization_config"}
-        return config
+        return without_quantization_config(config)
 
     # -- values ----------------------------------------------------------------------------
 
