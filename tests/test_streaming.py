@@ -27,6 +27,26 @@ def test_prefetch_yields_every_layer_in_order(tmp_path):
         assert all(torch.equal(tensors[k], expected[k]) for k in expected)
 
 
+def test_prefetch_checks_weights_on_the_consuming_thread(tmp_path, monkeypatch):
+    """The NaN check (torch ops) runs where the layers are consumed, not on the reading
+    thread, whose torch ops would contend with the computation's for the cores; every layer
+    is checked, under its full names."""
+    import hcconvert.streaming
+
+    src = save_tiny_mixtral(tmp_path / "src", num_hidden_layers=2)
+    checked = []
+
+    def recording(tensors, prefix=""):
+        checked.append((threading.current_thread(), prefix, set(tensors)))
+    monkeypatch.setattr(hcconvert.streaming, "check_finite", recording)
+    ckpt = Checkpoint(src)
+    prefixes = [f"model.layers.{i}." for i in range(2)]
+    layers = list(prefetched_layers(ckpt, prefixes))
+    assert [(thread, prefix) for thread, prefix, _ in checked] == [
+        (threading.main_thread(), prefix) for prefix in prefixes]
+    assert [names for _, _, names in checked] == [set(tensors) for _, tensors, _ in layers]
+
+
 def test_background_writer_keeps_order_and_runs_off_thread():
     seen = []
     with BackgroundWriter() as writer:
