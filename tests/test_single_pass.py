@@ -96,6 +96,48 @@ def test_bfloat16_summing_forward_keeps_fp32_sums_of_bf16_products():
     assert ((output_means(x, experts, record.sums) - expected).abs() / scale).max() < 2e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_half_precision_activations_are_closer_to_fp32_than_rounded_products(dtype):
+    """oneDNN's fused products form SiLU(gate) · up from the fp32 accumulators: within half
+    precision of fp32's activations, and no further off than the plain half-precision ones
+    (products rounded, then SiLU and product rounded again)."""
+    if experts_module._LINEAR_POINTWISE is None:
+        pytest.skip("this torch has no oneDNN")
+    experts = random_experts(count=2, ffn=64, hidden=48)
+    x = torch.randn(100, 48, generator=torch.Generator().manual_seed(4))
+    half = experts.to(dtype=dtype)
+    fused = half.fused_hidden(x.to(dtype), 1)
+    plain = half.activation(*half.projections(x.to(dtype), 1))
+    exact = half.to(dtype=torch.float32).hidden(x.to(dtype).float(), 1)
+    assert fused.dtype == dtype
+
+    def error(got):
+        return float((got.float() - exact).norm() / exact.norm())
+    assert error(fused) < 4e-3 and error(fused) <= error(plain)
+    assert experts.fused_hidden(x, 1) is None  # fp32: the plain products
+    gpt_oss = biased_permuted_copies([torch.arange(16)]).to(dtype=dtype)
+    assert gpt_oss.fused_hidden(x[:, :gpt_oss.gate.shape[2]].to(dtype), 0) is None
+
+
+def test_summing_forward_fused_or_not_gives_the_same_outputs_and_means(monkeypatch):
+    """The summing forward in bf16 through the fused products and through the plain ones
+    (oneDNN missing) agree within bf16 rounding, outputs and means."""
+    experts = random_experts(count=4, ffn=32, hidden=16).to(dtype=torch.bfloat16)
+    x, index, weights = routed_inputs(experts, 200, seed=5)
+    x = x.bfloat16()
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor]:
+        record = RoutingRecord(x.shape[0], activation_sums=True)
+        out = RoutedExperts(experts, record)(x, index, weights)
+        return out.float(), output_means(x.float(), experts.to(dtype=torch.float32),
+                                         record.sums)
+    fused = forward()
+    monkeypatch.setattr(experts_module, "_LINEAR_POINTWISE", None)
+    plain = forward()
+    for got, expected in zip(fused, plain, strict=True):
+        assert (got - expected).abs().max() < 2e-2 * expected.abs().max()
+
+
 @pytest.mark.parametrize("activation", [SILU, Activation("clamped_swiglu", 1.702, 7.0)],
                          ids=["silu", "gpt-oss"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -125,12 +167,15 @@ def test_half_precision_routed_products_come_in_padded_shapes(monkeypatch, activ
         token, slot = torch.where(index == e)
         expected.index_add_(0, token, (experts.output(x[token], e)
                                        * weights[token, slot, None]).bfloat16())
-    rows, linear = [], experts_module.F.linear
+    rows, linear, fused = [], experts_module.F.linear, experts_module.Experts.fused_hidden
     monkeypatch.setattr(experts_module.F, "linear",
                         lambda a, *args: rows.append(a.shape) or linear(a, *args))
+    # The fused products (oneDNN too) of the plain forward come in padded shapes as well.
+    monkeypatch.setattr(experts_module.Experts, "fused_hidden",
+                        lambda self, a, e: rows.append(a.shape) or fused(self, a, e))
     record = RoutingRecord(x.shape[0], activation_sums=activation_sums)
     got = RoutedExperts(experts, record)(x, index, weights)
     routed = [n for n, width in rows if not activation_sums or width == experts.down.shape[2]]
     assert all(padded_rows(n) == n for n in routed) and any(n > 16 for n in routed)
-    # The summing forward's activations are fp32 rounded to bf16, the plain one's bf16.
+    # Both forwards' activations come from the same fused products (where oneDNN is).
     assert (got.float() - expected.float()).abs().max() < 2e-2 * expected.float().abs().max()
