@@ -12,6 +12,8 @@ s conversion; checked on the computing thread, where it is one cheap reduction, 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +45,26 @@ def fault_in(tensors: dict[str, torch.Tensor]) -> None:
             tensor.reshape(-1).view(torch.uint8).numpy()[::mmap.PAGESIZE].max()
 
 
+def _glibc_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim; None elsewhere (macOS, musl)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+
+
+def return_freed_memory() -> None:
+    """Hand the host memory freed with the last layer back to the OS. glibc keeps freed heap
+    memory for reuse, and the pattern of a layer's temporaries left it growing: 0.2-0.4 GB
+    over 16 layers of the bench checkpoint, so the peak rose with depth (docs/BENCHMARKS.md,
+    "Every FLOP once"). Trimming between layers costs milliseconds."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def prefetched_layers(ckpt: Checkpoint, prefixes: list[str], pin: bool = False
                       ) -> Iterator[tuple[int, dict[str, torch.Tensor], float]]:
     """Yield (layer, tensors, seconds the read took) in order, layer k holding the tensors
@@ -51,6 +73,7 @@ def prefetched_layers(ckpt: Checkpoint, prefixes: list[str], pin: bool = False
         pending: Future | None = pool.submit(read_layer, ckpt, prefixes[0], pin) if prefixes \
             else None
         for layer in range(len(prefixes)):
+            return_freed_memory()  # the consumer is done with the layer before
             tensors, seconds = pending.result()
             check_finite(tensors, prefixes[layer])
             pending = (pool.submit(read_layer, ckpt, prefixes[layer + 1], pin)
