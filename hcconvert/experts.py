@@ -12,6 +12,7 @@ T tokens, H hidden, E experts, F expert ffn, K top-k.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -40,7 +41,7 @@ ROW_SIZES_PER_OCTAVE = 8
 # oneDNN's linear with a fused post-op, the op Inductor's CPU backend compiles to: SiLU
 # applied to the gate product's fp32 accumulators, then the up product multiplied by it, with
 # no [t, F] fp32 temporaries in between. Half precision on the CPU only (missing from builds
-# without oneDNN: None).
+# without oneDNN: None; see also _fused_products_run).
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
@@ -176,8 +177,8 @@ class Experts:
         formed from the fp32 accumulators, closer to fp32 than rounding the products first
         (measured: 2.4e-3 against 2.6e-3 relative error), and the summing pass takes 16 %
         less time (docs/BENCHMARKS.md, "Every FLOP once")."""
-        if (_LINEAR_POINTWISE is None or x.device.type != "cpu" or x.dtype == torch.float32
-                or self.activation != SILU or self.gate_bias is not None):
+        if (x.device.type != "cpu" or x.dtype == torch.float32 or self.activation != SILU
+                or self.gate_bias is not None or not _fused_products_run(x.dtype)):
             return None
         silu_gate = _LINEAR_POINTWISE(x, self.gate[e].to(x.dtype), None, "swish", [], "")
         return _LINEAR_POINTWISE.binary(x, silu_gate, self.up[e].to(x.dtype), None, "mul")
@@ -217,6 +218,22 @@ class ExpertChunks:
             return
         for part in self.parts:
             yield self._bring(part)
+
+
+@functools.cache
+def _fused_products_run(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's fused products run in dtype on this CPU. They need AVX-512: on an
+    AVX2 CPU oneDNN has no such primitive (RuntimeError; seen with ONEDNN_MAX_CPU_ISA=AVX2),
+    while plain half-precision products still run."""
+    if _LINEAR_POINTWISE is None:
+        return False
+    x, weight = torch.ones(1, 16, dtype=dtype), torch.ones(16, 16, dtype=dtype)
+    try:
+        silu_gate = _LINEAR_POINTWISE(x, weight, None, "swish", [], "")
+        _LINEAR_POINTWISE.binary(x, silu_gate, weight, None, "mul")
+    except RuntimeError:
+        return False
+    return True
 
 
 def _gather(stacked: torch.Tensor, indices: list[int], device: torch.device) -> torch.Tensor:

@@ -2,6 +2,10 @@
 statistics and the next layer's input, and the forward that also sums the activations for the
 output statistics gives the same outputs and statistics as the separate passes did."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import save_tiny_mixtral
@@ -101,8 +105,8 @@ def test_fused_half_precision_activations_are_closer_to_fp32_than_rounded_produc
     """oneDNN's fused products form SiLU(gate) · up from the fp32 accumulators: within half
     precision of fp32's activations, and no further off than the plain half-precision ones
     (products rounded, then SiLU and product rounded again)."""
-    if experts_module._LINEAR_POINTWISE is None:
-        pytest.skip("this torch has no oneDNN")
+    if not experts_module._fused_products_run(dtype):
+        pytest.skip("no oneDNN fused products on this CPU")
     experts = random_experts(count=2, ffn=64, hidden=48)
     x = torch.randn(100, 48, generator=torch.Generator().manual_seed(4))
     half = experts.to(dtype=dtype)
@@ -132,10 +136,32 @@ def test_summing_forward_fused_or_not_gives_the_same_outputs_and_means(monkeypat
         return out.float(), output_means(x.float(), experts.to(dtype=torch.float32),
                                          record.sums)
     fused = forward()
-    monkeypatch.setattr(experts_module, "_LINEAR_POINTWISE", None)
+    monkeypatch.setattr(experts_module, "_fused_products_run", lambda dtype: False)
     plain = forward()
     for got, expected in zip(fused, plain, strict=True):
         assert (got - expected).abs().max() < 2e-2 * expected.abs().max()
+
+
+def test_half_precision_experts_run_where_onednn_cannot_fuse_them():
+    """On a CPU without AVX-512 oneDNN has no fused half-precision linear: the probe says so
+    and the summing forward runs the plain products (a subprocess with oneDNN held to AVX2)."""
+    script = """
+import platform, torch
+from hcconvert import experts
+from hcconvert.experts import Experts, RoutedExperts, RoutingRecord
+assert not experts._fused_products_run(torch.bfloat16) or platform.machine() != "x86_64"
+gen = torch.Generator().manual_seed(0)
+stacked = Experts(*(torch.randn(3, 8, 16, generator=gen).bfloat16() for _ in range(2)),
+                  torch.randn(3, 16, 8, generator=gen).bfloat16())
+x = torch.randn(40, 16, generator=gen).bfloat16()
+index = torch.randint(0, 3, (40, 1), generator=gen)
+record = RoutingRecord(40, activation_sums=True)
+out = RoutedExperts(stacked, record)(x, index, torch.ones(40, 1))
+assert out.isfinite().all() and record.sums.isfinite().all() and record.sums.abs().sum() > 0
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("activation", [SILU, Activation("clamped_swiglu", 1.702, 7.0)],
