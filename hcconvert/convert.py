@@ -217,7 +217,8 @@ class LayerPipeline:
         with BackgroundWriter() as background, bar:
             for _ in range(start, num_layers):
                 bar.set_postfix_str(f"layer {bar.n + 1}/{num_layers}: reading")
-                # The background read's own time, and how long the compute waited for it.
+                # The background read's own time, and how long the compute waited for it
+                # (on the CPU, checking it for NaN and returning the last layer's memory too).
                 with self.timer.stage("read wait"):
                     layer, raw, seconds = next(layers)
                 self.timer.seconds["read"] += seconds

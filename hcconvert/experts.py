@@ -41,7 +41,7 @@ ROW_SIZES_PER_OCTAVE = 8
 # oneDNN's linear with a fused post-op, the op Inductor's CPU backend compiles to: SiLU
 # applied to the gate product's fp32 accumulators, then the up product multiplied by it, with
 # no [t, F] fp32 temporaries in between. Half precision on the CPU only (missing from builds
-# without oneDNN: None; see also _fused_products_run).
+# without oneDNN: None; see also _fused_products_available).
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
@@ -173,15 +173,15 @@ class Experts:
 
     def fused_hidden(self, x: torch.Tensor, e: int) -> torch.Tensor | None:
         """hidden(x, e) through oneDNN's fused products (_LINEAR_POINTWISE) where they apply:
-        half precision on the CPU, SiLU experts without biases; else None. The activation is
-        formed from the fp32 accumulators, closer to fp32 than rounding the products first
-        (measured: 2.4e-3 against 2.6e-3 relative error), and the summing pass takes 16 %
-        less time (docs/BENCHMARKS.md, "Every FLOP once")."""
+        half precision on the CPU, SiLU experts without gate or up biases; else None. The
+        activation is formed from the fp32 accumulators, closer to fp32 than rounding the
+        products first (2.4e-3 against 2.6e-3 relative error), and the summing forward takes
+        9 % less time (docs/DESIGN.md, "Every FLOP once")."""
         if (x.device.type != "cpu" or x.dtype == torch.float32 or self.activation != SILU
-                or self.gate_bias is not None or not _fused_products_run(x.dtype)):
+                or self.gate_bias is not None or self.up_bias is not None
+                or not _fused_products_available(x.dtype)):
             return None
-        silu_gate = _LINEAR_POINTWISE(x, self.gate[e].to(x.dtype), None, "swish", [], "")
-        return _LINEAR_POINTWISE.binary(x, silu_gate, self.up[e].to(x.dtype), None, "mul")
+        return _fused_swiglu(x, self.gate[e].to(x.dtype), self.up[e].to(x.dtype))
 
     def down_projection(self, hidden: torch.Tensor, e: int) -> torch.Tensor:
         """[t, H] expert e's output from its ffn activations [t, F], in their dtype."""
@@ -220,17 +220,22 @@ class ExpertChunks:
             yield self._bring(part)
 
 
+def _fused_swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(x · gateᵀ) · (x · upᵀ) in two oneDNN products with post-ops."""
+    silu_gate = _LINEAR_POINTWISE(x, gate, None, "swish", [], "")
+    return _LINEAR_POINTWISE.binary(x, silu_gate, up, None, "mul")
+
+
 @functools.cache
-def _fused_products_run(dtype: torch.dtype) -> bool:
-    """Whether oneDNN's fused products run in dtype on this CPU. They need AVX-512: on an
-    AVX2 CPU oneDNN has no such primitive (RuntimeError; seen with ONEDNN_MAX_CPU_ISA=AVX2),
-    while plain half-precision products still run."""
+def _fused_products_available(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's fused products run in dtype on this CPU, where plain half-precision
+    products always do. oneDNN has no such primitive for bf16 below AVX-512, nor for fp16
+    below AVX512-FP16 (RuntimeError; seen with ONEDNN_MAX_CPU_ISA capping the ISA)."""
     if _LINEAR_POINTWISE is None:
         return False
-    x, weight = torch.ones(1, 16, dtype=dtype), torch.ones(16, 16, dtype=dtype)
+    weight = torch.ones(16, 16, dtype=dtype)
     try:
-        silu_gate = _LINEAR_POINTWISE(x, weight, None, "swish", [], "")
-        _LINEAR_POINTWISE.binary(x, silu_gate, weight, None, "mul")
+        _fused_swiglu(torch.ones(1, 16, dtype=dtype), weight, weight)
     except RuntimeError:
         return False
     return True

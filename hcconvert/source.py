@@ -339,8 +339,9 @@ class Checkpoint:
         release them (with --low-disk a second read downloads their shard again); check:
         refuse NaN and Inf here (check_finite), else the caller must.
 
-        The maps close again before returning: pages of a map stay counted in the resident
-        set while it is open, so a cached handle would grow RSS with every layer read.
+        The handles close again before returning, so a map lasts only as long as the views
+        of it: pages of a map stay counted in the resident set while it is open, so a cached
+        handle would grow RSS with every layer read.
         """
         by_shard: dict[str, list[str]] = {}
         for name in names:

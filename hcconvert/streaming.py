@@ -4,10 +4,12 @@ At most three layers' tensors are in host memory at once: the one being read, th
 computed, and the one being written. Each background stage is a single thread, so reads and
 writes keep their order; torch and safetensors release the GIL during the heavy copies.
 
-The reading thread runs no torch computation: torch parallelises an op over an OpenMP team
-of its calling thread, so a second thread's ops contend with the computation's team for the
-cores. On a 2-core CPU, checking each layer for NaN in the reading thread cost 3.5 s of a 17.7
-s conversion; checked on the computing thread, where it is one cheap reduction, it costs 0.2 s.
+When the CPU computes, the reading thread runs no torch op: torch parallelises an op over an
+OpenMP team of its calling thread, so a second thread's ops contend with the computation's
+team for the cores. On a 2-core CPU, checking each layer for NaN in the reading thread cost
+3.5 s of a 17.7 s conversion; on the computing thread, as one cheap reduction per tensor, it
+costs 0.4 s. When a GPU computes, the host's cores are free: the check (and the copy into
+pinned memory) stay on the reading thread, off the critical path.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from .source import Checkpoint, check_finite
 
 def read_layer(ckpt: Checkpoint, prefix: str,
                pin: bool) -> tuple[dict[str, torch.Tensor], float]:
-    """A layer's tensors as stored, and the seconds the read took; in pinned memory when they
-    go to a GPU next, so the host-to-device copy is asynchronous and runs at full PCIe speed."""
+    """A layer's tensors as stored, and the seconds the read took; pin: checked for NaN and
+    copied into pinned memory, as they go to a GPU next (the host-to-device copy is then
+    asynchronous and runs at full PCIe speed); else unchecked (prefetched_layers checks them
+    on the computing thread) and faulted in."""
     start = time.perf_counter()
-    tensors = ckpt.layer_tensors(prefix, check=False)
+    tensors = ckpt.layer_tensors(prefix, check=pin)
     if pin:
         tensors = {k: v.pin_memory() for k, v in tensors.items()}
     else:
@@ -38,19 +42,22 @@ def read_layer(ckpt: Checkpoint, prefix: str,
 
 
 def fault_in(tensors: dict[str, torch.Tensor]) -> None:
-    """Touch every page of these memory-mapped tensors, so that a cold read from disk happens
-    on this thread and not at the computation's first touch. numpy, not torch: see above."""
+    """Touch every page of these memory-mapped (contiguous, as safetensors returns them)
+    tensors, so that a cold read from disk happens on this thread and not at the
+    computation's first touch. numpy, not torch: see above."""
     for tensor in tensors.values():
         if tensor.numel():
             tensor.reshape(-1).view(torch.uint8).numpy()[::mmap.PAGESIZE].max()
 
 
 def _glibc_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim; None elsewhere (macOS, musl)."""
+    """glibc's malloc_trim; None elsewhere (macOS, musl, Windows)."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+        trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
     except (OSError, AttributeError, TypeError):
         return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 _MALLOC_TRIM = _glibc_malloc_trim()
@@ -68,14 +75,16 @@ def return_freed_memory() -> None:
 def prefetched_layers(ckpt: Checkpoint, prefixes: list[str], pin: bool = False
                       ) -> Iterator[tuple[int, dict[str, torch.Tensor], float]]:
     """Yield (layer, tensors, seconds the read took) in order, layer k holding the tensors
-    below prefixes[k], while the next layer is read on a background thread."""
+    below prefixes[k], checked for NaN and Inf, while the next layer is read on a background
+    thread."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hcconvert-read") as pool:
         pending: Future | None = pool.submit(read_layer, ckpt, prefixes[0], pin) if prefixes \
             else None
         for layer in range(len(prefixes)):
             return_freed_memory()  # the consumer is done with the layer before
             tensors, seconds = pending.result()
-            check_finite(tensors, prefixes[layer])
+            if not pin:  # read_layer checked them
+                check_finite(tensors, prefixes[layer])
             pending = (pool.submit(read_layer, ckpt, prefixes[layer + 1], pin)
                        if layer + 1 < len(prefixes) else None)
             yield layer, tensors, seconds

@@ -69,7 +69,7 @@ def transformers_forward(case: Case, directory, tokens, dtype):
 def test_layer_forward_matches_transformers(tmp_path, monkeypatch, name, dtype, hub_style):
     # transformers' own half-precision arithmetic (products rounded before the activation):
     # the test is of the family's wiring; the fused products are tested in test_single_pass.
-    monkeypatch.setattr(experts_module, "_fused_products_run", lambda dtype: False)
+    monkeypatch.setattr(experts_module, "_fused_products_available", lambda dtype: False)
     src = save_family_model(CASES[name], tmp_path / "m", dtype=dtype, hub_style=hub_style)
     loadable = as_transformers_knows_it(CASES[name], src, tmp_path / "loadable")
     reference = transformers_forward(CASES[name], loadable, TOKENS, dtype)

@@ -105,7 +105,7 @@ def test_fused_half_precision_activations_are_closer_to_fp32_than_rounded_produc
     """oneDNN's fused products form SiLU(gate) · up from the fp32 accumulators: within half
     precision of fp32's activations, and no further off than the plain half-precision ones
     (products rounded, then SiLU and product rounded again)."""
-    if not experts_module._fused_products_run(dtype):
+    if not experts_module._fused_products_available(dtype):
         pytest.skip("no oneDNN fused products on this CPU")
     experts = random_experts(count=2, ffn=64, hidden=48)
     x = torch.randn(100, 48, generator=torch.Generator().manual_seed(4))
@@ -126,6 +126,8 @@ def test_fused_half_precision_activations_are_closer_to_fp32_than_rounded_produc
 def test_summing_forward_fused_or_not_gives_the_same_outputs_and_means(monkeypatch):
     """The summing forward in bf16 through the fused products and through the plain ones
     (oneDNN missing) agree within bf16 rounding, outputs and means."""
+    if not experts_module._fused_products_available(torch.bfloat16):
+        pytest.skip("no oneDNN fused products on this CPU")
     experts = random_experts(count=4, ffn=32, hidden=16).to(dtype=torch.bfloat16)
     x, index, weights = routed_inputs(experts, 200, seed=5)
     x = x.bfloat16()
@@ -136,7 +138,7 @@ def test_summing_forward_fused_or_not_gives_the_same_outputs_and_means(monkeypat
         return out.float(), output_means(x.float(), experts.to(dtype=torch.float32),
                                          record.sums)
     fused = forward()
-    monkeypatch.setattr(experts_module, "_fused_products_run", lambda dtype: False)
+    monkeypatch.setattr(experts_module, "_fused_products_available", lambda dtype: False)
     plain = forward()
     for got, expected in zip(fused, plain, strict=True):
         assert (got - expected).abs().max() < 2e-2 * expected.abs().max()
@@ -149,7 +151,7 @@ def test_half_precision_experts_run_where_onednn_cannot_fuse_them():
 import platform, torch
 from hcconvert import experts
 from hcconvert.experts import Experts, RoutedExperts, RoutingRecord
-assert not experts._fused_products_run(torch.bfloat16) or platform.machine() != "x86_64"
+assert not experts._fused_products_available(torch.bfloat16) or platform.machine() != "x86_64"
 gen = torch.Generator().manual_seed(0)
 stacked = Experts(*(torch.randn(3, 8, 16, generator=gen).bfloat16() for _ in range(2)),
                   torch.randn(3, 16, 8, generator=gen).bfloat16())
