@@ -84,7 +84,7 @@ def prefetched_layers(ckpt: Checkpoint, prefixes: list[str], pin: bool = False
         for layer in range(len(prefixes)):
             return_freed_memory()  # the consumer is done with the layer before
             tensors, seconds = pending.result()
-            if not pin:  # read_layer checked them
+            if not pin:  # with pin, read_layer checked them
                 check_finite(tensors, prefixes[layer])
             pending = (pool.submit(read_layer, ckpt, prefixes[layer + 1], pin)
                        if layer + 1 < len(prefixes) else None)
