@@ -343,15 +343,12 @@ def _summed_hidden(x: torch.Tensor, experts: Experts, e: int, token: torch.Tenso
     picked = []
     for chunk, start in enumerate(range(0, x.shape[0], SUM_CHUNK_TOKENS)):
         rows = token[bounds[chunk]:bounds[chunk + 1]] - start
-        activations = experts.fused_hidden(x[start:start + SUM_CHUNK_TOKENS], e)
-        if activations is not None:  # in x's dtype, summed in fp32
-            sums += activations.sum(0, dtype=torch.float32)
-            picked.append(activations.index_select(0, rows))
-            continue
-        gate, up = experts.projections(x[start:start + SUM_CHUNK_TOKENS], e)
-        activations = experts.activation.in_fp32(gate, up)
-        sums += activations.sum(0)
-        picked.append(activations[rows].to(x.dtype))
+        part = x[start:start + SUM_CHUNK_TOKENS]
+        activations = experts.fused_hidden(part, e)  # in x's dtype
+        if activations is None:
+            activations = experts.activation.in_fp32(*experts.projections(part, e))
+        sums += activations.sum(0, dtype=torch.float32)
+        picked.append(activations.index_select(0, rows).to(x.dtype))
     return torch.cat(picked)
 
 
