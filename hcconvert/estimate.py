@@ -24,7 +24,7 @@ import torch
 from .alignment import ALIGN_CHUNK_TOKENS
 from .decoder import compute_dtype
 from .errors import UserError
-from .layerfit import CHUNK_TOKENS
+from .layerfit import CHUNK_TOKENS, kept_bytes
 from .options import ConvertOptions
 from .resources import human_bytes
 from .source import Checkpoint
@@ -159,12 +159,14 @@ def _token_bytes(spec: ModelSpec, options: ConvertOptions, dtype: torch.dtype,
                  mtp: bool) -> int:
     """The hidden states, the MoE inputs the router record keeps, the layer's input with
     --propagate merged, the MTP layer's next-token embeddings, and with a layer fit its
-    target (the original routed output) and its prediction, fp32."""
+    target (the original routed output) and its prediction, fp32, and what it keeps between
+    its rounds."""
     tokens = options.calib_samples * options.seq_len
     copies = 2 + (options.propagate == "merged") + mtp
     total = copies * tokens * spec.hidden * element_bytes(dtype)
     if options.layer_fit or options.method == "auto":
-        total += 2 * tokens * spec.hidden * 4
+        total += 2 * tokens * spec.hidden * 4 + kept_bytes(tokens, spec.top_k, options.experts,
+                                                           spec.ffn)
     return total
 
 

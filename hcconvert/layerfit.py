@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .experts import Experts
-from .lstsq import ridge_solve
+from .lstsq import RidgeSystem
 
 # route(x [T, H]) -> (weights [T, K], index [T, K]): a layer's routing rule, router included
 # (transformers' own router of the family, with the layer's reduced router tensors).
@@ -44,6 +44,19 @@ ROUNDS = 2
 # one expert, often fewer than F, and must not chase their noise.
 FIT_RIDGE = 1e-2
 CHUNK_TOKENS = 8192
+# What the fit keeps from one round to the next, for all of a layer's experts together: each
+# expert's factored normal equations ([F, F] fp64) and, when its tokens make one chunk, their
+# activations. Within it, the second round forms no product but XᵀY and the update (on the
+# bench models the fit then takes about half the time); beyond it, experts recompute.
+FIT_KEEP_BYTES = 1 << 30
+
+
+
+def kept_bytes(tokens: int, top_k: int, experts: int, ffn: int) -> int:
+    """The most fit_down keeps between rounds, for experts reduced experts on tokens
+    calibration tokens: every expert's factored normal equations and routed activations,
+    capped by FIT_KEEP_BYTES."""
+    return min(FIT_KEEP_BYTES, experts * ffn * (ffn + 1) * 8 + tokens * top_k * ffn * 4)
 
 
 @dataclass(frozen=True)
@@ -69,20 +82,17 @@ def layer_output(x: torch.Tensor, experts: Experts, route: Route) -> torch.Tenso
     for start in range(0, x.shape[0], CHUNK_TOKENS):
         chunk = x[start:start + CHUNK_TOKENS]
         weights, index = route(chunk)
-        out[start:start + CHUNK_TOKENS] = _routed_sum(chunk, experts, None, weights, index)
+        out[start:start + CHUNK_TOKENS] = _routed_sum(chunk, experts, weights, index)
     return out
 
 
-def _routed_sum(x, experts: Experts, down: torch.Tensor | None, weights,
-                index) -> torch.Tensor:
-    """Σ_k weights[t, k] · expert index[t, k] (x_t), fp32 [T, H], with the experts' own down
-    projections or down [R, H, F] (kept where the experts are)."""
+def _routed_sum(x, experts: Experts, weights, index) -> torch.Tensor:
+    """Σ_k weights[t, k] · expert index[t, k] (x_t), fp32 [T, H]."""
     out = torch.zeros(x.shape[0], x.shape[1], device=x.device)
     for chunk, places in experts.chunks(index.unique().tolist()):
         for e, at in places:
             token, slot = torch.where(index == e)
-            projection = chunk.down[at] if down is None else down[e].to(x.device)
-            y = chunk.hidden(x[token].float(), at) @ projection.float().T
+            y = chunk.hidden(x[token].float(), at) @ chunk.down[at].float().T
             if chunk.down_bias is not None:
                 y += chunk.down_bias[at].float()
             out.index_add_(0, token, y * weights[token, slot, None].float())
@@ -100,42 +110,99 @@ def fit_down(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Rou
     towards experts.down. The experts come to the device a chunk at a time."""
     weights, index = route(x)  # [T, K] each
     down = experts.down.float().clone()
-    predicted = _routed_sum(x, experts, down, weights, index)
+    # Nothing routed to an expert: it stays as it was.
+    fits = {e: _ExpertFit.routed(e, weights, index) for e in index.unique().tolist()}
+    keep = _KeepBudget(FIT_KEEP_BYTES)
+    predicted = torch.zeros(x.shape[0], x.shape[1], device=x.device)  # the layer's output
+    for chunk, places in experts.chunks(list(fits)):
+        for e, at in places:
+            fit = fits[e]
+            fit.add_output(predicted, x, chunk, at, down[e].to(x.device), keep)
+            if chunk.down_bias is not None:  # part of the output; the fit leaves it as it is
+                predicted.index_add_(0, fit.token,
+                                     fit.gate_weight[:, None] * chunk.down_bias[at].float())
     for _ in range(rounds):
-        # Nothing routed to an expert: it stays as it was.
-        for chunk, places in experts.chunks(index.unique().tolist()):
+        for chunk, places in experts.chunks(list(fits)):
             for e, at in places:
-                token, slot = torch.where(index == e)
-                gate_weight = weights[token, slot].float()
                 current = down[e].to(x.device)
-                new = _fit_one(x, target, predicted, chunk, at, current, token, gate_weight,
-                               ridge)
-                scaled = _scaled_activations(x, chunk, at, token, gate_weight)
-                predicted.index_add_(0, token, scaled @ (new - current).T)
-                down[e] = new
+                change = _fit_one(x, target, predicted, chunk, at, current, fits[e], ridge,
+                                  keep)
+                fits[e].add_output(predicted, x, chunk, at, change)
+                down[e] = current + change
     return down
 
 
-def _scaled_activations(x, experts: Experts, e: int, token, gate_weight) -> torch.Tensor:
-    """[n, F] routing weight × activations of expert e on its routed tokens."""
-    return experts.hidden(x[token].float(), e) * gate_weight[:, None]
+class _KeepBudget:
+    """Bytes the fit may still keep from one round to the next (FIT_KEEP_BYTES)."""
+
+    def __init__(self, total: int):
+        self.left = total
+
+    def take(self, nbytes: int) -> bool:
+        if nbytes > self.left:
+            return False
+        self.left -= nbytes
+        return True
 
 
-def _fit_one(x, target, predicted, experts: Experts, e: int, current: torch.Tensor, token,
-             gate_weight, ridge: float) -> torch.Tensor:
-    """Expert e's [H, F] down projection (now `current`), the others fixed: the normal
-    equations over its routed tokens in chunks, fp64 sums."""
+@dataclass
+class _ExpertFit:
+    """One expert's share of the fit: its routed tokens and their routing weights, and what
+    stays the same in every round (the routing is fixed): its scaled activations, when its
+    tokens make one chunk, and its factored normal equations. Kept (within FIT_KEEP_BYTES),
+    they are computed once instead of in every round."""
+
+    token: torch.Tensor  # [n]
+    gate_weight: torch.Tensor  # [n] fp32
+    activations: torch.Tensor | None = None  # [n, F] fp32, for n <= CHUNK_TOKENS
+    system: RidgeSystem | None = None
+
+    @classmethod
+    def routed(cls, e: int, weights: torch.Tensor, index: torch.Tensor) -> _ExpertFit:
+        token, slot = torch.where(index == e)
+        return cls(token, weights[token, slot].float())
+
+    def scaled_activations(self, x, experts: Experts, e: int):
+        """(token chunk, routing weight × expert e's activations on it [n, F]) in turn."""
+        if self.activations is not None:
+            yield self.token, self.activations
+            return
+        for start in range(0, self.token.numel(), CHUNK_TOKENS):
+            part = self.token[start:start + CHUNK_TOKENS]
+            yield part, (experts.hidden(x[part].float(), e)
+                         * self.gate_weight[start:start + CHUNK_TOKENS, None])
+
+    def add_output(self, predicted: torch.Tensor, x, experts: Experts, e: int,
+                   down: torch.Tensor, keep: _KeepBudget | None = None) -> None:
+        """Add the expert's routed output with down projection down [H, F] to predicted;
+        keep its activations if keep allows."""
+        for part, scaled in self.scaled_activations(x, experts, e):
+            predicted.index_add_(0, part, scaled @ down.T)
+            if (keep is not None and part.numel() == self.token.numel()
+                    and keep.take(scaled.numel() * 4)):
+                self.activations = scaled
+
+
+def _fit_one(x, target, predicted, experts: Experts, e: int, current: torch.Tensor,
+             fit: _ExpertFit, ridge: float, keep: _KeepBudget) -> torch.Tensor:
+    """The change [H, F] to expert e's down projection (now `current`) that fits the layer
+    best with the others fixed: the normal equations over its routed tokens in chunks, fp64
+    sums (AᵀA only while not kept). With A its scaled activations, r the residual
+    target − predicted, W0 the unfitted projection, λ the ridge, the new projection W solves
+    (AᵀA + λI) Wᵀ = Aᵀ(r + A currentᵀ) + λ W0ᵀ; less (AᵀA + λI) currentᵀ on both sides,
+    the change solves (AᵀA + λI) Δᵀ = Aᵀr + λ (W0 − current)ᵀ: one product of A fewer."""
     ffn, hidden = experts.gate.shape[1], x.shape[1]
-    gram = torch.zeros(ffn, ffn, dtype=torch.float64, device=x.device)
+    gram = None if fit.system is not None else torch.zeros(ffn, ffn, dtype=torch.float64,
+                                                           device=x.device)
     cross = torch.zeros(ffn, hidden, dtype=torch.float64, device=x.device)
-    for start in range(0, token.numel(), CHUNK_TOKENS):
-        part = token[start:start + CHUNK_TOKENS]
-        a = _scaled_activations(x, experts, e, part, gate_weight[start:start + CHUNK_TOKENS])
-        # What expert e must supply on these tokens: the residual plus its current share.
-        wanted = target[part] - predicted[part] + a @ current.T  # [n, H]
-        gram += a.T @ a
-        cross += a.T @ wanted
-    return ridge_solve(gram, cross, experts.down[e].float().T, ridge).T.float()
+    for part, a in fit.scaled_activations(x, experts, e):
+        if gram is not None:
+            gram += a.T @ a
+        cross += a.T @ (target[part] - predicted[part])
+    system = fit.system or RidgeSystem(gram, ridge)
+    if fit.system is None and keep.take(system.bytes):
+        fit.system = system
+    return system.solve(cross, (experts.down[e].float() - current).T).T.float()
 
 
 def fit_layer(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Route,

@@ -1,6 +1,7 @@
 """Fitting the reduced layer to the original layer's output (layerfit.py), REAM's grouping,
 per-layer seeds, and --method auto's record in hcconvert.json."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from conftest import save_tiny_mixtral
 
 from hcconvert.convert import convert
 from hcconvert.experts import Experts, RoutedExperts
+from hcconvert import layerfit
 from hcconvert.layerfit import HOLDOUT_FRACTION, fit_down, fit_layer, layer_output, relative_error
 from hcconvert.metadata import command_line
 from hcconvert.options import AUTO_CANDIDATES, NAMED_METHODS, ConvertOptions
@@ -65,6 +67,30 @@ def test_every_expert_kept_is_reproduced_exactly(layer):
     x, router, experts, target = layer
     down = fit_down(x, target, experts, top2(router))
     torch.testing.assert_close(down, experts.down, atol=1e-4, rtol=1e-4)
+
+
+def test_experts_with_biases_are_reproduced_exactly(layer):
+    """GPT-OSS's experts add a bias after the down projection: it is part of the layer's
+    output, which the fit must count before it explains the rest."""
+    x, router, experts, _ = layer
+    biased = dataclasses.replace(experts, gate_bias=torch.randn(E, F), up_bias=torch.randn(E, F),
+                                 down_bias=torch.randn(E, H))
+    target = layer_output(x, biased, top2(router))
+    down = fit_down(x, target, biased, top2(router))
+    torch.testing.assert_close(down, biased.down, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_tokens", [layerfit.CHUNK_TOKENS, 300])
+def test_what_the_fit_keeps_between_rounds_changes_nothing(layer, monkeypatch, chunk_tokens):
+    """Activations and factored normal equations kept from one round to the next give the
+    fit that recomputes them every round (nothing kept; and experts of several chunks)."""
+    x, router, experts, target = layer
+    small_router, survivors = kept(router, experts, [0, 2, 5, 7])
+    monkeypatch.setattr(layerfit, "CHUNK_TOKENS", chunk_tokens)
+    kept_down = fit_down(x, target, survivors, top2(small_router))
+    monkeypatch.setattr(layerfit, "FIT_KEEP_BYTES", 0)
+    recomputed = fit_down(x, target, survivors, top2(small_router))
+    torch.testing.assert_close(kept_down, recomputed, atol=0, rtol=0)
 
 
 def test_held_out_error_is_reported_and_the_fit_kept_only_when_it_helps(layer):
