@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import save_tiny_mixtral
 
+from hcconvert import layerfit
 from hcconvert.convert import convert
 from hcconvert.experts import Experts, RoutedExperts
-from hcconvert import layerfit
 from hcconvert.layerfit import HOLDOUT_FRACTION, fit_down, fit_layer, layer_output, relative_error
 from hcconvert.metadata import command_line
 from hcconvert.options import AUTO_CANDIDATES, NAMED_METHODS, ConvertOptions
