@@ -2,12 +2,13 @@
 pruning and an in-memory HC-SMoE built on transformers, on one synthetic Mixtral-shaped
 checkpoint and the same calibration tokens.
 
-Every method runs in a fresh process, once per round, the methods in a rotated order each
-round (paired runs on a shared machine: run the script itself under `nice -n 5` there); the
-table gives median wall time (the whole process: start-up, load, calibration, write), median
-peak RSS (VmHWM), and the achieved fraction of this machine's measured matmul rate, counted on
-the minimum FLOPs the method needs (min_flops). --baseline adds HC-SMoE runs of an earlier
-checkout, to measure a change in the same rounds.
+Every method runs in a fresh process (hcconvert as the `hcconvert` command a user runs), once
+per round, the methods in a rotated order each round (paired runs on a shared machine: run
+the script itself under `nice -n 5` there); the table gives median wall time (the whole
+process: start-up, load, calibration, write), median peak RSS (the child's own, from wait4),
+and the achieved fraction of this machine's measured matmul rate, counted on the minimum FLOPs
+the method needs (min_flops). --baseline adds HC-SMoE runs of an earlier checkout, to measure
+a change in the same rounds.
 
 llm-compressor pins an older transformers than hcconvert, so it cannot share hcconvert's
 environment: give a Python with it installed (`python -m venv peers && peers/bin/pip install
@@ -20,7 +21,6 @@ in-memory HC-SMoE needs only transformers. Nothing here is needed by `make test`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -39,14 +39,6 @@ MATMUL_ROWS = 1024  # a batch of ATTENTION_BATCH sequences of 256 tokens
 BASELINE = " (baseline)"  # marks a method run from the --baseline checkout
 
 
-def peak_rss() -> int:
-    """This process's peak resident set (VmHWM), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def read_tokens(path: Path) -> torch.Tensor:
     from safetensors.torch import load_file
 
@@ -55,15 +47,17 @@ def read_tokens(path: Path) -> torch.Tensor:
 
 # ---- the methods, each run in a child process ------------------------------------------------
 
-def run_hcconvert(model: Path, calib: Path, out: Path, method: dict, samples: int,
-                  seq_len: int, compute_dtype: str) -> None:
-    from hcconvert.convert import convert
-    from hcconvert.options import ConvertOptions
-
-    options = ConvertOptions(experts=EXPERTS_KEPT, calib=str(calib), calib_samples=samples,
-                             seq_len=seq_len, device="cpu", compute_dtype=compute_dtype,
-                             **method)
-    convert(str(model), out, options, progress=False)
+def hcconvert_command(args, label: str, python: str) -> list[str]:
+    """The `hcconvert` command a user runs, for one of its labels (method, then the compute
+    dtype after a colon); a --baseline checkout without console_main runs its main."""
+    methods = {"hcconvert-o-prune": ["--method", "prune", "--prune-by", "output"],
+               "hcconvert-hc-smoe": ["--method", "merge"]}
+    name, _, dtype = label.partition(":")
+    entry = "import hcconvert.cli as cli; getattr(cli, 'console_main', cli.main)()"
+    return [python, "-c", entry, str(args.workdir / "src"), "--experts", str(EXPERTS_KEPT),
+            "--calib", str(args.workdir / "calib.txt"), "--calib-samples", str(args.samples),
+            "--seq-len", str(args.seq_len), "--device", "cpu", "--compute-dtype",
+            dtype or "auto", "--out", str(args.workdir / f"out-{label}"), *methods[name]]
 
 
 def run_llmcompressor_reap(model_dir: Path, tokens: torch.Tensor, out: Path) -> None:
@@ -140,22 +134,15 @@ def merge_block(block, groups: list[list[int]], counts: torch.Tensor) -> None:
 
 
 def child(args) -> None:
-    """Run one method, then print its peak RSS as JSON (the parent times the process)."""
+    """Run one peer (the parent times the process and reads its peak RSS)."""
     tokens_file, model, out = args.workdir / "tokens.safetensors", args.workdir / "src", \
         args.workdir / f"out-{args.child}"
-    hcconvert_methods = {"hcconvert-o-prune": {"method": "prune", "prune_by": "output"},
-                         "hcconvert-hc-smoe": {"method": "merge"}}
-    name, _, dtype = args.child.partition(":")
-    if name in hcconvert_methods:
-        run_hcconvert(model, args.workdir / "calib.txt", out, hcconvert_methods[name],
-                      args.samples, args.seq_len, dtype or "auto")
-    elif name == "llm-compressor-reap":
+    if args.child == "llm-compressor-reap":
         run_llmcompressor_reap(model, read_tokens(tokens_file), out)
-    elif name == "in-memory-hc-smoe":
+    elif args.child == "in-memory-hc-smoe":
         run_in_memory_hcsmoe(model, read_tokens(tokens_file), out)
     else:
         raise SystemExit(f"unknown method {args.child}")
-    print(json.dumps({"peak_rss": peak_rss()}))
 
 
 # ---- the parent: model, tokens, matmul rate, paired runs, table ------------------------------
@@ -211,17 +198,20 @@ def run_method(args, method: str, python: str) -> dict:
     name, baseline, _ = method.partition(BASELINE)
     # A baseline run imports hcconvert from the --baseline checkout instead.
     env = {**os.environ, "PYTHONPATH": str(args.baseline)} if baseline else None
-    start = time.perf_counter()
-    result = subprocess.run(
-        [python, __file__, "--child", name, "--workdir", str(args.workdir),
-         "--samples", str(args.samples), "--seq-len", str(args.seq_len)],
-        capture_output=True, text=True, cwd=BENCH.parent, env=env)
-    wall = time.perf_counter() - start
+    command = hcconvert_command(args, name, python) if name.startswith("hcconvert") else [
+        python, __file__, "--child", name, "--workdir", str(args.workdir)]
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=log, stderr=log, cwd=BENCH.parent, env=env)
+        _, status, usage = os.wait4(process.pid, 0)  # the child's own peak RSS, in KiB
+        wall = time.perf_counter() - start
+        log.seek(0)
+        output = log.read().decode(errors="replace")
     shutil.rmtree(args.workdir / f"out-{name}", ignore_errors=True)  # the next run writes there
-    if result.returncode:
-        print(f"{method} failed:\n{result.stderr[-3000:]}", file=sys.stderr)
+    if os.waitstatus_to_exitcode(status):
+        print(f"{method} failed:\n{output[-3000:]}", file=sys.stderr)
         return {"wall": None, "peak_rss": None}
-    return {"wall": wall, **json.loads(result.stdout.strip().splitlines()[-1])}
+    return {"wall": wall, "peak_rss": usage.ru_maxrss * 1024}
 
 
 def auto_dtype() -> torch.dtype:
@@ -302,13 +292,11 @@ def report(args, runs: dict[str, list[dict]], rates: dict[torch.dtype, float]) -
 
 
 def child_main() -> None:
-    """A child's arguments (run_method's): it imports no hcconvert bench, since a peer's child
-    runs in the peer's own environment."""
+    """A peer child's arguments (run_method's): it imports no hcconvert bench, since a peer's
+    child runs in the peer's own environment."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--child", required=True)
     parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--samples", type=int, required=True)
-    parser.add_argument("--seq-len", type=int, required=True)
     child(parser.parse_args())
 
 
