@@ -2,13 +2,13 @@
 pruning and an in-memory HC-SMoE built on transformers, on one synthetic Mixtral-shaped
 checkpoint and the same calibration tokens.
 
-Every method runs in a fresh process (hcconvert as the `hcconvert` command a user runs), once
-per round, the methods in a rotated order each round (paired runs on a shared machine: run
-the script itself under `nice -n 5` there); the table gives median wall time (the whole
-process: start-up, load, calibration, write), median peak RSS (the child's own, from wait4),
-and the achieved fraction of this machine's measured matmul rate, counted on the minimum FLOPs
-the method needs (min_flops). --baseline adds HC-SMoE runs of an earlier checkout, to measure
-a change in the same rounds.
+Every method runs in a fresh process (hcconvert as the `hcconvert` command a user runs, exit
+included), once per round, the methods in a rotated order each round (paired runs on a shared
+machine: run the script itself under `nice -n 5` there); the table gives median wall time (the
+whole process: start-up, load, calibration, write), median peak RSS (VmHWM), and the achieved
+fraction of this machine's measured matmul rate, counted on the minimum FLOPs the method needs
+(min_flops). --baseline adds HC-SMoE runs of an earlier checkout, to measure a change in the
+same rounds.
 
 llm-compressor pins an older transformers than hcconvert, so it cannot share hcconvert's
 environment: give a Python with it installed (`python -m venv peers && peers/bin/pip install
@@ -21,6 +21,8 @@ in-memory HC-SMoE needs only transformers. Nothing here is needed by `make test`
 from __future__ import annotations
 
 import argparse
+import atexit
+import json
 import os
 import platform
 import shutil
@@ -47,17 +49,29 @@ def read_tokens(path: Path) -> torch.Tensor:
 
 # ---- the methods, each run in a child process ------------------------------------------------
 
-def hcconvert_command(args, label: str, python: str) -> list[str]:
-    """The `hcconvert` command a user runs, for one of its labels (method, then the compute
-    dtype after a colon); a --baseline checkout without console_main runs its main."""
+def report_peak_rss() -> None:
+    """Print this process's peak resident set (VmHWM, its own memory map's) as the last line
+    of its output, for the parent."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            print(json.dumps({"peak_rss": int(line.split()[1]) * 1024}), flush=True)
+
+
+def run_hcconvert_command(args) -> None:
+    """The `hcconvert` command a user runs (console_main: its exit included), for one of its
+    labels (method, then the compute dtype after a colon); a --baseline checkout without
+    console_main runs its main. The peak is reported by an atexit handler, which both run."""
+    import hcconvert.cli as cli
+
     methods = {"hcconvert-o-prune": ["--method", "prune", "--prune-by", "output"],
                "hcconvert-hc-smoe": ["--method", "merge"]}
-    name, _, dtype = label.partition(":")
-    entry = "import hcconvert.cli as cli; getattr(cli, 'console_main', cli.main)()"
-    return [python, "-c", entry, str(args.workdir / "src"), "--experts", str(EXPERTS_KEPT),
-            "--calib", str(args.workdir / "calib.txt"), "--calib-samples", str(args.samples),
-            "--seq-len", str(args.seq_len), "--device", "cpu", "--compute-dtype",
-            dtype or "auto", "--out", str(args.workdir / f"out-{label}"), *methods[name]]
+    name, _, dtype = args.child.partition(":")
+    sys.argv = ["hcconvert", str(args.workdir / "src"), "--experts", str(EXPERTS_KEPT),
+                "--calib", str(args.workdir / "calib.txt"), "--calib-samples", str(args.samples),
+                "--seq-len", str(args.seq_len), "--device", "cpu", "--compute-dtype",
+                dtype or "auto", "--out", str(args.workdir / f"out-{args.child}"), *methods[name]]
+    atexit.register(report_peak_rss)
+    getattr(cli, "console_main", cli.main)()
 
 
 def run_llmcompressor_reap(model_dir: Path, tokens: torch.Tensor, out: Path) -> None:
@@ -134,7 +148,9 @@ def merge_block(block, groups: list[list[int]], counts: torch.Tensor) -> None:
 
 
 def child(args) -> None:
-    """Run one peer (the parent times the process and reads its peak RSS)."""
+    """Run one method; its peak RSS is the last line it prints (the parent times it)."""
+    if args.child.startswith("hcconvert"):
+        return run_hcconvert_command(args)
     tokens_file, model, out = args.workdir / "tokens.safetensors", args.workdir / "src", \
         args.workdir / f"out-{args.child}"
     if args.child == "llm-compressor-reap":
@@ -143,6 +159,7 @@ def child(args) -> None:
         run_in_memory_hcsmoe(model, read_tokens(tokens_file), out)
     else:
         raise SystemExit(f"unknown method {args.child}")
+    report_peak_rss()
 
 
 # ---- the parent: model, tokens, matmul rate, paired runs, table ------------------------------
@@ -198,20 +215,17 @@ def run_method(args, method: str, python: str) -> dict:
     name, baseline, _ = method.partition(BASELINE)
     # A baseline run imports hcconvert from the --baseline checkout instead.
     env = {**os.environ, "PYTHONPATH": str(args.baseline)} if baseline else None
-    command = hcconvert_command(args, name, python) if name.startswith("hcconvert") else [
-        python, __file__, "--child", name, "--workdir", str(args.workdir)]
-    with tempfile.TemporaryFile() as log:
-        start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=log, stderr=log, cwd=BENCH.parent, env=env)
-        _, status, usage = os.wait4(process.pid, 0)  # the child's own peak RSS, in KiB
-        wall = time.perf_counter() - start
-        log.seek(0)
-        output = log.read().decode(errors="replace")
+    start = time.perf_counter()
+    result = subprocess.run(
+        [python, __file__, "--child", name, "--workdir", str(args.workdir),
+         "--samples", str(args.samples), "--seq-len", str(args.seq_len)],
+        capture_output=True, text=True, cwd=BENCH.parent, env=env)
+    wall = time.perf_counter() - start
     shutil.rmtree(args.workdir / f"out-{name}", ignore_errors=True)  # the next run writes there
-    if os.waitstatus_to_exitcode(status):
-        print(f"{method} failed:\n{output[-3000:]}", file=sys.stderr)
+    if result.returncode:
+        print(f"{method} failed:\n{result.stderr[-3000:]}", file=sys.stderr)
         return {"wall": None, "peak_rss": None}
-    return {"wall": wall, "peak_rss": usage.ru_maxrss * 1024}
+    return {"wall": wall, **json.loads(result.stdout.strip().splitlines()[-1])}
 
 
 def auto_dtype() -> torch.dtype:
@@ -292,11 +306,13 @@ def report(args, runs: dict[str, list[dict]], rates: dict[torch.dtype, float]) -
 
 
 def child_main() -> None:
-    """A peer child's arguments (run_method's): it imports no hcconvert bench, since a peer's
-    child runs in the peer's own environment."""
+    """A child's arguments (run_method's): it imports no hcconvert bench, since a peer's child
+    runs in the peer's own environment."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--child", required=True)
     parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--samples", type=int, required=True)
+    parser.add_argument("--seq-len", type=int, required=True)
     child(parser.parse_args())
 
 
