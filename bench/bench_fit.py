@@ -65,14 +65,13 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    default = layerfit.FIT_KEEP_BYTES
-    kept_seconds, kept = timed(args, default)
+    kept_gb = layerfit.kept_bytes(args.tokens, args.top_k, args.experts, args.ffn) / 1e9
+    kept_seconds, kept = timed(args, layerfit.FIT_KEEP_BYTES)
     recomputed_seconds, recomputed = timed(args, 0)
     print(f"machine: {platform.node()} {platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
     print(f"shapes: {args.tokens} tokens, hidden {args.hidden}, ffn {args.ffn}, "
           f"{args.experts} experts, top-{args.top_k}; median of {args.repeats}")
-    kept_gb = layerfit.kept_bytes(args.tokens, args.top_k, args.experts, args.ffn) / 1e9
     print(f"| fit_down | seconds |\n| --- | --- |\n"
           f"| kept between rounds ({kept_gb:.2f} GB) | {kept_seconds:.2f} |\n"
           f"| recomputed every round | {recomputed_seconds:.2f} |")

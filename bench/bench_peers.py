@@ -213,8 +213,8 @@ def min_flops(args, method: str) -> float:
 
 def run_method(args, method: str, python: str) -> dict:
     name, baseline, _ = method.partition(BASELINE)
-    # A baseline run imports hcconvert from the --baseline checkout instead.
-    env = {**os.environ, "PYTHONPATH": str(args.baseline)} if baseline else None
+    # hcconvert from this checkout, or from the --baseline one, imported the same way.
+    env = {**os.environ, "PYTHONPATH": str(args.baseline if baseline else BENCH.parent)}
     start = time.perf_counter()
     result = subprocess.run(
         [python, __file__, "--child", name, "--workdir", str(args.workdir),

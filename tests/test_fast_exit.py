@@ -83,3 +83,24 @@ def test_string_code_and_exceptions_take_the_normal_exit(tmp_path):
         done, fast_code = run_entry(tmp_path, before=before)
         assert done.returncode == code and fast_code is None, done.stderr
         assert message in done.stderr
+
+
+def test_c_level_output_is_flushed(tmp_path):
+    """What a C library printf-ed into a pipe (block-buffered by C's stdio) still arrives."""
+    before = "import ctypes\nctypes.CDLL(None).printf(b'from C\\n')"
+    done, fast_code = run_entry(tmp_path, "--version", before=before)
+    assert done.returncode == 0 and fast_code == 0, done.stderr
+    assert "from C" in done.stdout
+
+
+def test_an_interrupted_conversion_exits_fast_with_128_plus_the_signal(tmp_path):
+    """run_guarded turns the interrupt into one line and exit code 130 (SIGINT); the fast
+    exit keeps both."""
+    before = ("import hcconvert.preflight\ndef interrupted(*args, **kwargs):\n"
+              "    raise KeyboardInterrupt\nhcconvert.preflight.plan_from_headers = interrupted")
+    source = tmp_path / "src"
+    source.mkdir()
+    done, fast_code = run_entry(tmp_path, source, "--experts", "2", "--calib", __file__,
+                                "--out", tmp_path / "out", before=before)
+    assert done.returncode == 128 + signal.SIGINT and fast_code == 128 + signal.SIGINT
+    assert done.stderr.splitlines()[-1].startswith("hcconvert: error: interrupted by SIGINT")
