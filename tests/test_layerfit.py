@@ -140,3 +140,20 @@ def test_the_model_cards_command_spells_the_fit_as_a_switch(tmp_path):
     line = command_line("src", options, tmp_path / "out")
     assert line == ("hcconvert src --experts 4 --method prune --prune-by output --layer-fit "
                     "--out out")
+
+
+def test_what_the_fit_keeps_stays_within_the_estimates_bound(layer, monkeypatch):
+    """The --dry-run estimate counts layerfit.kept_bytes for what fit_down keeps."""
+    x, router, experts, target = layer
+    small_router, survivors = kept(router, experts, [0, 2, 5, 7])
+    taken = []
+    take = layerfit._KeepBudget.take
+
+    def counted(budget, nbytes):
+        kept_it = take(budget, nbytes)
+        taken.append(nbytes if kept_it else 0)
+        return kept_it
+
+    monkeypatch.setattr(layerfit._KeepBudget, "take", counted)
+    fit_down(x, target, survivors, top2(small_router))
+    assert 0 < sum(taken) <= layerfit.kept_bytes(T, 2, 4, F)
