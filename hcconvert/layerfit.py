@@ -49,14 +49,14 @@ CHUNK_TOKENS = 8192
 # activations. Within it, a round after the first forms just Aᵀr and the update; beyond it,
 # an expert recomputes its activations and AᵀA. At the bench's shapes (F = 2048, 4 experts
 # kept, 6144 tokens: 0.23 GB kept) fit_down takes 2.2 s, 4.0 s with nothing kept
-# (bench/bench_fit.py), against 4.6 s before (without the change form either).
+# (bench/bench_fit.py); 4.6 s before both this and the change form (_fit_one).
 FIT_KEEP_BYTES = 1 << 30
 
 
 def kept_bytes(tokens: int, top_k: int, experts: int, ffn: int) -> int:
-    """The most fit_down keeps between rounds, fitting experts experts of ffn neurons with
-    top-k routing on tokens tokens: each expert's factored normal equations and every routed
-    token's activations, capped by FIT_KEEP_BYTES."""
+    """The most fit_down keeps between rounds (capped by FIT_KEEP_BYTES) when it fits `experts`
+    experts of `ffn` neurons, routed top-`top_k`, on `tokens` tokens: each expert's factored
+    normal equations and every routed token's activations."""
     return min(FIT_KEEP_BYTES, experts * ffn * (ffn + 1) * 8 + tokens * top_k * ffn * 4)
 
 
