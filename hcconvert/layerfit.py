@@ -82,21 +82,26 @@ def layer_output(x: torch.Tensor, experts: Experts, route: Route) -> torch.Tenso
     out = torch.zeros(x.shape[0], x.shape[1], device=x.device)
     for start in range(0, x.shape[0], CHUNK_TOKENS):
         chunk = x[start:start + CHUNK_TOKENS]
-        weights, index = route(chunk)
-        out[start:start + CHUNK_TOKENS] = _routed_sum(chunk, experts, weights, index)
+        out[start:start + CHUNK_TOKENS] = _routed_sum(chunk, experts, _routed_fits(*route(chunk)))
     return out
 
 
-def _routed_sum(x, experts: Experts, weights, index) -> torch.Tensor:
-    """Σ_k weights[t, k] · expert index[t, k] (x_t), fp32 [T, H]."""
+def _routed_fits(weights: torch.Tensor, index: torch.Tensor) -> dict[int, _ExpertFit]:
+    """Each expert some token picked ([T, K] each), with its routed tokens and weights."""
+    return {e: _ExpertFit.routed(e, weights, index) for e in index.unique().tolist()}
+
+
+def _routed_sum(x, experts: Experts, fits: dict[int, _ExpertFit],
+                keep: _KeepBudget | None = None) -> torch.Tensor:
+    """Σ_k weights[t, k] · expert index[t, k] (x_t), fp32 [T, H], over the routing of fits;
+    keep: what the experts' activations may keep for fit_down's rounds."""
     out = torch.zeros(x.shape[0], x.shape[1], device=x.device)
-    for chunk, places in experts.chunks(index.unique().tolist()):
+    for chunk, places in experts.chunks(list(fits)):
         for e, at in places:
-            token, slot = torch.where(index == e)
-            y = chunk.hidden(x[token].float(), at) @ chunk.down[at].float().T
-            if chunk.down_bias is not None:
-                y += chunk.down_bias[at].float()
-            out.index_add_(0, token, y * weights[token, slot, None].float())
+            fit = fits[e]
+            fit.add_output(out, x, chunk, at, chunk.down[at].float(), keep)
+            if chunk.down_bias is not None:  # part of the output; the fit leaves it as it is
+                out.index_add_(0, fit.token, fit.gate_weight[:, None] * chunk.down_bias[at].float())
     return out
 
 
@@ -111,17 +116,9 @@ def fit_down(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Rou
     towards experts.down. The experts come to the device a chunk at a time."""
     weights, index = route(x)  # [T, K] each
     down = experts.down.float().clone()
-    # Nothing routed to an expert: it stays as it was.
-    fits = {e: _ExpertFit.routed(e, weights, index) for e in index.unique().tolist()}
+    fits = _routed_fits(weights, index)  # nothing routed to an expert: it stays as it was
     keep = _KeepBudget(FIT_KEEP_BYTES)
-    predicted = torch.zeros(x.shape[0], x.shape[1], device=x.device)  # the layer's output
-    for chunk, places in experts.chunks(list(fits)):
-        for e, at in places:
-            fit = fits[e]
-            fit.add_output(predicted, x, chunk, at, down[e].to(x.device), keep)
-            if chunk.down_bias is not None:  # part of the output; the fit leaves it as it is
-                predicted.index_add_(0, fit.token,
-                                     fit.gate_weight[:, None] * chunk.down_bias[at].float())
+    predicted = _routed_sum(x, experts, fits, keep)  # the layer's output
     for _ in range(rounds):
         for chunk, places in experts.chunks(list(fits)):
             for e, at in places:

@@ -75,7 +75,9 @@ def test_experts_with_biases_are_reproduced_exactly(layer):
     x, router, experts, _ = layer
     biased = dataclasses.replace(experts, gate_bias=torch.randn(E, F), up_bias=torch.randn(E, F),
                                  down_bias=torch.randn(E, H))
-    target = layer_output(x, biased, top2(router))
+    weights, index = top2(router)(x)
+    target = RoutedExperts(biased)(x, index, weights)  # the model's forward, bias included
+    torch.testing.assert_close(layer_output(x, biased, top2(router)), target)
     down = fit_down(x, target, biased, top2(router))
     torch.testing.assert_close(down, biased.down, atol=1e-4, rtol=1e-4)
 
