@@ -648,3 +648,23 @@ def test_torch_sees_no_nan_from_a_clean_checkpoint(src):
     tensors["model.norm.weight"][0] = torch.nan
     with pytest.raises(UserError, match="model.norm.weight"):
         check_finite(tensors)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16,
+                                   torch.float8_e4m3fn])
+def test_scan_finds_each_non_finite_value_and_passes_a_sum_that_overflows(dtype):
+    """The scan screens bf16 and fp32 with a sum: a NaN, an infinity of either sign, and
+    infinities that cancel to NaN are refused in every dtype; finite values near the top of
+    the range, whose sum overflows, are not."""
+    from hcconvert.source import check_finite
+
+    big = torch.finfo(dtype).max
+    check_finite({"w": torch.full((64,), big, dtype=torch.float32).to(dtype)})
+    bad_values = [[float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")]]
+    if dtype == torch.float8_e4m3fn:  # no infinity: what should be one is NaN
+        bad_values = [[float("nan")]]
+    for values in bad_values:
+        tensor = torch.zeros(64, dtype=torch.float32)
+        tensor[:len(values)] = torch.tensor(values)
+        with pytest.raises(UserError, match="tensor w holds NaN"):
+            check_finite({"w": tensor.to(dtype)})
