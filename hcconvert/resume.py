@@ -9,8 +9,9 @@ source, the options and hcconvert's version), beside --out and under its lock:
         state.json            the last finished layer (RunState), replaced atomically
         hidden-LLLLL.safetensors   the calibration hidden states after layer LLLLL
 
-After each layer the pipeline saves the hidden states (main thread), then, once the layer's
-tensors are on disk (writer thread), syncs the shard and replaces state.json. A run killed at
+After each layer the pipeline copies the hidden states (main thread: the next layer changes
+them in place), then, once the layer's tensors are on disk (writer thread), saves the copy,
+syncs the shard and replaces state.json. A run killed at
 any point finds its key's directory, truncates the open shard to the recorded position and
 goes on from the next layer; everything else a layer needs is recomputed exactly from the
 source (the embeddings, the masks, the MTP layer's next-token inputs) and every seed is per
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from . import __version__
 from .errors import UserError
@@ -145,11 +146,9 @@ def save_hidden(directory: Path, layer: int, hidden: torch.Tensor,
     tensors.update({f"carried.{start}": t.detach().cpu().contiguous()
                     for start, t in carried.items() if t is not None})
     name = hidden_file(layer)
-    temporary = directory / (name + ".partial")
-    save_file(tensors, str(temporary))
-    with open(temporary, "rb+") as file:
-        os.fsync(file.fileno())
-    os.replace(temporary, directory / name)
+    # Serialised in memory, then written: the write releases the GIL, which save_file holds
+    # for the whole write, stalling the computation while it runs on the writer's thread.
+    atomic_write(directory / name, save(tensors))
     return name
 
 
@@ -218,17 +217,20 @@ class Progress:
 
     def layer_done(self, layer: int, stream: HiddenStream, writer: ShardWriter,
                    results: list[LayerResult], position: int, last: bool) -> Callable[[], None]:
-        """Save the hidden states after layer now (the next layer changes them in place);
-        return the job that records the layer once the writer has written its `position`
-        tensors (it runs after the layer's writes, on the writer's thread)."""
-        hidden = None if last else save_hidden(self.directory, layer, stream.hidden,
-                                               stream.state)
+        """Copy the hidden states after layer now (the next layer changes them in place);
+        return the job that saves the copy and records the layer once the writer has written
+        its `position` tensors (it runs after the layer's writes, on the writer's thread, so
+        the save overlaps the next layer's compute: 0.7 s of a 16 s CPU conversion here)."""
+        states = None if last else (_host_copy(stream.hidden),
+                                    {start: _host_copy(t) for start, t in stream.state.items()
+                                     if t is not None})
         layers = [dataclasses.asdict(result) for result in results]
 
         def commit() -> None:
             if writer.position != position:
                 raise RuntimeError(f"layer {layer} checkpoint at tensor {writer.position}, "
                                    f"planned {position}")
+            hidden = None if states is None else save_hidden(self.directory, layer, *states)
             writer.sync()
             self.state = dataclasses.replace(self.state, finished=layer + 1, layers=layers,
                                              writer_position=position, hidden=hidden)
@@ -236,6 +238,11 @@ class Progress:
             remove_other_hidden(self.directory, hidden)
             kill_point(f"commit:{layer}")
         return commit
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of tensor in host memory, which later in-place changes leave alone."""
+    return tensor.detach().to("cpu", copy=True)
 
 
 def open_progress(output: Path, key: dict, tokens: torch.Tensor, layers: int) -> Progress:
