@@ -246,7 +246,8 @@ class LayerPipeline:
         last = layer + 1 == len(self.plan.layer_names)  # no layer needs its hidden states
         with self.timer.stage("checkpoint"):
             background.then(self.progress.layer_done(layer, stream, reducer.writer,
-                                                     reducer.conversion.layers, position, last))
+                                                     reducer.conversion.layers, position, last,
+                                                     overlap=self.device.type == "cuda"))
 
     def layer(self, layer: int, raw: dict, stream: HiddenStream,
               background: BackgroundWriter) -> None:

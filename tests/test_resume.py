@@ -194,3 +194,27 @@ def test_shard_writer_resumes_mid_shard(tmp_path):
         for tensor, value in zip(tensors[4:], values[4:], strict=True):
             writer.write(tensor.name, value)
     assert tree_digest(resumed) == tree_digest(whole)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_checkpoint_saves_the_states_of_its_layer(tmp_path, overlap):
+    """A layer's checkpoint holds the hidden (and carried) states as the layer left them,
+    though the next layer changes them in place before the writer's thread commits it: saved
+    at once, or (overlap, a GPU run) copied at once and saved by the commit."""
+    from types import SimpleNamespace
+
+    from hcconvert.resume import Progress, RunState, load_hidden, read_state
+
+    hidden, carried = torch.randn(6, 4), torch.randn(2, 3)
+    stream = SimpleNamespace(hidden=hidden.clone(), state={0: carried.clone(), 3: None})
+    writer = SimpleNamespace(position=5, sync=lambda: None)
+    progress = Progress(tmp_path, RunState({"run": 1}, "digest"))
+    commit = progress.layer_done(2, stream, writer, [], 5, last=False, overlap=overlap)
+    stream.hidden.mul_(-1)  # the next layer, before the commit runs
+    stream.state[0].add_(1)
+    commit()
+    state = read_state(tmp_path)
+    assert (state.finished, state.writer_position) == (3, 5)
+    saved, saved_carried = load_hidden(tmp_path, state.hidden)
+    assert torch.equal(saved, hidden) and list(saved_carried) == [0]
+    assert torch.equal(saved_carried[0], carried)
