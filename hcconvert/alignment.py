@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -77,7 +78,9 @@ class NeuronMatcher:
         member's neuron perm[i] corresponds to the dominant's neuron i (M-SMoE)."""
         def solve():
             cost = self.correlation(group, dominant, member).cpu().numpy()
-            _, columns = linear_sum_assignment(cost, maximize=True)
+            # The least total of the negated correlations, negated in place: maximize=True
+            # would negate into a second [F, F] fp64 matrix (1.6 GB at Mixtral's F).
+            _, columns = linear_sum_assignment(np.negative(cost, out=cost))
             return torch.from_numpy(columns).to(self.x.device)
 
         return self._cached(("permutation", tuple(group), dominant, member), solve)
