@@ -214,6 +214,14 @@ def _string_prefix(body: str) -> str:
     raise ValueError("a JSON string cut short cannot be decoded")
 
 
+def no_tokenizer(location: str, tiktoken: bool) -> UserError:
+    """The refusal of a checkpoint without tokenizer.json; tiktoken: it ships tiktoken.model
+    instead (Kimi-K2's repos), which hcconvert does not read."""
+    found = (": it ships tiktoken.model, a format hcconvert cannot read yet; add a tokenizer.json "
+             "of the same vocabulary beside it" if tiktoken else "")
+    return UserError(f"{location} has no tokenizer.json (needed for calibration text){found}")
+
+
 class TextTokenizer:
     """The model's tokenizer.json; BOS as its post-processor adds it, and also where
     tokenizer_config.json sets add_bos_token (Llama-style tokenizers add BOS that way).
@@ -222,7 +230,7 @@ class TextTokenizer:
     def __init__(self, model_dir: Path, embedding_rows: int | None = None):
         path = model_dir / "tokenizer.json"
         if not path.is_file():
-            raise UserError(f"{model_dir} has no tokenizer.json (needed for calibration text)")
+            raise no_tokenizer(str(model_dir), (model_dir / "tiktoken.model").is_file())
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
             config_path = model_dir / "tokenizer_config.json"

@@ -202,6 +202,8 @@ class Family:
     # A per-expert router bias ([E], or [1, E]) that is reduced with the router's rows.
     router_bias: str | None = None
     top_k_key: str = "num_experts_per_tok"
+    # Other keys of the Hub's config.json that repeat the top-k, rewritten with it.
+    top_k_mirrors: tuple[str, ...] = ()
     ffn_key: str = "moe_intermediate_size"  # config key of one routed expert's ffn size
     scoring: str = "softmax"  # "softmax" or "sigmoid": how the router turns logits to scores
     routing_groups: Callable[[dict], RoutingGroups | None] = no_groups
@@ -332,6 +334,7 @@ FAMILIES: dict[str, Family] = {
                              gate_up_bias="mlp.experts.gate_up_proj_bias",
                              down_bias="mlp.experts.down_proj_bias"),
                router="mlp.router.weight", router_bias="mlp.router.bias",
+               top_k_mirrors=("experts_per_token",),  # OpenAI's name, in the Hub's config
                ffn_key="intermediate_size", activation=clamped_swiglu),
         # Phi-3.5-MoE: sparsemixer routing, which always picks two experts.
         Family(model_type="phimoe", experts_keys=("num_local_experts",),

@@ -59,7 +59,9 @@ def reduced_config(config: dict, family: Family, experts: int, top_k: int) -> di
     if top_k < text[family.top_k_key]:
         print(f"warning: top-k drops from {text[family.top_k_key]} to {top_k} "
               f"(only {experts} experts remain)", file=sys.stderr)
-        text[family.top_k_key] = top_k
+        for key in (family.top_k_key, *family.top_k_mirrors):
+            if key in text:
+                text[key] = top_k
     return out
 
 

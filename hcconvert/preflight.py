@@ -16,6 +16,7 @@ from .calibration import (
     JsonText,
     TextTokenizer,
     calibration_sources,
+    no_tokenizer,
     read_documents,
 )
 from .errors import UserError
@@ -53,7 +54,7 @@ def check_tokenizer(ckpt: Checkpoint) -> TextTokenizer | None:
     if ckpt.root is not None:
         return TextTokenizer(ckpt.root)
     if not ckpt.files.exists("tokenizer.json"):
-        raise UserError(f"{ckpt.location} has no tokenizer.json (needed for calibration text)")
+        raise no_tokenizer(ckpt.location, ckpt.files.exists("tiktoken.model"))
     return None
 
 

@@ -308,7 +308,8 @@ def _fp8_format(settings: Mapping) -> Fp8Block:
             or not all(isinstance(b, int) and b > 0 for b in block)):
         raise UserError(f"quantization_config (fp8) weight_block_size is {block!r}; hcconvert "
                         "reads fp8 with block scales, weight_block_size a pair of positive ints")
-    for key, allowed in (("fmt", ("e4m3",)), ("activation_scheme", ("dynamic",)),
+    # DeepSeek's configs write fmt "e4m3", MiniMax-M2's "float8_e4m3fn": the same format.
+    for key, allowed in (("fmt", ("e4m3", "float8_e4m3fn")), ("activation_scheme", ("dynamic",)),
                          ("scale_fmt", ("float", "ue8m0"))):
         if settings.get(key) not in (None, *allowed):
             raise UserError(f"quantization_config (fp8) {key} {settings[key]!r} is not "

@@ -26,13 +26,18 @@ from test_quantization import (
     reference_quantize,
 )
 
-FP8_KEPT = ("norm", "embed_tokens", "lm_head", "mlp.gate.weight")  # not quantized on the Hub
+# Not quantized on the Hub: norms, embeddings, LM head, routers.
+FP8_KEPT = ("norm", "embed_tokens", "lm_head", "mlp.gate.weight", "block_sparse_moe.gate.weight")
 FP8_MAX = 448.0
+# How a family's Hub config spells its fp8 quantization_config, where it differs from
+# DeepSeek-V3's (MiniMax-M2's official config.json).
+HUB_FP8_SETTINGS = {"minimax_m2": {"fmt": "float8_e4m3fn", "modules_to_not_convert": [
+    "gate", "e_score_correction_bias", "lm_head"]}}
 
 
-def fp8_config(block: tuple[int, int]) -> dict:
+def fp8_config(block: tuple[int, int], model_type: str = "deepseek_v3") -> dict:
     return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-            "weight_block_size": list(block)}
+            "weight_block_size": list(block), **HUB_FP8_SETTINGS.get(model_type, {})}
 
 
 def block_fp8(weight: torch.Tensor, block: tuple[int, int], divisor: float):
@@ -71,7 +76,7 @@ def save_fp8_model(case: Case, directory: Path, block=(8, 8), divisor=FP8_MAX) -
         values, scale = block_fp8(tensor, block, divisor)
         return {name: values, name + "_scale_inv": scale}
     rewrite_shards(directory, quantize)
-    set_quantization_config(directory, fp8_config(block))
+    set_quantization_config(directory, fp8_config(block, case.model_type))
     return directory
 
 

@@ -117,6 +117,21 @@ def test_top_k_drops_with_a_warning(tmp_path, calib_text, capsys):
     assert "top-k drops from 2 to 1" in capsys.readouterr().err
 
 
+def test_top_k_drops_in_every_key_that_holds_it():
+    """GPT-OSS's Hub config repeats the top-k as experts_per_token (read by TensorRT-LLM and
+    OpenAI's code): it drops with num_experts_per_tok; a key the config lacks stays absent."""
+    from hcconvert.families import family_for
+    from hcconvert.metadata import reduced_config
+
+    config = {"model_type": "gpt_oss", "num_local_experts": 32, "num_experts_per_tok": 4,
+              "experts_per_token": 4}
+    reduced = reduced_config(config, family_for(config), experts=2, top_k=2)
+    assert (reduced["num_local_experts"], reduced["num_experts_per_tok"],
+            reduced["experts_per_token"]) == (2, 2, 2)
+    del config["experts_per_token"]
+    assert "experts_per_token" not in reduced_config(config, family_for(config), 2, 2)
+
+
 @pytest.mark.parametrize("propagate", ["original", "merged"])
 def test_source_bytes_unchanged(tmp_path, calib_text, propagate):
     src = save_tiny_mixtral(tmp_path / "src")

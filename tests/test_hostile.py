@@ -339,6 +339,18 @@ def without_bos(src: Path) -> None:
     (src / "tokenizer_config.json").write_text("{}")
 
 
+@pytest.mark.parametrize("tiktoken", [False, True])
+def test_missing_tokenizer_is_named(tmp_path, src, calib, tiktoken):
+    """Calibration needs tokenizer.json; where tiktoken.model stands in for it (Kimi-K2's
+    repos), the refusal says so."""
+    (src / "tokenizer.json").unlink()
+    if tiktoken:
+        (src / "tiktoken.model").write_text("IQ== 0\n")
+    fragment = "has no tokenizer.json (needed for calibration text)" + (
+        ": it ships tiktoken.model" if tiktoken else "")
+    assert_refused(tmp_path, src, convert_args(src, tmp_path / "out", calib), fragment)
+
+
 def test_token_ids_beyond_embedding(tmp_path, src, calib):
     shrink_vocabulary(src, 40)
     assert_refused(tmp_path, src, convert_args(src, tmp_path / "out", calib),

@@ -31,7 +31,7 @@ from hcconvert.convert import convert
 from hcconvert.options import HC_SMOE, ConvertOptions
 from hcconvert.quantization import Fp8Block, PackedInt4
 
-FP8_CASES = ["deepseek_v3", "glm4_moe"]
+FP8_CASES = ["deepseek_v3", "glm4_moe", "minimax_m2"]
 BLOCK = (8, 8)  # divides every tiny dimension, as 128 divides DeepSeek-V3's
 
 
@@ -125,7 +125,7 @@ def test_fp8_merge_writes_fp8_back(tmp_path, calib_text, name):
         assert 0 < max(errors) < 2 ** -4
         assert requantized["error_max"] == pytest.approx(max(errors), rel=1e-3)
     config = json.loads((out / "config.json").read_text())
-    assert config["n_routed_experts"] == case.reduce_to
+    assert config[case.experts_key] == case.reduce_to
     assert config["quantization_config"] == json.loads(
         (src / "config.json").read_text())["quantization_config"]
     # transformers reads our fp8 as it reads the source's: the dense copy computes the same.
