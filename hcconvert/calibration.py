@@ -21,6 +21,8 @@ import torch
 from tokenizers import Tokenizer
 
 from .errors import UserError, first_line
+from .families import family_for
+from .tiktoken_vocab import TiktokenVocab, tiktoken_tokenizer
 
 if TYPE_CHECKING:
     from .source import Checkpoint
@@ -216,30 +218,34 @@ def _string_prefix(body: str) -> str:
 
 def no_tokenizer(location: str, tiktoken: bool) -> UserError:
     """The refusal of a checkpoint without tokenizer.json; tiktoken: it ships tiktoken.model
-    instead (Kimi-K2's repos), which hcconvert does not read."""
-    found = (": it ships tiktoken.model, a format hcconvert cannot read yet; add a tokenizer.json "
-             "of the same vocabulary beside it" if tiktoken else "")
+    instead, which hcconvert reads only for the families that declare how (Kimi-K2's)."""
+    found = (": it ships tiktoken.model, which hcconvert reads only for Kimi-K2's families; "
+             "add a tokenizer.json of the same vocabulary beside it" if tiktoken else "")
     return UserError(f"{location} has no tokenizer.json (needed for calibration text){found}")
 
 
 class TextTokenizer:
-    """The model's tokenizer.json; BOS as its post-processor adds it, and also where
-    tokenizer_config.json sets add_bos_token (Llama-style tokenizers add BOS that way).
-    With embedding_rows given, every token id must index the model's embedding table."""
+    """The model's tokenizer.json (or, where the family says how, its tiktoken.model); BOS as
+    its post-processor adds it, and also where tokenizer_config.json sets add_bos_token
+    (Llama-style tokenizers add BOS that way). With embedding_rows given, every token id must
+    index the model's embedding table."""
 
-    def __init__(self, model_dir: Path, embedding_rows: int | None = None):
-        path = model_dir / "tokenizer.json"
-        if not path.is_file():
-            raise no_tokenizer(str(model_dir), (model_dir / "tiktoken.model").is_file())
+    def __init__(self, model_dir: Path, embedding_rows: int | None = None,
+                 tiktoken: TiktokenVocab | None = None):
+        path, vocab = model_dir / "tokenizer.json", model_dir / "tiktoken.model"
+        if not path.is_file() and not (tiktoken is not None and vocab.is_file()):
+            raise no_tokenizer(str(model_dir), vocab.is_file())
         try:
-            self.tokenizer = Tokenizer.from_file(str(path))
             config_path = model_dir / "tokenizer_config.json"
             config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+            if not isinstance(config, dict):
+                raise ValueError("tokenizer_config.json is not a JSON object")
+            self.tokenizer = (Tokenizer.from_file(str(path)) if path.is_file() else
+                              tiktoken_tokenizer(vocab, tiktoken, _special_names(config)))
+        except UserError:
+            raise
         except Exception as err:  # tokenizers raises a bare Exception on a malformed file
             raise UserError(f"cannot read the tokenizer in {model_dir}: {err}") from None
-        if not isinstance(config, dict):
-            raise UserError(f"cannot read the tokenizer in {model_dir}: tokenizer_config.json "
-                            "is not a JSON object")
         # A saved truncation or padding setting would cut or pad every document.
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
@@ -299,6 +305,12 @@ class TextTokenizer:
                             "belong to this model")
 
 
+def _special_names(config: dict) -> dict[int, str]:
+    """tokenizer_config.json's added tokens by id."""
+    added = config.get("added_tokens_decoder") or {}
+    return {int(i): _token_text(token) for i, token in added.items()}
+
+
 def _token_text(token) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
     return token.get("content") if isinstance(token, dict) else token
@@ -356,9 +368,10 @@ def embedding_rows(ckpt: Checkpoint) -> int | None:
     return embedding.shape[0] if embedding is not None and embedding.shape else None
 
 
-def model_tokenizer(ckpt: Checkpoint) -> TextTokenizer:
-    """The checkpoint's tokenizer, checked against its embedding table."""
-    return TextTokenizer(ckpt.root, embedding_rows(ckpt))
+def model_tokenizer(ckpt: Checkpoint, check_rows: bool = True) -> TextTokenizer:
+    """The checkpoint's tokenizer, checked against its embedding table with check_rows."""
+    return TextTokenizer(ckpt.root, embedding_rows(ckpt) if check_rows else None,
+                         family_for(ckpt.config).tiktoken)
 
 
 def calibration_path(calib: str) -> Path:

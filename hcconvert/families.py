@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from .activation import Activation, clamped_swiglu, silu
 from .errors import UserError
+from .tiktoken_vocab import TiktokenVocab
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,8 @@ class Family:
     carried: str | None = None
     # The experts' activation, from the transformers config (activation.py).
     activation: Callable[[object], Activation] = silu
+    # How the tokenizer reads tiktoken.model, where the Hub ships it and no tokenizer.json.
+    tiktoken: TiktokenVocab | None = None
     # The router picks top_k experts whatever config.json says (Phi-3.5-MoE's sparsemixer
     # always picks two): a reduction must keep at least that many.
     fixed_top_k: bool = False
@@ -268,6 +271,22 @@ class Family:
 DEEPSEEK_V3_GROUPS = _group_limited(min_per_group=2)  # groups ranked by their top-2 scores
 
 
+# Kimi-K2's tokenizer (TikTokenTokenizer in the repos' tokenization_kimi.py, remote code we
+# do not run): its split pattern, then 256 reserved special tokens and two more.
+KIMI_TIKTOKEN = TiktokenVocab(pattern="|".join([
+    r"""[\p{Han}]+""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"""
+    r"""[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"""
+    r"""[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+]), special_tokens=258)
+
+
 def _deepseek_v3(model_type: str, **changes) -> Family:
     """DeepSeek-V3's design: sigmoid scores, a selection-only correction bias, groups."""
     return Family(model_type=model_type, experts_keys=("n_routed_experts",),
@@ -298,11 +317,12 @@ FAMILIES: dict[str, Family] = {
                router="block_sparse_moe.router.layer.weight", ffn_key="intermediate_size"),
         _deepseek_v3("deepseek_v3"),
         # Kimi-K2's config.json says kimi_k2 (remote code); its text model is DeepSeek-V3's.
-        _deepseek_v3("kimi_k2", transformers_type="deepseek_v3"),
+        _deepseek_v3("kimi_k2", transformers_type="deepseek_v3", tiktoken=KIMI_TIKTOKEN),
         # Kimi-K2.5: a vision-language wrapper around Kimi-K2's text model, which sits under
         # language_model. (its LM head too) with the text config nested.
         _deepseek_v3("kimi_k25", transformers_type="deepseek_v3", text_config_key="text_config",
-                     text_prefix="language_model.model.", head_prefix="language_model."),
+                     text_prefix="language_model.model.", head_prefix="language_model.",
+                     tiktoken=KIMI_TIKTOKEN),
         _deepseek_v3("glm4_moe"),
         _deepseek_v3("glm4_moe_lite"),  # GLM-4.7-Flash: DeepSeek-V3's MLA and routing
         # DeepSeek-V3.2 and GLM-5's sparse attention (DSA): an indexer keeps each query's

@@ -16,6 +16,7 @@ from .calibration import (
     JsonText,
     TextTokenizer,
     calibration_sources,
+    model_tokenizer,
     no_tokenizer,
     read_documents,
 )
@@ -52,9 +53,11 @@ def check_tokenizer(ckpt: Checkpoint) -> TextTokenizer | None:
     """Calibration needs tokenizer.json: loaded where the checkpoint is local (and returned),
     looked up on the Hub otherwise."""
     if ckpt.root is not None:
-        return TextTokenizer(ckpt.root)
+        return model_tokenizer(ckpt, check_rows=False)
     if not ckpt.files.exists("tokenizer.json"):
-        raise no_tokenizer(ckpt.location, ckpt.files.exists("tiktoken.model"))
+        tiktoken = ckpt.files.exists("tiktoken.model")
+        if not (tiktoken and family_for(ckpt.config).tiktoken is not None):
+            raise no_tokenizer(ckpt.location, tiktoken)
     return None
 
 
