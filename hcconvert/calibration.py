@@ -301,7 +301,7 @@ class TextTokenizer:
         top = int(tokens.max())
         if self.embedding_rows is not None and top >= self.embedding_rows:
             raise UserError(f"the tokenizer gives token id {top}, beyond the model's embedding "
-                            f"table of {self.embedding_rows} rows: tokenizer.json does not "
+                            f"table of {self.embedding_rows} rows: the tokenizer does not "
                             "belong to this model")
 
 

@@ -246,8 +246,7 @@ class LayerPipeline:
         last = layer + 1 == len(self.plan.layer_names)  # no layer needs its hidden states
         with self.timer.stage("checkpoint"):
             background.then(self.progress.layer_done(layer, stream, reducer.writer,
-                                                     reducer.conversion.layers, position, last,
-                                                     overlap=self.device.type == "cuda"))
+                                                     reducer.conversion.layers, position, last))
 
     def layer(self, layer: int, raw: dict, stream: HiddenStream,
               background: BackgroundWriter) -> None:

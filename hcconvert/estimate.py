@@ -10,9 +10,8 @@ experts, the work buffers of one expert's merge or fit, and the routed experts: 
 and one reducer's merged experts when they fit the budget, otherwise two chunks of experts
 at a time (the one in use and the next), the rest kept on the host (pinned). On the host: the
 layer being read and the one being written besides the one computed (streaming.py), the
-embedding table and LM head while they are read, the process itself, in a GPU run the copy of
-the hidden states the resume checkpoint saves while the next layer computes, and a layer's
-experts in the compute dtype with the merged ones when they are kept there.
+embedding table and LM head while they are read, the process itself, and a layer's experts in
+the compute dtype with the merged ones when they are kept there.
 T tokens, H hidden, F expert ffn, S sequence length, E experts, R experts kept.
 """
 
@@ -144,8 +143,7 @@ def estimate_from_shapes(spec: ModelSpec, options: ConvertOptions, stored: torch
     dtype = compute_dtype(torch.device("cuda" if gpu else "cpu"), stored, options.compute_dtype)
     scale = element_bytes(dtype) / element_bytes(stored)  # compute bytes per stored byte
     start = int(globals_bytes * scale) + _token_bytes(spec, options, dtype, mtp)
-    checkpoint = gpu * options.calib_samples * options.seq_len * spec.hidden * element_bytes(dtype)
-    streamed = PROCESS_BYTES + 2 * layer_bytes + globals_bytes + checkpoint
+    streamed = PROCESS_BYTES + 2 * layer_bytes + globals_bytes
     if not gpu:  # the budget is the GPU's: on the CPU the whole layer is computed at once
         layer = layer_budget(spec, options, dtype, other_values, mtp, None)
         return MemoryEstimate(0, streamed + max(start, layer.device))

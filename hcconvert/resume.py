@@ -9,9 +9,8 @@ source, the options and hcconvert's version), beside --out and under its lock:
         state.json            the last finished layer (RunState), replaced atomically
         hidden-LLLLL.safetensors   the calibration hidden states after layer LLLLL
 
-After each layer the pipeline saves the hidden states (main thread; in a GPU run it copies
-them, and the writer's thread saves the copy), then, once the layer's tensors are on disk
-(writer thread), syncs the shard and replaces state.json. A run killed at
+After each layer the pipeline saves the hidden states (main thread), then, once the layer's
+tensors are on disk (writer thread), syncs the shard and replaces state.json. A run killed at
 any point finds its key's directory, truncates the open shard to the recorded position and
 goes on from the next layer; everything else a layer needs is recomputed exactly from the
 source (the embeddings, the masks, the MTP layer's next-token inputs) and every seed is per
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .errors import UserError
@@ -146,9 +145,11 @@ def save_hidden(directory: Path, layer: int, hidden: torch.Tensor,
     tensors.update({f"carried.{start}": t.detach().cpu().contiguous()
                     for start, t in carried.items() if t is not None})
     name = hidden_file(layer)
-    # Serialised in memory, then written: the write releases the GIL, which save_file holds
-    # for the whole write, stalling the computation while it runs on the writer's thread.
-    atomic_write(directory / name, save(tensors))
+    temporary = directory / (name + ".partial")
+    save_file(tensors, str(temporary))
+    with open(temporary, "rb+") as file:
+        os.fsync(file.fileno())
+    os.replace(temporary, directory / name)
     return name
 
 
@@ -216,29 +217,18 @@ class Progress:
         stream.state.update({start: t.to(stream.hidden.device) for start, t in carried.items()})
 
     def layer_done(self, layer: int, stream: HiddenStream, writer: ShardWriter,
-                   results: list[LayerResult], position: int, last: bool,
-                   overlap: bool) -> Callable[[], None]:
-        """Return the job that records the layer once the writer has written its `position`
-        tensors (it runs after the layer's writes, on the writer's thread), with the hidden
-        states after layer: saved now, or with overlap copied now (the next layer changes
-        them in place) and saved by that job, while the next layer computes. Overlap is for
-        a GPU: the save of Mixtral's 0.54 GB of states took 2 s per layer here, against
-        0.15 s for the copy. A CPU computation gains nothing from it, since the writer's
-        thread takes a core from its OpenMP team (docs/DESIGN.md, "Session 6")."""
-        if last:  # no layer needs them
-            saved = copies = None
-        elif overlap:
-            saved, copies = None, (_host_copy(stream.hidden), {
-                start: _host_copy(t) for start, t in stream.state.items() if t is not None})
-        else:
-            saved, copies = save_hidden(self.directory, layer, stream.hidden, stream.state), None
+                   results: list[LayerResult], position: int, last: bool) -> Callable[[], None]:
+        """Save the hidden states after layer now (the next layer changes them in place);
+        return the job that records the layer once the writer has written its `position`
+        tensors (it runs after the layer's writes, on the writer's thread)."""
+        hidden = None if last else save_hidden(self.directory, layer, stream.hidden,
+                                               stream.state)
         layers = [dataclasses.asdict(result) for result in results]
 
         def commit() -> None:
             if writer.position != position:
                 raise RuntimeError(f"layer {layer} checkpoint at tensor {writer.position}, "
                                    f"planned {position}")
-            hidden = saved if copies is None else save_hidden(self.directory, layer, *copies)
             writer.sync()
             self.state = dataclasses.replace(self.state, finished=layer + 1, layers=layers,
                                              writer_position=position, hidden=hidden)
@@ -246,11 +236,6 @@ class Progress:
             remove_other_hidden(self.directory, hidden)
             kill_point(f"commit:{layer}")
         return commit
-
-
-def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of tensor in host memory, which later in-place changes leave alone."""
-    return tensor.detach().to("cpu", copy=True)
 
 
 def open_progress(output: Path, key: dict, tokens: torch.Tensor, layers: int) -> Progress:

@@ -25,7 +25,8 @@ from .errors import UserError, first_line
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Files copied beside the weights into the output as they are: tokenizer, chat template,
-# generation settings. Never pickles or remote code.
+# generation settings (and the repo's top-level *.py, its remote code, copied, never run:
+# writer.copy_side_files). Never pickles.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "tokenizer.model", "tiktoken.model", "vocab.json", "merges.txt",
               "generation_config.json", "chat_template.jinja", "chat_template.json")

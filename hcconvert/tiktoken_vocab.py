@@ -48,9 +48,15 @@ def tiktoken_tokenizer(path: Path, vocab: TiktokenVocab,
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
     first = len(ranks)
-    tokenizer.add_special_tokens([
-        AddedToken(named_special.get(i, f"<|reserved_token_{i}|>"), special=True)
-        for i in range(first, first + vocab.special_tokens)])
+    specials = {i: named_special.get(i, f"<|reserved_token_{i}|>")
+                for i in range(first, first + vocab.special_tokens)}
+    tokenizer.add_special_tokens([AddedToken(name, special=True) for name in specials.values()])
+    # A name given twice, or spelled like a base token, would take an existing id and move
+    # every later special token down by one.
+    moved = [name for i, name in specials.items() if tokenizer.token_to_id(name) != i]
+    if moved:
+        raise UserError(f"{path}: special token {moved[0]!r} (tokenizer_config.json) is not "
+                        "numbered after the base vocabulary: a name used twice")
     return tokenizer
 
 

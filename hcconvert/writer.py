@@ -441,26 +441,9 @@ class OutputLock:
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
-    """The tokenizer and generation files, and the modules config.json and
-    tokenizer_config.json name in auto_map (Kimi-K2's modeling and tokenizer code), so the
-    output loads as the source does; hcconvert never runs that code."""
-    for name in (*SIDE_FILES, *remote_code_files(src)):
+    """The tokenizer and generation files, and the remote code beside config.json (Kimi-K2's
+    modeling and tokenizer modules and what they import), so the output loads as the source
+    does; hcconvert never runs that code."""
+    for name in (*SIDE_FILES, *sorted(path.name for path in src.glob("*.py"))):
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
-
-
-def remote_code_files(src: Path) -> list[str]:
-    """The .py files of src that its auto_map entries name ("module.Class"; a list holds a
-    slow and a fast class, or null; "repo--module.Class" lives in another repo)."""
-    names = []
-    for config_name in ("config.json", "tokenizer_config.json"):
-        try:
-            auto_map = json.loads((src / config_name).read_text()).get("auto_map") or {}
-        except (OSError, ValueError, AttributeError):
-            continue
-        for value in auto_map.values() if isinstance(auto_map, dict) else ():
-            for reference in value if isinstance(value, list) else [value]:
-                module = reference.rpartition(".")[0] if isinstance(reference, str) else ""
-                if module and not any(c in module for c in "./\\-"):  # a file of src itself
-                    names.append(module + ".py")
-    return sorted(set(names))

@@ -196,11 +196,9 @@ def test_shard_writer_resumes_mid_shard(tmp_path):
     assert tree_digest(resumed) == tree_digest(whole)
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_checkpoint_saves_the_states_of_its_layer(tmp_path, overlap):
+def test_checkpoint_saves_the_states_of_its_layer(tmp_path):
     """A layer's checkpoint holds the hidden (and carried) states as the layer left them,
-    though the next layer changes them in place before the writer's thread commits it: saved
-    at once, or (overlap, a GPU run) copied at once and saved by the commit."""
+    though the next layer changes them in place before the writer's thread commits it."""
     from types import SimpleNamespace
 
     from hcconvert.resume import Progress, RunState, load_hidden, read_state
@@ -209,7 +207,7 @@ def test_checkpoint_saves_the_states_of_its_layer(tmp_path, overlap):
     stream = SimpleNamespace(hidden=hidden.clone(), state={0: carried.clone(), 3: None})
     writer = SimpleNamespace(position=5, sync=lambda: None)
     progress = Progress(tmp_path, RunState({"run": 1}, "digest"))
-    commit = progress.layer_done(2, stream, writer, [], 5, last=False, overlap=overlap)
+    commit = progress.layer_done(2, stream, writer, [], 5, last=False)
     stream.hidden.mul_(-1)  # the next layer, before the commit runs
     stream.state[0].add_(1)
     commit()

@@ -71,6 +71,23 @@ def test_ids_equal_tiktokens_own(tmp_path):
     assert max(ours.encode(TEXT).ids) > 255  # merges were used, not bytes alone
 
 
+def test_a_word_held_whole_is_one_token_as_in_tiktoken(tmp_path):
+    """tiktoken takes a piece its vocabulary holds as one token, though no merge reaches it
+    ("abc" without "ab" or "bc"), and splits special tokens out of text as Kimi's tokenizer
+    does (allowed_special="all")."""
+    ranks = {bytes([b]): b for b in range(256)}
+    for token in (b"zq", b"abc", b"abcabc"):
+        ranks[token] = len(ranks)
+    write_ranks(tmp_path / "tiktoken.model", ranks)
+    vocab = TiktokenVocab(pattern=KIMI_TIKTOKEN.pattern, special_tokens=2)
+    ours = tiktoken_tokenizer(tmp_path / "tiktoken.model", vocab, {259: "[BOS]"})
+    reference = tiktoken.Encoding("whole", pat_str=vocab.pattern, mergeable_ranks=ranks,
+                                  special_tokens={"[BOS]": 259, "<|reserved_token_260|>": 260})
+    for text in ("abc abcabc xabc zqabc", "[BOS]abc <|reserved_token_260|> abcab"):
+        assert ours.encode(text).ids == reference.encode(text, allowed_special="all")
+    assert ours.encode("abc").ids == [257]
+
+
 def test_special_tokens_follow_the_base_vocabulary(tmp_path):
     write_ranks(tmp_path / "tiktoken.model", {bytes([b]): b for b in range(256)})
     vocab = TiktokenVocab(pattern=r"\S+|\s+", special_tokens=4)
@@ -93,8 +110,8 @@ def test_kimi_checkpoint_with_tiktoken_model_converts(tmp_path, calib_text):
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM",
                           "AutoModel": "other/repo--modeling_other.Model"}
     (src / "config.json").write_text(json.dumps(config))
-    for module in ("tokenization_kimi", "modeling_deepseek", "modeling_other", "unnamed"):
-        (src / f"{module}.py").write_text(f"# {module}\n")
+    for module in ("tokenization_kimi", "modeling_deepseek", "tool_declaration_ts"):
+        (src / f"{module}.py").write_text(f"# {module}\n")  # the last imported by the first
     # The embedding's rows hold the base vocabulary (as Kimi-K2's hold its 163,584 tokens).
     write_ranks(src / "tiktoken.model",
                 train_ranks(calib_text.read_text()[:20_000], KIMI_TIKTOKEN.pattern, rows - 256))
@@ -102,11 +119,18 @@ def test_kimi_checkpoint_with_tiktoken_model_converts(tmp_path, calib_text):
     result = run(src, "--experts", case.reduce_to, "--out", out, "--calib", calib_text,
                  "--calib-samples", 2, "--seq-len", 32)
     assert result.exit_code == 0, result.output
-    for name in ("tiktoken.model", "tokenization_kimi.py", "modeling_deepseek.py"):
+    for name in ("tiktoken.model", "tokenization_kimi.py", "modeling_deepseek.py",
+                 "tool_declaration_ts.py"):
         assert (out / name).read_bytes() == (src / name).read_bytes()
-    assert not (out / "modeling_other.py").exists() and not (out / "unnamed.py").exists()
     assert json.loads((out / "config.json").read_text())["n_routed_experts"] == case.reduce_to
     assert load_all(out)
+
+
+def test_special_token_named_twice_is_refused(tmp_path):
+    write_ranks(tmp_path / "tiktoken.model", {bytes([b]): b for b in range(256)})
+    with pytest.raises(UserError, match="special token '\\[X\\]' .* a name used twice"):
+        tiktoken_tokenizer(tmp_path / "tiktoken.model", TiktokenVocab(r"\S+|\s+", 3),
+                           {256: "[X]", 257: "[X]"})
 
 
 @pytest.mark.parametrize("lines,fragment", [
