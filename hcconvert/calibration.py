@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import random
 import sys
 import zlib
@@ -391,8 +392,8 @@ def calibration_sources(calib: str) -> list[tuple[Path, float]]:
             share = float(weight) if path else 1.0
         except ValueError:  # a colon in the path itself
             path, share = entry, 1.0
-        if not share > 0:
-            raise UserError(f"--calib {entry!r}: a weight must be a positive number")
+        if not 0 < share < math.inf:
+            raise UserError(f"--calib {entry!r}: a weight must be a positive finite number")
         sources.append((calibration_path((path or entry).strip()), share))
     return sources
 
@@ -404,7 +405,8 @@ def sample_counts(weights: list[float], samples: int) -> list[int]:
         raise UserError(f"--calib mixes {len(weights)} sources: --calib-samples must be at "
                         f"least {len(weights)}")
     rest = samples - len(weights)
-    exact = [rest * w / sum(weights) for w in weights]
+    shares = [w / max(weights) for w in weights]  # at most 1: no overflow at weights near 1e308
+    exact = [rest * share / sum(shares) for share in shares]
     counts = [1 + int(e) for e in exact]
     by_remainder = sorted(range(len(exact)), key=lambda i: int(exact[i]) - exact[i])
     for i in by_remainder[:samples - sum(counts)]:

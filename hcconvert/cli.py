@@ -362,6 +362,11 @@ def compare(src, methods, eval_text, out_dir, csv_path, json_path, eval_seq_len,
             raise UserError("--eval-seq-len and --eval-samples must be at least 1")
         from .compare import compare as run_comparison
         from .compare import markdown_table, named_variants, planned_bytes, write_csv, write_json
+        from .writer import check_results_file
+
+        for option, path in (("--csv", csv_path), ("--json", json_path)):
+            if path:
+                check_results_file(option, path, src)
 
         probe_hub_if_needed(src)
         variants = named_variants(methods, base)

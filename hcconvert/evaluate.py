@@ -115,20 +115,21 @@ def evaluate_many(original: str, reduced: list[str], text: Path, seq_len: int = 
         model.load_head()
     scores = _score(reference, models, tokens)
     del reference, models  # the greedy check streams its own, shorter sequences
-    lengths = _greedy_match(original, reduced, tokens, torch_device)
+    lengths = _greedy_match(original, reduced, tokens, torch_device, progress)
     return [dataclasses.replace(score, greedy_match=length)
             for score, length in zip(scores, lengths, strict=True)]
 
 
 def _greedy_match(original: str, reduced: list[str], tokens: torch.Tensor,
-                  device: torch.device) -> list[float]:
+                  device: torch.device, progress: bool) -> list[float]:
     """Each reduction's mean matched greedy length on a few prompts cut from tokens."""
     def open_model(source: str, ids: torch.Tensor) -> StreamedModel:
         return StreamedModel(*open_source(source), ids, device)
 
     layers = open_source(original)[1].num_layers
     prompts = tokens[:greedy.PROMPTS, :greedy.PROMPT_TOKENS]
-    continued = greedy.greedy_continuation(original, prompts, open_model, layers)
+    continued = greedy.greedy_continuation(original, prompts, open_model, layers,
+                                           progress=progress)
     return [greedy.matched_lengths(log_probs, continued, greedy.CONTINUATION_TOKENS)
             .float().mean().item()
             for log_probs in greedy.streamed_log_probs(reduced, continued, open_model, layers)]

@@ -10,9 +10,11 @@ P prompts, S prompt tokens, G generated tokens, V vocabulary.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import torch
+from tqdm import tqdm
 
 # Few, short prompts and a short continuation: the original streams G times over them.
 PROMPTS = 8
@@ -34,10 +36,12 @@ def streamed_log_probs(models: list, tokens: torch.Tensor, open_model,
 
 
 def greedy_continuation(original, prompts: torch.Tensor, open_model, layers: int,
-                        steps: int = CONTINUATION_TOKENS) -> torch.Tensor:
-    """[P, S + steps] prompts [P, S] followed by the original's greedy continuation."""
+                        steps: int = CONTINUATION_TOKENS, progress: bool = True) -> torch.Tensor:
+    """[P, S + steps] prompts [P, S] followed by the original's greedy continuation: a pass
+    over the original's weights per token, so it shows its progress."""
     tokens = prompts
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="greedy continuation", unit="token", disable=not progress,
+                  file=sys.stderr):
         (log_probs,) = streamed_log_probs([original], tokens, open_model, layers)
         tokens = torch.cat((tokens, log_probs[:, -1].argmax(-1, keepdim=True).cpu()), dim=1)
     return tokens

@@ -35,7 +35,7 @@ from .resume import (
     sync_directory,
 )
 from .signals import Interrupted, held_signals
-from .source import SIDE_FILES, tensor_nbytes
+from .source import SIDE_FILES, is_hub_id, tensor_nbytes
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
@@ -198,7 +198,7 @@ def write_json(path: Path, data: dict) -> None:
 def check_output_dir(out: Path, src: Path, overwrite: bool) -> None:
     """Refuse an --out that is a symbolic link, SRC, inside it or holding it, or the working
     directory or one above it (--overwrite replaces --out whole), or one that holds files
-    (unless --overwrite)."""
+    (unless --overwrite); or where what goes beside it cannot be made."""
     if out.is_symlink():
         raise UserError(f"--out {out} is a symbolic link; name the directory itself")
     out_abs, src_abs, cwd = out.resolve(), src.resolve(), Path.cwd().resolve()
@@ -212,6 +212,13 @@ def check_output_dir(out: Path, src: Path, overwrite: bool) -> None:
         raise UserError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} is not empty (pass --overwrite to replace it)")
+    # The staging directory and the lock are made beside --out, its missing parents first.
+    home = next(path for path in out_abs.parents if path.exists())
+    if not home.is_dir():
+        raise UserError(f"--out {out}: {home} is not a directory")
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {home} is not writable")
+    check_name_length(out)
 
 
 @contextmanager
@@ -251,7 +258,6 @@ class StagedOutput:
 
     def __enter__(self) -> Path:
         check_output_dir(self.out, self.src, self.overwrite)
-        check_name_length(self.out)
         try:
             self._created = make_parents(self.out.parent)
             self._lock = OutputLock(self.out)
@@ -358,6 +364,16 @@ class StagedOutput:
             for directory in self._created:  # deepest first; one another run filled stays
                 with contextlib.suppress(OSError):
                     directory.rmdir()
+
+
+def check_results_file(option: str, path: Path, src: str) -> None:
+    """A results file (compare's --csv and --json), checked before any work: never SRC's or
+    inside it, and in a directory that exists."""
+    target = path.resolve()
+    if not is_hub_id(src) and Path(src).resolve() in (target, *target.parents):
+        raise UserError(f"{option} {path} is inside the source directory")
+    if not target.parent.is_dir():
+        raise UserError(f"{option} {path}: {path.parent} is not a directory")
 
 
 def is_or_holds(path: Path, src: Path) -> bool:

@@ -171,6 +171,7 @@ def test_eval_reports_perplexity_and_kl(tmp_path, src, calib_text, eval_text):
                  "--samples", 4)
     assert result.exit_code == 0, result.stderr
     assert "perplexity original" in result.stdout and "KL(" in result.stdout
+    assert "greedy continuation" in result.stderr  # its passes over the weights show progress
     same = run("eval", src, src, "--text", eval_text, "--seq-len", 64, "--samples", 4)
     assert "0.00000 nats" in same.stdout
 
@@ -287,7 +288,9 @@ def test_chat_lines_use_the_models_chat_template(tmp_path, src):
 
 @pytest.mark.parametrize("calib,extra,fragment", [
     ("data.csv", (), "unknown file type"),
-    ("{calib}:0", (), "a weight must be a positive number"),
+    ("{calib}:0", (), "a weight must be a positive finite number"),
+    ("{calib}:inf,{calib}:1", (), "a weight must be a positive finite number"),
+    ("{calib}:1e308,{calib}:1e308,{calib}:1", ("--calib-samples", "4"), ""),
     ("{calib}:1,{calib}:1", ("--calib-samples", "1"), "--calib-samples must be at least 2"),
     ("{calib}", ("--text-field", "body"), ""),  # a .txt has no fields: the option is moot
     ("{jsonl}", ("--text-field", "body"), 'has no "body" field'),

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_all, save_tiny_mixtral
+from conftest import load_all, save_tiny_mixtral, tree_digest
 from test_cli import assert_user_error, run
 
 import hcconvert.convert
@@ -92,6 +92,24 @@ def test_unknown_method_is_a_one_line_error(tmp_path, src, calib_text, eval_text
     result = run("compare", src, "--experts", 3, "--calib", calib_text, "--eval", eval_text,
                  "--methods", "hc-smoe,nope")
     assert_user_error(result, "unknown method 'nope'")
+
+
+@pytest.mark.parametrize("option,target,fragment", [
+    ("--csv", "src/config.json", "--csv {path} is inside the source directory"),
+    ("--json", "src/model.safetensors.index.json", "--json {path} is inside the source"),
+    ("--csv", "nodir/r.csv", "--csv {path}: {parent} is not a directory"),
+])
+def test_results_file_is_checked_before_any_work(tmp_path, src, calib_text, eval_text,
+                                                 option, target, fragment):
+    """compare's --csv and --json never write into SRC (its config or index would be lost),
+    and a file that cannot be written is refused before the conversions, not after them."""
+    path = tmp_path / target
+    before = tree_digest(src)
+    result = run("compare", src, "--experts", 3, "--calib", calib_text, "--eval", eval_text,
+                 "--methods", "o-prune", "--calib-samples", 2, "--seq-len", 32, option, path)
+    assert_user_error(result, fragment.format(path=path, parent=path.parent))
+    assert tree_digest(src) == before
+    assert "disk:" not in result.stderr  # refused before planning anything
 
 
 def test_evaluate_many_equals_one_at_a_time(tmp_path, calib_text, eval_text):

@@ -415,6 +415,12 @@ def existing_file(workspace: Path) -> Path:
     return workspace / "out"
 
 
+def below_a_file(workspace: Path) -> Path:
+    (workspace / "file").write_text("a file")
+    return workspace / "file" / "deeper" / "out"
+
+
+
 BAD_OUTPUTS = {
     # makes --out in the workspace, extra options -> fragment
     "symlink to an empty directory": (symlink_to("target"), [], "symbolic link"),
@@ -425,6 +431,7 @@ BAD_OUTPUTS = {
     "name one byte too long for the lock": (named(240), [], "too long"),
     "name beyond the limit": (named(300), [], "too long"),
     "an existing file": (existing_file, ["--overwrite"], "not a directory"),
+    "below a file": (below_a_file, [], "file is not a directory"),
 }
 
 
@@ -436,6 +443,22 @@ def test_bad_output_path(tmp_path, src, calib, case):
     before = tree_digest(target) if target.exists() else None
     assert_refused(tmp_path, src, convert_args(src, out, calib, *extra), fragment)
     assert (tree_digest(target) if target.exists() else None) == before
+    dry = CliRunner().invoke(main, [str(a) for a in convert_args(src, out, calib, *extra,
+                                                                 "--dry-run")])
+    assert_one_error_line(dry.exit_code, dry.stderr, fragment)  # --dry-run finds it too
+
+
+def test_output_beside_an_unwritable_directory_is_refused_by_dry_run_too(tmp_path, src, calib,
+                                                                        monkeypatch):
+    """A read-only file system (which even root cannot write) is refused before any work."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access",
+                        lambda path, mode: Path(path) != locked and access(path, mode))
+    for extra in ([], ["--dry-run"]):
+        assert_refused(tmp_path, src, convert_args(src, locked / "out", calib, *extra),
+                       "locked is not writable")
 
 
 def test_parents_created_by_a_failed_run_are_removed(tmp_path, src):
