@@ -362,6 +362,8 @@ def compare(src, methods, eval_text, out_dir, csv_path, json_path, eval_seq_len,
             raise UserError("--eval-seq-len and --eval-samples must be at least 1")
         from .compare import compare as run_comparison
         from .compare import markdown_table, named_variants, planned_bytes, write_csv, write_json
+        from .convert import open_source
+        from .evaluate import held_out_tokens
         from .writer import check_results_file
 
         for option, path in (("--csv", csv_path), ("--json", json_path)):
@@ -370,6 +372,8 @@ def compare(src, methods, eval_text, out_dir, csv_path, json_path, eval_seq_len,
 
         probe_hub_if_needed(src)
         variants = named_variants(methods, base)
+        # Bad --eval text is refused now, not after every conversion.
+        held_out_tokens(open_source(src)[0], eval_text, eval_samples, eval_seq_len)
         click.echo(f"disk: {human_bytes(planned_bytes(src, variants))} for "
                    f"{len(variants)} reduced checkpoints", err=True)
         keep = contextlib.nullcontext(out_dir) if out_dir else tempfile.TemporaryDirectory()

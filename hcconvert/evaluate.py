@@ -101,10 +101,7 @@ def evaluate_many(original: str, reduced: list[str], text: Path, seq_len: int = 
     others = [open_source(src) for src in reduced]
     for other, other_spec in others:
         _check_compatible(ckpt, spec, other, other_spec)
-    tokens = text_tokens(text, model_tokenizer(ckpt), samples, seq_len, seed=0,
-                         kind="held-out")
-    if tokens.shape[1] < 2:
-        raise UserError(f"{text} gives {tokens.shape[1]} token: nothing to predict")
+    tokens = held_out_tokens(ckpt, text, samples, seq_len)
     reference = StreamedModel(ckpt, spec, tokens, torch_device)
     models = [StreamedModel(*other, tokens, torch_device) for other in others]
     for layer in tqdm(range(reference.spec.num_layers), desc="eval", disable=not progress,
@@ -118,6 +115,15 @@ def evaluate_many(original: str, reduced: list[str], text: Path, seq_len: int = 
     lengths = _greedy_match(original, reduced, tokens, torch_device, progress)
     return [dataclasses.replace(score, greedy_match=length)
             for score, length in zip(scores, lengths, strict=True)]
+
+
+def held_out_tokens(ckpt: Checkpoint, text: Path, samples: int, seq_len: int) -> torch.Tensor:
+    """[N, S] evaluation tokens of text (the same for every model scored against ckpt)."""
+    tokens = text_tokens(text, model_tokenizer(ckpt), samples, seq_len, seed=0,
+                         kind="held-out")
+    if tokens.shape[1] < 2:
+        raise UserError(f"{text} gives {tokens.shape[1]} token: nothing to predict")
+    return tokens
 
 
 def _greedy_match(original: str, reduced: list[str], tokens: torch.Tensor,

@@ -112,6 +112,15 @@ def test_results_file_is_checked_before_any_work(tmp_path, src, calib_text, eval
     assert "disk:" not in result.stderr  # refused before planning anything
 
 
+def test_bad_eval_text_is_refused_before_the_conversions(tmp_path, src, calib_text):
+    (tmp_path / "empty.txt").write_text("")
+    result = run("compare", src, "--experts", 3, "--calib", calib_text, "--eval",
+                 tmp_path / "empty.txt", "--methods", "o-prune", "--calib-samples", 2,
+                 "--seq-len", 32, "--out-dir", tmp_path / "runs")
+    assert_user_error(result, "empty.txt")
+    assert not (tmp_path / "runs").exists()  # nothing converted
+
+
 def test_evaluate_many_equals_one_at_a_time(tmp_path, calib_text, eval_text):
     """The original streams once beside every reduction; the scores are unchanged."""
     src = save_tiny_mixtral(tmp_path / "src")
