@@ -33,7 +33,7 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 # What a conversion needs from a Hub repo besides the shards (README.md: the model card's
 # license).
 HUB_SIDE_FILES = ["config.json", *SIDE_FILES, INDEX_FILE, "README.md",
-                  "*.py"]  # the remote code auto_map names, copied (writer.copy_side_files)
+                  "*.py"]  # the repo's remote code, copied unrun (writer.copy_side_files)
 # safetensors refuses headers above 100 MB: so do we, before reading one into memory.
 MAX_HEADER_BYTES = 100_000_000
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,

@@ -218,7 +218,7 @@ def check_output_dir(out: Path, src: Path, overwrite: bool) -> None:
         raise UserError(f"--out {out}: {home} is not a directory")
     if not os.access(home, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: {home} is not writable")
-    check_name_length(out)
+    check_name_length(out, home)
 
 
 @contextmanager
@@ -369,10 +369,9 @@ class StagedOutput:
 def check_results_file(option: str, path: Path, src: str) -> None:
     """A results file (compare's --csv and --json), checked before any work: never SRC's or
     inside it, and in a directory that exists."""
-    target = path.resolve()
-    if not is_hub_id(src) and Path(src).resolve() in (target, *target.parents):
+    if not is_hub_id(src) and is_or_holds(path, Path(src).resolve()):
         raise UserError(f"{option} {path} is inside the source directory")
-    if not target.parent.is_dir():
+    if not path.resolve().parent.is_dir():
         raise UserError(f"{option} {path}: {path.parent} is not a directory")
 
 
@@ -389,14 +388,14 @@ def hidden_name(out: Path, tag: str) -> str:
     return f".{out.name}{tag}"
 
 
-def check_name_length(out: Path) -> None:
-    """The names hcconvert puts beside --out (staging, old output, lock) must fit the file
-    system's name limit, or the run would fail only once the work is done."""
+def check_name_length(out: Path, home: Path) -> None:
+    """The names hcconvert puts beside --out (staging, old output, lock) must fit the name
+    limit of the file system of home (--out's nearest existing parent), or the run would fail
+    only once the work is done."""
     longest = max(len(os.fsencode(hidden_name(out, tag)))
                   for tag in (STAGING_TAG, PREVIOUS_TAG)) + max(TEMP_SUFFIX_CHARS, KEY_CHARS)
-    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
     try:
-        limit = os.pathconf(existing, "PC_NAME_MAX")
+        limit = os.pathconf(home, "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
     if longest > limit:
