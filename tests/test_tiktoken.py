@@ -95,6 +95,9 @@ def test_special_tokens_follow_the_base_vocabulary(tmp_path):
     assert [tokenizer.token_to_id(t) for t in ("[BOS]", "<|reserved_token_257|>", "[EOS]",
                                                "<|reserved_token_259|>")] == [256, 257, 258, 259]
     assert tokenizer.get_vocab_size() == 260
+    # Built once: the preflight, calibration and evaluation share it.
+    assert tiktoken_tokenizer(tmp_path / "tiktoken.model", vocab,
+                              {258: "[EOS]", 256: "[BOS]"}) is tokenizer
 
 
 def test_kimi_checkpoint_with_tiktoken_model_converts(tmp_path, calib_text):
