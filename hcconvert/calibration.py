@@ -405,8 +405,9 @@ def sample_counts(weights: list[float], samples: int) -> list[int]:
         raise UserError(f"--calib mixes {len(weights)} sources: --calib-samples must be at "
                         f"least {len(weights)}")
     rest = samples - len(weights)
-    shares = [w / max(weights) for w in weights]  # at most 1: no overflow at weights near 1e308
-    exact = [rest * share / sum(shares) for share in shares]
+    if not math.isfinite(rest * max(weights) + sum(weights)):  # weights near fp64's limit
+        weights = [w / max(weights) for w in weights]
+    exact = [rest * w / sum(weights) for w in weights]
     counts = [1 + int(e) for e in exact]
     by_remainder = sorted(range(len(exact)), key=lambda i: int(exact[i]) - exact[i])
     for i in by_remainder[:samples - sum(counts)]:

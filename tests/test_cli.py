@@ -271,6 +271,17 @@ def test_calibration_mixes_sources_by_weight(tmp_path, src, calib_text):
     torch.testing.assert_close(tokens[3:], mixed_in)
 
 
+def test_sample_counts_keep_their_split_and_bear_huge_weights():
+    """Ordinary weights split as they always have (a tie at 3.5 / 10.5 included: the counts
+    are part of the run's calibration); weights near fp64's limit no longer overflow."""
+    from hcconvert.calibration import sample_counts
+
+    assert sample_counts([1, 3], 16) == [5, 11]
+    assert sample_counts([0.3, 0.1], 16) == [12, 4]
+    assert sample_counts([1e308, 1e308, 1], 4) == [2, 1, 1]
+    assert sample_counts([1e308, 1], 100) == [99, 1]
+
+
 def test_chat_lines_use_the_models_chat_template(tmp_path, src):
     from hcconvert.calibration import TextTokenizer
 
