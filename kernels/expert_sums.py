@@ -22,6 +22,13 @@ from __future__ import annotations
 
 import functools
 
+# The repository's kernels/ folder is no package of its own (no __init__.py), so an installed
+# package named `kernels` (transformers imports the PyPI one) is never shadowed by it; from the
+# repository root it is still found as an empty namespace, and this module must not be used
+# from there under a name that is not its own.
+if __name__ != "hcconvert.kernels.expert_sums":
+    raise ImportError(f"import this module as hcconvert.kernels.expert_sums, not {__name__}")
+
 import torch
 
 try:  # triton is a declared dependency, but keep the torch twin importable without it
