@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m hcconvert.demo
+	$(PY) -m hcconvert.cli.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

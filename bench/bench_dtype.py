@@ -15,10 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from hcconvert.compare import named_variants
-from hcconvert.convert import convert_many, open_source
-from hcconvert.evaluate import evaluate_many
-from hcconvert.options import ConvertOptions
+from hcconvert.eval.compare import named_variants
+from hcconvert.eval.evaluate import evaluate_many
+from hcconvert.model.spec import open_source
+from hcconvert.pipeline.convert import convert_many
+from hcconvert.pipeline.options import ConvertOptions
 
 METHODS = ["hc-smoe", "o-prune", "auto"]
 

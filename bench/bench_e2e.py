@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from hcconvert.convert import convert
-from hcconvert.demo import data_file, write_tokenizer
-from hcconvert.options import HC_SMOE, ConvertOptions
+from hcconvert.cli.demo import data_file, write_tokenizer
+from hcconvert.io.tensors import SAFETENSORS_DTYPES, OutputTensor
+from hcconvert.io.writer import ShardWriter
+from hcconvert.pipeline.convert import convert
+from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
 from hcconvert.resources import human_bytes, peak_gpu_bytes, peak_rss_bytes
-from hcconvert.writer import SAFETENSORS_DTYPES, OutputTensor, ShardWriter
 
 
 def mixtral_tensors(args) -> list[OutputTensor]:

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from hcconvert import layerfit
-from hcconvert.experts import Experts
+from hcconvert.methods import layerfit
+from hcconvert.model.experts import Experts
 
 
 def layer(args):

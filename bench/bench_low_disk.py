@@ -25,14 +25,14 @@ from pathlib import Path
 
 from bench_e2e import add_checkpoint_args, write_checkpoint
 
-from hcconvert.demo import data_file
+from hcconvert.cli.demo import data_file
+from hcconvert.io.durable import KILL_AT_VARIABLE
 from hcconvert.resources import human_bytes
-from hcconvert.resume import KILL_AT_VARIABLE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fake_hub import FakeHub  # noqa: E402  (a test helper, not part of the package)
 
-CLI = [sys.executable, "-c", "from hcconvert.cli import main; main()"]
+CLI = [sys.executable, "-c", "from hcconvert.cli.main import main; main()"]
 REPO = "bench/synthetic-moe"
 
 

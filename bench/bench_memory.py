@@ -17,13 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from hcconvert.demo import DemoShape, build_planted_mixtral, data_file
+from hcconvert.cli.demo import DemoShape, build_planted_mixtral, data_file
 
 CONVERT_IN_CHILD = """
 import json, sys
 from pathlib import Path
-from hcconvert.convert import convert
-from hcconvert.options import HC_SMOE, ConvertOptions
+from hcconvert.pipeline.convert import convert
+from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
 from hcconvert.resources import peak_rss_bytes
 options = ConvertOptions(experts=4, calib=sys.argv[3], calib_samples=8, seq_len=256,
                          device="cpu", max_shard_size=200_000_000, **HC_SMOE)

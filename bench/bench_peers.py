@@ -61,7 +61,7 @@ def run_hcconvert_command(args) -> None:
     """The `hcconvert` command a user runs (console_main: its exit included), for one of its
     labels (method, then the compute dtype after a colon); a --baseline checkout without
     console_main runs its main. The peak is reported by an atexit handler, which both run."""
-    import hcconvert.cli as cli
+    import hcconvert.cli.main as cli
 
     methods = {"hcconvert-o-prune": ["--method", "prune", "--prune-by", "output"],
                "hcconvert-hc-smoe": ["--method", "merge"]}
@@ -172,9 +172,9 @@ def build_inputs(args) -> None:
     sys.path.insert(0, str(BENCH))
     from bench_e2e import write_checkpoint
 
-    from hcconvert.calibration import model_tokenizer, text_tokens
-    from hcconvert.demo import data_file
-    from hcconvert.source import Checkpoint
+    from hcconvert.cli.demo import data_file
+    from hcconvert.io.source import Checkpoint
+    from hcconvert.pipeline.calibration import model_tokenizer, text_tokens
 
     write_checkpoint(args.workdir / "src", args)
     calib = args.workdir / "calib.txt"
@@ -230,7 +230,7 @@ def run_method(args, method: str, python: str) -> dict:
 
 def auto_dtype() -> torch.dtype:
     """What hcconvert's default (--compute-dtype auto) computes this bf16 checkpoint in here."""
-    from hcconvert.decoder import compute_dtype as hcconvert_compute_dtype
+    from hcconvert.model.decoder import compute_dtype as hcconvert_compute_dtype
 
     return hcconvert_compute_dtype(torch.device("cpu"), torch.bfloat16)
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 from bench_e2e import add_checkpoint_args, write_checkpoint
 
-from hcconvert.demo import data_file
+from hcconvert.cli.demo import data_file
+from hcconvert.io.durable import KILL_AT_VARIABLE
 from hcconvert.resources import human_bytes
-from hcconvert.resume import KILL_AT_VARIABLE
 
-CLI = [sys.executable, "-c", "from hcconvert.cli import main; main()"]
+CLI = [sys.executable, "-c", "from hcconvert.cli.main import main; main()"]
 
 
 def timed_run(args: list[str], env: dict | None = None) -> tuple[float, float, int, str]:

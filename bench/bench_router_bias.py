@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-import hcconvert.reduction
-from hcconvert.convert import convert
-from hcconvert.demo import data_file
-from hcconvert.evaluate import evaluate
-from hcconvert.merging import dominant, member_weights, weighted_sum
-from hcconvert.options import ConvertOptions
+import hcconvert.pipeline.reduction
+from hcconvert.cli.demo import data_file
+from hcconvert.eval.evaluate import evaluate
+from hcconvert.methods.merging import dominant, member_weights, weighted_sum
+from hcconvert.pipeline.convert import convert
+from hcconvert.pipeline.options import ConvertOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from family_models import CASES, save_family_model  # noqa: E402
@@ -56,7 +56,7 @@ def main() -> None:
             src = save_family_model(CASES["deepseek_v3"], Path(tmp) / f"src{seed}", seed=seed)
             for r in EXPERTS:
                 for rule in rules:
-                    hcconvert.reduction.reduce_router_bias = bias_rule(rule)
+                    hcconvert.pipeline.reduction.reduce_router_bias = bias_rule(rule)
                     out = Path(tmp) / f"out{seed}-{r}-{rule}"
                     convert(str(src), out, ConvertOptions(
                         experts=r, method="merge", calib=str(calib), calib_samples=8,

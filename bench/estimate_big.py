@@ -16,11 +16,11 @@ import math
 import torch
 
 from hcconvert.errors import UserError
-from hcconvert.estimate import estimate_from_shapes, moe_layer_values
-from hcconvert.families import family_for
-from hcconvert.options import ConvertOptions
+from hcconvert.model.families import family_for
+from hcconvert.model.spec import ModelSpec
+from hcconvert.pipeline.estimate import estimate_from_shapes, moe_layer_values
+from hcconvert.pipeline.options import ConvertOptions
 from hcconvert.resources import human_bytes
-from hcconvert.spec import ModelSpec
 
 DEEPSEEK_V3 = {
     "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"],

@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from hcconvert.compare import compare, markdown_table, named_variants
-from hcconvert.convert import open_source
-from hcconvert.options import HC_SMOE, ConvertOptions
+from hcconvert.eval.compare import compare, markdown_table, named_variants
+from hcconvert.model.spec import open_source
+from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
 
 METHODS = ["hc-smoe", "router-logits", "weights", "kmeans", "dominant", "random", "fix-dom",
            "msmoe", "mergemoe",

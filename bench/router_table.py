@@ -14,9 +14,10 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from hcconvert.compare import compare, markdown_table
-from hcconvert.demo import build_planted_mixtral, data_file
-from hcconvert.options import HC_SMOE, ROUTERS, ConvertOptions
+from hcconvert.cli.demo import build_planted_mixtral, data_file
+from hcconvert.eval.compare import compare, markdown_table
+from hcconvert.methods.router import ROUTERS
+from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
 
 
 def main() -> None:

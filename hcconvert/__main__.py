@@ -1,6 +1,6 @@
 """`python -m hcconvert`: the same as the `hcconvert` command."""
 
-from .cli import console_main
+from .cli.main import console_main
 
 if __name__ == "__main__":
     console_main()

@@ -17,7 +17,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from hcconvert.demo import data_file, write_tokenizer  # noqa: E402
+from hcconvert.cli.demo import data_file, write_tokenizer  # noqa: E402
 
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2,
@@ -73,7 +73,7 @@ def restore_hub_offline_switch(monkeypatch):
 def cpu_without_matrix_unit(monkeypatch):
     """auto computes in fp32 on the CPU in every test, as on a CPU without AMX: the results
     must not depend on the machine running the suite (tests that want bf16 ask for it)."""
-    from hcconvert import decoder
+    from hcconvert.model import decoder
 
     monkeypatch.setattr(decoder, "half_is_fast", lambda dtype: False)
 

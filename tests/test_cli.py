@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 from conftest import save_tiny_mixtral, tree_digest
 
-from hcconvert.cli import main
+from hcconvert.cli.main import main
 
 
 @pytest.fixture
@@ -257,8 +257,8 @@ def write_jsonl(path, records):
 
 def test_calibration_mixes_sources_by_weight(tmp_path, src, calib_text):
     """Two sources at 3:1 give 3 and 1 samples, each cut from its own text."""
-    from hcconvert.calibration import load_calibration
-    from hcconvert.source import Checkpoint
+    from hcconvert.io.source import Checkpoint
+    from hcconvert.pipeline.calibration import load_calibration
 
     other = write_jsonl(tmp_path / "other.jsonl",
                         [{"body": "zebra quartz " * 400}, {"body": "jumping fox " * 400}])
@@ -274,7 +274,7 @@ def test_calibration_mixes_sources_by_weight(tmp_path, src, calib_text):
 def test_sample_counts_keep_their_split_and_bear_huge_weights():
     """Ordinary weights split as they always have (a tie at 3.5 / 10.5 included: the counts
     are part of the run's calibration); weights near fp64's limit no longer overflow."""
-    from hcconvert.calibration import sample_counts
+    from hcconvert.pipeline.calibration import sample_counts
 
     assert sample_counts([1, 3], 16) == [5, 11]
     assert sample_counts([0.3, 0.1], 16) == [12, 4]
@@ -283,7 +283,7 @@ def test_sample_counts_keep_their_split_and_bear_huge_weights():
 
 
 def test_chat_lines_use_the_models_chat_template(tmp_path, src):
-    from hcconvert.calibration import TextTokenizer
+    from hcconvert.pipeline.calibration import TextTokenizer
 
     (src / "chat_template.jinja").write_text(
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}")

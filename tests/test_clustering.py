@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.cluster.hierarchy import fcluster, linkage
 
-from hcconvert.clustering import GROUPINGS, LINKAGES, _agglomerate, group_experts
+from hcconvert.methods.clustering import GROUPINGS, LINKAGES, _agglomerate, group_experts
 
 ALL_METHODS = [("hierarchical", link) for link in LINKAGES] + [
     (grouping, "average") for grouping in GROUPINGS if grouping != "hierarchical"

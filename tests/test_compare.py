@@ -11,12 +11,12 @@ import torch
 from conftest import load_all, save_tiny_mixtral, tree_digest
 from test_cli import assert_user_error, run
 
-import hcconvert.convert
-from hcconvert.compare import compare, named_variants, planned_bytes, shared_passes
-from hcconvert.convert import convert, convert_many
-from hcconvert.evaluate import evaluate, evaluate_many
-from hcconvert.greedy import CONTINUATION_TOKENS, matched_lengths
-from hcconvert.options import HC_SMOE, ConvertOptions
+import hcconvert.pipeline.convert
+from hcconvert.eval.compare import compare, named_variants, planned_bytes, shared_passes
+from hcconvert.eval.evaluate import evaluate, evaluate_many
+from hcconvert.eval.greedy import CONTINUATION_TOKENS, matched_lengths
+from hcconvert.pipeline.convert import convert, convert_many
+from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
 
 SMALL = dict(calib_samples=2, seq_len=32)
 
@@ -49,13 +49,13 @@ def test_compare_prints_a_row_per_method_and_writes_csv_and_json(tmp_path, src, 
 def test_statistics_are_collected_once_per_layer(tmp_path, src, calib_text, eval_text,
                                                  monkeypatch):
     calls = []
-    collect = hcconvert.convert.collect_layer_stats
+    collect = hcconvert.pipeline.convert.collect_layer_stats
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("needs", args[4] if len(args) > 4 else None))
         return collect(*args, **kwargs)
 
-    monkeypatch.setattr(hcconvert.convert, "collect_layer_stats", counting)
+    monkeypatch.setattr(hcconvert.pipeline.convert, "collect_layer_stats", counting)
     base = ConvertOptions(**HC_SMOE, experts=3, calib=str(calib_text), **SMALL)
     variants = named_variants(["hc-smoe", "weights", "router-logits", "o-prune", "mergemoe"],
                               base)
@@ -172,7 +172,7 @@ def test_eval_record_writes_the_numbers_into_the_card(tmp_path, calib_text, eval
     earlier one; a directory hcconvert did not write is refused in one line."""
     from click.testing import CliRunner
 
-    from hcconvert.cli import main
+    from hcconvert.cli.main import main
 
     src = save_tiny_mixtral(tmp_path / "src")
     out = tmp_path / "out"

@@ -7,10 +7,10 @@ import torch
 from conftest import load_all, logits_of, save_tiny_mixtral, tree_digest
 from safetensors.torch import save_file
 
-from hcconvert import decoder
-from hcconvert.convert import convert
-from hcconvert.decoder import compute_dtype, half_is_fast
-from hcconvert.options import HC_SMOE, ConvertOptions
+from hcconvert.model import decoder
+from hcconvert.model.decoder import compute_dtype, half_is_fast
+from hcconvert.pipeline.convert import convert
+from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
 
 EXPERT = "model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"
 ROUTER = "model.layers.{layer}.block_sparse_moe.gate.weight"
@@ -120,8 +120,8 @@ def test_top_k_drops_with_a_warning(tmp_path, calib_text, capsys):
 def test_top_k_drops_in_every_key_that_holds_it():
     """GPT-OSS's Hub config repeats the top-k as experts_per_token (read by TensorRT-LLM and
     OpenAI's code): it drops with num_experts_per_tok; a key the config lacks stays absent."""
-    from hcconvert.families import family_for
-    from hcconvert.metadata import reduced_config
+    from hcconvert.model.families import family_for
+    from hcconvert.pipeline.metadata import reduced_config
 
     config = {"model_type": "gpt_oss", "num_local_experts": 32, "num_experts_per_tok": 4,
               "experts_per_token": 4}

@@ -17,13 +17,14 @@ from conftest import load_all, logits_of
 from family_models import CASES, Case, save_family_model
 from safetensors.torch import load_file, save_file
 
-from hcconvert import experts as experts_module
-from hcconvert.convert import convert, open_source
 from hcconvert.errors import UserError
-from hcconvert.evaluate import StreamedModel
-from hcconvert.families import FAMILIES
-from hcconvert.options import HC_SMOE, ConvertOptions
-from hcconvert.plan import build_plan
+from hcconvert.eval.evaluate import StreamedModel
+from hcconvert.model import experts as experts_module
+from hcconvert.model.families import FAMILIES
+from hcconvert.model.spec import open_source
+from hcconvert.pipeline.convert import convert
+from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
+from hcconvert.pipeline.plan import build_plan
 
 # bf16: both sides round every matmul, so agreement is to bf16's ~2-3 significant digits.
 TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=0.05, atol=0.05)}
@@ -350,7 +351,7 @@ INSPECTED = {  # case -> (MoE layers, expert line, layout)
 def test_inspect_describes_each_family(tmp_path, name):
     from click.testing import CliRunner
 
-    from hcconvert.cli import main
+    from hcconvert.cli.main import main
 
     src = save_family_model(CASES[name], tmp_path / "src", hub_style=True)
     result = CliRunner().invoke(main, ["inspect", str(src)])
@@ -364,7 +365,7 @@ def test_inspect_describes_each_family(tmp_path, name):
 def test_inspect_unknown_family_says_not_supported(tmp_path):
     from click.testing import CliRunner
 
-    from hcconvert.cli import main
+    from hcconvert.cli.main import main
 
     src = save_family_model(CASES["olmoe"], tmp_path / "src")
     config = json.loads((src / "config.json").read_text())
@@ -386,8 +387,8 @@ def keep_index(picks: dict, layer: int, module, args, out) -> None:
 def test_recorded_frequencies_equal_transformers_router(tmp_path, calib_text, name):
     """hcconvert.json's frequencies are what transformers' own routers pick on the same
     calibration tokens, run through the whole stock model at once."""
-    from hcconvert.calibration import load_calibration
-    from hcconvert.source import Checkpoint
+    from hcconvert.io.source import Checkpoint
+    from hcconvert.pipeline.calibration import load_calibration
 
     case = CASES[name]
     src = save_family_model(case, tmp_path / "src")
@@ -421,7 +422,7 @@ def test_recorded_frequencies_equal_transformers_router(tmp_path, calib_text, na
 def test_quantized_checkpoints_are_refused_in_one_line(tmp_path, quantization, fragment):
     from click.testing import CliRunner
 
-    from hcconvert.cli import main
+    from hcconvert.cli.main import main
 
     src = save_family_model(CASES["deepseek_v3"], tmp_path / "src")
     config = json.loads((src / "config.json").read_text())

@@ -27,8 +27,8 @@ def run_entry(tmp_path, *args, before=""):
     """Run console_main in a subprocess (offline), the code `before` just before it; returns
     the completed process and the code os._exit was called with (None: the normal exit)."""
     marker = tmp_path / "fast_exit_code"
-    script = (SPY.format(marker=str(marker)) + "import hcconvert.cli\n" + before
-              + "\nhcconvert.cli.console_main()\n")
+    script = (SPY.format(marker=str(marker)) + "import hcconvert.cli.main\n" + before
+              + "\nhcconvert.cli.main.console_main()\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONUNBUFFERED", None)  # stdout block-buffered, as a pipe has it by default
     done = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env,
@@ -79,7 +79,7 @@ def test_string_code_and_exceptions_take_the_normal_exit(tmp_path):
     for body, code, message in (("sys.exit('stopped here')", 1, "stopped here"),
                                 ("raise RuntimeError('boom')", 1, "RuntimeError: boom"),
                                 ("raise KeyboardInterrupt", -signal.SIGINT, "KeyboardInterrupt")):
-        before = f"import sys\ndef main():\n    {body}\nhcconvert.cli.main = main"
+        before = f"import sys\ndef main():\n    {body}\nhcconvert.cli.main.main = main"
         done, fast_code = run_entry(tmp_path, before=before)
         assert done.returncode == code and fast_code is None, done.stderr
         assert message in done.stderr
@@ -96,8 +96,9 @@ def test_c_level_output_is_flushed(tmp_path):
 def test_an_interrupted_conversion_exits_fast_with_128_plus_the_signal(tmp_path):
     """run_guarded turns the interrupt into one line and exit code 130 (SIGINT); the fast
     exit keeps both."""
-    before = ("import hcconvert.preflight\ndef interrupted(*args, **kwargs):\n"
-              "    raise KeyboardInterrupt\nhcconvert.preflight.plan_from_headers = interrupted")
+    before = ("import hcconvert.pipeline.preflight as preflight\n"
+              "def interrupted(*args, **kwargs):\n"
+              "    raise KeyboardInterrupt\npreflight.plan_from_headers = interrupted")
     source = tmp_path / "src"
     source.mkdir()
     done, fast_code = run_entry(tmp_path, source, "--experts", "2", "--calib", __file__,

@@ -6,10 +6,11 @@ import torch
 from conftest import save_tiny_mixtral, tree_digest
 from test_cli import assert_user_error, convert_args, run
 
-import hcconvert.experts
-from hcconvert.convert import convert, open_source
-from hcconvert.estimate import layer_budget, moe_layer_values
-from hcconvert.options import ConvertOptions
+import hcconvert.model.experts
+from hcconvert.model.spec import open_source
+from hcconvert.pipeline.convert import convert
+from hcconvert.pipeline.estimate import layer_budget, moe_layer_values
+from hcconvert.pipeline.options import ConvertOptions
 
 CALIBRATION = dict(calib_samples=2, seq_len=32)
 
@@ -42,8 +43,8 @@ def test_a_tiny_budget_gives_the_same_bytes(tmp_path, calib_text, monkeypatch, m
         gathered.append(len(indices))
         return gather(stacked, indices, device)
 
-    gather = hcconvert.experts._gather
-    monkeypatch.setattr(hcconvert.experts, "_gather", spy)
+    gather = hcconvert.model.experts._gather
+    monkeypatch.setattr(hcconvert.model.experts, "_gather", spy)
     tiny = ConvertOptions(**{**options.to_json(),
                              "max_gpu_memory": budget_for(src, options, chunk=1)})
     convert(str(src), tmp_path / "chunked", tiny, progress=False)
@@ -56,7 +57,7 @@ def test_a_budget_that_holds_the_layer_keeps_it_on_the_device(tmp_path, calib_te
                                                               monkeypatch):
     src = save_tiny_mixtral(tmp_path / "src")
     options = ConvertOptions(experts=3, calib=str(calib_text), **CALIBRATION, method="merge")
-    monkeypatch.setattr(hcconvert.experts, "_gather", None)  # never called
+    monkeypatch.setattr(hcconvert.model.experts, "_gather", None)  # never called
     roomy = ConvertOptions(**{**options.to_json(),
                               "max_gpu_memory": budget_for(src, options, chunk=9)})
     convert(str(src), tmp_path / "out", roomy, progress=False)

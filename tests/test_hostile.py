@@ -20,14 +20,14 @@ from click.testing import CliRunner
 from conftest import save_tiny_mixtral, tree_digest
 from safetensors.torch import load_file, save_file
 
-from hcconvert.cli import main
-from hcconvert.demo import data_file
+from hcconvert.cli.demo import data_file
+from hcconvert.cli.main import main
 from hcconvert.errors import UserError
+from hcconvert.io.staging import remove_tree, staged_outputs
 from hcconvert.signals import Interrupted, signals_as_interrupts
-from hcconvert.writer import remove_tree, staged_outputs
 
 INDEX = "model.safetensors.index.json"
-CLI = [sys.executable, "-c", "from hcconvert.cli import main; main()"]
+CLI = [sys.executable, "-c", "from hcconvert.cli.main import main; main()"]
 
 
 @pytest.fixture(scope="module")
@@ -643,7 +643,7 @@ def test_signal_while_publishing_is_held_until_the_output_is_whole(tmp_path, src
 PEAK_RSS = """
 import sys
 from pathlib import Path
-from hcconvert.calibration import TextTokenizer, text_tokens
+from hcconvert.pipeline.calibration import TextTokenizer, text_tokens
 tokens = text_tokens(Path(sys.argv[1]), TextTokenizer(Path(sys.argv[2])), 2, 32, 0)
 status = Path("/proc/self/status").read_text().splitlines()
 peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
@@ -675,7 +675,7 @@ def test_calibration_memory_does_not_grow_with_file_size(tmp_path, pristine, suf
 def test_torch_sees_no_nan_from_a_clean_checkpoint(src):
     """The scan itself: a clean checkpoint's tensors pass it (guards against a scan that
     refuses everything, which would make the NaN cases above pass for the wrong reason)."""
-    from hcconvert.source import Checkpoint, check_finite
+    from hcconvert.io.source import Checkpoint, check_finite
 
     ckpt = Checkpoint(src)
     tensors = ckpt.read(list(ckpt.tensors))
@@ -691,7 +691,7 @@ def test_scan_finds_each_non_finite_value_and_passes_a_sum_that_overflows(dtype)
     """The scan screens bf16 and fp32 with a sum: a NaN, an infinity of either sign, and
     infinities that cancel to NaN are refused in every dtype; finite values near the top of
     the range, whose sum overflows, are not."""
-    from hcconvert.source import check_finite
+    from hcconvert.io.source import check_finite
 
     big = torch.finfo(dtype).max
     check_finite({"w": torch.full((64,), big, dtype=torch.float32).to(dtype)})

@@ -19,10 +19,11 @@ from fake_hub import FakeHub, account, commit
 from test_cli import assert_user_error, convert_args, run
 from test_resume import CLI
 
-import hcconvert.convert
-from hcconvert import preflight, remote, streaming
-from hcconvert.options import ConvertOptions
-from hcconvert.resume import KILL_AT_VARIABLE
+import hcconvert.pipeline.convert
+from hcconvert.io import remote, streaming
+from hcconvert.io.durable import KILL_AT_VARIABLE
+from hcconvert.pipeline import preflight
+from hcconvert.pipeline.options import ConvertOptions
 
 REPO = "org/tiny-moe"
 # An offline run used to spend 25 s in huggingface_hub's retries; a one-line failure is fast.
@@ -56,7 +57,8 @@ def hub(tmp_path, monkeypatch):
 def conversions(monkeypatch):
     """Every call of the conversion, which a preflight failure must come before."""
     calls = []
-    monkeypatch.setattr(hcconvert.convert, "convert", lambda *args, **kw: calls.append(args))
+    monkeypatch.setattr(hcconvert.pipeline.convert, "convert",
+                        lambda *args, **kw: calls.append(args))
     return calls
 
 

@@ -8,15 +8,21 @@ import pytest
 import torch
 from conftest import save_tiny_mixtral
 
-from hcconvert import layerfit
-from hcconvert.convert import convert
-from hcconvert.experts import Experts, RoutedExperts
-from hcconvert.layerfit import HOLDOUT_FRACTION, fit_down, fit_layer, layer_output, relative_error
-from hcconvert.metadata import command_line
-from hcconvert.options import AUTO_CANDIDATES, NAMED_METHODS, ConvertOptions
-from hcconvert.ream import ream_groups
-from hcconvert.reduction import group_slice
-from hcconvert.statistics import LayerStats
+from hcconvert.methods import layerfit
+from hcconvert.methods.layerfit import (
+    HOLDOUT_FRACTION,
+    fit_down,
+    fit_layer,
+    layer_output,
+    relative_error,
+)
+from hcconvert.methods.ream import ream_groups
+from hcconvert.methods.statistics import LayerStats
+from hcconvert.model.experts import Experts, RoutedExperts
+from hcconvert.pipeline.convert import convert
+from hcconvert.pipeline.metadata import command_line
+from hcconvert.pipeline.options import AUTO_CANDIDATES, NAMED_METHODS, ConvertOptions
+from hcconvert.pipeline.reduction import group_slice
 
 # T tokens, H hidden, F expert ffn, E experts.
 T, H, F, E = 2048, 24, 16, 8

@@ -11,17 +11,17 @@ from scipy.spatial.distance import pdist
 from test_cli import assert_user_error, convert_args, run
 from test_convert import EXPERT, ROUTER
 
-from hcconvert.activation import Activation
-from hcconvert.alignment import NeuronMatcher, aligned
-from hcconvert.compare import named_variants, shared_passes
-from hcconvert.convert import convert, convert_many
-from hcconvert.demo import DemoShape, build_planted_mixtral, data_file
-from hcconvert.experts import Experts, RoutedExperts, RoutingRecord
-from hcconvert.features import router_logit_features, weight_features
-from hcconvert.merging import member_weights, merge_experts
-from hcconvert.options import HC_SMOE, NAMED_METHODS, ConvertOptions
-from hcconvert.pruning import prune_groups
-from hcconvert.statistics import collect_layer_stats, output_means
+from hcconvert.cli.demo import DemoShape, build_planted_mixtral, data_file
+from hcconvert.eval.compare import named_variants, shared_passes
+from hcconvert.methods.alignment import NeuronMatcher, aligned
+from hcconvert.methods.features import router_logit_features, weight_features
+from hcconvert.methods.merging import member_weights, merge_experts
+from hcconvert.methods.pruning import prune_groups
+from hcconvert.methods.statistics import collect_layer_stats, output_means
+from hcconvert.model.activation import Activation
+from hcconvert.model.experts import Experts, RoutedExperts, RoutingRecord
+from hcconvert.pipeline.convert import convert, convert_many
+from hcconvert.pipeline.options import HC_SMOE, NAMED_METHODS, ConvertOptions
 
 SHAPE = DemoShape(layers=2, hidden=64, ffn=64, experts=8, heads=4, kv_heads=2)
 # Every method whose grouping compares experts by a similarity (not dominant, not random).

@@ -31,12 +31,12 @@ from test_families import (
 )
 from test_hostile import assert_one_error_line
 
-from hcconvert.calibration import load_calibration
-from hcconvert.cli import main
-from hcconvert.convert import convert
-from hcconvert.demo import data_file
-from hcconvert.options import HC_SMOE, ConvertOptions
-from hcconvert.source import Checkpoint
+from hcconvert.cli.demo import data_file
+from hcconvert.cli.main import main
+from hcconvert.io.source import Checkpoint
+from hcconvert.pipeline.calibration import load_calibration
+from hcconvert.pipeline.convert import convert
+from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
 
 OWN = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight")
 COPIES = ("embed_tokens.weight", "shared_head.head.weight")

@@ -19,8 +19,8 @@ from test_families import (
 )
 from test_quantized_storage import reduce, relative_error, same_bytes
 
-from hcconvert.options import HC_SMOE
-from hcconvert.quantization import Mxfp4
+from hcconvert.io.quantization import Mxfp4
+from hcconvert.pipeline.options import HC_SMOE
 
 # F = 64 and H = 32: multiples of the 32-value block, and gate_up [E, H, 2F], down [E, F, H]
 # differ in shape from their stored transposes, so an orientation slip cannot go unnoticed.

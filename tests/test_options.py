@@ -10,9 +10,9 @@ from conftest import save_tiny_mixtral
 from test_cli import assert_user_error, convert_args, run
 
 import hcconvert
-import hcconvert.preflight
+import hcconvert.pipeline.preflight
 from hcconvert.errors import UserError
-from hcconvert.options import CHOICES, ConvertOptions, flag
+from hcconvert.pipeline.options import CHOICES, ConvertOptions, flag
 
 # A bad value for every option, and what the one-line error must name besides the option.
 BAD_VALUES = {
@@ -96,7 +96,7 @@ def test_version():
 @pytest.fixture(scope="module")
 def converted(src, tmp_path_factory):
     """One conversion with non-default options, from a source whose card has a license."""
-    from hcconvert.demo import data_file
+    from hcconvert.cli.demo import data_file
 
     (src / "README.md").write_text("---\nlicense: apache-2.0\ntags:\n- moe\n---\n# tiny\n")
     out = tmp_path_factory.mktemp("converted") / "out"
@@ -170,7 +170,7 @@ def test_missing_recipe(tmp_path, src):
 @pytest.fixture
 def full_disk(monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(hcconvert.preflight.shutil, "disk_usage",
+    monkeypatch.setattr(hcconvert.pipeline.preflight.shutil, "disk_usage",
                         lambda path: usage(10**9, 10**9 - 1000, 1000))
 
 

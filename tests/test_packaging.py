@@ -42,5 +42,5 @@ def test_transformers_kernel_integration_imports(cwd):
     """What failed on a fresh clone: transformers' hub kernels, then the package's kernel."""
     result = python("import transformers.integrations.hub_kernels\n"
                     "from hcconvert.kernels.expert_sums import expert_act_sums_torch\n"
-                    "from hcconvert.decoder import Decoder", cwd)
+                    "from hcconvert.model.decoder import Decoder", cwd)
     assert result.returncode == 0, result.stderr[-2000:]

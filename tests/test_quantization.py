@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hcconvert.errors import UserError
-from hcconvert.quantization import (
+from hcconvert.io.quantization import (
     Fp8Block,
     Mxfp4,
     PackedInt4,
@@ -16,7 +16,7 @@ from hcconvert.quantization import (
     quantized_weights,
     relative_error,
 )
-from hcconvert.writer import SAFETENSORS_DTYPES
+from hcconvert.io.tensors import SAFETENSORS_DTYPES
 
 # quantization_config as the Hub's config.json files write them.
 DEEPSEEK_V3 = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",

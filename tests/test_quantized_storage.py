@@ -26,10 +26,10 @@ from test_families import (
     our_forward,
 )
 
-from hcconvert.cli import main
-from hcconvert.convert import convert
-from hcconvert.options import HC_SMOE, ConvertOptions
-from hcconvert.quantization import Fp8Block, PackedInt4
+from hcconvert.cli.main import main
+from hcconvert.io.quantization import Fp8Block, PackedInt4
+from hcconvert.pipeline.convert import convert
+from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
 
 FP8_CASES = ["deepseek_v3", "glm4_moe", "minimax_m2"]
 BLOCK = (8, 8)  # divides every tiny dimension, as 128 divides DeepSeek-V3's

@@ -21,11 +21,13 @@ from conftest import save_tiny_mixtral, tree_digest
 from family_models import CASES, add_mtp_layer, save_family_model
 from test_hostile import assert_one_error_line
 
-from hcconvert.cli import main
-from hcconvert.resume import KILL_AT_VARIABLE, KILL_SIGNAL_VARIABLE, STATE_FILE
-from hcconvert.writer import SAFETENSORS_DTYPES, OutputTensor, ShardWriter
+from hcconvert.cli.main import main
+from hcconvert.io.durable import KILL_AT_VARIABLE, KILL_SIGNAL_VARIABLE
+from hcconvert.io.staging import STATE_FILE
+from hcconvert.io.tensors import SAFETENSORS_DTYPES, OutputTensor
+from hcconvert.io.writer import ShardWriter
 
-CLI = [sys.executable, "-c", "from hcconvert.cli import main; main()"]
+CLI = [sys.executable, "-c", "from hcconvert.cli.main import main; main()"]
 INDEX = "model.safetensors.index.json"
 
 
@@ -201,7 +203,8 @@ def test_checkpoint_saves_the_states_of_its_layer(tmp_path):
     though the next layer changes them in place before the writer's thread commits it."""
     from types import SimpleNamespace
 
-    from hcconvert.resume import Progress, RunState, load_hidden, read_state
+    from hcconvert.io.staging import RunState, read_state
+    from hcconvert.pipeline.resume import Progress, load_hidden
 
     hidden, carried = torch.randn(6, 4), torch.randn(2, 3)
     stream = SimpleNamespace(hidden=hidden.clone(), state={0: carried.clone(), 3: None})

@@ -11,15 +11,15 @@ import torch
 from conftest import save_tiny_mixtral
 from test_methods import biased_permuted_copies, random_experts
 
-from hcconvert import experts as experts_module
-from hcconvert import statistics
-from hcconvert.activation import SILU, Activation
-from hcconvert.convert import convert
-from hcconvert.decoder import ATTENTION_BATCH
-from hcconvert.demo import data_file
-from hcconvert.experts import Experts, RoutedExperts, RoutingRecord, padded_rows
-from hcconvert.options import HC_SMOE, ConvertOptions
-from hcconvert.statistics import output_means
+from hcconvert.cli.demo import data_file
+from hcconvert.methods import statistics
+from hcconvert.methods.statistics import output_means
+from hcconvert.model import experts as experts_module
+from hcconvert.model.activation import SILU, Activation
+from hcconvert.model.decoder import ATTENTION_BATCH
+from hcconvert.model.experts import Experts, RoutedExperts, RoutingRecord, padded_rows
+from hcconvert.pipeline.convert import convert
+from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
 
 SAMPLES = 6  # two batches of ATTENTION_BATCH sequences, the last one short
 
@@ -149,8 +149,8 @@ def test_half_precision_experts_run_where_onednn_cannot_fuse_them():
     and the summing forward runs the plain products (a subprocess with oneDNN held to AVX2)."""
     script = """
 import platform, torch
-from hcconvert import experts
-from hcconvert.experts import Experts, RoutedExperts, RoutingRecord
+from hcconvert.model import experts
+from hcconvert.model.experts import Experts, RoutedExperts, RoutingRecord
 assert not experts._fused_products_available(torch.bfloat16) or platform.machine() != "x86_64"
 gen = torch.Generator().manual_seed(0)
 stacked = Experts(*(torch.randn(3, 8, 16, generator=gen).bfloat16() for _ in range(2)),

@@ -9,13 +9,13 @@ import threading
 import pytest
 import torch
 from conftest import load_all, save_tiny_mixtral
-from hcconvert.kernels.expert_sums import expert_act_sums
 
-import hcconvert.statistics
-from hcconvert.convert import convert
-from hcconvert.options import HC_SMOE, ConvertOptions
-from hcconvert.source import Checkpoint
-from hcconvert.streaming import BackgroundWriter, prefetched_layers
+import hcconvert.methods.statistics
+from hcconvert.io.source import Checkpoint
+from hcconvert.io.streaming import BackgroundWriter, prefetched_layers
+from hcconvert.kernels.expert_sums import expert_act_sums
+from hcconvert.pipeline.convert import convert
+from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
 
 
 def test_prefetch_yields_every_layer_in_order(tmp_path):
@@ -34,8 +34,8 @@ def test_prefetch_checks_weights_on_the_consuming_thread(tmp_path, monkeypatch):
     """The NaN check (torch ops) runs where the layers are consumed, not on the reading
     thread, whose torch ops would contend with the computation's for the cores; every layer
     is checked, under its full names."""
-    import hcconvert.source
-    import hcconvert.streaming
+    import hcconvert.io.source
+    import hcconvert.io.streaming
 
     src = save_tiny_mixtral(tmp_path / "src", num_hidden_layers=2)
     checked = []
@@ -43,8 +43,8 @@ def test_prefetch_checks_weights_on_the_consuming_thread(tmp_path, monkeypatch):
     def recording(tensors, prefix=""):
         checked.append((threading.current_thread(), prefix, set(tensors)))
     # Wherever the check is called from: the reader's Checkpoint.read too.
-    monkeypatch.setattr(hcconvert.streaming, "check_finite", recording)
-    monkeypatch.setattr(hcconvert.source, "check_finite", recording)
+    monkeypatch.setattr(hcconvert.io.streaming, "check_finite", recording)
+    monkeypatch.setattr(hcconvert.io.source, "check_finite", recording)
     ckpt = Checkpoint(src)
     prefixes = [f"model.layers.{i}." for i in range(2)]
     layers = list(prefetched_layers(ckpt, prefixes))
@@ -61,7 +61,7 @@ def test_freed_host_memory_goes_back_to_the_os():
         pytest.skip("the allocator is tuned or replaced here")
     script = """
 import ctypes, os, sys
-import hcconvert.streaming as streaming
+import hcconvert.io.streaming as streaming
 if streaming._MALLOC_TRIM is None:
     sys.exit(3)  # not glibc
 libc = ctypes.CDLL(None)
@@ -115,7 +115,7 @@ def test_kernel_path_converts_like_the_torch_twin(tmp_path, calib_text, monkeypa
     options = ConvertOptions(**HC_SMOE,
                              experts=3, calib=str(calib_text), calib_samples=2, seq_len=32)
     convert(str(src), tmp_path / "torch", options, progress=False)
-    monkeypatch.setattr(hcconvert.statistics, "activation_sums", expert_act_sums)
+    monkeypatch.setattr(hcconvert.methods.statistics, "activation_sums", expert_act_sums)
     convert(str(src), tmp_path / "triton", options, progress=False)
 
     def groups(out):

@@ -13,10 +13,10 @@ from conftest import load_all
 from family_models import CASES, save_family_model
 from test_cli import run
 
-from hcconvert.demo import data_file
+from hcconvert.cli.demo import data_file
 from hcconvert.errors import UserError
-from hcconvert.families import KIMI_TIKTOKEN
-from hcconvert.tiktoken_vocab import TiktokenVocab, tiktoken_tokenizer
+from hcconvert.model.families import KIMI_TIKTOKEN
+from hcconvert.model.tiktoken_vocab import TiktokenVocab, tiktoken_tokenizer
 
 TEXT = ("Hello WORLD, it's   tiktoken's TEST: 12345 + 6789 = 19134!\n\n\tTabs\tand  spaces  \n"
         "中文字符和English混合 — naïve café, ÉCOLE; don'T we'LL 'm\r\n  trailing   ")

@@ -1,0 +1,1 @@
+"""The front end: the hcconvert command, its reports, and the demo."""

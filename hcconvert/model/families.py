@@ -1,0 +1,415 @@
+"""Model families as data: where each MoE keeps its routed experts and router on disk, which
+config keys hold the expert count and top-k, and how its router scores experts.
+
+Tensor names are suffixes below a decoder layer's prefix (`model.layers.{layer}.`, or the
+text model's prefix inside a vision-language wrapper); `{expert}` stands for the expert index.
+Everything else in a layer is transformers' business (decoder.py): its modules say which layers
+are MoE, what attention they run and which tensors they load.
+
+Config keys are the ones the Hub's config.json files write; where transformers 5 saves a key
+under another name (Qwen3-MoE's expert count), the family lists both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from ..errors import UserError
+from .activation import Activation, clamped_swiglu, silu
+from .config_checks import MAX_EXPERTS, MAX_WIDTH, check_config, check_model_type
+from .tiktoken_vocab import TiktokenVocab
+
+
+@dataclass(frozen=True)
+class ExpertNames:
+    """One expert's gate, up and down projection names."""
+
+    gate: str
+    up: str
+    down: str
+
+    def all(self) -> list[str]:
+        return [self.gate, self.up, self.down]
+
+
+@dataclass(frozen=True)
+class PerExpert:
+    """Routed experts stored one tensor per projection per expert: gate, up [F, H], down [H, F]."""
+
+    names: ExpertNames  # each name holds `{expert}`
+    description = "per-expert tensors"
+
+    def shapes(self, count: int, ffn: int, hidden: int) -> dict[str, tuple[int, ...]]:
+        """Every stored tensor of `count` experts, name -> shape, in write order."""
+        shape = {self.names.gate: (ffn, hidden), self.names.up: (ffn, hidden),
+                 self.names.down: (hidden, ffn)}
+        return {template.format(expert=e): dims for e in range(count)
+                for template, dims in shape.items()}
+
+    def prefixes(self) -> tuple[str, ...]:
+        """Name prefixes that only routed-expert tensors have."""
+        return tuple(dict.fromkeys(name.split("{expert}")[0] for name in self.names.all()))
+
+    @property
+    def biases(self) -> tuple[str, ...]:
+        """The stored expert biases: none."""
+        return ()
+
+    @property
+    def marker(self) -> str:
+        """A tensor every layer stored this way has."""
+        return self.names.gate.format(expert=0)
+
+
+@dataclass(frozen=True)
+class Fused:
+    """Routed experts stacked on disk: gate_up [E, 2F, H] (gate rows first), down [E, H, F];
+    GPT-OSS stores them transposed (x @ W: [E, H, 2F], [E, F, H]), gate and up interleaved
+    (gate at even positions of 2F), with biases gate_up [E, 2F] and down [E, H]."""
+
+    gate_up: str
+    down: str
+    transposed: bool = False
+    interleaved: bool = False
+    gate_up_bias: str | None = None
+    down_bias: str | None = None
+
+    @property
+    def description(self) -> str:
+        if self.transposed:
+            return "fused tensors, transposed (gate_up [E, H, 2F], down [E, F, H])"
+        return "fused tensors (gate_up [E, 2F, H], down [E, H, F])"
+
+    def shapes(self, count: int, ffn: int, hidden: int) -> dict[str, tuple[int, ...]]:
+        gate_up, down = (hidden, 2 * ffn), (ffn, hidden)
+        shapes = {self.gate_up: (count, *(gate_up if self.transposed else gate_up[::-1])),
+                  self.down: (count, *(down if self.transposed else down[::-1]))}
+        if self.gate_up_bias is not None:
+            shapes[self.gate_up_bias] = (count, 2 * ffn)
+        if self.down_bias is not None:
+            shapes[self.down_bias] = (count, hidden)
+        return shapes
+
+    def prefixes(self) -> tuple[str, ...]:
+        return tuple(self.shapes(1, 1, 1))
+
+    @property
+    def biases(self) -> tuple[str, ...]:
+        """The stored expert bias names."""
+        return tuple(b for b in (self.gate_up_bias, self.down_bias) if b is not None)
+
+    @property
+    def marker(self) -> str:
+        return self.gate_up
+
+
+ExpertLayout = PerExpert | Fused
+
+
+def _per_expert(block: str, gate: str = "gate_proj", up: str = "up_proj",
+                down: str = "down_proj") -> PerExpert:
+    return PerExpert(_mlp(f"{block}.experts.{{expert}}", gate, up, down))
+
+
+def _mlp(module: str, gate: str = "gate_proj", up: str = "up_proj",
+         down: str = "down_proj") -> ExpertNames:
+    return ExpertNames(f"{module}.{gate}.weight", f"{module}.{up}.weight",
+                       f"{module}.{down}.weight")
+
+
+def _group_limited(method_key: str | None = None, method: str = "", min_per_group: int = 1):
+    """Routing groups read from n_group / topk_group (DeepSeek): a token picks its experts
+    within its best topk_group groups, each group ranked by its top `min_per_group` scores.
+    method_key: a config key that must equal `method` for the groups to apply (DeepSeek-V2's
+    topk_method)."""
+    def groups(config: dict) -> RoutingGroups | None:
+        if method_key is not None and config.get(method_key, "greedy") != method:
+            return None
+        n_group, topk_group = config.get("n_group") or 1, config.get("topk_group") or 1
+        return RoutingGroups(n_group, topk_group, min_per_group) if n_group > 1 else None
+    return groups
+
+
+@dataclass(frozen=True)
+class RoutingGroups:
+    """Group-limited routing: experts form `count` contiguous groups; a token picks from its
+    best `picked` groups, each group ranked by its best `ranked_by` scores."""
+
+    count: int
+    picked: int
+    ranked_by: int
+
+
+def no_groups(config: dict) -> RoutingGroups | None:
+    return None
+
+
+@dataclass(frozen=True)
+class MtpLayout:
+    """Where a family stores its multi-token-prediction (MTP) layer and the tensors that feed
+    its decoder layer x = projection(cat(embedding_norm(embed(t_{i+1})), hidden_norm(h_i)))
+    (mtp.py). Tensor names are below own_prefix; every supported family's engines put the
+    embedding first and take h_i after the final norm, so neither is a field."""
+
+    count_key: str  # the config key of how many MTP layers there are
+    default_count: int = 0  # without count_key: the count vLLM assumes
+    # Where MTP layer d's decoder layer is ({depth} stands for d): None after the decoder
+    # layers, at index num_hidden_layers + d (DeepSeek-V3, GLM).
+    layer_prefix: str | None = None
+    own_prefix: str | None = None  # where its own tensors are: None beside its decoder layer
+    embedding_norm: str = "enorm.weight"
+    hidden_norm: str = "hnorm.weight"
+    projection: str = "eh_proj.weight"  # [H, 2H]
+    output_norm: str = "shared_head.norm.weight"  # before the LM head; not calibrated
+    # Copies of the embedding and the LM head some checkpoints add (DeepSeek-V3's layer 61).
+    optional: tuple[str, ...] = ("shared_head.head.weight", "embed_tokens.weight")
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return (self.embedding_norm, self.hidden_norm, self.projection, self.output_norm)
+
+    def shapes(self, hidden: int, vocab: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each of its own tensors, by name: the projection [H, 2H], the
+        embedding and head copies [V, H], the norms [H]."""
+        return {name: (hidden, 2 * hidden) if name == self.projection
+                else (vocab, hidden) if name in self.optional else (hidden,)
+                for name in self.required + self.optional}
+
+
+# DeepSeek-V3's and GLM's: model.layers.{num_hidden_layers}, its own tensors beside.
+NEXTN = MtpLayout("num_nextn_predict_layers")
+
+
+def _qwen_mtp(count_key: str) -> MtpLayout:
+    """Qwen3-Next's and Qwen3.5's, outside the text model: mtp.fc, mtp.pre_fc_norm_embedding,
+    mtp.pre_fc_norm_hidden and mtp.norm beside the decoder layer mtp.layers.0 (vLLM's
+    qwen3_next_mtp.py, qwen3_5_mtp.py; one layer unless config.json says otherwise)."""
+    return MtpLayout(count_key, default_count=1, layer_prefix="mtp.layers.{depth}.",
+                     own_prefix="mtp.", embedding_norm="pre_fc_norm_embedding.weight",
+                     hidden_norm="pre_fc_norm_hidden.weight", projection="fc.weight",
+                     output_norm="norm.weight", optional=())
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model_type: where its routed experts and router are on disk, which config keys say
+    what, and how the router scores experts. Everything else in a layer (attention, norms,
+    dense MLPs, shared experts) is loaded by name into transformers' own modules."""
+
+    model_type: str
+    experts_keys: tuple[str, ...]  # config keys of the routed-expert count: the keys we rewrite
+    experts: ExpertLayout  # below the layer prefix
+    router: str  # the router's [E, H] weight, below the layer prefix
+    # A per-expert router bias ([E], or [1, E]) that is reduced with the router's rows.
+    router_bias: str | None = None
+    top_k_key: str = "num_experts_per_tok"
+    # Other keys of the Hub's config.json that repeat the top-k, rewritten with it.
+    top_k_mirrors: tuple[str, ...] = ()
+    ffn_key: str = "moe_intermediate_size"  # config key of one routed expert's ffn size
+    scoring: str = "softmax"  # "softmax" or "sigmoid": how the router turns logits to scores
+    routing_groups: Callable[[dict], RoutingGroups | None] = no_groups
+    transformers_type: str | None = None  # model_type transformers knows it by, if another
+    text_config_key: str | None = None  # a vision-language wrapper's text config
+    text_prefix: str = "model."  # the text model's tensors on disk
+    # The keyword by which a layer is given the state the layer before it returned beside its
+    # hidden states (GLM-5's indexer top-k, shared between layers).
+    carried: str | None = None
+    # The experts' activation, from the transformers config (activation.py).
+    activation: Callable[[object], Activation] = silu
+    # How the tokenizer reads tiktoken.model, where the Hub ships it and no tokenizer.json.
+    tiktoken: TiktokenVocab | None = None
+    # The router picks top_k experts whatever config.json says (Phi-3.5-MoE's sparsemixer
+    # always picks two): a reduction must keep at least that many.
+    fixed_top_k: bool = False
+    # Other layouts a checkpoint may store a layer's experts in (re-saves, MTP layers).
+    other_layouts: tuple[ExpertLayout, ...] = ()
+    # Where the LM head sits on disk, before `lm_head.` (a wrapper's `language_model.`).
+    head_prefix: str = ""
+    # The MoE block calls experts(routed_in) with every token's input already scaled by its
+    # router score (Llama-4), not experts(x, index, weights): experts.PrescaledExperts adapts.
+    prescaled_inputs: bool = False
+    mtp: MtpLayout = NEXTN  # where a multi-token-prediction layer would be stored
+
+    @property
+    def config_ranges(self) -> dict[str, tuple[int, int]]:
+        """The least and greatest value of each integer config key this entry names (the
+        expert count, top-k and expert width), for config_checks."""
+        counts = {key: (1, MAX_EXPERTS)
+                  for key in (*self.experts_keys, self.top_k_key, *self.top_k_mirrors)}
+        return {**counts, self.ffn_key: (1, MAX_WIDTH)}
+
+    def experts_key(self, config: dict) -> str | None:
+        """The expert-count key this config.json uses (None when it has none)."""
+        text = self.text_config(config)
+        return next((k for k in self.experts_keys if text.get(k)), None)
+
+    def stored_layout(self, names: Collection[str]) -> ExpertLayout:
+        """How one layer stores its experts, from its tensor names below the layer prefix:
+        the first layout whose marker tensor is there, else the family's own (whose names a
+        missing-tensor message then gives)."""
+        return next((layout for layout in (self.experts, *self.other_layouts)
+                     if layout.marker in names), self.experts)
+
+    def text_config(self, config: dict) -> dict:
+        """The text model's config: config.json itself, or its nested text config."""
+        if self.text_config_key is None:
+            return config
+        nested = config.get(self.text_config_key)
+        if not isinstance(nested, dict):
+            raise UserError(f"config.json has no {self.text_config_key} for the text model")
+        return nested
+
+    def text_name(self, name: str) -> str:
+        """A tensor's name as the text-only transformers model calls it."""
+        if name.startswith(self.text_prefix):
+            return "model." + name.removeprefix(self.text_prefix)
+        if self.head_prefix and name.startswith(self.head_prefix + "lm_head."):
+            return name.removeprefix(self.head_prefix)
+        return name
+
+    @property
+    def layers_prefix(self) -> str:
+        """What every decoder layer's tensor names start with."""
+        return f"{self.text_prefix}layers."
+
+    def layer_prefix(self, layer: int) -> str:
+        return f"{self.layers_prefix}{layer}."
+
+
+DEEPSEEK_V3_GROUPS = _group_limited(min_per_group=2)  # groups ranked by their top-2 scores
+
+
+# Kimi-K2's tokenizer (TikTokenTokenizer in the repos' tokenization_kimi.py, remote code we
+# do not run): its split pattern, then 256 reserved special tokens and two more.
+KIMI_TIKTOKEN = TiktokenVocab(pattern="|".join([
+    r"""[\p{Han}]+""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"""
+    r"""[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"""
+    r"""[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+]), special_tokens=258)
+
+
+def _deepseek_v3(model_type: str, **changes) -> Family:
+    """DeepSeek-V3's design: sigmoid scores, a selection-only correction bias, groups."""
+    return Family(model_type=model_type, experts_keys=("n_routed_experts",),
+                  experts=_per_expert("mlp"), router="mlp.gate.weight",
+                  router_bias="mlp.gate.e_score_correction_bias", scoring="sigmoid",
+                  routing_groups=DEEPSEEK_V3_GROUPS, **changes)
+
+
+FAMILIES: dict[str, Family] = {
+    family.model_type: family
+    for family in [
+        Family(model_type="mixtral", experts_keys=("num_local_experts",),
+               experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
+               router="block_sparse_moe.gate.weight", ffn_key="intermediate_size"),
+        Family(model_type="qwen2_moe", experts_keys=("num_experts",),
+               experts=_per_expert("mlp"), router="mlp.gate.weight"),
+        # The Hub writes num_experts; transformers 5 saves it as num_local_experts.
+        Family(model_type="qwen3_moe", experts_keys=("num_experts", "num_local_experts"),
+               experts=_per_expert("mlp"), router="mlp.gate.weight"),
+        Family(model_type="olmoe", experts_keys=("num_experts",), experts=_per_expert("mlp"),
+               router="mlp.gate.weight", ffn_key="intermediate_size"),
+        Family(model_type="deepseek_v2", experts_keys=("n_routed_experts",),
+               experts=_per_expert("mlp"), router="mlp.gate.weight",
+               routing_groups=_group_limited("topk_method", "group_limited_greedy")),
+        Family(model_type="granitemoe", experts_keys=("num_local_experts",),
+               experts=Fused("block_sparse_moe.input_linear.weight",
+                             "block_sparse_moe.output_linear.weight"),
+               router="block_sparse_moe.router.layer.weight", ffn_key="intermediate_size"),
+        _deepseek_v3("deepseek_v3"),
+        # Kimi-K2's config.json says kimi_k2 (remote code); its text model is DeepSeek-V3's.
+        _deepseek_v3("kimi_k2", transformers_type="deepseek_v3", tiktoken=KIMI_TIKTOKEN),
+        # Kimi-K2.5: a vision-language wrapper around Kimi-K2's text model, which sits under
+        # language_model. (its LM head too) with the text config nested.
+        _deepseek_v3("kimi_k25", transformers_type="deepseek_v3", text_config_key="text_config",
+                     text_prefix="language_model.model.", head_prefix="language_model.",
+                     tiktoken=KIMI_TIKTOKEN),
+        _deepseek_v3("glm4_moe"),
+        _deepseek_v3("glm4_moe_lite"),  # GLM-4.7-Flash: DeepSeek-V3's MLA and routing
+        # DeepSeek-V3.2 and GLM-5's sparse attention (DSA): an indexer keeps each query's
+        # index_topk best keys; transformers' own attention module computes it exactly at
+        # any calibration length (all keys while the sequence is no longer than index_topk).
+        _deepseek_v3("deepseek_v32"),
+        _deepseek_v3("glm_moe_dsa", carried="prev_topk_indices"),
+        _deepseek_v3("dots1"),
+        Family(model_type="minimax_m2", experts_keys=("num_local_experts",),
+               experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
+               router="block_sparse_moe.gate.weight",
+               # MiniMax keeps the correction bias on the block, not on the gate.
+               router_bias="block_sparse_moe.e_score_correction_bias",
+               ffn_key="intermediate_size", scoring="sigmoid"),
+        Family(model_type="ernie4_5_moe", experts_keys=("moe_num_experts",),
+               experts=_per_expert("mlp"), router="mlp.gate.weight",
+               router_bias="mlp.moe_statics.e_score_correction_bias",
+               top_k_key="moe_k"),
+        # Gated-DeltaNet linear-attention layers beside full attention: transformers' modules.
+        Family(model_type="qwen3_next", experts_keys=("num_experts",),
+               experts=_per_expert("mlp"), router="mlp.gate.weight",
+               mtp=_qwen_mtp("num_nextn_predict_layers")),
+        # GPT-OSS: experts fused as x @ W with gate/up interleaved and biases, a clamped
+        # SwiGLU, a router bias. The Hub's MXFP4 matrices are read as these weights
+        # (quantization.Mxfp4 dequantizes to the transpose of what it stores).
+        Family(model_type="gpt_oss", experts_keys=("num_local_experts",),
+               experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                             transposed=True, interleaved=True,
+                             gate_up_bias="mlp.experts.gate_up_proj_bias",
+                             down_bias="mlp.experts.down_proj_bias"),
+               router="mlp.router.weight", router_bias="mlp.router.bias",
+               top_k_mirrors=("experts_per_token",),  # OpenAI's name, in the Hub's config
+               ffn_key="intermediate_size", activation=clamped_swiglu),
+        # Phi-3.5-MoE: sparsemixer routing, which always picks two experts.
+        Family(model_type="phimoe", experts_keys=("num_local_experts",),
+               experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
+               router="block_sparse_moe.gate.weight", ffn_key="intermediate_size",
+               fixed_top_k=True),
+        # Llama-4's text model (Scout, Maverick): fused experts as x @ W (gate columns first),
+        # a top-1 sigmoid router whose score scales the expert's input, a shared expert, MoE
+        # layers interleaved with dense ones, NoPE and chunked-attention layers, QK norm.
+        *[Family(model_type=model_type, experts_keys=("num_local_experts",),
+                 experts=Fused("feed_forward.experts.gate_up_proj",
+                               "feed_forward.experts.down_proj", transposed=True),
+                 router="feed_forward.router.weight", ffn_key="intermediate_size",
+                 scoring="sigmoid", prescaled_inputs=True, **wrapper)
+          for model_type, wrapper in [
+              ("llama4_text", {}),
+              # The vision-language checkpoint: the text model and its LM head under
+              # language_model., the text config under text_config.
+              ("llama4", dict(text_config_key="text_config",
+                              text_prefix="language_model.model.",
+                              head_prefix="language_model."))]],
+        # A vision-language wrapper; the official checkpoints fuse the experts, re-saves (and
+        # MTP layers) store them per expert: each layer is written back as it was read.
+        Family(model_type="qwen3_5_moe", experts_keys=("num_experts",),
+               experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+               other_layouts=(_per_expert("mlp"),), router="mlp.gate.weight",
+               text_config_key="text_config", text_prefix="model.language_model.",
+               mtp=_qwen_mtp("mtp_num_hidden_layers")),
+    ]
+}
+
+
+def family_for(config: dict) -> Family:
+    """The family of config.json's model_type, after its values are checked (config_checks)."""
+    check_model_type(config)
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise UserError(f"model_type {model_type!r} is not a supported MoE family "
+                        f"(supported: {supported_families()})")
+    family = FAMILIES[model_type]
+    check_config(config, family.text_config_key, family.config_ranges)
+    if family.experts_key(config) is None:
+        raise UserError(f"config.json has no {' or '.join(family.experts_keys)}: "
+                        "not a MoE checkpoint")
+    return family
+
+
+def supported_families() -> str:
+    return ", ".join(sorted(FAMILIES))

@@ -1,0 +1,113 @@
+"""What one conversion needs to know about a model, read from its config.json and the layer
+structure transformers builds from it, before any weight is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from ..io.quantization import quant_format
+from ..io.source import Checkpoint, open_checkpoint
+from .decoder import Decoder
+from .families import Family, RoutingGroups, family_for
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How a token picks its experts, as far as a reduction must respect it."""
+
+    top_k: int
+    scoring: str  # "softmax" or "sigmoid"
+    groups: RoutingGroups | None = None  # group-limited routing (DeepSeek)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The geometry and routing of a model, and its decoder skeleton."""
+
+    family: Family
+    config: dict  # config.json as read
+    num_layers: int
+    hidden: int
+    num_experts: int
+    ffn: int  # one routed expert's intermediate size
+    routing: Routing
+    moe_layers: tuple[int, ...]
+    # The indices config.json gives multi-token-prediction layers (num_nextn_predict_layers),
+    # stored after the decoder layers; a checkpoint may leave them out.
+    mtp_layers: tuple[int, ...] = ()
+
+    @property
+    def top_k(self) -> int:
+        return self.routing.top_k
+
+    def reduces(self, layer: int) -> bool:
+        """Whether a layer's routed experts are reduced: a MoE decoder layer's, or an MTP
+        layer's (its decoder layer is a MoE layer)."""
+        return layer in self.moe_layers or layer in self.mtp_layers
+
+    def layer_prefix(self, layer: int) -> str:
+        """Where a layer's tensors are on disk: a decoder layer's, or an MTP layer's decoder
+        layer's (below the text model's layers, or outside the text model: Qwen's mtp.)."""
+        mtp = self.family.mtp
+        if layer in self.mtp_layers and mtp.layer_prefix is not None:
+            return mtp.layer_prefix.format(depth=layer - self.num_layers)
+        return self.family.layer_prefix(layer)
+
+    def mtp_own_prefix(self, layer: int) -> str:
+        """Where MTP layer `layer`'s own tensors (its norms and projection) are on disk."""
+        own = self.family.mtp.own_prefix
+        return self.layer_prefix(layer) if own is None else own
+
+    @classmethod
+    def from_config(cls, config: dict, family: Family) -> ModelSpec:
+        quant_format(config)  # an unknown or malformed quantization method is refused here
+        text = family.text_config(config)
+        decoder = Decoder(config, family)
+        layers = len(decoder.layers)
+        spec = cls(
+            family=family,
+            config=config,
+            num_layers=layers,
+            hidden=_required(text, "hidden_size"),
+            num_experts=text[family.experts_key(config)],
+            ffn=_required(text, family.ffn_key),
+            routing=Routing(_required(text, family.top_k_key), family.scoring,
+                            family.routing_groups(text)),
+            moe_layers=tuple(i for i in range(layers) if decoder.moe_block(i) is not None),
+            mtp_layers=tuple(range(layers, layers + _mtp_count(text, family))),
+        )
+        if not 1 <= spec.top_k <= spec.num_experts:
+            raise UserError(f"config.json asks for top-{spec.top_k} routing over "
+                            f"{spec.num_experts} experts")
+        if family.prescaled_inputs and spec.top_k != 1:
+            # With top-k > 1 a token reaches its experts with k differently scaled inputs.
+            raise UserError(f"config.json asks for top-{spec.top_k} routing; hcconvert reads "
+                            f"{family.model_type}'s router-scaled expert inputs with top-1 "
+                            "routing only (as Llama-4 Scout and Maverick route)")
+        return spec
+
+    def decoder(self, dtype: torch.dtype = torch.float32) -> Decoder:
+        """The transformers skeleton whose layers compute in dtype."""
+        return Decoder(self.config, self.family, dtype)
+
+
+def _mtp_count(text: dict, family: Family) -> int:
+    """How many MTP layers config.json declares, or the family's default where it is silent
+    (Qwen3-Next's config.json has no count; vLLM assumes one)."""
+    count = text.get(family.mtp.count_key)
+    return family.mtp.default_count if count is None else count or 0
+
+
+def _required(config: dict, key: str):
+    if config.get(key) is None:
+        raise UserError(f"config.json has no {key}")
+    return config[key]
+def open_source(src: str, revision: str | None = None,
+                low_disk: bool = False) -> tuple[Checkpoint, ModelSpec]:
+    """SRC and its model: a local directory, or a Hub repo whose shards are downloaded just in
+    time (remote.HubFiles)."""
+    ckpt = open_checkpoint(src, revision, low_disk)
+    return ckpt, ModelSpec.from_config(ckpt.config, family_for(ckpt.config))

@@ -1,0 +1,245 @@
+"""One output checkpoint's part of a conversion: for each MoE layer, group the experts, merge
+or prune them, reduce the router, and write the layer through the output's own ShardWriter.
+
+Several reducers can share one pass over the layers (hcconvert compare): the pass collects each
+layer's statistics once, for the union of what its reducers read (Reducer.needs).
+E experts, R groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..io.tensors import TORCH_DTYPES
+from ..io.writer import ShardWriter
+from ..methods.alignment import NeuronMatcher
+from ..methods.clustering import group_experts
+from ..methods.layerfit import FitReport, Route, fit_layer
+from ..methods.merging import merge_experts
+from ..methods.pruning import prune_groups, prune_scores
+from ..methods.ream import ream_groups
+from ..methods.router import reduce_router, reduce_router_bias
+from ..methods.statistics import LayerStats, group_logsumexp_gram
+from ..model.experts import Experts
+from ..model.families import ExpertLayout, PerExpert
+from .options import AUTO_CANDIDATES, ConvertOptions, named
+from .plan import stored_layout
+from .records import Conversion, LayerResult
+
+
+@dataclass
+class Reduced:
+    """One candidate reduction of a layer."""
+
+    groups: list[list[int]]
+    router: dict[str, torch.Tensor]  # weight [R, H] and any per-expert bias, by name
+    experts: Experts
+    fit: FitReport | None = None
+
+
+# routing(router tensors by their names below the layer, expert count) -> that layer's routing
+# rule, computed by transformers' own MoE block (LayerPipeline.routing).
+Routing = Callable[[dict[str, torch.Tensor], int], Route]
+
+
+def _needs(options: ConvertOptions) -> frozenset[str]:
+    """The optional layer statistics one reduction reads (statistics.OPTIONAL_STATS)."""
+    if options.method == "prune":
+        return frozenset({"saliency"} if options.prune_by == "output" else ())
+    if options.method == "ream":
+        return frozenset({"saliency", "output", "router-logits"})
+    # Random grouping never looks at the features.
+    return frozenset() if options.grouping == "random" else frozenset({options.metric})
+
+
+def group_slice(options: ConvertOptions, layer: int, stats: LayerStats, members: slice,
+                keep: int) -> list[list[int]]:
+    """Groups of the experts in members (indices local to the slice)."""
+    counts = stats.counts[members]
+    if options.method == "prune":
+        return prune_groups(prune_scores(stats, options.prune_by)[members], keep)
+    if options.method == "ream":
+        return ream_groups(stats.saliency[members], stats.output_mean[members],
+                           stats.router_features[members], keep)
+    if options.grouping == "random":
+        features = np.zeros((len(counts), 1))  # random grouping ignores them
+    else:
+        features = stats.features(options.metric)[members].double().numpy()
+    # A seed per layer: one seed for all would draw the same random partition in every layer.
+    return group_experts(features, counts.numpy(), keep, grouping=options.grouping,
+                         linkage=options.linkage, max_group_size=options.max_group_size,
+                         seed=options.seed + layer)
+
+
+class Reducer:
+    """Reduces every MoE layer for one output, with that output's options."""
+
+    def __init__(self, conversion: Conversion, options: ConvertOptions, writer: ShardWriter):
+        self.conversion, self.options, self.writer = conversion, options, writer
+        self.plan, self.spec, self.timer = conversion.plan, conversion.plan.spec, conversion.timer
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """The optional layer statistics this reduction reads (statistics.OPTIONAL_STATS)."""
+        return frozenset().union(*(_needs(options) for options in self.candidates().values()))
+
+    def candidates(self) -> dict[str, ConvertOptions]:
+        """The reductions tried per layer: with --method auto every AUTO_CANDIDATES entry
+        (each layer-fitted); otherwise just this output's."""
+        if self.options.method != "auto":
+            return {self.options.method: self.options}
+        return {name: dataclasses.replace(self.options, **named(name))
+                for name in AUTO_CANDIDATES}
+
+    def write_globals(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The tensors outside the decoder layers, copied (as stored, or dequantized with
+        --dtype bf16)."""
+        with self.timer.stage("write"):
+            for tensor in self.plan.global_outputs:
+                self.writer.write(tensor.name, self.plan.storage.copied_value(tensor.name,
+                                                                              tensors))
+
+    def reduce(self, layer: int, stored: Mapping[str, torch.Tensor],
+               router: dict[str, torch.Tensor], experts: Experts, x: torch.Tensor,
+               stats: LayerStats, matcher: NeuronMatcher, routing: Routing,
+               target: torch.Tensor | None = None):
+        """One MoE layer: the new router tensors (by their names below the layer) and experts
+        (on the compute device), and the tensors to write (by full name, on the CPU).
+        stored: the layer's tensors as stored, by their names below the layer;
+        router: the router's weight and per-expert bias, by their names below the layer;
+        target: the original layer's routed-expert output on x, for the layer fit."""
+        with self.timer.stage("compute"):
+            choice, best = self.best_reduction(layer, experts, x, router, stats, matcher,
+                                               routing, target)
+            produced, requantization = self.stored_tensors(layer, best, experts, stored)
+            self.conversion.layers.append(
+                LayerResult(layer, best.groups, stats.counts.tolist(),
+                            stats.logit_mean.tolist(), stats.tokens,
+                            choice if self.options.method == "auto" else None,
+                            best.fit.to_json() if best.fit else None, requantization))
+        return best.router, best.experts, produced
+
+    @property
+    def fits_layers(self) -> bool:
+        """Whether some candidate refits the layer to the original's output (the pipeline
+        then keeps that output from its forward)."""
+        return any(o.layer_fit for o in self.candidates().values())
+
+    def best_reduction(self, layer: int, experts: Experts, x: torch.Tensor, router: dict,
+                       stats: LayerStats, matcher: NeuronMatcher, routing: Routing,
+                       target: torch.Tensor | None) -> tuple[str, Reduced]:
+        """The candidate whose reduced layer reproduces the original's output best on the
+        held-out calibration tokens (the only candidate, without --method auto)."""
+        best = None
+        for name, options in self.candidates().items():
+            reduced = self.reduce_with(options, layer, experts, x, router, target, stats,
+                                       matcher, routing)
+            if best is None or reduced.fit.error < best[1].fit.error:
+                best = name, reduced  # only the best so far stays in memory
+        return best
+
+    def reduce_with(self, options: ConvertOptions, layer: int, experts: Experts,
+                    x: torch.Tensor, router: dict, target: torch.Tensor | None,
+                    stats: LayerStats, matcher: NeuronMatcher, routing: Routing) -> Reduced:
+        """One candidate reduction of the layer: groups, merged experts, router, and with
+        layer_fit the down projections refitted to the original layer's output target."""
+        family = self.spec.family
+        groups = self.choose_groups(options, layer, stats)
+        # REAM merges by saliency: its leader is the most salient member.
+        weights = stats.saliency if options.method == "ream" else stats.counts
+        merged = merge_experts(experts, groups, weights, options.merge, matcher)
+        weight = router[family.router]
+        gram, cross = self.router_gram(options, x, weight, groups)
+        reduced = {family.router: reduce_router(weight, groups, stats.counts, options.router,
+                                                gram, cross)}
+        if family.router_bias is not None:
+            reduced[family.router_bias] = reduce_router_bias(
+                router[family.router_bias], groups, stats.counts)
+        if not options.layer_fit:
+            return Reduced(groups, reduced, merged)
+        if target is None:
+            raise ValueError("the layer fit needs the original layer's output")
+        fitted, report = fit_layer(x, target, merged, routing(reduced, len(groups)))
+        return Reduced(groups, reduced, fitted, report)
+
+    def router_gram(self, options: ConvertOptions, x: torch.Tensor, router: torch.Tensor,
+                    groups: list[list[int]]):
+        """lse-fit's normal equations; not needed when every group is a single expert."""
+        if options.router != "lse-fit" or all(len(g) == 1 for g in groups):
+            return None, None
+        return group_logsumexp_gram(x, router, groups)
+
+    def choose_groups(self, options: ConvertOptions, layer: int,
+                      stats: LayerStats) -> list[list[int]]:
+        """The expert groups. Under group-limited routing each routing group of experts is
+        reduced on its own, to R/n_group experts, so every merged expert stays in its group."""
+        count = self.spec.routing.groups.count if self.spec.routing.groups else 1
+        size, keep = self.spec.num_experts // count, options.experts // count
+        groups = []
+        for start in range(0, self.spec.num_experts, size):
+            local = group_slice(options, layer, stats, slice(start, start + size), keep)
+            groups += [[start + e for e in group] for group in local]
+        return groups
+
+    def stored_tensors(self, layer: int, reduced: Reduced, original: Experts,
+                       stored: Mapping[str, torch.Tensor]) -> tuple[dict, dict | None]:
+        """Reduced router and experts to write, by full name, on the CPU, in the source's
+        expert layout; where the plan writes them quantized, in the source's format (plus the
+        requantization error, else None)."""
+        prefix = self.plan.layer_prefix(layer)
+        layout = stored_layout(self.spec, layer, self.plan.layer_names[layer])
+        router = {prefix + name: tensor for name, tensor in reduced.router.items()}
+        experts = {prefix + name: tensor
+                   for name, tensor in reduced.experts.to_layer(layout).items()}
+        requantization = None
+        if layer in self.plan.requantized:
+            unchanged = unchanged_weights(layout, reduced.groups, reduced.experts, original,
+                                          prefix)
+            experts, errors = self.plan.storage.requantize(experts, unchanged, stored, prefix)
+            requantization = requantization_record(errors, len(unchanged))
+        return {name: t.to("cpu") for name, t in {**router, **experts}.items()}, requantization
+
+    def write_layer(self, layer: int, raw: dict, produced: dict) -> None:
+        """Write one layer's tensors in plan order: new ones, and the rest copied (as stored,
+        or dequantized with --dtype bf16)."""
+        prefix = self.plan.layer_prefix(layer)
+        with self.timer.stage("write"):
+            for tensor in self.plan.layer_outputs[layer]:
+                value = produced.get(tensor.name)
+                if value is None:
+                    value = self.plan.storage.copied_value(tensor.name, raw, prefix)
+                self.writer.write(tensor.name, value.to(TORCH_DTYPES[tensor.dtype]))
+
+
+def unchanged_weights(layout: ExpertLayout, groups: list[list[int]], merged: Experts,
+                      original: Experts, prefix: str) -> dict[str, str]:
+    """The new expert weights equal to a source expert's (a kept expert's, a singleton
+    group's, where no fit changed it): full name -> the source weight's. Those are copied as
+    stored, since requantizing a weight that went through the compute dtype need not give its
+    bytes back. Fused experts are one tensor for all: never unchanged."""
+    if not isinstance(layout, PerExpert):
+        return {}
+    found = {}
+    for new, group in enumerate(groups):
+        if len(group) != 1:
+            continue
+        for template, after, before in zip(
+                layout.names.all(), (merged.gate, merged.up, merged.down),
+                (original.gate, original.up, original.down), strict=True):
+            if torch.equal(after[new], before[group[0]]):
+                found[prefix + template.format(expert=new)] = \
+                    prefix + template.format(expert=group[0])
+    return found
+
+
+def requantization_record(errors: list[float], copied: int) -> dict:
+    """hcconvert.json's account of one layer's quantized experts: how many weights were
+    requantized and their relative Frobenius errors, how many copied as stored."""
+    return {"requantized": len(errors), "copied": copied,
+            "error_mean": float(np.mean(errors)) if errors else 0.0,
+            "error_max": max(errors, default=0.0)}
