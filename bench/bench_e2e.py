@@ -22,7 +22,7 @@ from hcconvert.cli.demo import data_file, write_tokenizer
 from hcconvert.io.tensors import SAFETENSORS_DTYPES, OutputTensor
 from hcconvert.io.writer import ShardWriter
 from hcconvert.pipeline.convert import convert
-from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
+from hcconvert.pipeline.options import ConvertOptions
 from hcconvert.resources import human_bytes, peak_gpu_bytes, peak_rss_bytes
 
 
@@ -96,7 +96,7 @@ def main() -> None:
         shutil.rmtree(root / "copy")
         options = ConvertOptions(experts=args.experts // 2, calib=str(calib),
                                  calib_samples=args.samples, seq_len=args.seq_len,
-                                 device=args.device, **HC_SMOE)
+                                 device=args.device, method="hc-smoe")
         conversion = convert(str(root / "src"), root / "out", options)
         report(args, conversion, copy_seconds)
 

@@ -23,10 +23,10 @@ CONVERT_IN_CHILD = """
 import json, sys
 from pathlib import Path
 from hcconvert.pipeline.convert import convert
-from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
+from hcconvert.pipeline.options import ConvertOptions
 from hcconvert.resources import peak_rss_bytes
 options = ConvertOptions(experts=4, calib=sys.argv[3], calib_samples=8, seq_len=256,
-                         device="cpu", max_shard_size=200_000_000, **HC_SMOE)
+                         device="cpu", max_shard_size=200_000_000, method="hc-smoe")
 conversion = convert(sys.argv[1], Path(sys.argv[2]), options, progress=False)
 print(json.dumps({"peak_rss": peak_rss_bytes(), "wall": conversion.timer.wall,
                   "stages": conversion.timer.seconds}))

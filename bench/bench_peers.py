@@ -174,7 +174,8 @@ def build_inputs(args) -> None:
 
     from hcconvert.cli.demo import data_file
     from hcconvert.io.source import Checkpoint
-    from hcconvert.pipeline.calibration import model_tokenizer, text_tokens
+    from hcconvert.model.tokenizer import model_tokenizer
+    from hcconvert.pipeline.calibration import text_tokens
 
     write_checkpoint(args.workdir / "src", args)
     calib = args.workdir / "calib.txt"

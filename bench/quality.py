@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hcconvert.eval.compare import compare, markdown_table, named_variants
 from hcconvert.model.spec import open_source
-from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
+from hcconvert.pipeline.options import ConvertOptions
 
 METHODS = ["hc-smoe", "router-logits", "weights", "kmeans", "dominant", "random", "fix-dom",
            "msmoe", "mergemoe",
@@ -67,7 +67,8 @@ def main() -> None:
                                   device="cpu")
             variants = named_variants(args.methods.split(","), base)
             if not args.no_levers:
-                variants.update(levers(dataclasses.replace(base, **HC_SMOE), spec.num_experts))
+                hc_smoe = dataclasses.replace(base, method="hc-smoe")
+                variants.update(levers(hc_smoe, spec.num_experts))
             with tempfile.TemporaryDirectory() as tmp:
                 results = compare(str(model), variants, args.eval, Path(tmp),
                                   seq_len=args.seq_len, samples=args.eval_samples, device="cpu")

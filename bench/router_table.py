@@ -17,7 +17,7 @@ from pathlib import Path
 from hcconvert.cli.demo import build_planted_mixtral, data_file
 from hcconvert.eval.compare import compare, markdown_table
 from hcconvert.methods.router import ROUTERS
-from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
+from hcconvert.pipeline.options import ConvertOptions
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
         for experts in args.experts:
             variants = {f"{router}, {experts} experts": ConvertOptions(
                 experts=experts, router=router, calib=str(args.calib),
-                calib_samples=args.calib_samples, seq_len=args.seq_len, **HC_SMOE)
+                calib_samples=args.calib_samples, seq_len=args.seq_len, method="hc-smoe")
                 for router in ROUTERS}
             results = compare(str(args.model), variants, args.eval, Path(tmp),
                               seq_len=args.seq_len, samples=args.eval_samples, device="cpu")

@@ -23,7 +23,8 @@ class Interrupted(KeyboardInterrupt):
     """A termination signal arrived; raised in the main thread like Ctrl-C's KeyboardInterrupt.
 
     `published` is true when it was held back until an output had been published; `kept`
-    names the staging directory left for a resumed run (writer.StagedOutput), if any.
+    names the staging directory left for a resumed run (staging.StagedOutput), if any;
+    `dropped` says a resumable run stopped without --resume removed its finished layers.
     """
 
     def __init__(self, signum: int, published: bool = False):
@@ -31,6 +32,8 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
         self.published = published
         self.kept: Path | None = None
+        # A resumable run stopped without --resume: its finished layers were removed.
+        self.dropped = False
 
     @property
     def name(self) -> str:

@@ -283,7 +283,7 @@ def test_sample_counts_keep_their_split_and_bear_huge_weights():
 
 
 def test_chat_lines_use_the_models_chat_template(tmp_path, src):
-    from hcconvert.pipeline.calibration import TextTokenizer
+    from hcconvert.model.tokenizer import TextTokenizer
 
     (src / "chat_template.jinja").write_text(
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}")

@@ -21,7 +21,8 @@ from hcconvert.methods.statistics import LayerStats
 from hcconvert.model.experts import Experts, RoutedExperts
 from hcconvert.pipeline.convert import convert
 from hcconvert.pipeline.metadata import command_line
-from hcconvert.pipeline.options import AUTO_CANDIDATES, NAMED_METHODS, ConvertOptions
+from hcconvert.pipeline.options import NAMED_METHODS, ConvertOptions
+from hcconvert.pipeline.recipes import AUTO_CANDIDATES
 from hcconvert.pipeline.reduction import group_slice
 
 # T tokens, H hidden, F expert ffn, E experts.

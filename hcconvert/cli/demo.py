@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from ..eval.compare import Result, compare, markdown_table
-from ..pipeline.options import HC_SMOE, ConvertOptions
+from ..pipeline.options import ConvertOptions
 from ..resources import human_bytes
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
@@ -145,10 +145,10 @@ def run_demo(workdir: Path | None = None) -> None:
         src = root / "planted-mixtral"
         planted = build_planted_mixtral(src)
         base = ConvertOptions(experts=4, calib=str(data_file("demo_calib.txt")),
-                              calib_samples=16, seq_len=512, **HC_SMOE)
+                              calib_samples=16, seq_len=512, method="hc-smoe")
         variants = {"HC-SMoE": base,
                     "random grouping": dataclasses.replace(base, grouping="random"),
-                    "F-prune (drop least used)": dataclasses.replace(base, method="prune"),
+                    "F-prune (drop least used)": dataclasses.replace(base, method="f-prune"),
                     "auto (the default)": dataclasses.replace(base, method="auto")}
         results = compare(str(src), variants, data_file("demo_eval.txt"), root, seq_len=256,
                           samples=16, device="cpu")

@@ -22,7 +22,7 @@ import click
 from click.core import ParameterSource
 
 from .. import __version__
-from ..errors import UserError
+from ..errors import UserError, warnings_once
 from ..methods.clustering import GROUPINGS, LINKAGES
 from ..methods.features import METRICS
 from ..methods.merging import MERGES
@@ -30,18 +30,17 @@ from ..methods.pruning import PRUNE_BY
 from ..methods.router import ROUTERS
 from ..pipeline.options import (
     COMPUTE_DTYPES,
-    DEFAULT_COMPARISON,
+    DEFAULT_SEQ_LEN,
     DEFAULT_SHARD_SIZE,
     DEFAULTS,
     DEVICES,
     DTYPES,
-    METHODS,
-    NAMED_METHODS,
     PROPAGATIONS,
     ConvertOptions,
     read_recipe,
     size_option,
 )
+from ..pipeline.recipes import DEFAULT_COMPARISON, METHOD_NAMES, RECIPES
 from ..resources import human_bytes, peak_gpu_bytes, peak_rss_bytes
 from ..signals import Interrupted, signals_as_interrupts
 
@@ -72,7 +71,7 @@ def run_guarded(action):
     """Run action(); a UserError becomes one line on stderr and exit code 2. SIGINT, SIGTERM
     and SIGHUP unwind the same way (staging removed, lock released) and exit 128 + signal."""
     try:
-        with signals_as_interrupts():
+        with signals_as_interrupts(), warnings_once():
             return action()
     except UserError as err:
         fail(str(err))
@@ -85,6 +84,9 @@ def run_guarded(action):
         if interrupt.kept is not None:
             outcome += (f"; the finished layers are kept in {interrupt.kept}: run the same "
                         "command again to go on")
+        elif interrupt.dropped:
+            outcome += ("; the finished layers were removed (run with --resume to keep them "
+                        "when stopped)")
         fail(f"interrupted by {interrupt.name}; {outcome}", 128 + interrupt.signum)
 
 
@@ -169,20 +171,25 @@ calibration_numbers = options_of(
                  "'messages' instead are rendered with the model's chat template)."),
     click.option("--calib-samples", type=int, default=DEFAULTS["calib_samples"],
                  show_default=True, help="Calibration sequences."),
-    click.option("--seq-len", type=int, default=DEFAULTS["seq_len"], show_default=True,
-                 help="Tokens per calibration sequence."),
+    click.option("--seq-len", type=int, help=f"Tokens per calibration sequence. Default: "
+                 f"{DEFAULT_SEQ_LEN}, or the model's max_position_embeddings where shorter."),
     click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True,
                  help="Seed of the calibration sample and of random choices."))
 router_option = click.option(
-    "--router", type=click.Choice(ROUTERS), default=DEFAULTS["router"], show_default=True,
-    help="Router row of a merged expert: its most used member's, the frequency-weighted "
-    "average, or a least-squares fit of the members' softmax mass.")
+    "--router", type=click.Choice(ROUTERS), help="Router row of a merged expert: its most "
+    "used member's, the frequency-weighted average, or a least-squares fit of the members' "
+    "softmax mass. Default: the method's (freq-avg).")
 device_option = click.option("--device", type=click.Choice(DEVICES), default=DEFAULTS["device"],
                              show_default=True)
 compute_dtype_option = click.option(
     "--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default=DEFAULTS["compute_dtype"],
     show_default=True, help="dtype of the layers' products (auto: the checkpoint's half "
     "precision on a GPU or an AMX CPU, else float32); statistics accumulate in float32.")
+
+
+# The evaluation's sequence length and count: at least 1, and far below what would exhaust
+# memory before the first layer.
+EVAL_NUMBER = click.IntRange(1, 1 << 20)
 
 
 def size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -195,47 +202,47 @@ def size(ctx: click.Context, param: click.Parameter, value: str | None) -> int |
 
 
 @main.command()
-@click.argument("src")
+@click.argument("src", required=False)
 @click.option("--experts", "-r", type=int, help="Experts to keep per MoE layer (required "
               "unless --recipe gives it).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Replay a run: the options of its hcconvert.json (or of a JSON object of "
               "options); flags given here override them.")
-@click.option("--calib", help="Calibration text: .jsonl / .json(.gz) with a text field or chat "
-              "messages, or .txt; several mixed by weight as FILE:W,FILE:W. "
-              "Default: the paper's C4 shard from the Hub.")
+@click.option("--calib", metavar="FILE[:W],...", help="Calibration text: .jsonl / .json(.gz) "
+              "with a text field or chat messages, or .txt (.md); several mixed by weight as "
+              "FILE:W,FILE:W. Default: the paper's C4 shard from the Hub.")
 @calibration_numbers
-@click.option("--method", type=click.Choice(METHODS), default=DEFAULTS["method"],
-              show_default=True,
-              help="Merge groups of experts; prune (keep R experts, drop the rest); ream "
-              "(REAP-saliency leaders, the rest merged into them); auto (per layer, the "
-              "layer-fitted candidate that best reproduces the original layer's output).")
-@click.option("--layer-fit/--no-layer-fit", default=DEFAULTS["layer_fit"], show_default=True,
+@click.option("--method", type=click.Choice(METHOD_NAMES), default=DEFAULTS["method"],
+              show_default=True, metavar="NAME",
+              help="A named method (README's table): auto (per layer, the layer-fitted "
+              "candidate that best reproduces the original layer's output), hc-smoe, msmoe, "
+              "ream, o-prune, f-prune-fit, ... (merge and prune: hc-smoe and f-prune). The "
+              "options below override its settings.")
+@click.option("--layer-fit/--no-layer-fit", default=None,
               help="Refit the kept or merged experts' down projections so the reduced layer "
               "reproduces the original layer's output on the calibration tokens.")
-@click.option("--metric", type=click.Choice(METRICS), default=DEFAULTS["metric"],
-              show_default=True,
+@click.option("--metric", type=click.Choice(METRICS),
               help="Expert similarity for grouping: mean output over the calibration tokens, "
               "router-logit column on sampled tokens, or the flattened weights.")
-@click.option("--grouping", type=click.Choice(GROUPINGS), default=DEFAULTS["grouping"],
-              show_default=True, help="hierarchical: HC-SMoE; dominant: the R most used "
-              "experts lead and the rest join the nearest; kmeans; random.")
-@click.option("--linkage", type=click.Choice(LINKAGES), default=DEFAULTS["linkage"],
-              show_default=True, help="Linkage of hierarchical grouping.")
+@click.option("--grouping", type=click.Choice(GROUPINGS), help="hierarchical: HC-SMoE; "
+              "dominant: the R most used experts lead and the rest join the nearest; kmeans; "
+              "random.")
+@click.option("--linkage", type=click.Choice(LINKAGES), help="Linkage of hierarchical "
+              "grouping.")
 @click.option("--max-group-size", type=int, metavar="N",
               help="Merge at most N experts into one (default: no limit).")
-@click.option("--merge", type=click.Choice(MERGES), default=DEFAULTS["merge"], show_default=True,
+@click.option("--merge", type=click.Choice(MERGES),
               help="freq / average: weighted / plain average of weights; fix-dom: the most "
               "used member's neurons absorb the others' most correlated ones; msmoe: neurons "
               "aligned to the most used member (Hungarian), then freq; mergemoe: msmoe's gate "
               "and up, down fitted by least squares to the members' outputs.")
-@click.option("--prune-by", type=click.Choice(PRUNE_BY), default=DEFAULTS["prune_by"],
-              show_default=True, help="With --method prune, keep the experts picked most often "
-              "(F-prune) or with the largest routed output, REAP's saliency (O-prune).")
+@click.option("--prune-by", type=click.Choice(PRUNE_BY), help="A pruning method keeps the "
+              "experts picked most often (F-prune) or with the largest routed output, REAP's "
+              "saliency (O-prune).")
 @router_option
-@click.option("--propagate", type=click.Choice(PROPAGATIONS), default=DEFAULTS["propagate"],
-              show_default=True, help="Next layer's input: the original or the merged output.")
+@click.option("--propagate", type=click.Choice(PROPAGATIONS), help="Next layer's input: the "
+              "original layer's output, or the reduced one's (REAM's default).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=DEFAULTS["dtype"],
               show_default=True, help="A quantized SRC's weights in the output (FP8, INT4): "
               "source writes merged experts back in its format with fresh scales and copies "
@@ -268,9 +275,11 @@ def size(ctx: click.Context, param: click.Parameter, value: str | None) -> int |
 @click.pass_context
 def convert(ctx, src, out, recipe, overwrite, resume, low_disk, dry_run, push_repo, private,
             **given) -> None:
-    """Convert SRC (a directory or a Hub repo id) into a checkpoint with fewer experts."""
+    """Convert SRC (a directory or a Hub repo id; with --recipe, by default the recipe's)
+    into a checkpoint with fewer experts."""
     def action():
-        options = options_from(ctx, given, recipe)
+        nonlocal src
+        options, src = options_from(ctx, given, recipe, src)
         probe_hub_if_needed(src, also=options.calib is None or push_repo is not None)
         if push_repo:
             from ..io.hub import check_push
@@ -290,7 +299,7 @@ def convert(ctx, src, out, recipe, overwrite, resume, low_disk, dry_run, push_re
         from ..pipeline.preflight import check_ready, plan_from_headers
         from .report import print_summary
 
-        check_ready(*plan_from_headers(src, options), options, out, overwrite, low_disk)
+        check_ready(*plan_from_headers(src, options), out, overwrite, low_disk)
         conversion = run_conversion(src, out, options, overwrite=overwrite, resume=resume,
                                     low_disk=low_disk)
         print_summary(conversion)
@@ -302,39 +311,45 @@ def convert(ctx, src, out, recipe, overwrite, resume, low_disk, dry_run, push_re
     run_guarded(action)
 
 
-def options_from(ctx: click.Context, given: dict, recipe: Path | None) -> ConvertOptions:
-    """The options of the recipe (if any) with the flags given on the command line over them;
-    without a recipe, every flag's value, defaults included."""
-    values = read_recipe(recipe) if recipe else {}
+def options_from(ctx: click.Context, given: dict, recipe: Path | None,
+                 src: str | None) -> tuple[ConvertOptions, str]:
+    """The options of the recipe (if any) with the flags given on the command line over them,
+    and SRC (the recipe's where none is given); without a recipe, every flag's value, defaults
+    included."""
+    values, recipe_src = read_recipe(recipe) if recipe else ({}, None)
     for name, value in given.items():
         if recipe is None or ctx.get_parameter_source(name) != ParameterSource.DEFAULT:
             values[name] = value
     if values.get("experts") is None:
         raise UserError("--experts is required (or pass --recipe FILE)")
-    return ConvertOptions(**values)
+    src = src or recipe_src
+    if src is None:
+        raise UserError("SRC is required: a checkpoint directory or Hub repo id"
+                        + (f" (recipe {recipe} names none)" if recipe else ""))
+    return ConvertOptions(**values), src
 
 
 def parse_methods(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
     """The comma-separated method names, each once, in order."""
     names = list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
-    unknown = [n for n in names if n not in NAMED_METHODS]
+    unknown = [n for n in names if n not in METHOD_NAMES]
     if unknown or not names:
         given = f"unknown method {unknown[0]!r}" if unknown else "no method named"
-        raise click.BadParameter(f"{given}; choose from {', '.join(NAMED_METHODS)}")
+        raise click.BadParameter(f"{given}; choose from {', '.join(RECIPES)}")
     return names
 
 
 @main.command("compare")
 @click.argument("src")
 @click.option("--experts", "-r", type=int, required=True, help="Experts to keep per MoE layer.")
-@click.option("--calib", required=True,
-              help="Calibration text: .jsonl / .json.gz with a 'text' field, or .txt.")
+@click.option("--calib", required=True, metavar="FILE[:W],...",
+              help="Calibration text, as for convert.")
 @click.option("--eval", "eval_text", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Held-out text for perplexity and KL (.txt, .jsonl, .json.gz).")
 @click.option("--methods", default=",".join(DEFAULT_COMPARISON), show_default=True,
               callback=parse_methods, metavar="A,B,...",
-              help=f"Reductions to compare, from: {', '.join(NAMED_METHODS)}.")
+              help=f"Reductions to compare, from: {', '.join(RECIPES)}.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Keep each reduced checkpoint in DIR/<method> (default: a temporary "
               "directory, removed at the end).")
@@ -344,9 +359,9 @@ def parse_methods(ctx: click.Context, param: click.Parameter, value: str) -> lis
               help="Also write the results as JSON.")
 @calibration_numbers
 @router_option
-@click.option("--eval-seq-len", type=int, default=512, show_default=True,
+@click.option("--eval-seq-len", type=EVAL_NUMBER, default=512, show_default=True,
               help="Tokens per evaluation sequence.")
-@click.option("--eval-samples", type=int, default=64, show_default=True,
+@click.option("--eval-samples", type=EVAL_NUMBER, default=64, show_default=True,
               help="Evaluation sequences.")
 @device_option
 @compute_dtype_option
@@ -357,8 +372,6 @@ def compare(src, methods, eval_text, out_dir, csv_path, json_path, eval_seq_len,
     computed once for all), then score each against SRC: perplexity, KL and minutes."""
     def action():
         base = ConvertOptions(**kwargs)
-        if min(eval_seq_len, eval_samples) < 1:
-            raise UserError("--eval-seq-len and --eval-samples must be at least 1")
         from ..eval.compare import compare as run_comparison
         from ..eval.compare import (
             markdown_table,
@@ -389,7 +402,7 @@ def compare(src, methods, eval_text, out_dir, csv_path, json_path, eval_seq_len,
         click.echo(markdown_table(results))
         for path, write in ((csv_path, write_csv), (json_path, write_json)):
             if path:
-                write(results, path)
+                write(results, path, kept=out_dir is not None)
                 click.echo(f"wrote {path}")
 
     run_guarded(action)
@@ -414,11 +427,13 @@ def inspect(src, revision) -> None:
 @click.argument("reduced")
 @click.option("--text", required=True, type=click.Path(path_type=Path),
               help="Held-out text (.txt, .jsonl, .json.gz).")
-@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--seq-len", type=EVAL_NUMBER, default=512, show_default=True)
+@click.option("--samples", type=EVAL_NUMBER, default=64, show_default=True)
 @device_option
 @click.option("--record", is_flag=True, help="Also write the numbers into REDUCED's model "
               "card and hcconvert.json (REDUCED: a directory hcconvert wrote).")
+
+
 def evaluate_command(original, reduced, text, seq_len, samples, device, record) -> None:
     """Perplexity of ORIGINAL and REDUCED on TEXT, KL(original ‖ reduced), top-1 agreement,
     and how many tokens of the original's greedy continuations REDUCED reproduces."""

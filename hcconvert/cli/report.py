@@ -15,16 +15,17 @@ from ..model.spec import ModelSpec
 from ..pipeline.estimate import estimate_memory, gpu_budget
 from ..pipeline.options import ConvertOptions
 from ..pipeline.plan import Plan, validate_tensors
-from ..pipeline.preflight import check_ready, download_bytes, plan_from_headers
+from ..pipeline.preflight import check_output, check_text, download_bytes, plan_from_headers
 from ..pipeline.records import Conversion
-from ..resources import human_bytes, peak_gpu_bytes, peak_rss_bytes
+from ..resources import human_bytes, peak_gpu_bytes, peak_rss_bytes, process_seconds
 
 
 def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
                overwrite: bool = False, low_disk: bool = False) -> None:
     """The plan from SRC's headers, then the checks the real run makes before its work: a
     UserError from them means the real run would fail."""
-    ckpt, plan = plan_from_headers(src, options)
+    ckpt, options, plan = plan_from_headers(src, options)
+    samples = check_text(ckpt, options)
     spec = plan.spec
     layer_bytes = plan.max_layer_bytes(ckpt)
     budget = options.max_gpu_memory
@@ -41,19 +42,30 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
         f"{_ranges(spec.moe_layers)})",
         f"experts       {spec.num_experts} -> {plan.experts_out} per MoE layer",
         f"top-k         {spec.top_k} -> {plan.top_k_out}",
+        f"method        {options.method}: {options.describe()}",
         f"tensors       {len(ckpt.tensors)} -> {len(plan.outputs)}",
         f"size          {human_bytes(plan.bytes_in)} -> {human_bytes(plan.bytes_out)}",
         *([f"quantized     {storage}"] if (storage := plan.storage.describe()) else []),
-        f"calibration   {options.calib_samples} x {options.seq_len} tokens",
+        f"calibration   {_calibration_line(options, samples)}",
         f"largest layer {human_bytes(layer_bytes)}",
-        f"gpu budget    {_budget_line(budget, on_gpu.chunk_experts, spec.num_experts)}",
+        *([f"gpu budget    {_budget_line(budget, on_gpu.chunk_experts, spec.num_experts)}"]
+          if budget is not None else []),
         f"memory (est.) on a GPU: {human_bytes(on_gpu.device)} GPU + "
         f"{human_bytes(on_gpu.host)} host; on the CPU: {human_bytes(on_cpu.host)}",
         *_mtp_line(spec, plan.mtp_layers),
         *_download_line(ckpt, plan, low_disk),
     ]
     click.echo("\n".join(lines))
-    check_ready(ckpt, plan, options, out, overwrite, low_disk)
+    check_output(ckpt, plan, out, overwrite, low_disk)
+
+
+def _calibration_line(options: ConvertOptions, samples: int | None) -> str:
+    """The calibration the run will cut: counted where the text was tokenized already."""
+    if samples is None:
+        return f"{options.calib_samples} x {options.seq_len} tokens (counted by the run)"
+    short = (f" (the text gives {samples} of the {options.calib_samples} asked for)"
+             if samples < options.calib_samples else "")
+    return f"{samples} x {options.seq_len} tokens{short}"
 
 
 def _download_line(ckpt: Checkpoint, plan: Plan, low_disk: bool) -> list[str]:
@@ -65,8 +77,9 @@ def _download_line(ckpt: Checkpoint, plan: Plan, low_disk: bool) -> list[str]:
             + ("(--low-disk)" if low_disk else "with --low-disk")]
 
 
-def _budget_line(budget: int | None, chunk: int | None, experts: int) -> str:
-    limit = "none" if budget is None else human_bytes(budget)
+def _budget_line(budget: int, chunk: int | None, experts: int) -> str:
+    """How a MoE layer fits the GPU budget (shown where there is one: a GPU, or the option)."""
+    limit = human_bytes(budget)
     if chunk is None:
         return f"{limit} (a MoE layer's experts all on the GPU)"
     return f"{limit} (experts on the host, at most {min(chunk, experts)} of {experts} per chunk " \
@@ -154,6 +167,21 @@ def _routing(spec: ModelSpec) -> str:
     return ", ".join(parts)
 
 
+def layer_choices(conversion: Conversion) -> list[str]:
+    """Per MoE layer, what --method auto chose and how well the reduced layer reproduces the
+    original's output on held-out calibration tokens (nothing for a method without a fit)."""
+    lines = []
+    for result in conversion.layers:
+        if result.fit is None:
+            continue
+        fit = result.fit
+        kept = "fitted" if fit["fitted"] else "unfitted: the fit did not generalise"
+        chosen = f"{result.choice}, " if result.choice else ""
+        lines.append(f"layer {result.layer:<4} {chosen}held-out error {fit['error_unfitted']:.4f} "
+                     f"unfitted, {fit['error_fitted']:.4f} fitted ({kept})")
+    return lines
+
+
 def requantization_summary(conversion: Conversion) -> list[str]:
     """The line on experts written back quantized, if any were."""
     records = [r.requantization for r in conversion.layers if r.requantization]
@@ -170,12 +198,14 @@ def print_summary(conversion: Conversion) -> None:
     plan, timer = conversion.plan, conversion.timer
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in timer.seconds.items())
     gpu = peak_gpu_bytes()
+    wall = process_seconds() or timer.wall
     click.echo("\n".join([
+        *layer_choices(conversion),
         f"wrote {conversion.out}: {plan.spec.num_experts} -> {plan.experts_out} experts "
         f"in {len(plan.spec.moe_layers)} MoE layers",
         f"size        {human_bytes(plan.bytes_in)} -> {human_bytes(plan.bytes_out)}",
         *requantization_summary(conversion),
-        f"wall time   {timer.wall:.1f}s ({stages})",
+        f"wall time   {wall:.1f}s from start-up; conversion {timer.wall:.1f}s ({stages})",
         f"peak memory host {human_bytes(peak_rss_bytes())}"
         + (f", GPU {human_bytes(gpu)}" if gpu is not None else ""),
         *([f"source disk peak {human_bytes(conversion.source_peak_bytes)} of "

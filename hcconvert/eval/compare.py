@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..model.spec import open_source
+from ..pipeline.checks import plan_for
 from ..pipeline.convert import convert_many
 from ..pipeline.metadata import record_evaluation
-from ..pipeline.options import NAMED_METHODS, ConvertOptions, named
-from ..pipeline.plan import build_plan
+from ..pipeline.options import ConvertOptions
 from ..pipeline.records import Conversion
 from .evaluate import Fidelity, evaluate_many
 
@@ -53,11 +53,9 @@ def slug(label: str) -> str:
 
 
 def named_variants(names: list[str], base: ConvertOptions) -> dict[str, ConvertOptions]:
-    """The named reductions (options.NAMED_METHODS) as options built on base."""
-    unknown = [name for name in names if name not in NAMED_METHODS]
-    if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(NAMED_METHODS)}")
-    return {name: dataclasses.replace(base, **named(name)) for name in names}
+    """The named methods (recipes.RECIPES) as options built on base: base's calibration
+    options, and its recipe settings as overrides of each method's."""
+    return {name: dataclasses.replace(base, method=name) for name in names}
 
 
 def shared_passes(variants: dict[str, ConvertOptions]) -> list[list[str]]:
@@ -65,8 +63,8 @@ def shared_passes(variants: dict[str, ConvertOptions]) -> list[list[str]]:
     calibration options, and one of its own for each variant that propagates merged outputs."""
     passes: dict[tuple, list[str]] = {}
     for label, options in variants.items():
-        key = (options.calibration_key() if options.propagate == "original"
-               else ("merged", label))
+        key = (("merged", label) if options.propagates_merged
+               else options.calibration_key())
         passes.setdefault(key, []).append(label)
     return list(passes.values())
 
@@ -74,8 +72,7 @@ def shared_passes(variants: dict[str, ConvertOptions]) -> list[list[str]]:
 def planned_bytes(src: str, variants: dict[str, ConvertOptions]) -> int:
     """The disk every output of the comparison will take, from the plans (headers only)."""
     ckpt, spec = open_source(src, next(iter(variants.values())).revision)
-    return sum(build_plan(ckpt, spec, options.experts, options.dtype).bytes_out
-               for options in variants.values())
+    return sum(plan_for(ckpt, spec, options)[1].bytes_out for options in variants.values())
 
 
 def compare(src: str, variants: dict[str, ConvertOptions], eval_text: Path, workdir: Path,
@@ -119,8 +116,9 @@ def _greedy(fidelity: Fidelity) -> str:
     return "" if fidelity.greedy_match is None else f"{fidelity.greedy_match:.2f}"
 
 
-def records(results: list[Result]) -> list[dict]:
-    """One flat record per result, for CSV and JSON."""
+def records(results: list[Result], kept: bool = True) -> list[dict]:
+    """One flat record per result, for CSV and JSON; kept: the outputs stay where they were
+    written (else their temporary directory is gone, and out is empty)."""
     return [{"method": r.label, "kl": r.fidelity.kl,
              "perplexity": r.fidelity.perplexity_reduced,
              "perplexity_original": r.fidelity.perplexity_original,
@@ -129,16 +127,17 @@ def records(results: list[Result]) -> list[dict]:
              "eval_tokens": r.fidelity.tokens, "experts": r.conversion.plan.experts_out,
              "convert_minutes": r.convert_minutes, "shared_minutes": r.shared_minutes,
              "own_minutes": r.own_minutes, "eval_minutes": r.eval_minutes,
-             "minutes": r.minutes, "out": str(r.conversion.out)} for r in results]
+             "minutes": r.minutes, "out": str(r.conversion.out) if kept else ""}
+            for r in results]
 
 
-def write_csv(results: list[Result], path: Path) -> None:
-    rows = records(results)
+def write_csv(results: list[Result], path: Path, kept: bool = True) -> None:
+    rows = records(results, kept)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
 
 
-def write_json(results: list[Result], path: Path) -> None:
-    path.write_text(json.dumps(records(results), indent=2, ensure_ascii=False) + "\n")
+def write_json(results: list[Result], path: Path, kept: bool = True) -> None:
+    path.write_text(json.dumps(records(results, kept), indent=2, ensure_ascii=False) + "\n")

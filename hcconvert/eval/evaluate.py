@@ -23,7 +23,8 @@ from ..io.storage import Storage
 from ..model.decoder import HiddenStream, compute_dtype, pick_device
 from ..model.experts import RoutedExperts
 from ..model.spec import ModelSpec, open_source
-from ..pipeline.calibration import embedding_rows, model_tokenizer, text_tokens
+from ..model.tokenizer import embedding_rows, model_tokenizer
+from ..pipeline.calibration import text_tokens
 from ..pipeline.plan import validate_tensors
 from . import greedy
 
@@ -103,8 +104,8 @@ def evaluate_many(original: str, reduced: list[str], text: Path, seq_len: int = 
     tokens = held_out_tokens(ckpt, text, samples, seq_len)
     reference = StreamedModel(ckpt, spec, tokens, torch_device)
     models = [StreamedModel(*other, tokens, torch_device) for other in others]
-    for layer in tqdm(range(reference.spec.num_layers), desc="eval", disable=not progress,
-                      file=sys.stderr):
+    for layer in tqdm(range(reference.spec.num_layers), desc="eval", unit="layer",
+                      disable=not progress, file=sys.stderr):
         for model in (reference, *models):
             model.advance(layer)
     for model in (reference, *models):

@@ -26,6 +26,7 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 HUB_SIDE_FILES = ["config.json", *SIDE_FILES, INDEX_FILE, "README.md",
                   "*.py"]  # the repo's remote code, copied unrun (writer.copy_side_files)
 
+
 class CheckpointFiles(Protocol):
     """Where a Checkpoint reads its config, index and shard headers."""
 
@@ -42,6 +43,7 @@ class CheckpointFiles(Protocol):
 
     def track(self, tensors: dict[str, TensorInfo]) -> None:
         """The checkpoint's tensors, as its index names them."""
+
 
 class LocalFiles:
     """A checkpoint directory."""
@@ -72,7 +74,12 @@ class LocalFiles:
     def shard_headers(self, shards: list[str]) -> dict[str, TensorInfo]:
         headers: dict[str, TensorInfo] = {}
         for shard in shards:
-            if not (self.root / shard).is_file():
+            path = self.root / shard
+            # A shard may be a symbolic link (the HF cache links each to its blob), but no
+            # folder on its way may lead out of the checkpoint.
+            if not path.parent.resolve().is_relative_to(self.root.resolve()):
+                raise UserError(f"shard {shard} named in the index lies outside {self.root}")
+            if not path.is_file():
                 raise UserError(f"shard {shard} named in the index is missing from {self.root}")
             headers.update(read_shard_header(self.root, shard))
         return headers

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..errors import UserError, first_line
 from .tensors import DTYPE_BYTES, TensorInfo
@@ -12,15 +12,32 @@ from .tensors import DTYPE_BYTES, TensorInfo
 # safetensors refuses headers above 100 MB: so do we, before reading one into memory.
 MAX_HEADER_BYTES = 100_000_000
 
+
 def parse_index(text: str, where: str | Path) -> dict[str, str]:
-    """The weight map (tensor name -> shard) of a safetensors index's text."""
+    """The weight map (tensor name -> shard) of a safetensors index's text: names and shards
+    are strings, and every shard a path inside the checkpoint (check_shard_name)."""
     try:
         weight_map = json.loads(text)["weight_map"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{where} is not a valid safetensors index ({err})") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
+        raise UserError(f"{where} is not a valid safetensors index ({first_line(err)})") from None
     if not isinstance(weight_map, dict):
         raise UserError(f"{where} is not a valid safetensors index (weight_map is not a map)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise UserError(f"{where}: tensor {name[:200]} maps to a JSON {json_type(shard)}, "
+                            "not a shard file name")
+        check_shard_name(shard, where)
     return weight_map
+
+
+def check_shard_name(shard: str, where: str | Path) -> None:
+    """A shard named by an index must be a relative path below the checkpoint (a subfolder is
+    fine), so no index, local or on the Hub, makes hcconvert open a file outside it."""
+    parts = PurePosixPath(shard).parts
+    if (not shard or "\\" in shard or "\0" in shard or shard.startswith("/") or not parts
+            or ".." in parts or shard.startswith("~")):
+        raise UserError(f"{where} names shard {shard[:200]!r}: not a file inside the checkpoint")
+
 
 def read_shard_header(root: Path, shard: str) -> dict[str, TensorInfo]:
     """Parse the header of shard (its path below root, as the index names it: it may be in a
@@ -40,6 +57,7 @@ def read_shard_header(root: Path, shard: str) -> dict[str, TensorInfo]:
                         f"({first_line(err)})") from None
     return header_tensors(shard, header, header_len, size)
 
+
 def header_tensors(shard: str, header: object, header_len: int,
                    size: int | None) -> dict[str, TensorInfo]:
     """The tensors of a parsed safetensors header, checked entry by entry; size (the file's
@@ -56,6 +74,7 @@ def header_tensors(shard: str, header: object, header_len: int,
         raise UserError(f"shard {shard} is {problem}: {size} bytes, header promises "
                         f"{8 + header_len + data_end}")
     return tensors
+
 
 def _tensor_entry(shard: str, name: str, entry: object) -> TensorInfo:
     """One header entry, checked: dtype, shape and offsets that agree with each other."""
@@ -78,6 +97,7 @@ def _tensor_entry(shard: str, name: str, entry: object) -> TensorInfo:
                         f"{offsets[1] - offsets[0]}")
     return info
 
+
 def _check_packed(shard: str, offsets: dict[str, list[int]]) -> int:
     """Tensors must tile the data section from byte 0 without gaps or overlaps (safetensors
     refuses the file otherwise); return where the data ends."""
@@ -89,5 +109,13 @@ def _check_packed(shard: str, offsets: dict[str, list[int]]) -> int:
         end = stop
     return end
 
+
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

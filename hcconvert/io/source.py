@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from ..errors import UserError, first_line
 from .files import HUB_SIDE_FILES, INDEX_FILE, SINGLE_FILE, CheckpointFiles, LocalFiles
-from .headers import parse_index
+from .headers import json_type, parse_index
 from .tensors import TensorInfo
 
 
@@ -32,6 +32,8 @@ def check_hub_id(src: str) -> None:
     """Refuse a SRC that is no directory and cannot be a Hub repo id, or that names a missing
     directory inside an existing one (models/mixtral where models/ exists is a typo, not a
     Hub repo)."""
+    if Path(src).exists():
+        raise UserError(f"source {src} is a file, not a checkpoint directory or Hub repo id")
     parent = Path(src).parent
     if parent != Path(".") and parent.is_dir():
         raise UserError(f"source {src}: no such directory")
@@ -207,8 +209,3 @@ class Checkpoint:
         return sum(info.nbytes for info in self.tensors.values())
 
 
-def json_type(value: object) -> str:
-    """The JSON name of a parsed value's type."""
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
-             float: "number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)

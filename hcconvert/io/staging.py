@@ -33,8 +33,10 @@ OUTPUT_DIR = "output"
 
 KEY_CHARS = 8  # of the run key's hex digest in the directory name; state.json holds it whole
 
+
 def key_digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
 
 def describe_difference(found: dict, expected: dict) -> str:
     """What differs between a stale run key and this run's, in a few words."""
@@ -46,6 +48,7 @@ def describe_difference(found: dict, expected: dict) -> str:
     theirs, ours = found.get("options") or {}, expected["options"]
     changed = sorted(name for name in ours if theirs.get(name) != ours[name])
     return "other options (" + ", ".join(changed) + ")" if changed else "other settings"
+
 
 @dataclass
 class RunState:
@@ -60,6 +63,7 @@ class RunState:
     layers: list[dict] = dataclasses.field(default_factory=list)
     hidden: str | None = None
 
+
 def read_state(directory: Path) -> RunState | None:
     """The state a run left in its staging directory; None when there is none or it cannot be
     read (a run killed before its first layer finished)."""
@@ -68,6 +72,7 @@ def read_state(directory: Path) -> RunState | None:
         return RunState(**data)
     except (OSError, ValueError, TypeError):
         return None
+
 
 def write_state(directory: Path, state: RunState) -> None:
     atomic_write(directory / STATE_FILE, json.dumps(dataclasses.asdict(state)).encode())
@@ -82,6 +87,7 @@ PREVIOUS_TAG = ".hcconvert-old-"
 LOCK_TAG = ".hcconvert-lock"
 
 TEMP_SUFFIX_CHARS = 8
+
 
 def check_output_dir(out: Path, src: Path, overwrite: bool) -> None:
     """Refuse an --out that is a symbolic link, SRC, inside it or holding it, or the working
@@ -108,6 +114,7 @@ def check_output_dir(out: Path, src: Path, overwrite: bool) -> None:
         raise UserError(f"--out {out}: {home} is not writable")
     check_name_length(out, home)
 
+
 @contextmanager
 def staged_outputs(outs: list[Path], src: Path, overwrite: bool, run_key: dict | None = None,
                    keep: bool = False, fresh: bool = False) -> Iterator[list[Path]]:
@@ -125,6 +132,7 @@ def staged_outputs(outs: list[Path], src: Path, overwrite: bool, run_key: dict |
     with ExitStack() as stack:
         yield [stack.enter_context(StagedOutput(out, src, overwrite, run_key, keep, fresh))
                for out in outs]
+
 
 class StagedOutput:
     """One --out: an exclusive lock beside it, a staging directory beside it (this run's own,
@@ -172,8 +180,9 @@ class StagedOutput:
                 kept = exc_type is not None and self.run_key is not None and (
                     self.keep or isinstance(exc, ResumableError))
                 self._clean_up(published, kept)
-        if kept and isinstance(exc, Interrupted):
-            exc.kept = self.root
+        if isinstance(exc, Interrupted):
+            exc.kept = self.root if kept else None
+            exc.dropped = not kept and self.run_key is not None
         if kept and isinstance(exc, ResumableError):
             exc.args = (f"{exc}; the finished layers are kept: run the same command again to "
                         "go on",)
@@ -251,6 +260,7 @@ class StagedOutput:
                 with contextlib.suppress(OSError):
                     directory.rmdir()
 
+
 def check_results_file(option: str, path: Path, src: str) -> None:
     """A results file (compare's --csv and --json), checked before any work: never SRC's or
     inside it, and in a directory that exists."""
@@ -259,15 +269,19 @@ def check_results_file(option: str, path: Path, src: str) -> None:
     if not path.resolve().parent.is_dir():
         raise UserError(f"{option} {path}: {path.parent} is not a directory")
 
+
 def is_or_holds(path: Path, src: Path) -> bool:
     target = path.resolve()
     return target == src or src in target.parents or target in src.parents
 
+
 def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
+
 def hidden_name(out: Path, tag: str) -> str:
     return f".{out.name}{tag}"
+
 
 def check_name_length(out: Path, home: Path) -> None:
     """The names hcconvert puts beside --out (staging, old output, lock) must fit the name
@@ -283,6 +297,7 @@ def check_name_length(out: Path, home: Path) -> None:
         raise UserError(f"--out name is too long: hcconvert writes {longest}-byte names beside "
                         f"it and the file system allows {limit}; use a shorter name")
 
+
 def make_parents(directory: Path) -> list[Path]:
     """Create directory and its missing ancestors; return those created, deepest first."""
     missing = []
@@ -293,11 +308,13 @@ def make_parents(directory: Path) -> list[Path]:
         path.mkdir()
     return missing
 
+
 def remove_tree(path: Path, src: Path) -> None:
     """rmtree, refusing any path that is SRC, inside it or holds it (whatever its name)."""
     if is_or_holds(path, src):
         raise UserError(f"refusing to remove {path}: it is or holds the source directory")
     shutil.rmtree(path.resolve())
+
 
 class OutputLock:
     """An exclusive flock on a file beside --out, held for the whole run; the kernel drops it
@@ -331,6 +348,7 @@ class OutputLock:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         os.close(self.fd)
+
 
 def copy_side_files(src: Path, dst: Path) -> None:
     """The tokenizer and generation files, and the remote code beside config.json (Kimi-K2's

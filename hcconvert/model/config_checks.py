@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 
 from ..errors import UserError
-from ..io.source import json_type
+from ..io.headers import json_type
 
 MAX_LAYERS = 10_000
 MAX_EXPERTS = 1 << 16

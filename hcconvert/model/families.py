@@ -269,6 +269,16 @@ class Family:
         return name
 
     @property
+    def embedding(self) -> str:
+        """The token embedding table's name on disk."""
+        return f"{self.text_prefix}embed_tokens.weight"
+
+    @property
+    def lm_head(self) -> str:
+        """The LM head's name on disk (absent where the embedding is tied to it)."""
+        return f"{self.head_prefix}lm_head.weight"
+
+    @property
     def layers_prefix(self) -> str:
         """What every decoder layer's tensor names start with."""
         return f"{self.text_prefix}layers."

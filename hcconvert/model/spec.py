@@ -105,6 +105,8 @@ def _required(config: dict, key: str):
     if config.get(key) is None:
         raise UserError(f"config.json has no {key}")
     return config[key]
+
+
 def open_source(src: str, revision: str | None = None,
                 low_disk: bool = False) -> tuple[Checkpoint, ModelSpec]:
     """SRC and its model: a local directory, or a Hub repo whose shards are downloaded just in

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..errors import UserError
 from ..io.source import Checkpoint
 from ..io.staging import check_output_dir, copy_side_files, staged_outputs
 from ..io.streaming import BackgroundWriter, prefetched_layers
@@ -34,11 +33,12 @@ from ..model.experts import Experts, RoutedExperts, RoutingRecord
 from ..model.mtp import NextTokenInputs
 from ..model.spec import ModelSpec, open_source
 from ..resources import StageTimer
-from .calibration import load_calibration
+from .calibration import absolute_sources, load_calibration
+from .checks import plan_for
 from .estimate import gpu_budget, layer_budget
 from .metadata import reduced_config, write_metadata
 from .options import ConvertOptions
-from .plan import build_plan, router_suffixes
+from .plan import router_suffixes
 from .records import Conversion, RunRecord
 from .reduction import Reducer
 from .resume import Progress, checkpoint_fingerprint, open_progress, run_key, source_identity
@@ -68,10 +68,12 @@ def convert_many(src: str, outputs: list[tuple[Path, ConvertOptions]], overwrite
     check_shareable([options for _, options in outputs])
     if len({out.resolve() for out, _ in outputs}) < len(outputs):
         raise ValueError("every output needs its own directory")
+    ckpt, spec = open_source(src, outputs[0][1].revision, low_disk)
+    prepared = [prepare_output(src, ckpt, spec, out, options, overwrite)
+                for out, options in outputs]
+    outputs = [(out, options) for (out, _), (options, _) in zip(outputs, prepared, strict=True)]
+    conversions = [conversion for _, conversion in prepared]
     first = outputs[0][1]
-    ckpt, spec = open_source(src, first.revision, low_disk)
-    conversions = [prepare_output(src, ckpt, spec, out, options, overwrite)
-                   for out, options in outputs]
     device = pick_device(first.device)
     key = (run_key(source_identity(src), first, checkpoint_fingerprint(src, ckpt))
            if len(outputs) == 1 else None)
@@ -119,29 +121,18 @@ def check_shareable(options: list[ConvertOptions]) -> None:
         raise ValueError("convert_many needs at least one output")
     if len({o.calibration_key() for o in options}) > 1:
         raise ValueError("outputs that share a pass must share the calibration options")
-    if len(options) > 1 and any(o.propagate == "merged" for o in options):
+    if len(options) > 1 and any(o.propagates_merged for o in options):
         raise ValueError("--propagate merged gives each output its own pass")
 
 
 def prepare_output(src: str, ckpt: Checkpoint, spec: ModelSpec, out: Path,
-                   options: ConvertOptions, overwrite: bool) -> Conversion:
-    """Plan one output and check its options against the model before any weight is read."""
-    plan = build_plan(ckpt, spec, options.experts, options.dtype)
+                   options: ConvertOptions, overwrite: bool) -> tuple[ConvertOptions, Conversion]:
+    """One output's options checked against the model and completed by it, and its plan,
+    before any weight is read."""
+    options, plan = plan_for(ckpt, spec, options)
     check_output_dir(out, ckpt.root, overwrite)
-    positions = spec.family.text_config(spec.config).get("max_position_embeddings")
-    if positions and options.seq_len > positions:
-        raise UserError(f"--seq-len {options.seq_len} is above the model's "
-                        f"max_position_embeddings ({positions})")
-    if options.method == "merge" and options.router == "lse-fit" \
-            and spec.routing.scoring != "softmax":
-        raise UserError(f"--router lse-fit fits softmax mass; {spec.family.model_type}'s router "
-                        f"scores with {spec.routing.scoring} (use freq-avg or dominant)")
-    size = options.max_group_size
-    merges = options.method in ("merge", "auto")  # auto tries a merging candidate too
-    if merges and size is not None and options.experts * size < spec.num_experts:
-        raise UserError(f"--max-group-size {size}: {options.experts} groups of at most {size} "
-                        f"cannot hold {spec.num_experts} experts")
-    return Conversion(src, out, plan)
+    options = dataclasses.replace(options, calib=absolute_sources(options.calib))
+    return options, Conversion(source_identity(src), out, plan)
 
 
 class LayerPipeline:
@@ -159,7 +150,7 @@ class LayerPipeline:
         self.seed = seed
         self.needs = frozenset().union(*(r.needs for r in reducers))
         # The reducer whose output feeds the next layer (--propagate merged), if any.
-        self.propagator = next((r for r in reducers if r.options.propagate == "merged"), None)
+        self.propagator = next((r for r in reducers if r.options.propagates_merged), None)
         self.timer = StageTimer()  # the shared stages, credited to every conversion at the end
         self.dtype = torch.float32  # the compute dtype, set by run from the embedding's
         self.reduced_decoders: dict[int, Decoder] = {}  # by expert count

@@ -162,9 +162,9 @@ def _token_bytes(spec: ModelSpec, options: ConvertOptions, dtype: torch.dtype,
     target (the original routed output) and its prediction, fp32, and what it keeps between
     its rounds."""
     tokens = options.calib_samples * options.seq_len
-    copies = 2 + (options.propagate == "merged") + mtp
+    copies = 2 + options.propagates_merged + mtp
     total = copies * tokens * spec.hidden * element_bytes(dtype)
-    if options.layer_fit or options.method == "auto":
+    if options.fits_layers:
         total += 2 * tokens * spec.hidden * 4 + kept_bytes(tokens, spec.top_k, options.experts,
                                                            spec.ffn)
     return total

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
+import shlex
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..io.source import Checkpoint, is_hub_id
 from ..io.writer import write_json
 from .calibration import C4_FILE, C4_REPO
-from .options import ConvertOptions
+from .options import FIELD_NAMES, NOT_IN_RESULT, ConvertOptions, flag
 from .records import RunRecord
 
 if TYPE_CHECKING:
@@ -23,10 +23,6 @@ if TYPE_CHECKING:
     from ..model.families import Family
     from .records import Conversion
 
-# The options that shape the result (not where or how it is written), in CLI order.
-REDUCTION_FIELDS = ("calib", "calib_samples", "seq_len", "seed", "method", "metric", "grouping",
-                    "linkage", "max_group_size", "merge", "prune_by", "router", "propagate",
-                    "layer_fit", "dtype")
 # Libraries whose versions can change the result, recorded in hcconvert.json.
 RECORDED_LIBRARIES = ("torch", "safetensors", "transformers", "huggingface_hub", "tokenizers",
                       "numpy", "scipy", "triton")
@@ -47,9 +43,7 @@ def reduced_config(config: dict, family: Family, experts: int, top_k: int) -> di
     for key in family.experts_keys:
         if key in text:
             text[key] = experts
-    if top_k < text[family.top_k_key]:
-        print(f"warning: top-k drops from {text[family.top_k_key]} to {top_k} "
-              f"(only {experts} experts remain)", file=sys.stderr)
+    if top_k < text[family.top_k_key]:  # checks.check_experts has said so
         for key in (family.top_k_key, *family.top_k_mirrors):
             if key in text:
                 text[key] = top_k
@@ -57,20 +51,21 @@ def reduced_config(config: dict, family: Family, experts: int, top_k: int) -> di
 
 
 def command_line(source: str, options: ConvertOptions, out: Path) -> str:
-    """The command that repeats the reduction: the reduction options that differ from the
-    defaults are spelled out."""
+    """The command that repeats the run: every option that shapes the output and differs from
+    its default, spelled as the command line spells it."""
     defaults = ConvertOptions(options.experts)
-    extra = "".join(_flag(name, getattr(options, name)) for name in REDUCTION_FIELDS
-                    if getattr(options, name) != getattr(defaults, name))
-    return f"hcconvert {source} --experts {options.experts}{extra} --out {out.name}"
+    extra = "".join(_flag(name, getattr(options, name)) for name in FIELD_NAMES
+                    if name not in ("experts", *NOT_IN_RESULT)
+                    and getattr(options, name) != getattr(defaults, name))
+    return (f"hcconvert {shlex.quote(source)} --experts {options.experts}{extra} "
+            f"--out {shlex.quote(out.name)}")
 
 
 def _flag(name: str, value) -> str:
     """One option as the CLI spells it; booleans are --name / --no-name switches."""
-    flag = name.replace("_", "-")
     if isinstance(value, bool):
-        return f" --{flag}" if value else f" --no-{flag}"
-    return f" --{flag} {value}"
+        return f" {flag(name)}" if value else f" --no-{flag(name)[2:]}"
+    return f" {flag(name)} {shlex.quote(str(value))}"
 
 
 def write_metadata(directory: Path, ckpt: Checkpoint, conversion: Conversion,
@@ -168,8 +163,8 @@ def model_card(conversion: Conversion, options: ConvertOptions,
     groups = "\n".join(f"| {r.layer} | {json.dumps(r.groups)} |" for r in conversion.layers)
     return "\n".join(front + ["---", "", f"# {conversion.out.name}", "",
         f"`{conversion.source}` with its MoE layers reduced from {plan.spec.num_experts} to "
-        f"{plan.experts_out} experts by {options.describe()} with "
-        f"hcconvert {__version__}, without retraining.", "",
+        f"{plan.experts_out} experts with hcconvert {__version__}, without retraining. "
+        f"Method `{options.method}`: {options.describe()}.", "",
         "```", command_line(conversion.source, options, conversion.out), "```", "",
         calibration_details(conversion, options), "",
         "| layer | expert groups (original indices) |", "| --- | --- |", groups, ""])

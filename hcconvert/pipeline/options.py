@@ -18,8 +18,8 @@ from ..methods.features import METRICS
 from ..methods.merging import MERGES
 from ..methods.pruning import PRUNE_BY
 from ..methods.router import ROUTERS
+from .recipes import METHOD_NAMES, OVERRIDES, Reduction, propagation, reductions
 
-METHODS = ("merge", "prune", "ream", "auto")
 PROPAGATIONS = ("original", "merged")
 DEVICES = ("auto", "cpu", "cuda")
 # auto: the checkpoint's half precision on a GPU and on a CPU with a matrix unit for it
@@ -28,17 +28,21 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 # How quantized weights are written: as the source stores them, or dequantized in bf16.
 DTYPES = ("source", "bf16")
 # The options whose value must be one of a fixed set.
-CHOICES = {"method": METHODS, "metric": METRICS, "grouping": GROUPINGS, "linkage": LINKAGES,
-           "merge": MERGES, "router": ROUTERS, "propagate": PROPAGATIONS,
+CHOICES = {"method": METHOD_NAMES, "metric": METRICS, "grouping": GROUPINGS,
+           "linkage": LINKAGES, "merge": MERGES, "router": ROUTERS, "propagate": PROPAGATIONS,
            "prune_by": PRUNE_BY, "device": DEVICES, "compute_dtype": COMPUTE_DTYPES,
            "dtype": DTYPES}
-# Integer options and their least value.
-MINIMUMS = {"experts": 1, "calib_samples": 1, "seq_len": 1, "seed": 0, "max_shard_size": 1,
-            "max_group_size": 1, "max_gpu_memory": 1}
+# Integer options and their least and greatest value: far beyond any real use, and within
+# what torch's seeds and 64-bit sizes hold.
+INTEGER_RANGES = {"experts": (1, 1 << 16), "calib_samples": (1, 1 << 20),
+                  "seq_len": (1, 1 << 24), "seed": (0, (1 << 63) - 1),
+                  "max_shard_size": (1, 1 << 62), "max_group_size": (1, 1 << 16),
+                  "max_gpu_memory": (1, 1 << 62)}
 TEXTS = ("calib", "revision", "text_field")
-# Options that may be None: no calibration file (the default C4 shard), no revision, no limit,
-# the GPU budget from the free memory (estimate.gpu_budget).
-NULLABLE = ("calib", "revision", "max_group_size", "max_gpu_memory")
+# Options that may be None: a recipe's setting (OVERRIDES), no calibration file (the default
+# C4 shard), the model's sequence length, no revision, the GPU budget from the free memory
+# (estimate.gpu_budget).
+NULLABLE = (*OVERRIDES, "calib", "seq_len", "revision", "max_gpu_memory")
 # Options given as sizes (5GB) on the command line and in recipes.
 SIZES = ("max_shard_size", "max_gpu_memory")
 # What decides the calibration hidden states: conversions that agree on these (and propagate
@@ -47,14 +51,15 @@ CALIBRATION_FIELDS = ("calib", "calib_samples", "seq_len", "seed", "device", "re
                       "compute_dtype", "text_field")
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 DEFAULT_SHARD_SIZE = "5GB"
+# The sequence length of the paper's calibration, where the model's context allows it.
+DEFAULT_SEQ_LEN = 2048
+# Options that are on or off.
+SWITCHES = ("layer_fit",)
 
 
 def flag(name: str) -> str:
     """An option's name as the command line spells it."""
     return "--" + name.replace("_", "-")
-
-# Options that are on or off.
-SWITCHES = ("layer_fit",)
 
 
 def _check_value(name: str, value) -> None:
@@ -64,10 +69,12 @@ def _check_value(name: str, value) -> None:
         raise UserError(f"{flag(name)} {value!r} is not valid; choose from "
                         f"{', '.join(CHOICES[name])}")
     # bool is an int to Python, but seed=True is a mistake, not 1
-    if name in MINIMUMS and (not isinstance(value, int) or isinstance(value, bool)
-                             or value < MINIMUMS[name]):
-        raise UserError(f"{flag(name)} {value!r} is not valid; it must be an integer of at "
-                        f"least {MINIMUMS[name]}")
+    if name in INTEGER_RANGES:
+        least, greatest = INTEGER_RANGES[name]
+        if not isinstance(value, int) or isinstance(value, bool) \
+                or not least <= value <= greatest:
+            raise UserError(f"{flag(name)} {str(value)[:40]} is not valid; it must be an "
+                            f"integer from {least} to {greatest}")
     if name in TEXTS and not isinstance(value, str):
         raise UserError(f"{flag(name)} {value!r} is not valid; it must be text")
     if name in SWITCHES and not isinstance(value, bool):
@@ -86,27 +93,30 @@ def parse_size(text: str) -> int:
 @dataclass(frozen=True)
 class ConvertOptions:
     experts: int
-    # Per layer the best layer-fitted candidate: it kept the most quality on every bench model
-    # and ratio (docs/BENCHMARKS.md, "Beating REAP").
+    # A name of recipes.RECIPES: per layer the best layer-fitted candidate by default, which
+    # kept the most quality on every bench model and ratio (docs/BENCHMARKS.md).
     method: str = "auto"
-    grouping: str = "hierarchical"
-    linkage: str = "average"
-    merge: str = "freq"
-    router: str = "freq-avg"  # measured best on trained models: docs/BENCHMARKS.md
-    propagate: str = "original"
+    # Settings of the method's recipe, overridden where given; None: the recipe's (recipes.py).
+    grouping: str | None = None
+    linkage: str | None = None
+    merge: str | None = None
+    router: str | None = None
+    propagate: str | None = None
+    metric: str | None = None
+    max_group_size: int | None = None
+    prune_by: str | None = None
+    # Refit the kept/merged experts' down projections so the reduced layer reproduces the
+    # original layer's output on the calibration tokens (layerfit.py).
+    layer_fit: bool | None = None
     calib: str | None = None
     calib_samples: int = 32
-    seq_len: int = 2048
+    # None: DEFAULT_SEQ_LEN, or the model's max_position_embeddings where that is shorter
+    # (checks.for_model resolves it before any work).
+    seq_len: int | None = None
     seed: int = 42
     max_shard_size: int = parse_size(DEFAULT_SHARD_SIZE)
     device: str = "auto"
     revision: str | None = None
-    metric: str = "output"
-    max_group_size: int | None = None
-    prune_by: str = "frequency"
-    # Refit the kept/merged experts' down projections so the reduced layer reproduces the
-    # original layer's output on the calibration tokens (layerfit.py).
-    layer_fit: bool = False
     # The dtype of the layers' products (sums and statistics accumulate in fp32 whatever it is).
     compute_dtype: str = "auto"
     # The field of JSON calibration lines that holds the text (chat lines: "messages").
@@ -132,39 +142,46 @@ class ConvertOptions:
     def calibration_key(self) -> tuple:
         return tuple(getattr(self, name) for name in CALIBRATION_FIELDS)
 
-    def describe(self) -> str:
-        """One phrase naming the reduction, for the model card."""
-        if self.layer_fit:
-            return self._reduction().rstrip(",") + ", then refitted to the original layer's output,"
-        return self._reduction()
+    def overrides(self) -> dict:
+        """The recipe settings given explicitly (None where the recipe decides)."""
+        return {name: getattr(self, name) for name in OVERRIDES}
 
-    def _reduction(self) -> str:
-        if self.method == "auto":
-            return ("per layer, the best of " + ", ".join(AUTO_CANDIDATES) +
-                    " by held-out layer-output error,")
-        if self.method == "ream":
-            return f"REAM (REAP-saliency leaders, {self.merge} merge, {self.router} router)"
-        if self.method == "prune":
-            kept = ("the router picks most often (F-prune)" if self.prune_by == "frequency"
-                    else "with the largest routed output (O-prune, REAP's saliency)")
-            return f"pruning, keeping the experts {kept},"
-        how = f"{self.linkage}-linkage hierarchical" if self.grouping == "hierarchical" \
-            else self.grouping
-        size = f", groups of at most {self.max_group_size}" if self.max_group_size else ""
-        return (f"merging ({how} grouping of expert {self.metric} features{size}, "
-                f"{self.merge} merge, {self.router} router)")
+    def reductions(self) -> dict[str, Reduction]:
+        """The reductions tried per layer, by name: auto's candidates, or the method alone."""
+        return reductions(self.method, self.overrides())
+
+    @property
+    def propagates_merged(self) -> bool:
+        """Whether the next layer is calibrated on the reduced layer's output (REAM's way)."""
+        return propagation(self.method, self.overrides()) == "merged"
+
+    @property
+    def fits_layers(self) -> bool:
+        """Whether a reduction refits the layer to the original layer's output."""
+        return any(r.layer_fit for r in self.reductions().values())
+
+    def describe(self) -> str:
+        """The method as one phrase, for the model card."""
+        found = self.reductions()
+        if len(found) > 1:
+            return (f"per layer, the best of {', '.join(found)} by held-out layer-output "
+                    "error")
+        return next(iter(found.values())).describe()
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ConvertOptions))
 # Each option's default, for the CLI's defaults (experts has none).
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(ConvertOptions)
             if f.default is not dataclasses.MISSING}
+# The options that do not change the output's bytes (results do not depend on the budget).
+NOT_IN_RESULT = ("max_gpu_memory",)
 
 
-def read_recipe(path: Path) -> dict:
-    """The options of a recipe: an hcconvert.json written by a conversion (its "options"), or
-    a JSON object of options such as {"experts": 4, "method": "prune"}. Values are checked
-    when the ConvertOptions is built; the SIZES may be sizes such as "5GB"."""
+def read_recipe(path: Path) -> tuple[dict, str | None]:
+    """The options of a recipe and the source it names, if any: an hcconvert.json written by
+    a conversion (its "options" and "source"), or a JSON object of options such as
+    {"experts": 4, "method": "o-prune"}. Values are checked when the ConvertOptions is built;
+    the SIZES may be sizes such as "5GB"."""
     try:
         recipe = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
@@ -176,8 +193,10 @@ def read_recipe(path: Path) -> dict:
     if unknown:
         raise UserError(f"recipe {path}: unknown option {unknown[0]!r}; options are "
                         f"{', '.join(FIELD_NAMES)}")
-    return {**options, **{name: size_option(options[name], name) for name in SIZES
-                          if isinstance(options.get(name), str)}}
+    source = recipe.get("source") if "options" in recipe else None
+    sizes = {name: size_option(options[name], name) for name in SIZES
+             if isinstance(options.get(name), str)}
+    return {**options, **sizes}, source if isinstance(source, str) else None
 
 
 def size_option(text: str, name: str = "max_shard_size") -> int:
@@ -186,47 +205,3 @@ def size_option(text: str, name: str = "max_shard_size") -> int:
         return parse_size(text)
     except (ValueError, OverflowError):
         raise UserError(f"{flag(name)} {text!r} is not a size like 5GB") from None
-
-
-# HC-SMoE, the paper's recipe: ConvertOptions' defaults (average-linkage clustering of expert
-# outputs, frequency merge, freq-avg router) with merging in place of the default method.
-HC_SMOE = {"method": "merge"}
-# The reductions `hcconvert compare` knows by name: HC-SMoE with these fields changed (named()).
-NAMED_METHODS: dict[str, dict] = {
-    "hc-smoe": {},
-    "hc-smoe-single": {"linkage": "single"},
-    "hc-smoe-complete": {"linkage": "complete"},
-    "hc-smoe-ward": {"linkage": "ward"},
-    "router-logits": {"metric": "router-logits"},
-    "weights": {"metric": "weights"},
-    "dominant": {"grouping": "dominant"},
-    "kmeans": {"grouping": "kmeans"},
-    "random": {"grouping": "random"},
-    "average": {"merge": "average"},
-    "fix-dom": {"merge": "fix-dom"},
-    # M-SMoE's recipe: the most used experts lead, the rest join the one whose router logits
-    # they resemble most; members are neuron-aligned before the frequency merge.
-    "msmoe": {"grouping": "dominant", "metric": "router-logits", "merge": "msmoe"},
-    "mergemoe": {"merge": "mergemoe"},
-    "f-prune": {"method": "prune", "prune_by": "frequency"},
-    "o-prune": {"method": "prune", "prune_by": "output"},
-    # Prune, then compensate: the survivors' down projections refitted to the original layer.
-    "f-prune-fit": {"method": "prune", "prune_by": "frequency", "layer_fit": True},
-    "o-prune-fit": {"method": "prune", "prune_by": "output", "layer_fit": True},
-    "msmoe-fit": {"grouping": "dominant", "metric": "router-logits", "merge": "msmoe",
-                  "layer_fit": True},
-    # REAM (arXiv 2604.04356): REAP-saliency leaders, aligned merge, calibrated on the
-    # already reduced layers before it (ream.py).
-    "ream": {"method": "ream", "merge": "msmoe", "propagate": "merged"},
-    # Per layer, the candidate (AUTO_CANDIDATES, each layer-fitted) whose reduced layer
-    # reproduces the original layer's output best on held-out calibration tokens.
-    "auto": {"method": "auto"},
-}
-AUTO_CANDIDATES = ("o-prune-fit", "f-prune-fit", "msmoe-fit")
-
-
-def named(name: str) -> dict:
-    """The fields a named method sets on top of the caller's options."""
-    return {**HC_SMOE, **NAMED_METHODS[name]}
-DEFAULT_COMPARISON = ("auto", "o-prune-fit", "f-prune", "o-prune", "hc-smoe", "msmoe",
-                      "mergemoe")

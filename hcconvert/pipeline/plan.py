@@ -71,16 +71,9 @@ def stored_layout(spec: ModelSpec, layer: int, names: list[str]) -> ExpertLayout
 
 def build_plan(ckpt: Checkpoint, spec: ModelSpec, experts_out: int,
                dtype: str = "source") -> Plan:
-    """dtype: --dtype, how quantized weights are written (storage.DTYPES)."""
-    if not 1 <= experts_out < spec.num_experts:
-        raise UserError(f"--experts must be between 1 and {spec.num_experts - 1} "
-                        f"(the model has {spec.num_experts} experts per MoE layer)")
-    if not spec.moe_layers:
-        raise UserError("the config marks no layer as MoE: nothing to reduce")
-    if spec.family.fixed_top_k and experts_out < spec.top_k:
-        raise UserError(f"--experts {experts_out}: {spec.family.model_type}'s router always "
-                        f"picks {spec.top_k} experts; keep at least {spec.top_k}")
-    check_routing_groups(spec, experts_out)
+    """Every tensor read and written when the experts are reduced to experts_out (checked
+    against the model by checks.for_model first); dtype: --dtype, how quantized weights are
+    written (storage.DTYPES)."""
     storage = Storage.of(ckpt).writing(dtype)
     layer_names = validate_tensors(ckpt, spec, storage)
     in_layers = {name for names in layer_names for name in names}
@@ -94,34 +87,6 @@ def build_plan(ckpt: Checkpoint, spec: ModelSpec, experts_out: int,
                                 + stored_layout(spec, layer, names).marker))
     return Plan(spec, experts_out, min(spec.top_k, experts_out), global_names, global_outputs,
                 layer_names, layer_outputs, ckpt.total_bytes, storage, requantized)
-
-
-def valid_expert_counts(spec: ModelSpec) -> list[int]:
-    """Every R that group-limited routing can serve: whole groups of at least `ranked_by`
-    experts each, enough of them in the picked groups to fill the top-k."""
-    groups = spec.routing.groups
-    if groups is None:
-        return list(range(1, spec.num_experts))
-    return [r for r in range(groups.count, spec.num_experts, groups.count)
-            if r // groups.count >= groups.ranked_by
-            and groups.picked * (r // groups.count) >= spec.top_k]
-
-
-def check_routing_groups(spec: ModelSpec, experts_out: int) -> None:
-    """Group-limited routing needs whole groups (each group is reduced on its own) that can
-    still fill every token's top-k."""
-    groups = spec.routing.groups
-    if groups is None:
-        return
-    if spec.num_experts % groups.count:
-        raise UserError(f"config.json: {spec.num_experts} experts do not form "
-                        f"{groups.count} routing groups")
-    valid = valid_expert_counts(spec)
-    if experts_out not in valid:
-        shown = ", ".join(map(str, valid)) if valid else "none"
-        raise UserError(f"--experts {experts_out}: group-limited routing (n_group="
-                        f"{groups.count}, topk_group={groups.picked}, top-{spec.top_k}) "
-                        f"needs one of: {shown}")
 
 
 def validate_tensors(ckpt: Checkpoint, spec: ModelSpec,

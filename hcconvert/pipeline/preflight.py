@@ -13,35 +13,42 @@ from pathlib import Path
 from ..errors import UserError
 from ..io.source import Checkpoint, open_headers
 from ..io.staging import check_output_dir
+from ..io.text import JsonText, read_documents
 from ..model.families import family_for
 from ..model.spec import ModelSpec
+from ..model.tokenizer import TextTokenizer, model_tokenizer, no_tokenizer
 from ..resources import human_bytes
-from .calibration import (
-    C4_FILE,
-    C4_REPO,
-    JsonText,
-    TextTokenizer,
-    calibration_sources,
-    model_tokenizer,
-    no_tokenizer,
-    read_documents,
-)
+from .calibration import C4_FILE, C4_REPO, calibration_sources, load_calibration
+from .checks import plan_for
 from .options import ConvertOptions
-from .plan import Plan, build_plan
+from .plan import Plan
 
 
-def plan_from_headers(src: str, options: ConvertOptions) -> tuple[Checkpoint, Plan]:
-    """SRC's plan from its config and headers alone (a Hub repo is not downloaded)."""
+def plan_from_headers(src: str,
+                      options: ConvertOptions) -> tuple[Checkpoint, ConvertOptions, Plan]:
+    """SRC's plan from its config and headers alone (a Hub repo is not downloaded), with the
+    options checked against the model and completed by it (checks.for_model)."""
     ckpt = open_headers(src, options.revision)
     spec = ModelSpec.from_config(ckpt.config, family_for(ckpt.config))
-    return ckpt, build_plan(ckpt, spec, options.experts, options.dtype)
+    return (ckpt, *plan_for(ckpt, spec, options))
 
 
-def check_ready(ckpt: Checkpoint, plan: Plan, options: ConvertOptions, out: Path | None,
+def check_ready(ckpt: Checkpoint, options: ConvertOptions, plan: Plan, out: Path | None,
                 overwrite: bool = False, low_disk: bool = False) -> None:
     """Everything the run needs besides the weights; the first missing one is a UserError."""
-    tokenizer = check_tokenizer(ckpt)
-    check_calibration(options.calib, options.text_field, tokenizer)
+    check_text(ckpt, options)
+    check_output(ckpt, plan, out, overwrite, low_disk)
+
+
+def check_text(ckpt: Checkpoint, options: ConvertOptions) -> int | None:
+    """The tokenizer and the calibration text; returns the samples the text gives, where the
+    tokenizer and the text are at hand (a local checkpoint and --calib files), else None."""
+    return check_calibration(ckpt, options, check_tokenizer(ckpt))
+
+
+def check_output(ckpt: Checkpoint, plan: Plan, out: Path | None, overwrite: bool = False,
+                 low_disk: bool = False) -> None:
+    """--out (if given) and the disk the output and a Hub source's download need."""
     if out is None:
         return
     if ckpt.root is not None:  # a Hub source lands in the HF cache, never inside --out
@@ -61,22 +68,33 @@ def check_tokenizer(ckpt: Checkpoint) -> TextTokenizer | None:
     return None
 
 
-# Enough of a --calib file to know it holds text, without reading a big one twice.
+# Enough of a --calib file to know it holds text, where it cannot be tokenized yet (a Hub
+# source's tokenizer is not downloaded by the preflight).
 PREFLIGHT_CHARS = 100_000
 
 
-def check_calibration(calib: str | None, field: str = "text",
-                      tokenizer: TextTokenizer | None = None) -> None:
-    """Every --calib source must hold text (chat lines rendered with the model's template;
-    with no tokenizer at hand, a Hub source's, only their structure is checked); without
+def check_calibration(ckpt: Checkpoint, options: ConvertOptions,
+                      tokenizer: TextTokenizer | None) -> int | None:
+    """Every --calib source must hold text: with the tokenizer at hand, cut into samples as
+    the run cuts them (the samples are returned); otherwise its structure is checked. Without
     --calib, the default C4 shard must be reachable or already in the HF cache."""
-    if calib is not None:
-        reader = tokenizer.json_reader(field) if tokenizer else JsonText(field, json.dumps)
-        for path, _ in calibration_sources(calib):
-            if path.exists() and not path.is_file() and not path.is_dir():
-                continue  # a pipe (--calib <(zcat ...)) can be read once: by the run
-            read_documents(path, PREFLIGHT_CHARS, reader=reader)
-        return
+    if options.calib is None:
+        _check_default_text()
+        return None
+    sources = calibration_sources(options.calib)
+    # A pipe (--calib <(zcat ...)) can be read once: by the run.
+    readable = [path for path, _ in sources if path.is_file() or not path.exists()]
+    if tokenizer is not None and len(readable) == len(sources):
+        return len(load_calibration(ckpt, options.calib, options.calib_samples,
+                                    options.seq_len, options.seed, options.text_field))
+    reader = tokenizer.json_reader(options.text_field) if tokenizer \
+        else JsonText(options.text_field, json.dumps)
+    for path in readable:
+        read_documents(path, PREFLIGHT_CHARS, reader=reader)
+    return None
+
+
+def _check_default_text() -> None:
     from huggingface_hub import constants, try_to_load_from_cache
 
     cached = try_to_load_from_cache(C4_REPO, C4_FILE, repo_type="dataset")

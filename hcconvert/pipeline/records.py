@@ -22,6 +22,7 @@ class LayerResult:
     # Quantized experts written back: the requantization error (requantization_record).
     requantization: dict | None = None
 
+
 @dataclass
 class Conversion:
     """What a conversion did, for hcconvert.json, the model card and the summary."""

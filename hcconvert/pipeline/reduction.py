@@ -8,7 +8,6 @@ E experts, R groups.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -27,8 +26,9 @@ from ..methods.router import reduce_router, reduce_router_bias
 from ..methods.statistics import LayerStats, group_logsumexp_gram
 from ..model.experts import Experts
 from ..model.families import ExpertLayout, PerExpert
-from .options import AUTO_CANDIDATES, ConvertOptions, named
+from .options import ConvertOptions
 from .plan import stored_layout
+from .recipes import Reduction
 from .records import Conversion, LayerResult
 
 
@@ -47,33 +47,23 @@ class Reduced:
 Routing = Callable[[dict[str, torch.Tensor], int], Route]
 
 
-def _needs(options: ConvertOptions) -> frozenset[str]:
-    """The optional layer statistics one reduction reads (statistics.OPTIONAL_STATS)."""
-    if options.method == "prune":
-        return frozenset({"saliency"} if options.prune_by == "output" else ())
-    if options.method == "ream":
-        return frozenset({"saliency", "output", "router-logits"})
-    # Random grouping never looks at the features.
-    return frozenset() if options.grouping == "random" else frozenset({options.metric})
-
-
-def group_slice(options: ConvertOptions, layer: int, stats: LayerStats, members: slice,
-                keep: int) -> list[list[int]]:
+def group_slice(reduction: Reduction, seed: int, layer: int, stats: LayerStats,
+                members: slice, keep: int) -> list[list[int]]:
     """Groups of the experts in members (indices local to the slice)."""
     counts = stats.counts[members]
-    if options.method == "prune":
-        return prune_groups(prune_scores(stats, options.prune_by)[members], keep)
-    if options.method == "ream":
+    if reduction.kind == "prune":
+        return prune_groups(prune_scores(stats, reduction.prune_by)[members], keep)
+    if reduction.kind == "ream":
         return ream_groups(stats.saliency[members], stats.output_mean[members],
                            stats.router_features[members], keep)
-    if options.grouping == "random":
+    if reduction.grouping == "random":
         features = np.zeros((len(counts), 1))  # random grouping ignores them
     else:
-        features = stats.features(options.metric)[members].double().numpy()
+        features = stats.features(reduction.metric)[members].double().numpy()
     # A seed per layer: one seed for all would draw the same random partition in every layer.
-    return group_experts(features, counts.numpy(), keep, grouping=options.grouping,
-                         linkage=options.linkage, max_group_size=options.max_group_size,
-                         seed=options.seed + layer)
+    return group_experts(features, counts.numpy(), keep, grouping=reduction.grouping,
+                         linkage=reduction.linkage, max_group_size=reduction.max_group_size,
+                         seed=seed + layer)
 
 
 class Reducer:
@@ -82,19 +72,13 @@ class Reducer:
     def __init__(self, conversion: Conversion, options: ConvertOptions, writer: ShardWriter):
         self.conversion, self.options, self.writer = conversion, options, writer
         self.plan, self.spec, self.timer = conversion.plan, conversion.plan.spec, conversion.timer
+        # The reductions tried per layer (auto's candidates, each layer-fitted), by name.
+        self.candidates = options.reductions()
 
     @property
     def needs(self) -> frozenset[str]:
-        """The optional layer statistics this reduction reads (statistics.OPTIONAL_STATS)."""
-        return frozenset().union(*(_needs(options) for options in self.candidates().values()))
-
-    def candidates(self) -> dict[str, ConvertOptions]:
-        """The reductions tried per layer: with --method auto every AUTO_CANDIDATES entry
-        (each layer-fitted); otherwise just this output's."""
-        if self.options.method != "auto":
-            return {self.options.method: self.options}
-        return {name: dataclasses.replace(self.options, **named(name))
-                for name in AUTO_CANDIDATES}
+        """The optional layer statistics this output reads (statistics.OPTIONAL_STATS)."""
+        return frozenset().union(*(r.needs for r in self.candidates.values()))
 
     def write_globals(self, tensors: dict[str, torch.Tensor]) -> None:
         """The tensors outside the decoder layers, copied (as stored, or dequantized with
@@ -120,7 +104,7 @@ class Reducer:
             self.conversion.layers.append(
                 LayerResult(layer, best.groups, stats.counts.tolist(),
                             stats.logit_mean.tolist(), stats.tokens,
-                            choice if self.options.method == "auto" else None,
+                            choice if len(self.candidates) > 1 else None,
                             best.fit.to_json() if best.fit else None, requantization))
         return best.router, best.experts, produced
 
@@ -128,7 +112,7 @@ class Reducer:
     def fits_layers(self) -> bool:
         """Whether some candidate refits the layer to the original's output (the pipeline
         then keeps that output from its forward)."""
-        return any(o.layer_fit for o in self.candidates().values())
+        return self.options.fits_layers
 
     def best_reduction(self, layer: int, experts: Experts, x: torch.Tensor, router: dict,
                        stats: LayerStats, matcher: NeuronMatcher, routing: Routing,
@@ -136,53 +120,54 @@ class Reducer:
         """The candidate whose reduced layer reproduces the original's output best on the
         held-out calibration tokens (the only candidate, without --method auto)."""
         best = None
-        for name, options in self.candidates().items():
-            reduced = self.reduce_with(options, layer, experts, x, router, target, stats,
+        for name, reduction in self.candidates.items():
+            reduced = self.reduce_with(reduction, layer, experts, x, router, target, stats,
                                        matcher, routing)
             if best is None or reduced.fit.error < best[1].fit.error:
                 best = name, reduced  # only the best so far stays in memory
         return best
 
-    def reduce_with(self, options: ConvertOptions, layer: int, experts: Experts,
+    def reduce_with(self, reduction: Reduction, layer: int, experts: Experts,
                     x: torch.Tensor, router: dict, target: torch.Tensor | None,
                     stats: LayerStats, matcher: NeuronMatcher, routing: Routing) -> Reduced:
         """One candidate reduction of the layer: groups, merged experts, router, and with
         layer_fit the down projections refitted to the original layer's output target."""
         family = self.spec.family
-        groups = self.choose_groups(options, layer, stats)
+        groups = self.choose_groups(reduction, layer, stats)
         # REAM merges by saliency: its leader is the most salient member.
-        weights = stats.saliency if options.method == "ream" else stats.counts
-        merged = merge_experts(experts, groups, weights, options.merge, matcher)
+        weights = stats.saliency if reduction.kind == "ream" else stats.counts
+        merged = merge_experts(experts, groups, weights, reduction.merge, matcher)
         weight = router[family.router]
-        gram, cross = self.router_gram(options, x, weight, groups)
-        reduced = {family.router: reduce_router(weight, groups, stats.counts, options.router,
+        gram, cross = self.router_gram(reduction, x, weight, groups)
+        reduced = {family.router: reduce_router(weight, groups, stats.counts, reduction.router,
                                                 gram, cross)}
         if family.router_bias is not None:
             reduced[family.router_bias] = reduce_router_bias(
                 router[family.router_bias], groups, stats.counts)
-        if not options.layer_fit:
+        if not reduction.layer_fit:
             return Reduced(groups, reduced, merged)
         if target is None:
             raise ValueError("the layer fit needs the original layer's output")
         fitted, report = fit_layer(x, target, merged, routing(reduced, len(groups)))
         return Reduced(groups, reduced, fitted, report)
 
-    def router_gram(self, options: ConvertOptions, x: torch.Tensor, router: torch.Tensor,
+    def router_gram(self, reduction: Reduction, x: torch.Tensor, router: torch.Tensor,
                     groups: list[list[int]]):
         """lse-fit's normal equations; not needed when every group is a single expert."""
-        if options.router != "lse-fit" or all(len(g) == 1 for g in groups):
+        if reduction.router != "lse-fit" or all(len(g) == 1 for g in groups):
             return None, None
         return group_logsumexp_gram(x, router, groups)
 
-    def choose_groups(self, options: ConvertOptions, layer: int,
+    def choose_groups(self, reduction: Reduction, layer: int,
                       stats: LayerStats) -> list[list[int]]:
         """The expert groups. Under group-limited routing each routing group of experts is
         reduced on its own, to R/n_group experts, so every merged expert stays in its group."""
         count = self.spec.routing.groups.count if self.spec.routing.groups else 1
-        size, keep = self.spec.num_experts // count, options.experts // count
+        size, keep = self.spec.num_experts // count, self.options.experts // count
         groups = []
         for start in range(0, self.spec.num_experts, size):
-            local = group_slice(options, layer, stats, slice(start, start + size), keep)
+            local = group_slice(reduction, self.options.seed, layer, stats,
+                                slice(start, start + size), keep)
             groups += [[start + e for e in group] for group in local]
         return groups
 
