@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..io.source import Checkpoint
 from ..io.storage import Storage
+from ..io.tensors import TORCH_DTYPES
 from ..model.decoder import HiddenStream, compute_dtype, pick_device
 from ..model.experts import RoutedExperts
 from ..model.spec import ModelSpec, open_source
@@ -49,15 +50,15 @@ class StreamedModel:
         of its own to the KL it measures, which is compared to 1e-4 nats)."""
         self.ckpt, self.spec, self.device, self.tokens = ckpt, spec, device, tokens
         self.storage = Storage.of(ckpt)
-        self.global_names = [n for n in ckpt.tensors
-                             if not n.startswith(spec.family.layers_prefix)]
-        globals_ = ckpt.read(self.global_names)
-        embedding = next(t for n, t in globals_.items() if n.endswith("embed_tokens.weight"))
         if dtype is None:
-            dtype = compute_dtype(device, embedding.dtype) if device.type == "cuda" \
-                else torch.float32
+            stored = TORCH_DTYPES[ckpt.tensors[spec.family.embedding].dtype]
+            dtype = compute_dtype(device, stored) if device.type == "cuda" else torch.float32
         self.decoder = spec.decoder(dtype)
-        self.load_head(globals_)
+        # What the forward reads outside the layers (not an MTP layer's, not a vision tower).
+        outside = self.storage.logical(spec.global_names(ckpt.tensors), ckpt.tensors)
+        self.global_names = [stored for name in outside if self.decoder.reads_global(name)
+                             for stored in self.storage.stored_names(name)]
+        self.load_head()
         self.stream = HiddenStream(self.decoder, tokens, device)
         self.decoder.drop_globals()  # the head is read again after the last layer
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
 from collections.abc import Iterator
 
@@ -284,6 +285,17 @@ class Decoder:
         finally:
             for layer in self.layers:
                 del layer.forward
+
+    def reads_global(self, name: str) -> bool:
+        """Whether the forward loads this tensor (by its dense name on disk) outside the
+        layers: the embedding, the final norm, the LM head."""
+        module = self.module_name(name)
+        return not module.startswith("model.layers.") and module in self.global_modules
+
+    @functools.cached_property
+    def global_modules(self) -> frozenset[str]:
+        """The skeleton's state-dict names (meta tensors: listing them allocates nothing)."""
+        return frozenset(self.model.state_dict(keep_vars=True))
 
     def load_globals(self, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
         """Embeddings, final norm and LM head (by their names on disk) into the skeleton,

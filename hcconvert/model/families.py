@@ -230,6 +230,8 @@ class Family:
     # router score (Llama-4), not experts(x, index, weights): experts.PrescaledExperts adapts.
     prescaled_inputs: bool = False
     mtp: MtpLayout = NEXTN  # where a multi-token-prediction layer would be stored
+    # The token embedding's name on disk where it is not the text model's embed_tokens.
+    embedding_name: str | None = None
 
     @property
     def config_ranges(self) -> dict[str, tuple[int, int]]:
@@ -271,7 +273,7 @@ class Family:
     @property
     def embedding(self) -> str:
         """The token embedding table's name on disk."""
-        return f"{self.text_prefix}embed_tokens.weight"
+        return self.embedding_name or f"{self.text_prefix}embed_tokens.weight"
 
     @property
     def lm_head(self) -> str:

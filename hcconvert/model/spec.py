@@ -3,6 +3,7 @@ structure transformers builds from it, before any weight is read."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,34 @@ class ModelSpec:
         if layer in self.mtp_layers and mtp.layer_prefix is not None:
             return mtp.layer_prefix.format(depth=layer - self.num_layers)
         return self.family.layer_prefix(layer)
+
+    def layer_of(self, name: str) -> int | None:
+        """The index of the layer a tensor belongs to (MTP layers after the decoder layers),
+        None outside every layer; a layer beyond the declared ones is refused."""
+        mtp = self.family.mtp
+        apart = mtp.layer_prefix is not None  # MTP layers outside the text model's layers
+        # (prefix, index of its first layer, how many layers it holds)
+        where = [(self.family.layers_prefix, 0,
+                  self.num_layers + (0 if apart else len(self.mtp_layers)))]
+        if apart:
+            where.append((mtp.layer_prefix.split("{depth}")[0], self.num_layers,
+                          len(self.mtp_layers)))
+        for prefix, first, count in where:
+            if not name.startswith(prefix):
+                continue
+            index = name.removeprefix(prefix).split(".")[0]
+            if not index.isdigit() or int(index) >= count:
+                declared = (f" + {mtp.count_key}={len(self.mtp_layers)}" if self.mtp_layers
+                            else "")
+                raise UserError(f"tensor {name} is beyond num_hidden_layers={self.num_layers}"
+                                f"{declared}")
+            return first + int(index)
+        return None
+
+    def global_names(self, names: Iterable[str]) -> list[str]:
+        """The tensors outside every layer (embeddings, norm, head, an MTP layer's own
+        tensors stored apart, a vision tower), in order: what a conversion copies."""
+        return [name for name in names if self.layer_of(name) is None]
 
     def mtp_own_prefix(self, layer: int) -> str:
         """Where MTP layer `layer`'s own tensors (its norms and projection) are on disk."""

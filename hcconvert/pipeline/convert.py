@@ -158,8 +158,7 @@ class LayerPipeline:
         self.storage = reducers[0].plan.storage
 
     def run(self, tokens: torch.Tensor, progress: bool) -> None:
-        embedding = next(info for n, info in self.ckpt.tensors.items()
-                         if n.endswith("embed_tokens.weight"))
+        embedding = self.ckpt.tensors[self.spec.family.embedding]
         self.dtype = compute_dtype(self.device, TORCH_DTYPES[embedding.dtype],
                                    self.reducers[0].options.compute_dtype)
         self.decoder = self.spec.decoder(self.dtype)

@@ -125,11 +125,11 @@ def estimate_memory(ckpt: Checkpoint, spec: ModelSpec, options: ConvertOptions,
     """Peak GPU and host bytes of a conversion of ckpt with these options under a GPU budget
     (None: none); layer_bytes: the largest layer as stored; mtp: the checkpoint stores an MTP
     layer, whose next-token embeddings stay resident from the start (mtp.NextTokenInputs)."""
-    embedding = next(info for name, info in ckpt.tensors.items()
-                     if name.endswith("embed_tokens.weight"))
+    family = spec.family
+    embedding = ckpt.tensors[family.embedding]
     stored = torch.bfloat16 if embedding.dtype in ("BF16", "F16") else torch.float32
-    globals_bytes = sum(info.nbytes for name, info in ckpt.tensors.items()
-                        if name.endswith(("embed_tokens.weight", "lm_head.weight")))
+    globals_bytes = sum(ckpt.tensors[name].nbytes for name in (family.embedding, family.lm_head)
+                        if name in ckpt.tensors)
     return estimate_from_shapes(spec, options, stored, globals_bytes, layer_bytes,
                                 moe_layer_values(spec), gpu, mtp, budget)
 

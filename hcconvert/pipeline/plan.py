@@ -76,8 +76,7 @@ def build_plan(ckpt: Checkpoint, spec: ModelSpec, experts_out: int,
     written (storage.DTYPES)."""
     storage = Storage.of(ckpt).writing(dtype)
     layer_names = validate_tensors(ckpt, spec, storage)
-    in_layers = {name for names in layer_names for name in names}
-    global_names = [n for n in ckpt.tensors if n not in in_layers]
+    global_names = spec.global_names(ckpt.tensors)
     global_outputs = storage.copied(global_names, ckpt.tensors)
     layer_outputs = [_layer_outputs(ckpt, spec, storage, layer, names, experts_out)
                      for layer, names in enumerate(layer_names)]
@@ -127,7 +126,7 @@ def _names_by_layer(ckpt: Checkpoint, spec: ModelSpec) -> list[list[str]]:
     stored = spec.num_layers + len(spec.mtp_layers)
     per_layer: list[list[str]] = [[] for _ in range(stored)]
     for name in ckpt.tensors:
-        layer = _stored_layer(spec, name)
+        layer = spec.layer_of(name)
         if layer is not None:
             per_layer[layer].append(name)
     mtp = per_layer[spec.num_layers:]
@@ -138,29 +137,6 @@ def _names_by_layer(ckpt: Checkpoint, spec: ModelSpec) -> list[list[str]]:
         raise UserError(f"tensor {later} belongs to a second multi-token-prediction layer; "
                         "hcconvert calibrates one (num_nextn_predict_layers=1)")
     return per_layer[:spec.num_layers] + [names for names in mtp[:1] if names]
-
-
-def _stored_layer(spec: ModelSpec, name: str) -> int | None:
-    """The index of the layer a tensor belongs to (MTP layers after the decoder layers), None
-    outside every layer; a layer beyond the declared ones is refused."""
-    mtp = spec.family.mtp
-    apart = mtp.layer_prefix is not None  # MTP layers outside the text model's layers
-    # (prefix, index of its first layer, how many layers it holds)
-    where = [(spec.family.layers_prefix, 0,
-              spec.num_layers + (0 if apart else len(spec.mtp_layers)))]
-    if apart:
-        where.append((mtp.layer_prefix.split("{depth}")[0], spec.num_layers,
-                      len(spec.mtp_layers)))
-    for prefix, first, count in where:
-        if not name.startswith(prefix):
-            continue
-        index = name.removeprefix(prefix).split(".")[0]
-        if not index.isdigit() or int(index) >= count:
-            declared = f" + {mtp.count_key}={len(spec.mtp_layers)}" if spec.mtp_layers else ""
-            raise UserError(f"tensor {name} is beyond num_hidden_layers={spec.num_layers}"
-                            f"{declared}")
-        return first + int(index)
-    return None
 
 
 def _check_layer(tensors: dict[str, tuple[str, Shape]], spec: ModelSpec, decoder: Decoder,
