@@ -1,5 +1,5 @@
 """Tiny checkpoints in the Hub's quantized layouts, made from tiny bf16 family models with
-quantizers written here, independently of hcconvert's codecs:
+quantizers written here and in reference_codecs, independently of hcconvert's codecs:
 
 - fp8 as DeepSeek-V3/R1 and GLM's FP8 repos: every Linear weight F8_E4M3 with a float32
   `weight_scale_inv` per block; norms, embeddings, LM head and the router gate stay bf16.
@@ -16,15 +16,16 @@ import json
 from pathlib import Path
 
 import torch
-from family_models import Case, save_family_model
-from safetensors.torch import load_file, save_file
-from test_quantization import (
+from checkpoints import load_all
+from family_models import CASES, Case, save_family_model
+from reference_codecs import (
     GPT_OSS,
     KIMI_K2_THINKING,
     reference_downcast_mxfp4,
     reference_pack,
     reference_quantize,
 )
+from safetensors.torch import load_file, save_file
 
 # Not quantized on the Hub: norms, embeddings, LM head, routers.
 FP8_KEPT = ("norm", "embed_tokens", "lm_head", "mlp.gate.weight", "block_sparse_moe.gate.weight")
@@ -78,6 +79,11 @@ def save_fp8_model(case: Case, directory: Path, block=(8, 8), divisor=FP8_MAX) -
     rewrite_shards(directory, quantize)
     set_quantization_config(directory, fp8_config(block, case.model_type))
     return directory
+
+
+# Kimi-K2-Thinking at small size: experts of 32 columns both ways, so groups of 32 fit.
+KIMI_INT4 = CASES["kimi_k2"].__class__(**{**CASES["kimi_k2"].__dict__, "config": {
+    **CASES["kimi_k2"].config, "moe_intermediate_size": 32}})
 
 
 def save_int4_model(case: Case, directory: Path, group: int = 32) -> Path:
@@ -145,8 +151,6 @@ def dense_copy(directory: Path, copy_to: Path, dequantize) -> Path:
     """A copy of a checkpoint with every tensor dequantize(tensors) gives (all tensors ->
     dense tensors), config.json without its quantization_config: what a quantized checkpoint
     computes, for stock transformers."""
-    from conftest import load_all
-
     copy_to.mkdir()
     (copy_to / "config.json").write_bytes((directory / "config.json").read_bytes())
     set_quantization_config(copy_to, None)

@@ -4,31 +4,13 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import save_tiny_mixtral, tree_digest
-
-from hcconvert.cli.main import main
+from checkpoints import save_tiny_mixtral, tree_digest
+from cli_runs import assert_user_error, convert_args, run
 
 
 @pytest.fixture
 def src(tmp_path):
     return save_tiny_mixtral(tmp_path / "src")
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def convert_args(src, out, calib, *extra):
-    return (src, "--experts", 3, "--out", out, "--calib", calib, "--calib-samples", 2,
-            "--seq-len", 32, *extra)
-
-
-def assert_user_error(result, fragment):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hcconvert: error: "), result.stderr
-    assert fragment in lines[0], lines[0]
 
 
 def break_index(src):

@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-from conftest import load_all, save_tiny_mixtral, tree_digest
-from test_cli import assert_user_error, run
+from checkpoints import load_all, save_tiny_mixtral, tree_digest
+from cli_runs import assert_user_error, run
 
 import hcconvert.pipeline.convert
 from hcconvert.eval.compare import compare, named_variants, planned_bytes, shared_passes

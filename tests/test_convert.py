@@ -4,16 +4,13 @@ import json
 
 import pytest
 import torch
-from conftest import load_all, logits_of, save_tiny_mixtral, tree_digest
+from checkpoints import EXPERT, ROUTER, load_all, logits_of, save_tiny_mixtral, tree_digest
 from safetensors.torch import save_file
 
 from hcconvert.model import decoder
 from hcconvert.model.decoder import compute_dtype, half_is_fast
 from hcconvert.pipeline.convert import convert
 from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
-
-EXPERT = "model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"
-ROUTER = "model.layers.{layer}.block_sparse_moe.gate.weight"
 
 
 def reference_merge(src, out, router_method):

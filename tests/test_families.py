@@ -2,8 +2,8 @@
 
 (a) our layer-by-layer forward equals transformers' hidden states and logits (fp32 tight,
     bf16 loose); (b) a conversion's output loads in transformers and equals a reference merge
-    rebuilt here from hcconvert.json; (c) config.json changes only the expert count (and top-k
-    where it must drop); (d) fused on-disk experts stay fused, with R experts.
+    rebuilt from hcconvert.json (parity.py); (c) config.json changes only the expert count (and
+    top-k where it must drop); (d) fused on-disk experts stay fused, with R experts.
 """
 
 import dataclasses
@@ -13,12 +13,21 @@ import shutil
 
 import pytest
 import torch
-from conftest import load_all, logits_of
+from checkpoints import load_all, logits_of, rewrite_tensor
 from family_models import CASES, Case, save_family_model
-from safetensors.torch import load_file, save_file
+from parity import (
+    TOKENS,
+    as_transformers_knows_it,
+    assert_same_forward,
+    keep_index,
+    our_forward,
+    reference_merge,
+    transformers_forward,
+)
+from quantized_models import KIMI_INT4, save_int4_model
+from safetensors.torch import save_file
 
 from hcconvert.errors import UserError
-from hcconvert.eval.evaluate import StreamedModel
 from hcconvert.model import experts as experts_module
 from hcconvert.model.families import FAMILIES
 from hcconvert.model.spec import open_source
@@ -28,7 +37,6 @@ from hcconvert.pipeline.plan import build_plan
 
 # bf16: both sides round every matmul, so agreement is to bf16's ~2-3 significant digits.
 TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=0.05, atol=0.05)}
-TOKENS = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
 def test_every_family_has_a_case():
@@ -36,31 +44,6 @@ def test_every_family_has_a_case():
     # Kimi-K2.5's wrapper: test_kimi_k25_converts_as_its_text_model (transformers 5.24 saves
     # its text layers under other names than the Hub's).
     assert model_types | {"kimi_k25"} == set(FAMILIES)
-
-
-def our_forward(directory, tokens, dtype, teacher=None):
-    """Hidden states after the embeddings and after each layer, and the logits, from the
-    streamed forward the pipeline and `eval` run. With teacher (transformers' hidden states),
-    each layer starts from the teacher's input: in bf16 a chained forward drifts until some
-    token's near-tied top-k flips, which says nothing about either implementation."""
-    ckpt, spec = open_source(str(directory))
-    model = StreamedModel(ckpt, spec, tokens, torch.device("cpu"), dtype)
-    states = [model.stream.hidden.clone()]
-    for layer in range(spec.num_layers):
-        if teacher is not None:
-            model.stream.hidden.copy_(teacher[layer])
-        model.advance(layer)
-        states.append(model.stream.hidden.clone())
-    model.load_head()
-    logits = torch.cat([model.decoder.logits(tokens[i:i + 1], model.stream.hidden[i:i + 1])
-                        for i in range(tokens.shape[0])])
-    return states, logits
-
-
-def transformers_forward(case: Case, directory, tokens, dtype):
-    model = case.load(directory, dtype=dtype)
-    with torch.no_grad():
-        return model(tokens, output_hidden_states=True)
 
 
 @pytest.mark.parametrize("dtype,hub_style", [(torch.float32, False), (torch.float32, True),
@@ -77,68 +60,6 @@ def test_layer_forward_matches_transformers(tmp_path, monkeypatch, name, dtype, 
     teacher = reference.hidden_states if dtype == torch.bfloat16 else None
     states, logits = our_forward(src, TOKENS, dtype, teacher)
     assert_same_forward(states, logits, reference, **TOLERANCE[dtype])
-
-
-def assert_same_forward(states, logits, reference, **tolerance):
-    """Our hidden states after the embeddings and each layer, and our logits, equal
-    transformers' (whose last hidden state has the final norm applied: the logits cover it)."""
-    for layer, (ours, theirs) in enumerate(zip(states[:-1], reference.hidden_states[:-1],
-                                               strict=True)):
-        torch.testing.assert_close(ours, theirs, **tolerance, msg=f"after layer {layer}")
-    torch.testing.assert_close(logits, reference.logits.float(), **tolerance)
-
-
-def member_weights(group, counts):
-    freq = counts[group]
-    freq = freq if freq.sum() > 0 else torch.ones(len(group), dtype=torch.float64)
-    return (freq / freq.sum()).float()
-
-
-def merge(stacked, group, weights):
-    """Σ weights[i] · stacked[group[i]] in fp32, cast back to the source dtype."""
-    members = stacked[group].float()
-    return (members * weights.view(-1, *[1] * (members.dim() - 1))).sum(0).to(stacked.dtype)
-
-
-def reference_merge(case: Case, src, out, router_method):
-    """The reduced checkpoint rebuilt here from the source and hcconvert.json's groups."""
-    record = json.loads((out / "hcconvert.json").read_text())
-    tensors = load_all(src)
-    count = record["experts_before"]
-    for entry in record["layers"]:
-        prefix = case.layer_prefix(entry["layer"])
-        groups, counts = entry["groups"], torch.tensor(entry["frequencies"], dtype=torch.float64)
-        weights = [member_weights(g, counts) for g in groups]
-        router = tensors[prefix + case.router]
-        if router_method == "dominant":
-            rows = [router[max(g, key=lambda e: (counts[e], -e))] for g in groups]
-        else:
-            rows = [merge(router, g, wg) for g, wg in zip(groups, weights, strict=True)]
-        tensors[prefix + case.router] = torch.stack(rows)
-        if case.router_bias is not None:  # the dominant member's entry, along its last axis
-            bias = tensors[prefix + case.router_bias]
-            entries = [bias[..., max(g, key=lambda e: (counts[e], -e))] for g in groups]
-            tensors[prefix + case.router_bias] = torch.stack(entries, dim=-1)
-        templates, fused = stored_experts(case, tensors, prefix)
-        for template in templates:
-            if fused:  # one [E, ...] tensor: merge along its first axis
-                stacked = tensors[prefix + template]
-                tensors[prefix + template] = torch.stack(
-                    [merge(stacked, g, wg) for g, wg in zip(groups, weights, strict=True)])
-                continue
-            stacked = torch.stack([tensors.pop(prefix + template.format(e=e))
-                                   for e in range(count)])
-            for c, (g, wg) in enumerate(zip(groups, weights, strict=True)):
-                tensors[prefix + template.format(e=c)] = merge(stacked, g, wg)
-    return tensors
-
-
-def stored_experts(case: Case, tensors: dict, prefix: str) -> tuple[tuple[str, ...], bool]:
-    """The expert tensor names of one layer and whether they are fused: a fused family's
-    layer may be stored per expert (a mixed checkpoint)."""
-    if case.fused and prefix + case.experts[0] not in tensors:
-        return case.saved_per_expert, False
-    return case.experts, case.fused
 
 
 @pytest.mark.parametrize("dtype,hub_style,router", [
@@ -172,18 +93,6 @@ def test_conversion_equals_reference_merge(tmp_path, calib_text, name, dtype, hu
     assert_config_changes_only_counts(case, src, out)
     if case.grouped or case.config.get("topk_method") == "group_limited_greedy":
         assert_groups_within_routing_groups(case, out)
-
-
-def as_transformers_knows_it(case: Case, directory, copy_to):
-    """directory itself, or (a model_type only remote code knows, as Kimi-K2's) a copy at
-    copy_to whose config names the transformers model_type with the same architecture."""
-    if case.hub_model_type is None:
-        return directory
-    if copy_to != directory:
-        shutil.copytree(directory, copy_to)
-    config = json.loads((copy_to / "config.json").read_text())
-    (copy_to / "config.json").write_text(json.dumps({**config, "model_type": case.model_type}))
-    return copy_to
 
 
 def assert_config_changes_only_counts(case: Case, src, out):
@@ -266,23 +175,6 @@ def test_mixed_layouts_are_written_as_read(tmp_path, calib_text):
     for name in outside:
         assert written[name].dtype == source[name].dtype and torch.equal(written[name],
                                                                          source[name]), name
-
-
-def rewrite_tensor(src, name, change, new_name=None):
-    """Replace tensor `name` in its shard by change(tensor), stored as new_name (default: the
-    same name); change returning None drops it."""
-    index_path = src / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    shard = src / index["weight_map"][name]
-    tensors = load_file(shard)
-    new = change(tensors[name])
-    if new_name is None:
-        del tensors[name], index["weight_map"][name]
-    if new is not None:
-        tensors[new_name or name] = new
-        index["weight_map"][new_name or name] = shard.name
-    save_file(tensors, str(shard), metadata={"format": "pt"})
-    index_path.write_text(json.dumps(index))
 
 
 @pytest.mark.parametrize("name,tensor,change,fragment", [
@@ -374,12 +266,6 @@ def test_inspect_unknown_family_says_not_supported(tmp_path):
     assert result.exit_code == 0, result.output
     assert "'frobnicator': not supported" in result.output
     assert ", ".join(sorted(FAMILIES)) in result.output
-
-
-def keep_index(picks: dict, layer: int, module, args, out) -> None:
-    """A forward hook: routers return (logits, top-k weights, top-k index); Llama-4's returns
-    (scores, logits) and picks the top-1 logit."""
-    picks[layer] = out[2] if len(out) == 3 else out[1].topk(1).indices
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "minimax_m2", "qwen2_moe", "qwen3_next",
@@ -487,8 +373,6 @@ def test_kimi_k25_converts_as_its_text_model(tmp_path, calib_text, int4):
     rewritten inside text_config. int4: Kimi-K2.5's routed experts as Kimi-K2-Thinking's
     compressed-tensors int4, the quantization_config nested in text_config with the rest."""
     if int4:
-        from test_quantized_storage import KIMI_INT4, save_int4_model
-
         src = save_int4_model(KIMI_INT4, tmp_path / "v3")
     else:
         src = save_family_model(CASES["deepseek_v3"], tmp_path / "v3")

@@ -3,8 +3,8 @@ budget (here the CPU stands in for the GPU), with the same output bytes as witho
 
 import pytest
 import torch
-from conftest import save_tiny_mixtral, tree_digest
-from test_cli import assert_user_error, convert_args, run
+from checkpoints import save_tiny_mixtral, tree_digest
+from cli_runs import assert_user_error, convert_args, run
 
 import hcconvert.model.experts
 from hcconvert.model.spec import open_source

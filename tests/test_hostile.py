@@ -5,7 +5,6 @@ import fcntl
 import gzip
 import json
 import os
-import re
 import shutil
 import signal
 import struct
@@ -16,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import save_tiny_mixtral, tree_digest
+from cli_runs import CLI, assert_one_error_line, convert_args
 from click.testing import CliRunner
-from conftest import save_tiny_mixtral, tree_digest
 from safetensors.torch import load_file, save_file
 
 from hcconvert.cli.demo import data_file
@@ -27,7 +27,6 @@ from hcconvert.io.staging import remove_tree, staged_outputs
 from hcconvert.signals import Interrupted, signals_as_interrupts
 
 INDEX = "model.safetensors.index.json"
-CLI = [sys.executable, "-c", "from hcconvert.cli.main import main; main()"]
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +43,6 @@ def src(tmp_path, pristine) -> Path:
 @pytest.fixture
 def calib(tmp_path, calib_text) -> Path:
     return Path(shutil.copy(calib_text, tmp_path / "calib.txt"))
-
-
-def convert_args(src, out, calib, *extra):
-    return [src, "--experts", 3, "--out", out, "--calib", calib, "--calib-samples", 2,
-            "--seq-len", 32, *extra]
-
-
-def assert_one_error_line(code: int, stderr: str, fragment: str, expected_code: int = 2):
-    """One error line, the last; besides it only progress bars and warnings."""
-    assert code == expected_code, stderr
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in re.split(r"[\r\n]+", stderr.strip())
-             if line.strip() and not re.match(r"(layers|eval):|warning: ", line)]
-    assert len(lines) == 1 and lines[0].startswith("hcconvert: error: "), stderr
-    assert stderr.rstrip().endswith(lines[0])
-    assert fragment in lines[0], lines[0]
 
 
 def assert_refused(workspace: Path, src: Path, args: list, fragment: str) -> None:

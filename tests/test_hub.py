@@ -14,10 +14,9 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-from conftest import load_all, save_tiny_mixtral, tree_digest
+from checkpoints import load_all, save_tiny_mixtral, tree_digest
+from cli_runs import CLI, assert_user_error, convert_args, run
 from fake_hub import FakeHub, account, commit
-from test_cli import assert_user_error, convert_args, run
-from test_resume import CLI
 
 import hcconvert.pipeline.convert
 from hcconvert.io import remote, streaming

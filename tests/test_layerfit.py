@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny_mixtral
+from checkpoints import save_tiny_mixtral
 
 from hcconvert.methods import layerfit
 from hcconvert.methods.layerfit import (

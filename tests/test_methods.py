@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import load_all, save_tiny_mixtral
+from checkpoints import EXPERT, ROUTER, load_all, save_tiny_mixtral
+from cli_runs import assert_user_error, convert_args, run
+from expert_sets import GPT_OSS_ACTIVATION, biased_permuted_copies, random_experts
 from scipy.spatial.distance import pdist
-from test_cli import assert_user_error, convert_args, run
-from test_convert import EXPERT, ROUTER
 
 from hcconvert.cli.demo import DemoShape, build_planted_mixtral, data_file
 from hcconvert.eval.compare import named_variants, shared_passes
@@ -18,7 +18,6 @@ from hcconvert.methods.features import router_logit_features, weight_features
 from hcconvert.methods.merging import member_weights, merge_experts
 from hcconvert.methods.pruning import prune_groups
 from hcconvert.methods.statistics import collect_layer_stats, output_means
-from hcconvert.model.activation import Activation
 from hcconvert.model.experts import Experts, RoutedExperts, RoutingRecord
 from hcconvert.pipeline.convert import convert, convert_many
 from hcconvert.pipeline.options import HC_SMOE, NAMED_METHODS, ConvertOptions
@@ -78,13 +77,6 @@ def test_pruning_keeps_survivors_and_their_router_rows(planted, method):
             for w in ("w1", "w2", "w3"):
                 assert torch.equal(written[EXPERT.format(layer=layer.layer, e=new, w=w)],
                                    source[EXPERT.format(layer=layer.layer, e=old, w=w)])
-
-
-def random_experts(count=3, ffn=16, hidden=8, seed=0) -> Experts:
-    gen = torch.Generator().manual_seed(seed)
-    return Experts(torch.randn(count, ffn, hidden, generator=gen),
-                   torch.randn(count, ffn, hidden, generator=gen),
-                   torch.randn(count, hidden, ffn, generator=gen))
 
 
 def with_permuted_copies(base: Experts, perms: list[torch.Tensor]) -> Experts:
@@ -227,24 +219,6 @@ def test_bad_method_options_fail_in_one_line(tmp_path, calib_text, extra, fragme
     src = save_tiny_mixtral(tmp_path / "src")
     assert_user_error(run(*convert_args(src, tmp_path / "out", calib_text, *extra)), fragment)
     assert not (tmp_path / "out").exists()
-
-
-GPT_OSS_ACTIVATION = Activation("clamped_swiglu", alpha=1.702, limit=1.0)
-
-
-def biased_permuted_copies(perms: list[torch.Tensor]) -> Experts:
-    """GPT-OSS-style experts (biases, clamped SwiGLU, a limit the inputs exceed): expert 0
-    of a random set, then one neuron-permuted copy per permutation."""
-    gen = torch.Generator().manual_seed(7)
-    base = random_experts(count=1)
-    gate_bias, up_bias = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
-    down_bias = torch.randn(8, generator=gen)
-    copies = [torch.arange(16), *perms]
-    return Experts(*(torch.stack([t[p] for p in copies]) for t in (base.gate[0], base.up[0])),
-                   torch.stack([base.down[0][:, p] for p in copies]),
-                   torch.stack([gate_bias[p] for p in copies]),
-                   torch.stack([up_bias[p] for p in copies]),
-                   down_bias.repeat(len(copies), 1), GPT_OSS_ACTIVATION)
 
 
 @pytest.mark.parametrize("merge", ["msmoe", "fix-dom", "mergemoe"])

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import load_all, rewrite_tensor
+from cli_runs import assert_one_error_line
 from click.testing import CliRunner
-from conftest import load_all
 from family_models import (
     CASES,
     MTP_SHARD,
@@ -21,15 +22,13 @@ from family_models import (
     add_qwen_mtp_layer,
     save_family_model,
 )
-from safetensors.torch import load_file, save_file
-from test_families import (
+from parity import (
     TOKENS,
     keep_index,
     reference_merge,
-    rewrite_tensor,
     transformers_forward,
 )
-from test_hostile import assert_one_error_line
+from safetensors.torch import load_file, save_file
 
 from hcconvert.cli.demo import data_file
 from hcconvert.cli.main import main

@@ -7,17 +7,19 @@ import json
 
 import pytest
 import torch
-from conftest import load_all, logits_of
+from checkpoints import load_all, logits_of
 from family_models import CASES
-from quantized_models import MXFP4_WEIGHTS, save_mxfp4_model
-from test_families import (
+from parity import (
     TOKENS,
     assert_same_forward,
     member_weights,
     merge,
     our_forward,
+    reduce,
+    relative_error,
+    same_bytes,
 )
-from test_quantized_storage import reduce, relative_error, same_bytes
+from quantized_models import MXFP4_WEIGHTS, save_mxfp4_model
 
 from hcconvert.io.quantization import Mxfp4
 from hcconvert.pipeline.options import HC_SMOE

@@ -6,8 +6,8 @@ from collections import namedtuple
 
 import pytest
 import torch
-from conftest import save_tiny_mixtral
-from test_cli import assert_user_error, convert_args, run
+from checkpoints import save_tiny_mixtral
+from cli_runs import assert_user_error, convert_args, run
 
 import hcconvert
 import hcconvert.pipeline.preflight

@@ -6,10 +6,22 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import load_all, logits_of, tree_digest
+from checkpoints import load_all, logits_of, tree_digest
+from cli_runs import run
 from family_models import CASES
+from parity import (
+    TOKENS,
+    as_transformers_knows_it,
+    assert_same_forward,
+    member_weights,
+    merge,
+    our_forward,
+    reduce,
+    relative_error,
+    same_bytes,
+)
 from quantized_models import (
+    KIMI_INT4,
     block_dequantize,
     dense_copy,
     fp8_dense,
@@ -17,19 +29,9 @@ from quantized_models import (
     save_int4_model,
 )
 from safetensors.torch import load_file, save_file
-from test_families import (
-    TOKENS,
-    as_transformers_knows_it,
-    assert_same_forward,
-    member_weights,
-    merge,
-    our_forward,
-)
 
-from hcconvert.cli.main import main
 from hcconvert.io.quantization import Fp8Block, PackedInt4
-from hcconvert.pipeline.convert import convert
-from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
+from hcconvert.pipeline.options import HC_SMOE
 
 FP8_CASES = ["deepseek_v3", "glm4_moe", "minimax_m2"]
 BLOCK = (8, 8)  # divides every tiny dimension, as 128 divides DeepSeek-V3's
@@ -54,22 +56,6 @@ def test_fp8_forward_matches_transformers(tmp_path, name):
     reference = fp8_logits(src, hidden_states=True)
     states, logits = our_forward(src, TOKENS, torch.float32)
     assert_same_forward(states, logits, reference, rtol=1e-4, atol=1e-4)
-
-
-def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
-
-
-def relative_error(reference, restored) -> float:
-    return ((restored.double() - reference.double()).norm() / reference.double().norm()).item()
-
-
-def reduce(src, out, experts, calib_text, **options):
-    convert(str(src), out, ConvertOptions(experts=experts, calib=str(calib_text),
-                                          calib_samples=4, seq_len=64, **options),
-            progress=False)
-    return json.loads((out / "hcconvert.json").read_text())
 
 
 def expert_names(case, prefix, count):
@@ -199,11 +185,6 @@ def int4_dense(tensors: dict) -> dict:
     return dense
 
 
-# Kimi-K2-Thinking at small size: experts of 32 columns both ways, so groups of 32 fit.
-KIMI_INT4 = CASES["kimi_k2"].__class__(**{**CASES["kimi_k2"].__dict__, "config": {
-    **CASES["kimi_k2"].config, "moe_intermediate_size": 32}})
-
-
 @pytest.mark.parametrize("method", ["prune", "merge"])
 def test_int4_experts_convert(tmp_path, calib_text, method):
     """Kimi-K2-Thinking's int4 experts: written back as int4 (kept experts as stored, merged
@@ -236,10 +217,6 @@ def test_int4_experts_convert(tmp_path, calib_text, method):
     loose = 0.02 if method == "prune" else 0.5
     torch.testing.assert_close(logits_of(reference, TOKENS), logits_of(loadable, TOKENS),
                                rtol=loose, atol=loose)
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def assert_refused(result, fragment, out, src, digest):
@@ -277,7 +254,7 @@ def test_bad_quantized_input_is_one_line(tmp_path, change, fragment):
     src = save_fp8_model(CASES["deepseek_v3"], tmp_path / "src", BLOCK)
     change(src)
     digest, out = tree_digest(src), tmp_path / "out"
-    assert_refused(cli(src, "--experts", 4, "--out", out, "--calib", "x.txt"), fragment, out,
+    assert_refused(run(src, "--experts", 4, "--out", out, "--calib", "x.txt"), fragment, out,
                    src, digest)
 
 
@@ -298,9 +275,9 @@ def test_block_that_does_not_divide_is_refused_on_write_only(tmp_path, calib_tex
     src = save_fp8_model(CASES["deepseek_v3"], tmp_path / "src", (16, 16))
     digest, out = tree_digest(src), tmp_path / "out"
     args = [src, "--experts", 4, "--out", out, "--calib", calib_text]
-    assert_refused(cli(*args), "weight_block_size [16, 16] does not divide "
+    assert_refused(run(*args), "weight_block_size [16, 16] does not divide "
                    "model.layers.1.mlp.experts.0.gate_proj.weight [24, 32]", out, src, digest)
-    result = cli(*args, "--dtype", "bf16", "--dry-run")
+    result = run(*args, "--dtype", "bf16", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "quantized     fp8" in result.output and "bf16 (dequantized)" in result.output
 
@@ -310,19 +287,19 @@ def test_dtype_bf16_needs_a_quantized_source(tmp_path):
 
     src = save_family_model(CASES["deepseek_v3"], tmp_path / "src")
     digest, out = tree_digest(src), tmp_path / "out"
-    assert_refused(cli(src, "--experts", 4, "--out", out, "--dtype", "bf16", "--calib", "x"),
+    assert_refused(run(src, "--experts", 4, "--out", out, "--dtype", "bf16", "--calib", "x"),
                    "--dtype bf16 writes quantized weights dequantized", out, src, digest)
 
 
 def test_inspect_and_dry_run_describe_an_fp8_source(tmp_path, calib_text):
     src = save_fp8_model(CASES["deepseek_v3"], tmp_path / "src", BLOCK)
-    inspected = cli("inspect", src)
+    inspected = run("inspect", src)
     assert inspected.exit_code == 0, inspected.output
     assert "family        deepseek_v3 (supported)" in inspected.output
     assert "F8_E4M3" in inspected.output
     # 72: the dense layer 0 has 5 attention and 3 MLP projections, layers 1-2 add 3 shared
     # and 8 x 3 routed-expert ones each.
-    planned = cli(src, "--experts", 4, "--calib", calib_text, "--dry-run")
+    planned = run(src, "--experts", 4, "--calib", calib_text, "--dry-run")
     assert planned.exit_code == 0, planned.output
     assert "quantized     fp8, 72 quantized weights -> fp8 (merged experts requantized" \
         in planned.output

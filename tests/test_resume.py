@@ -11,15 +11,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import save_tiny_mixtral, tree_digest
+from cli_runs import CLI, assert_one_error_line
 from click.testing import CliRunner
-from conftest import save_tiny_mixtral, tree_digest
 from family_models import CASES, add_mtp_layer, save_family_model
-from test_hostile import assert_one_error_line
 
 from hcconvert.cli.main import main
 from hcconvert.io.durable import KILL_AT_VARIABLE, KILL_SIGNAL_VARIABLE
@@ -27,7 +26,6 @@ from hcconvert.io.staging import STATE_FILE
 from hcconvert.io.tensors import SAFETENSORS_DTYPES, OutputTensor
 from hcconvert.io.writer import ShardWriter
 
-CLI = [sys.executable, "-c", "from hcconvert.cli.main import main; main()"]
 INDEX = "model.safetensors.index.json"
 
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from conftest import save_tiny_mixtral
-from test_methods import biased_permuted_copies, random_experts
+from checkpoints import save_tiny_mixtral
+from expert_sets import biased_permuted_copies, random_experts
 
 from hcconvert.cli.demo import data_file
 from hcconvert.methods import statistics

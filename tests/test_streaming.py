@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import load_all, save_tiny_mixtral
+from checkpoints import load_all, save_tiny_mixtral
 
 import hcconvert.methods.statistics
 from hcconvert.io.source import Checkpoint

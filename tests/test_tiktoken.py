@@ -9,9 +9,9 @@ import json
 import pytest
 import regex
 import tiktoken
-from conftest import load_all
+from checkpoints import load_all
+from cli_runs import run
 from family_models import CASES, save_family_model
-from test_cli import run
 
 from hcconvert.cli.demo import data_file
 from hcconvert.errors import UserError
