@@ -16,7 +16,7 @@ from hcconvert.eval.compare import compare, named_variants, planned_bytes, share
 from hcconvert.eval.evaluate import evaluate, evaluate_many
 from hcconvert.eval.greedy import CONTINUATION_TOKENS, matched_lengths
 from hcconvert.pipeline.convert import convert, convert_many
-from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
+from hcconvert.pipeline.options import ConvertOptions
 
 SMALL = dict(calib_samples=2, seq_len=32)
 
@@ -56,7 +56,7 @@ def test_statistics_are_collected_once_per_layer(tmp_path, src, calib_text, eval
         return collect(*args, **kwargs)
 
     monkeypatch.setattr(hcconvert.pipeline.convert, "collect_layer_stats", counting)
-    base = ConvertOptions(**HC_SMOE, experts=3, calib=str(calib_text), **SMALL)
+    base = ConvertOptions(method="hc-smoe", experts=3, calib=str(calib_text), **SMALL)
     variants = named_variants(["hc-smoe", "weights", "router-logits", "o-prune", "mergemoe"],
                               base)
     results = compare(str(src), variants, eval_text, tmp_path / "runs", seq_len=32, samples=2)
@@ -66,7 +66,7 @@ def test_statistics_are_collected_once_per_layer(tmp_path, src, calib_text, eval
 
 
 def test_shared_pass_writes_what_separate_conversions_write(tmp_path, src, calib_text):
-    base = ConvertOptions(**HC_SMOE, experts=3, calib=str(calib_text), **SMALL)
+    base = ConvertOptions(method="hc-smoe", experts=3, calib=str(calib_text), **SMALL)
     variants = named_variants(["msmoe", "o-prune", "mergemoe", "fix-dom"], base)
     convert_many(str(src), [(tmp_path / "shared" / name, options)
                             for name, options in variants.items()], progress=False)
@@ -79,7 +79,7 @@ def test_shared_pass_writes_what_separate_conversions_write(tmp_path, src, calib
 
 
 def test_merged_propagation_gets_a_pass_of_its_own():
-    base = ConvertOptions(**HC_SMOE, experts=3)
+    base = ConvertOptions(method="hc-smoe", experts=3)
     variants = {"a": base, "b": dataclasses.replace(base, merge="average"),
                 "c": dataclasses.replace(base, propagate="merged"),
                 "d": dataclasses.replace(base, seed=1)}
@@ -128,7 +128,7 @@ def test_evaluate_many_equals_one_at_a_time(tmp_path, calib_text, eval_text):
     for experts in (2, 4):
         outs.append(str(tmp_path / f"out{experts}"))
         convert(str(src), tmp_path / f"out{experts}", ConvertOptions(
-            **HC_SMOE,
+            method="hc-smoe",
             experts=experts, calib=str(calib_text), calib_samples=2, seq_len=32), progress=False)
     together = evaluate_many(str(src), outs, eval_text, seq_len=32, samples=3, progress=False)
     alone = [evaluate(str(src), out, eval_text, seq_len=32, samples=3, progress=False)
@@ -140,7 +140,7 @@ def test_evaluate_many_equals_one_at_a_time(tmp_path, calib_text, eval_text):
 def test_planned_disk_is_what_the_outputs_take_and_own_minutes_exclude_the_shared_pass(
         tmp_path, src, calib_text, eval_text):
     variants = named_variants(["f-prune", "o-prune"], ConvertOptions(
-        **HC_SMOE, experts=2, calib=str(calib_text), **SMALL))
+        method="hc-smoe", experts=2, calib=str(calib_text), **SMALL))
     planned = planned_bytes(str(src), variants)
     results = compare(str(src), variants, eval_text, tmp_path / "runs", seq_len=32, samples=2)
     written = sum(path.stat().st_size for path in (tmp_path / "runs").rglob("*.safetensors"))

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from hcconvert.model import decoder
 from hcconvert.model.decoder import compute_dtype, half_is_fast
 from hcconvert.pipeline.convert import convert
-from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
+from hcconvert.pipeline.options import ConvertOptions
 
 
 def reference_merge(src, out, router_method):
@@ -50,7 +50,7 @@ def reference_merge(src, out, router_method):
 def test_output_loads_and_equals_reference_merge(tmp_path, calib_text, dtype, hub_style, router):
     src = save_tiny_mixtral(tmp_path / "src", dtype=dtype, hub_style_config=hub_style)
     out = tmp_path / "out"
-    options = ConvertOptions(**HC_SMOE,
+    options = ConvertOptions(method="hc-smoe",
                              experts=4, calib=str(calib_text), calib_samples=4, seq_len=64,
                              router=router)
     convert(str(src), out, options, progress=False)
@@ -78,7 +78,7 @@ def test_output_loads_and_equals_reference_merge(tmp_path, calib_text, dtype, hu
 def test_output_layout_and_files(tmp_path, calib_text):
     src = save_tiny_mixtral(tmp_path / "src")
     out = tmp_path / "out"
-    options = ConvertOptions(**HC_SMOE,
+    options = ConvertOptions(method="hc-smoe",
                              experts=3, calib=str(calib_text), calib_samples=2, seq_len=32,
                              max_shard_size=30_000)
     convert(str(src), out, options, progress=False)
@@ -106,7 +106,7 @@ def test_output_layout_and_files(tmp_path, calib_text):
 
 def test_top_k_drops_with_a_warning(tmp_path, calib_text, capsys):
     src = save_tiny_mixtral(tmp_path / "src")
-    options = ConvertOptions(**HC_SMOE,
+    options = ConvertOptions(method="hc-smoe",
                              experts=1, calib=str(calib_text), calib_samples=2, seq_len=32)
     convert(str(src), tmp_path / "out", options, progress=False)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -133,7 +133,7 @@ def test_top_k_drops_in_every_key_that_holds_it():
 def test_source_bytes_unchanged(tmp_path, calib_text, propagate):
     src = save_tiny_mixtral(tmp_path / "src")
     before = tree_digest(src)
-    options = ConvertOptions(**HC_SMOE,
+    options = ConvertOptions(method="hc-smoe",
                              experts=2, calib=str(calib_text), calib_samples=2, seq_len=32,
                              propagate=propagate, router="lse-fit")
     convert(str(src), tmp_path / "out", options, progress=False)
@@ -145,7 +145,7 @@ def test_propagate_changes_only_later_layers(tmp_path, calib_text):
     records = {}
     for propagate in ("original", "merged"):
         out = tmp_path / propagate
-        options = ConvertOptions(**HC_SMOE,
+        options = ConvertOptions(method="hc-smoe",
                                  experts=3, calib=str(calib_text), calib_samples=2, seq_len=32,
                                  propagate=propagate)
         convert(str(src), out, options, progress=False)
@@ -200,6 +200,6 @@ def test_the_summary_times_the_reads(tmp_path, calib_text):
     src = save_tiny_mixtral(tmp_path / "src")
     conversion = convert(str(src), tmp_path / "out",
                          ConvertOptions(experts=3, calib=str(calib_text), calib_samples=2,
-                                        seq_len=32, **HC_SMOE), progress=False)
+                                        seq_len=32, method="hc-smoe"), progress=False)
     assert conversion.timer.seconds["read"] > 0
     assert "read wait" in conversion.timer.seconds

@@ -31,9 +31,9 @@ from hcconvert.errors import UserError
 from hcconvert.model import experts as experts_module
 from hcconvert.model.families import FAMILIES
 from hcconvert.model.spec import open_source
+from hcconvert.pipeline.checks import plan_for
 from hcconvert.pipeline.convert import convert
-from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
-from hcconvert.pipeline.plan import build_plan
+from hcconvert.pipeline.options import ConvertOptions
 
 # bf16: both sides round every matmul, so agreement is to bf16's ~2-3 significant digits.
 TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=0.05, atol=0.05)}
@@ -71,7 +71,7 @@ def test_conversion_equals_reference_merge(tmp_path, calib_text, name, dtype, hu
     case = CASES[name]
     src = save_family_model(case, tmp_path / "src", dtype=dtype, hub_style=hub_style)
     out = tmp_path / "out"
-    options = ConvertOptions(**HC_SMOE,
+    options = ConvertOptions(method="hc-smoe",
                              experts=case.reduce_to, calib=str(calib_text), calib_samples=4,
                              seq_len=64, router=router, max_shard_size=50_000)
     convert(str(src), out, options, progress=False)
@@ -130,7 +130,7 @@ def test_fused_experts_stay_fused(tmp_path, calib_text):
     case = CASES["granitemoe"]
     src = save_family_model(case, tmp_path / "src")
     out = tmp_path / "out"
-    convert(str(src), out, ConvertOptions(**HC_SMOE,
+    convert(str(src), out, ConvertOptions(method="hc-smoe",
                                           experts=3, calib=str(calib_text), calib_samples=2,
                                           seq_len=32, router="dominant"), progress=False)
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
@@ -154,7 +154,7 @@ def test_mixed_layouts_are_written_as_read(tmp_path, calib_text):
     case = CASES["qwen3_5_moe"]
     src = save_family_model(case, tmp_path / "src", fused_layers=[0])
     out = tmp_path / "out"
-    convert(str(src), out, ConvertOptions(**HC_SMOE, experts=3, calib=str(calib_text),
+    convert(str(src), out, ConvertOptions(method="hc-smoe", experts=3, calib=str(calib_text),
                                           calib_samples=2, seq_len=32, router="freq-avg"),
             progress=False)
     written, source = load_all(out), load_all(src)
@@ -196,7 +196,7 @@ def test_bad_tensors_are_named(tmp_path, name, tensor, change, fragment):
     rewrite_tensor(src, tensor, change)
     ckpt, spec = open_source(str(src))
     with pytest.raises(UserError, match=fragment):
-        build_plan(ckpt, spec, CASES[name].reduce_to)
+        plan_for(ckpt, spec, ConvertOptions(experts=CASES[name].reduce_to))[1]
 
 
 def test_unknown_moe_tensor_is_refused(tmp_path):
@@ -207,7 +207,7 @@ def test_unknown_moe_tensor_is_refused(tmp_path):
                    new_name="model.layers.0.mlp.gate.bias")
     ckpt, spec = open_source(str(src))
     with pytest.raises(UserError, match="model.layers.0.mlp.gate.bias is not part of a olmoe"):
-        build_plan(ckpt, spec, 4)
+        plan_for(ckpt, spec, ConvertOptions(experts=4))[1]
 
 
 def test_sparsemixer_keeps_two_experts(tmp_path):
@@ -215,8 +215,8 @@ def test_sparsemixer_keeps_two_experts(tmp_path):
     src = save_family_model(CASES["phimoe"], tmp_path / "src")
     ckpt, spec = open_source(str(src))
     with pytest.raises(UserError, match="phimoe's router always picks 2 experts"):
-        build_plan(ckpt, spec, 1)
-    assert build_plan(ckpt, spec, 2).top_k_out == 2
+        plan_for(ckpt, spec, ConvertOptions(experts=1))[1]
+    assert plan_for(ckpt, spec, ConvertOptions(experts=2))[1].top_k_out == 2
 
 
 @pytest.mark.parametrize("experts", [3, 6])
@@ -224,7 +224,7 @@ def test_group_limited_routing_needs_whole_groups(tmp_path, experts):
     src = save_family_model(CASES["deepseek_v2"], tmp_path / "src")
     ckpt, spec = open_source(str(src))
     with pytest.raises(UserError, match=r"n_group=4, topk_group=2, top-2\) needs one of: 4$"):
-        build_plan(ckpt, spec, experts)
+        plan_for(ckpt, spec, ConvertOptions(experts=experts))[1]
 
 
 INSPECTED = {  # case -> (MoE layers, expert line, layout)

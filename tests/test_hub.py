@@ -97,7 +97,8 @@ def test_dry_run_reads_only_headers(hub, tiny, calib_text, tmp_path):
     result = run(REPO, *args)
     assert result.exit_code == 0, result.stderr
     local = run(tiny, *args).stdout
-    hub_only = ("source", "download")  # a local directory downloads nothing
+    # A local directory downloads nothing, and its calibration is counted with its tokenizer.
+    hub_only = ("source", "download", "calibration")
     assert [line for line in result.stdout.splitlines() if not line.startswith(hub_only)] \
         == [line for line in local.splitlines() if not line.startswith(hub_only)]
     assert f"source        {REPO}" in result.stdout
@@ -256,7 +257,7 @@ def test_conversion_downloads_each_shard_just_in_time(hub, tiny, calib_text, tmp
     peak = float(re.search(r"source disk peak (\S+) KB", result.stdout).group(1))
     shard_kb = sum(p.stat().st_size for p in tiny.glob("*.safetensors")) / 1000
     assert peak < shard_kb / 2 if low_disk else peak == pytest.approx(shard_kb, abs=0.1)
-    ckpt, plan = preflight.plan_from_headers(REPO, ConvertOptions(experts=3))
+    ckpt, _, plan = preflight.plan_from_headers(REPO, ConvertOptions(experts=3))
     if low_disk:  # the preflight's bound holds
         assert peak <= preflight.download_bytes(ckpt, plan, low_disk=True) / 1000 + 0.05
 
@@ -383,7 +384,7 @@ def test_low_disk_needs_only_the_shards_in_flight(hub, tiny, calib_text, tmp_pat
     passes with --low-disk only."""
     hub.state.repos[REPO] = tiny
     options = ConvertOptions(experts=3, calib=str(calib_text))
-    ckpt, plan = preflight.plan_from_headers(REPO, options)
+    ckpt, _, plan = preflight.plan_from_headers(REPO, options)
     low = plan.bytes_out + preflight.download_bytes(ckpt, plan, low_disk=True)
     whole = plan.bytes_out + preflight.download_bytes(ckpt, plan, low_disk=False)
     assert low < whole and whole - plan.bytes_out > plan.bytes_in  # files: headers too

@@ -21,7 +21,7 @@ from hcconvert.methods.statistics import LayerStats
 from hcconvert.model.experts import Experts, RoutedExperts
 from hcconvert.pipeline.convert import convert
 from hcconvert.pipeline.metadata import command_line
-from hcconvert.pipeline.options import NAMED_METHODS, ConvertOptions
+from hcconvert.pipeline.options import ConvertOptions
 from hcconvert.pipeline.recipes import AUTO_CANDIDATES
 from hcconvert.pipeline.reduction import group_slice
 
@@ -127,8 +127,8 @@ def test_ream_leaders_are_the_most_salient_and_members_join_the_most_similar():
 def test_random_grouping_draws_a_different_partition_in_each_layer():
     stats = LayerStats(tokens=1, counts=torch.ones(8), logit_mean=torch.zeros(8),
                        selected=torch.zeros(1, 2))
-    options = ConvertOptions(experts=4, grouping="random")
-    partitions = [group_slice(options, layer, stats, slice(0, 8), 4) for layer in range(4)]
+    reduction = ConvertOptions(experts=4, method="random").reductions()["random"]
+    partitions = [group_slice(reduction, 42, layer, stats, slice(0, 8), 4) for layer in range(4)]
     assert len({json.dumps(p) for p in partitions}) > 1
 
 
@@ -145,7 +145,7 @@ def test_auto_records_each_layers_choice_and_error(tmp_path, calib_text):
 
 
 def test_the_model_cards_command_spells_the_fit_as_a_switch(tmp_path):
-    options = ConvertOptions(experts=4, **NAMED_METHODS["o-prune-fit"])
+    options = ConvertOptions(experts=4, method="prune", prune_by="output", layer_fit=True)
     line = command_line("src", options, tmp_path / "out")
     assert line == ("hcconvert src --experts 4 --method prune --prune-by output --layer-fit "
                     "--out out")

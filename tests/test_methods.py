@@ -20,7 +20,8 @@ from hcconvert.methods.pruning import prune_groups
 from hcconvert.methods.statistics import collect_layer_stats, output_means
 from hcconvert.model.experts import Experts, RoutedExperts, RoutingRecord
 from hcconvert.pipeline.convert import convert, convert_many
-from hcconvert.pipeline.options import HC_SMOE, NAMED_METHODS, ConvertOptions
+from hcconvert.pipeline.options import ConvertOptions
+from hcconvert.pipeline.recipes import RECIPES
 
 SHAPE = DemoShape(layers=2, hidden=64, ffn=64, experts=8, heads=4, kv_heads=2)
 # Every method whose grouping compares experts by a similarity (not dominant, not random).
@@ -33,10 +34,10 @@ def planted(tmp_path_factory):
     """Every named method converted in one shared pass over a planted Mixtral."""
     root = tmp_path_factory.mktemp("planted")
     groups = build_planted_mixtral(root / "src", SHAPE)
-    base = ConvertOptions(**HC_SMOE,
+    base = ConvertOptions(method="hc-smoe",
                           experts=4, calib=str(data_file("demo_calib.txt")), calib_samples=4,
                           seq_len=128)
-    variants = named_variants(list(NAMED_METHODS), base)
+    variants = named_variants(list(RECIPES), base)
     conversions = {}
     for labels in shared_passes(variants):  # REAM propagates merged outputs: a pass of its own
         done = convert_many(str(root / "src"), [(root / name, variants[name]) for name in labels],
@@ -51,7 +52,7 @@ def test_planted_pairs_are_grouped(planted, method):
     assert [layer.groups for layer in conversions[method].layers] == groups
 
 
-@pytest.mark.parametrize("method", list(NAMED_METHODS))
+@pytest.mark.parametrize("method", list(RECIPES))
 def test_every_method_loads_in_transformers(planted, method):
     from transformers import AutoModelForCausalLM
 
@@ -199,7 +200,7 @@ def test_router_logit_features_use_a_seeded_sample():
 
 def test_max_group_size_is_respected(tmp_path, calib_text):
     src = save_tiny_mixtral(tmp_path / "src")
-    options = ConvertOptions(**HC_SMOE,
+    options = ConvertOptions(method="hc-smoe",
                              experts=3, calib=str(calib_text), calib_samples=2, seq_len=32,
                              max_group_size=2, grouping="kmeans", merge="msmoe")
     conversion = convert(str(src), tmp_path / "out", options, progress=False)

@@ -35,7 +35,7 @@ from hcconvert.cli.main import main
 from hcconvert.io.source import Checkpoint
 from hcconvert.pipeline.calibration import load_calibration
 from hcconvert.pipeline.convert import convert
-from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
+from hcconvert.pipeline.options import ConvertOptions
 
 OWN = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight")
 COPIES = ("embed_tokens.weight", "shared_head.head.weight")
@@ -78,7 +78,7 @@ def converted(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     src = save_family_model(case, root / "src")
     layer = add_mtp(request.param, src)
-    options = ConvertOptions(**HC_SMOE, experts=case.reduce_to,
+    options = ConvertOptions(method="hc-smoe", experts=case.reduce_to,
                              calib=str(data_file("demo_calib.txt")), calib_samples=3,
                              seq_len=40, router="freq-avg", max_shard_size=50_000)
     convert(str(src), root / "out", options, progress=False)

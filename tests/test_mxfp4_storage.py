@@ -22,7 +22,6 @@ from parity import (
 from quantized_models import MXFP4_WEIGHTS, save_mxfp4_model
 
 from hcconvert.io.quantization import Mxfp4
-from hcconvert.pipeline.options import HC_SMOE
 
 # F = 64 and H = 32: multiples of the 32-value block, and gate_up [E, H, 2F], down [E, F, H]
 # differ in shape from their stored transposes, so an orientation slip cannot go unnoticed.
@@ -81,7 +80,7 @@ def test_merge_writes_mxfp4_back(source, tmp_path, calib_text):
     the reference merge and with the recorded error; the biases in bf16; every other tensor
     the source's bytes; transformers loads the output as it loads the Hub's."""
     out = tmp_path / "out"
-    record = reduce(source, out, CASE.reduce_to, calib_text, **HC_SMOE)
+    record = reduce(source, out, CASE.reduce_to, calib_text, method="hc-smoe")
     src, written = load_all(source), load_all(out)
     merged = reference_experts(src, record, dequantized(src))
     reduced = {f"model.layers.{layer}.{name}" for layer in LAYERS
@@ -123,7 +122,7 @@ def test_dtype_bf16_writes_experts_dense(source, tmp_path, calib_text):
     """--dtype bf16: the merged experts as GPT-OSS's bf16 parameters (gate_up [R, H, 2F]), no
     blocks or scales, no quantization_config; loads in stock transformers."""
     out = tmp_path / "out"
-    record = reduce(source, out, CASE.reduce_to, calib_text, dtype="bf16", **HC_SMOE)
+    record = reduce(source, out, CASE.reduce_to, calib_text, dtype="bf16", method="hc-smoe")
     src, written = load_all(source), load_all(out)
     merged = reference_experts(src, record, dequantized(src))
     assert "quantization_config" not in json.loads((out / "config.json").read_text())

@@ -203,5 +203,5 @@ def test_eval_calls_its_text_held_out(tmp_path, src):
     short = tmp_path / "short.txt"
     short.write_text("a few words")
     result = run("eval", src, src, "--text", short, "--seq-len", 64, "--samples", 2)
-    assert_user_error(result, "held-out text has")  # too short: refused, not a short sample
+    assert_user_error(result, "held-out text short.txt has")  # refused, not a short sample
     assert "calibration" not in result.stderr

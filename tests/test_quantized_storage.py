@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from checkpoints import load_all, logits_of, tree_digest
-from cli_runs import run
+from cli_runs import assert_user_error, run
 from family_models import CASES
 from parity import (
     TOKENS,
@@ -31,7 +31,6 @@ from quantized_models import (
 from safetensors.torch import load_file, save_file
 
 from hcconvert.io.quantization import Fp8Block, PackedInt4
-from hcconvert.pipeline.options import HC_SMOE
 
 FP8_CASES = ["deepseek_v3", "glm4_moe", "minimax_m2"]
 BLOCK = (8, 8)  # divides every tiny dimension, as 128 divides DeepSeek-V3's
@@ -86,7 +85,7 @@ def test_fp8_merge_writes_fp8_back(tmp_path, calib_text, name):
     case = CASES[name]
     src = save_fp8_model(case, tmp_path / "src", BLOCK)
     out = tmp_path / "out"
-    record = reduce(src, out, case.reduce_to, calib_text, **HC_SMOE)
+    record = reduce(src, out, case.reduce_to, calib_text, method="hc-smoe")
     source, written = load_all(src), load_all(out)
     merged = reference_experts(case, fp8_dense(source, BLOCK), record)
     routers = {f"model.layers.{e['layer']}.{t}" for e in record["layers"]
@@ -149,7 +148,7 @@ def test_fp8_dtype_bf16_writes_everything_dense(tmp_path, calib_text):
     case = CASES["glm4_moe"]
     src = save_fp8_model(case, tmp_path / "src", BLOCK)
     out = tmp_path / "out"
-    record = reduce(src, out, case.reduce_to, calib_text, dtype="bf16", **HC_SMOE)
+    record = reduce(src, out, case.reduce_to, calib_text, dtype="bf16", method="hc-smoe")
     source, written = load_all(src), load_all(out)
     dense = fp8_dense(source, BLOCK)
     merged = reference_experts(case, dense, record)
@@ -191,7 +190,7 @@ def test_int4_experts_convert(tmp_path, calib_text, method):
     ones requantized, the scale and shape tensors in the source's dtypes); the int4 output,
     dequantized, computes what the --dtype bf16 output computes, up to the recorded error."""
     src = save_int4_model(KIMI_INT4, tmp_path / "src")
-    options = {"method": method} if method == "prune" else HC_SMOE
+    options = {"method": method if method == "prune" else "hc-smoe"}
     record = reduce(src, tmp_path / "int4", 6, calib_text, **options)
     reduce(src, tmp_path / "bf16", 6, calib_text, dtype="bf16", **options)
     source, int4, bf16 = (load_all(tmp_path / d) for d in ("src", "int4", "bf16"))
@@ -220,9 +219,7 @@ def test_int4_experts_convert(tmp_path, calib_text, method):
 
 
 def assert_refused(result, fragment, out, src, digest):
-    assert result.exit_code == 2, result.output
-    assert result.output.startswith("hcconvert: error: ") and fragment in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    assert_user_error(result, fragment)
     assert not out.exists() and tree_digest(src) == digest
 
 

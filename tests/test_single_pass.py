@@ -19,7 +19,7 @@ from hcconvert.model.activation import SILU, Activation
 from hcconvert.model.decoder import ATTENTION_BATCH
 from hcconvert.model.experts import Experts, RoutedExperts, RoutingRecord, padded_rows
 from hcconvert.pipeline.convert import convert
-from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
+from hcconvert.pipeline.options import ConvertOptions
 
 SAMPLES = 6  # two batches of ATTENTION_BATCH sequences, the last one short
 
@@ -68,7 +68,7 @@ class Counter:
         monkeypatch.setattr(owner, name, counted)
 
 
-@pytest.mark.parametrize("method", [{"method": "prune", "prune_by": "output"}, HC_SMOE],
+@pytest.mark.parametrize("method", [{"method": "o-prune"}, {"method": "hc-smoe"}],
                          ids=["o-prune", "hc-smoe"])
 def test_one_routing_pass_and_one_routed_forward_per_moe_layer(tmp_path, monkeypatch, method):
     from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter

@@ -15,7 +15,7 @@ from hcconvert.io.source import Checkpoint
 from hcconvert.io.streaming import BackgroundWriter, prefetched_layers
 from hcconvert.kernels.expert_sums import expert_act_sums
 from hcconvert.pipeline.convert import convert
-from hcconvert.pipeline.options import HC_SMOE, ConvertOptions
+from hcconvert.pipeline.options import ConvertOptions
 
 
 def test_prefetch_yields_every_layer_in_order(tmp_path):
@@ -112,7 +112,7 @@ def test_kernel_path_converts_like_the_torch_twin(tmp_path, calib_text, monkeypa
     """The converter's statistics through the Triton kernel (interpreted on CPU here, compiled
     on CUDA) give the same groups and weights as through the torch twin."""
     src = save_tiny_mixtral(tmp_path / "src")
-    options = ConvertOptions(**HC_SMOE,
+    options = ConvertOptions(method="hc-smoe",
                              experts=3, calib=str(calib_text), calib_samples=2, seq_len=32)
     convert(str(src), tmp_path / "torch", options, progress=False)
     monkeypatch.setattr(hcconvert.methods.statistics, "activation_sums", expert_act_sums)

@@ -25,7 +25,6 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
     """The plan from SRC's headers, then the checks the real run makes before its work: a
     UserError from them means the real run would fail."""
     ckpt, options, plan = plan_from_headers(src, options)
-    samples = check_text(ckpt, options)
     spec = plan.spec
     layer_bytes = plan.max_layer_bytes(ckpt)
     budget = options.max_gpu_memory
@@ -46,7 +45,6 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
         f"tensors       {len(ckpt.tensors)} -> {len(plan.outputs)}",
         f"size          {human_bytes(plan.bytes_in)} -> {human_bytes(plan.bytes_out)}",
         *([f"quantized     {storage}"] if (storage := plan.storage.describe()) else []),
-        f"calibration   {_calibration_line(options, samples)}",
         f"largest layer {human_bytes(layer_bytes)}",
         *([f"gpu budget    {_budget_line(budget, on_gpu.chunk_experts, spec.num_experts)}"]
           if budget is not None else []),
@@ -56,6 +54,9 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
         *_download_line(ckpt, plan, low_disk),
     ]
     click.echo("\n".join(lines))
+    # The checks the run makes before its work, in its order; the plan above stays shown.
+    samples = check_text(ckpt, options)
+    click.echo(f"calibration   {_calibration_line(options, samples)}")
     check_output(ckpt, plan, out, overwrite, low_disk)
 
 

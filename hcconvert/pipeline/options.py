@@ -71,10 +71,12 @@ def _check_value(name: str, value) -> None:
     # bool is an int to Python, but seed=True is a mistake, not 1
     if name in INTEGER_RANGES:
         least, greatest = INTEGER_RANGES[name]
-        if not isinstance(value, int) or isinstance(value, bool) \
-                or not least <= value <= greatest:
-            raise UserError(f"{flag(name)} {str(value)[:40]} is not valid; it must be an "
-                            f"integer from {least} to {greatest}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise UserError(f"{flag(name)} {repr(value)[:40]} is not valid; it must be an "
+                            f"integer of at least {least}")
+        if value > greatest:
+            raise UserError(f"{flag(name)} {repr(value)[:40]} is not valid; it must be an "
+                            f"integer of at most {greatest}")
     if name in TEXTS and not isinstance(value, str):
         raise UserError(f"{flag(name)} {value!r} is not valid; it must be text")
     if name in SWITCHES and not isinstance(value, bool):
