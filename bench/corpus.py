@@ -8,9 +8,11 @@ Sources (one "document" = one file):
 * ``code``: the top-level ``*.py`` modules of the Python standard library of the running
   interpreter (``sysconfig.get_paths()["stdlib"]``, e.g.
   ``/root/.pyenv/versions/3.11.7/lib/python3.11/*.py``).
-* ``en``, ``de``, ``fr``, ``es``: manual pages shipped by the Debian packages ``manpages``
-  (English, Linux man-pages project) and ``manpages-de`` / ``manpages-fr`` / ``manpages-es``
-  (translations by the manpages-l10n project). The roff markup is converted to plain
+* ``c``: C header files under ``/usr/include`` (the C library's and the kernel's, from
+  ``libc6-dev`` and ``linux-libc-dev``): a second programming language.
+* ``en``, ``de``, ``fr``, ``es``, ``pl``: manual pages shipped by the Debian packages
+  ``manpages`` (English, Linux man-pages project) and ``manpages-de`` / ``-fr`` / ``-es`` /
+  ``-pl`` (translations by the manpages-l10n project). The roff markup is converted to plain
   text by a small built-in converter (no groff needed), so the output does not depend on
   the installed groff version. Only the non-symlink ``.gz`` pages listed by
   ``dpkg -L PACKAGE`` are used; ``.so`` redirects and mdoc pages are skipped.
@@ -18,7 +20,8 @@ Sources (one "document" = one file):
 Install (Debian 12 "bookworm"; about 7 MB of downloads)::
 
     apt-get update
-    apt-get install -y --no-install-recommends manpages manpages-de manpages-fr manpages-es
+    apt-get install -y --no-install-recommends manpages manpages-de manpages-fr manpages-es \
+        manpages-pl
 
 Note: Debian's slim Docker images may exclude ``/usr/share/man`` via
 ``/etc/dpkg/dpkg.cfg.d/``; this script fails loudly if a package's pages are missing.
@@ -28,6 +31,8 @@ Outputs (default ``bench-out/corpus/``)::
     train.txt        training text, documents separated by a blank line
     calib.jsonl      calibration samples, one {"text": ..., "source": ...} per line
     eval.txt         held-out text (documents disjoint from train and calib)
+    eval-SOURCE.txt, calib-SOURCE.jsonl   the same, one source each (per-domain evaluation,
+                     calibration on one domain)
     manifest.json    package versions, per-source/per-split document and byte counts, sha256
     tokenizer/tokenizer.json, tokenizer/tokenizer_config.json, tokenizer/special_tokens_map.json
 
@@ -64,6 +69,7 @@ MAN_SOURCES = {
     "de": "manpages-de",
     "fr": "manpages-fr",
     "es": "manpages-es",
+    "pl": "manpages-pl",
 }
 APT_INSTALL = (
     "apt-get update && apt-get install -y --no-install-recommends "
@@ -351,14 +357,17 @@ def load_man_docs(package: str) -> list[tuple[str, str]]:
     return docs
 
 
-def load_code_docs(stdlib: str) -> list[tuple[str, str]]:
+def load_code_docs(root: str, pattern: str) -> list[tuple[str, str]]:
+    """Source files under root matching pattern (`*.py`, `**/*.h`), one document each."""
     docs = []
-    for path in sorted(Path(stdlib).glob("*.py")):
+    for path in sorted(Path(root).glob(pattern)):
+        if path.is_symlink() or not path.is_file():
+            continue
         text = path.read_text(encoding="utf-8", errors="replace")
         if len(text) >= 200:
             docs.append((str(path), text.rstrip("\n") + "\n"))
     if not docs:
-        raise SystemExit(f"no *.py files under {stdlib}")
+        raise SystemExit(f"no {pattern} files under {root}")
     return docs
 
 
@@ -458,11 +467,18 @@ def train_tokenizer(train_file: Path, out_dir: Path, vocab_size: int) -> Path:
 # ----------------------------------------------------------------------------- main
 
 
+def write_jsonl(path: Path, records: list[tuple[str, str]]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as fh:
+        for src, t in records:
+            fh.write(json.dumps({"text": t, "source": src}, ensure_ascii=False) + "\n")
+
+
 def build(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stdlib = args.stdlib or sysconfig.get_paths()["stdlib"]
-    sources: dict[str, list[tuple[str, str]]] = {"code": load_code_docs(stdlib)}
+    sources: dict[str, list[tuple[str, str]]] = {"code": load_code_docs(stdlib, "*.py"),
+                                                 "c": load_code_docs(args.include, "**/*.h")}
     for lang in args.langs:
         sources[lang] = load_man_docs(MAN_SOURCES[lang])
 
@@ -499,9 +515,10 @@ def build(args: argparse.Namespace) -> dict:
     records = [(src, t) for src, _, doc in splits["calib"]
                for t in _chunks(doc, args.calib_chunk_chars)]
     rng.shuffle(records)
-    with open(out / "calib.jsonl", "w", encoding="utf-8", newline="\n") as fh:
-        for src, t in records:
-            fh.write(json.dumps({"text": t, "source": src}, ensure_ascii=False) + "\n")
+    write_jsonl(out / "calib.jsonl", records)
+    for name in sources:
+        write_txt(f"eval-{name}.txt", [d for d in splits["eval"] if d[0] == name])
+        write_jsonl(out / f"calib-{name}.jsonl", [r for r in records if r[0] == name])
 
     # sanity: no document in two splits
     seen: dict[str, str] = {}
@@ -536,11 +553,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench-out/corpus")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--langs", nargs="+", default=["en", "de", "fr", "es"],
+    ap.add_argument("--langs", nargs="+", default=["en", "de", "fr", "es", "pl"],
                     choices=sorted(MAN_SOURCES))
     ap.add_argument("--stdlib", default=None, help="dir with Python *.py (default: this Python)")
-    ap.add_argument("--eval-kb", type=int, default=150, help="held-out size (all sources)")
-    ap.add_argument("--calib-kb", type=int, default=300, help="calibration size (all sources)")
+    ap.add_argument("--include", default="/usr/include", help="dir with C headers")
+    # Per source about 40 kB held out (~12k tokens) and 300 kB of calibration text (~90k
+    # tokens: enough to calibrate on one domain with 65k tokens).
+    ap.add_argument("--eval-kb", type=int, default=280, help="held-out size (all sources)")
+    ap.add_argument("--calib-kb", type=int, default=2100, help="calibration size (all sources)")
     ap.add_argument("--train-mb-per-source", type=float, default=2.0)
     ap.add_argument("--max-doc-chars", type=int, default=5000,
                     help="a file contributes at most this much to eval/calib")

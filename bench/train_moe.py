@@ -270,10 +270,11 @@ def make_optimizer(model, args):
 
 
 def train_phase(model, name, data, args, gen, *, budget_s, steps, p0, p1, t_start,
-                governor) -> dict:
+                governor, after_step=None) -> dict:
     """Train until the phase's time budget (or step count) is used.
 
-    The LR schedule's progress runs from p0 to p1 over the phase.
+    The LR schedule's progress runs from p0 to p1 over the phase; after_step(step), if given,
+    runs after every step (the held-out curve, intermediate checkpoints).
     """
     opt = make_optimizer(model, args)
     governor.reset()
@@ -306,6 +307,8 @@ def train_phase(model, name, data, args, gen, *, budget_s, steps, p0, p1, t_star
         step += 1
         now = time.time()
         governor.observe(now - t_step, now, now - t_start)
+        if after_step is not None:
+            after_step(step)
         if now - last_print >= args.log_every_s or step == 1:
             last_print = now
             avg = sum(losses[-20:]) / len(losses[-20:])
@@ -397,6 +400,21 @@ def unigram_baseline(train_ids: np.ndarray, eval_ids: np.ndarray, vocab: int, n_
             "unigram_bits_per_byte": nll / math.log(2) / n_bytes}
 
 
+def save_checkpoint(model, out: Path, corpus: Path, bos: int, eos: int) -> None:
+    """The model like a Hub checkpoint (float32) with the corpus's tokenizer; router logits
+    are a training-only output."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    training_logits, config.output_router_logits = config.output_router_logits, False
+    model.generation_config.bos_token_id = bos
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(out, safe_serialization=True)
+    config.output_router_logits = training_logits
+    for f in TOKENIZER_FILES:
+        if (corpus / "tokenizer" / f).exists():
+            shutil.copy(corpus / "tokenizer" / f, out / f)
+
+
 def saved_tensor_names(out: Path, layer: int = 0) -> list[str]:
     from safetensors import safe_open
 
@@ -452,6 +470,12 @@ def parse_args(argv=None):
                     help="upcycled: expert noise std, relative to the weight's std")
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--log-every-s", type=float, default=15.0)
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="held-out perplexity every N MoE steps (the training curve)")
+    ap.add_argument("--curve-tokens", type=int, default=20_000,
+                    help="held-out tokens the curve is measured on")
+    ap.add_argument("--save-at", type=lambda v: {int(s) for s in v.split(",") if s},
+                    default=set(), help="MoE steps at which to save a checkpoint (step-N/)")
     return ap.parse_args(argv)
 
 
@@ -505,23 +529,32 @@ def main(argv=None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.family} {args.kind}: {n_params / 1e6:.2f}M params, {args.experts} experts "
           f"top-{args.top_k}", flush=True)
+    curve: list[dict] = []
+    curve_ids = eval_ids[:args.curve_tokens]
+
+    def after_step(step: int) -> None:
+        """The held-out curve every --eval-every steps, a checkpoint at each --save-at."""
+        if args.eval_every and step % args.eval_every == 0:
+            point = evaluate(model, curve_ids, n_bytes, args)
+            curve.append({"step": step, "eval_ppl": round(point["eval_ppl"], 3)})
+            print(f"[curve] step {step}: held-out ppl {point['eval_ppl']:.2f}", flush=True)
+        if step in args.save_at:
+            save_checkpoint(model, out / f"step-{step}", corpus, bos, eos)
+
     phases.append(train_phase(model, "moe", data, args, gen, budget_s=moe_budget,
                               steps=args.steps, p0=p0, p1=1.0, t_start=t_start,
-                              governor=governor))
+                              governor=governor, after_step=after_step))
     train_wall = time.time() - t_start
 
     res = evaluate(model, eval_ids, n_bytes, args)
+    by_domain = {}
+    for path in sorted(corpus.glob("eval-*.txt")):
+        text = path.read_text(encoding="utf-8")
+        ids = encode_file(tok, path)
+        by_domain[path.stem.removeprefix("eval-")] = round(
+            evaluate(model, ids, len(text.encode("utf-8")), args)["eval_ppl"], 3)
     src_usage = usage_by_source(model, tok, corpus / "calib.jsonl", args)
-
-    # save like a Hub checkpoint (float32); router logits are a training-only output
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.output_router_logits = False
-    model.generation_config.bos_token_id = bos
-    model.generation_config.eos_token_id = eos
-    model.save_pretrained(out, safe_serialization=True)
-    for f in TOKENIZER_FILES:
-        if (corpus / "tokenizer" / f).exists():
-            shutil.copy(corpus / "tokenizer" / f, out / f)
+    save_checkpoint(model, out, corpus, bos, eos)
     names = saved_tensor_names(out)
 
     log = {
@@ -537,6 +570,8 @@ def main(argv=None) -> dict:
         "final_train_ce": phases[-1]["final_train_ce"],
         **res,
         **base,
+        "eval_ppl_by_domain": by_domain,
+        "curve": curve,
         "expert_usage_by_source": src_usage,
         "train_wall_s": round(train_wall, 1),
         "total_wall_s": round(time.time() - t_start, 1),

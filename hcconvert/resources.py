@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -14,7 +15,9 @@ import torch
 
 
 class StageTimer:
-    """Accumulates seconds per named stage (read / compute / write)."""
+    """Accumulates seconds per named stage (read, forward, fit, write, ...). Stages nest, in
+    one timer or across timers (a reduction's merge runs the shared neuron matching): the
+    inner stage's time is its own, not also the outer's, so the stages add up to the work."""
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
@@ -22,15 +25,35 @@ class StageTimer:
 
     @contextmanager
     def stage(self, name: str):
-        start = time.perf_counter()
+        opened = _open_stages()
+        outer = opened[-1] if opened else None
+        now = time.perf_counter()
+        if outer is not None:  # the outer stage pauses while this one runs
+            outer[0].seconds[outer[1]] += now - outer[2]
+        opened.append([self, name, now])
         try:
             yield
         finally:
-            self.seconds[name] += time.perf_counter() - start
+            now = time.perf_counter()
+            _, _, start = opened.pop()
+            self.seconds[name] += now - start
+            if outer is not None:
+                outer[2] = now
 
     @property
     def wall(self) -> float:
         return time.perf_counter() - self.started
+
+
+_threads = threading.local()
+
+
+def _open_stages() -> list[list]:
+    """This thread's open stages, innermost last: [timer, name, when it (last) resumed] (the
+    writer's thread times its writes while the main thread computes)."""
+    if not hasattr(_threads, "stages"):
+        _threads.stages = []
+    return _threads.stages
 
 
 def peak_rss_bytes() -> int:

@@ -151,18 +151,18 @@ def test_the_model_cards_command_spells_the_fit_as_a_switch(tmp_path):
                     "--out out")
 
 
-def test_what_the_fit_keeps_stays_within_the_estimates_bound(layer, monkeypatch):
-    """The --dry-run estimate counts layerfit.kept_bytes for what fit_down keeps."""
-    x, router, experts, target = layer
-    small_router, survivors = kept(router, experts, [0, 2, 5, 7])
-    taken = []
-    take = layerfit._KeepBudget.take
-
-    def counted(budget, nbytes):
-        kept_it = take(budget, nbytes)
-        taken.append(nbytes if kept_it else 0)
-        return kept_it
-
-    monkeypatch.setattr(layerfit._KeepBudget, "take", counted)
-    fit_down(x, target, survivors, top2(small_router))
-    assert 0 < sum(taken) <= layerfit.kept_bytes(T, 2, 4, F)
+@pytest.mark.parametrize("tokens", [T, 300])  # the primal form, and the dual (n < F)
+def test_what_the_fit_holds_stays_within_the_estimates_bound(layer, tokens):
+    """The --dry-run estimate counts layerfit.fit_bytes for the Gram matrices and the
+    activations the fit keeps (here F is raised so that 300 tokens give the dual form)."""
+    x, router, _, _ = layer
+    wide = Experts(torch.randn(4, 4 * F * 10, H) / H**0.5, torch.randn(4, 4 * F * 10, H) / H**0.5,
+                   torch.randn(4, H, 4 * F * 10) / F**0.5)
+    rule = top2(router[:4])
+    cut = int(tokens * (1 - HOLDOUT_FRACTION))
+    fit = layerfit._DownFit(x[:cut], torch.randn(cut, H), wide, layerfit._routed(*rule(x[:cut])))
+    held = sum(s.gram.gram.numel() * 4 for s in fit.systems.values()) + sum(
+        r.kept.numel() * 4 for r in fit.routed.values() if r.kept is not None)
+    largest = max(s.gram.gram.numel() * 4 for s in fit.systems.values())
+    assert any(s.dual for s in fit.systems.values()) == (tokens == 300)
+    assert 0 < held + largest <= layerfit.fit_bytes(tokens, 2, 4, 4 * F * 10)

@@ -22,6 +22,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ..model.experts import NEURON_AXIS, Experts
+from ..resources import StageTimer
 
 ALIGN_CHUNK_TOKENS = 4096
 # Guards the correlation of a neuron that never varies (dead on the group's tokens).
@@ -35,8 +36,10 @@ class NeuronMatcher:
     msmoe and mergemoe after the same clustering) share the work.
     """
 
-    def __init__(self, x: torch.Tensor, selected: torch.Tensor, experts: Experts):
+    def __init__(self, x: torch.Tensor, selected: torch.Tensor, experts: Experts,
+                 timer: StageTimer | None = None):
         self.x, self.selected, self.experts = x, selected, experts
+        self.timer = timer or StageTimer()  # the matching's time, apart from the merge's
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def group_tokens(self, group: list[int]) -> torch.Tensor:
@@ -93,7 +96,8 @@ class NeuronMatcher:
 
     def _cached(self, key: tuple, compute) -> torch.Tensor:
         if key not in self._cache:
-            self._cache[key] = compute()
+            with self.timer.stage("match"):
+                self._cache[key] = compute()
         return self._cache[key]
 
 

@@ -7,17 +7,19 @@ calibration tokens. With the reduced layer's routing held fixed, its output
     a_i(x) = silu(gate_i x) ⊙ (up_i x) (or the family's activation; b: down's bias, if any)
 is linear in every expert's down projection, so block coordinate descent solves it exactly one
 expert at a time: for expert r, with the others fixed, the tokens routed to r must supply the
-residual y_t − ŷ_t + (r's current contribution), a ridge least-squares problem in down_r whose
-normal equations ([F, F] and [F, H]) accumulate over token chunks. The ridge pulls towards the
-unfitted down projection, so directions calibration never excites stay as they were. A few
-rounds settle the tokens that two fitted experts share.
+residual y_t − ŷ_t + (r's current contribution), a ridge least-squares problem in down_r
+(lstsq.py: fp32 Cholesky, in the dual form when the expert has fewer tokens than neurons). The
+ridge pulls towards the unfitted down projection, so directions calibration never excites stay
+as they were. A few rounds settle the tokens that two fitted experts share.
 
-The calibration tokens are split: the fit sees the first part, the error is measured on the
-held-out rest, and the fitted weights are kept only where they lower the held-out error.
+The calibration tokens are split: the fit sees the first part, the rest is held out. The ridge
+is chosen per layer on the held-out tokens from RIDGES, and the fitted weights are kept only
+where they lower the held-out error; with too few tokens per expert the fit is not tried
+(MIN_FIT_TOKENS): it would chase noise, and the held-out guard would only reject it.
 
 Everything here works on plain tensors; the routing arrives as a callable, so families that
 route differently (sigmoid scores, groups) plug in their own.
-T tokens, H hidden, F expert ffn, R experts of the reduced layer, K top-k.
+T tokens, H hidden, F expert ffn, R experts of the reduced layer, K top-k, n an expert's tokens.
 """
 
 from __future__ import annotations
@@ -35,29 +37,24 @@ from .lstsq import RidgeSystem
 # (transformers' own router of the family, with the layer's reduced router tensors).
 Route = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-# Share of the calibration tokens held out to check that the fit generalises.
+# Share of the calibration tokens held out to choose the ridge and check that the fit
+# generalises.
 HOLDOUT_FRACTION = 0.25
 # Coordinate-descent sweeps over the experts: after two, the shared tokens barely move (the
 # held-out error changes in the fourth digit on the bench models).
 ROUNDS = 2
-# λ relative to mean diag(AᵀA). Larger than lstsq.RIDGE: the fit has only the tokens routed to
-# one expert, often fewer than F, and must not chase their noise.
-FIT_RIDGE = 1e-2
+# The ridges tried per layer, relative to the mean diagonal of each expert's Gram matrix; the
+# one with the lowest held-out error is kept. A constant ridge overfitted small calibrations
+# and under-fitted large ones (docs/BENCHMARKS.md, "The fit at every calibration size").
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0)
+# Fit tokens per kept expert below which the fit is not tried (docs/BENCHMARKS.md measures
+# where it starts to help on the bench models).
+MIN_FIT_TOKENS = 64
 CHUNK_TOKENS = 8192
-# What the fit keeps from one round to the next, for all of a layer's experts together: each
-# expert's factored normal equations ([F, F] fp64) and, when its tokens make one chunk, their
-# activations. Within it, a round after the first forms just Aᵀr and the update; beyond it,
-# an expert recomputes its activations and AᵀA. At the bench's shapes (F = 2048, 4 experts
-# kept, 6144 tokens: 0.23 GB kept) fit_down takes 2.2 s, 4.0 s with nothing kept
-# (bench/bench_fit.py); 4.6 s before both this and the change form (_fit_one).
+# Bytes the fit may keep of its experts' activations between rounds and ridges; beyond it an
+# expert recomputes them from its tokens (the Gram matrices are always kept: the choice of
+# ridge reuses them).
 FIT_KEEP_BYTES = 1 << 30
-
-
-def kept_bytes(tokens: int, top_k: int, experts: int, ffn: int) -> int:
-    """The most fit_down keeps between rounds (capped by FIT_KEEP_BYTES) when it fits `experts`
-    experts of `ffn` neurons, routed top-`top_k`, on `tokens` tokens: each expert's factored
-    normal equations and every routed token's activations."""
-    return min(FIT_KEEP_BYTES, experts * ffn * (ffn + 1) * 8 + tokens * top_k * ffn * 4)
 
 
 @dataclass(frozen=True)
@@ -65,16 +62,79 @@ class FitReport:
     """Relative held-out error ||ŷ − y||² / ||y||² of the layer before and after the fit."""
 
     error_before: float
-    error_after: float
+    error_after: float | None  # None: the fit was not tried
     fitted: bool  # whether the fitted weights were kept (they lowered the held-out error)
+    ridge: float | None = None  # the relative ridge chosen on the held-out tokens
+    skipped: str | None = None  # why the fit was not tried
 
     @property
     def error(self) -> float:
         return self.error_after if self.fitted else self.error_before
 
     def to_json(self) -> dict:
-        return {"error_unfitted": self.error_before, "error_fitted": self.error_after,
-                "fitted": self.fitted}
+        found = {"error_unfitted": self.error_before, "error_fitted": self.error_after,
+                 "fitted": self.fitted, "ridge": self.ridge}
+        return {**found, "skipped": self.skipped} if self.skipped else found
+
+
+def relative_error(predicted: torch.Tensor, target: torch.Tensor) -> float:
+    return ((predicted - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)).item()
+
+
+class _Routed:
+    """One expert's routed tokens and their routing weights (fixed: the routing is), and its
+    scaled activations A = weight × a(x) [n, F] fp32, kept when the budget allows."""
+
+    def __init__(self, e: int, weights: torch.Tensor, index: torch.Tensor):
+        self.e = e
+        self.token, slot = torch.where(index == e)
+        self.gate_weight = weights[self.token, slot].float()
+        self.kept: torch.Tensor | None = None
+
+    def activations(self, x: torch.Tensor, experts: Experts, at: int):
+        """(token chunk, A on it) in turn, kept or computed alike (the same sums either way)."""
+        for start in range(0, self.token.numel(), CHUNK_TOKENS):
+            part = self.token[start:start + CHUNK_TOKENS]
+            if self.kept is not None:
+                yield part, self.kept[start:start + CHUNK_TOKENS]
+                continue
+            yield part, (experts.hidden(x[part].float(), at)
+                         * self.gate_weight[start:start + CHUNK_TOKENS, None])
+
+    def keep(self, x: torch.Tensor, experts: Experts, at: int, budget: list[int],
+             always: bool = False) -> None:
+        """Keep A whole, always or if it fits in what is left of budget (a one-element list
+        of bytes, which it then takes)."""
+        nbytes = self.token.numel() * experts.gate.shape[1] * 4
+        if always or nbytes <= budget[0]:
+            self.kept = torch.cat([a for _, a in self.activations(x, experts, at)])
+            budget[0] -= 0 if always else nbytes
+
+    def add_output(self, out: torch.Tensor, x, experts: Experts, at: int, down: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> None:
+        """out[tokens] += A downᵀ (+ the routed bias): the expert's routed output."""
+        for part, scaled in self.activations(x, experts, at):
+            out.index_add_(0, part, scaled @ down.T)
+        if bias is not None:
+            out.index_add_(0, self.token, self.gate_weight[:, None] * bias.float())
+
+
+def _routed(weights: torch.Tensor, index: torch.Tensor) -> dict[int, _Routed]:
+    """Each expert some token picked ([T, K] each), with its routed tokens."""
+    return {e: _Routed(e, weights, index) for e in index.unique().tolist()}
+
+
+def _routed_sum(x, experts: Experts, routed: dict[int, _Routed],
+                down: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, H] fp32 Σ_k weights[t, k] · expert index[t, k] (x_t) over routed; down [R, H, F]
+    replaces the experts' down projections where given."""
+    out = torch.zeros(x.shape[0], x.shape[1], device=x.device)
+    for chunk, places in experts.chunks(list(routed)):
+        for e, at in places:
+            projection = chunk.down[at].float() if down is None else down[e].to(x.device)
+            bias = chunk.down_bias[at] if chunk.down_bias is not None else None
+            routed[e].add_output(out, x, chunk, at, projection, bias)
+    return out
 
 
 def layer_output(x: torch.Tensor, experts: Experts, route: Route) -> torch.Tensor:
@@ -82,137 +142,119 @@ def layer_output(x: torch.Tensor, experts: Experts, route: Route) -> torch.Tenso
     out = torch.zeros(x.shape[0], x.shape[1], device=x.device)
     for start in range(0, x.shape[0], CHUNK_TOKENS):
         chunk = x[start:start + CHUNK_TOKENS]
-        out[start:start + CHUNK_TOKENS] = _routed_sum(chunk, experts, _routed_fits(*route(chunk)))
+        out[start:start + CHUNK_TOKENS] = _routed_sum(chunk, experts, _routed(*route(chunk)))
     return out
 
 
-def _routed_fits(weights: torch.Tensor, index: torch.Tensor) -> dict[int, _ExpertFit]:
-    """Each expert some token picked ([T, K] each), with its routed tokens and weights."""
-    return {e: _ExpertFit.routed(e, weights, index) for e in index.unique().tolist()}
+class _System:
+    """Expert e's ridge system over its routed fit tokens: the Gram matrix of A in the
+    smaller form (AᵀA [F, F], or AAᵀ [n, n] with A kept when n < F)."""
 
+    def __init__(self, x, experts: Experts, at: int, routed: _Routed, budget: list[int]):
+        ffn = experts.gate.shape[1]
+        self.dual = routed.token.numel() < ffn
+        # In the dual form A is smaller than the primal Gram matrix would be: always kept.
+        routed.keep(x, experts, at, budget, always=self.dual)
+        if self.dual:
+            self.gram = RidgeSystem(routed.kept @ routed.kept.T)
+            return
+        gram = torch.zeros(ffn, ffn, device=x.device)
+        for _, a in routed.activations(x, experts, at):
+            gram += a.T @ a
+        self.gram = RidgeSystem(gram)
 
-def _routed_sum(x, experts: Experts, fits: dict[int, _ExpertFit],
-                keep: _KeepBudget | None = None) -> torch.Tensor:
-    """Σ_k weights[t, k] · expert index[t, k] (x_t), fp32 [T, H], over the routing of fits;
-    keep: what the experts' activations may keep for fit_down's rounds."""
-    out = torch.zeros(x.shape[0], x.shape[1], device=x.device)
-    for chunk, places in experts.chunks(list(fits)):
-        for e, at in places:
-            fit = fits[e]
-            fit.add_output(out, x, chunk, at, chunk.down[at].float(), keep)
-            if chunk.down_bias is not None:  # part of the output; the fit leaves it as it is
-                out.index_add_(0, fit.token, fit.gate_weight[:, None] * chunk.down_bias[at].float())
-    return out
-
-
-def relative_error(predicted: torch.Tensor, target: torch.Tensor) -> float:
-    return ((predicted - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)).item()
+    def change(self, x, experts: Experts, at: int, routed: _Routed, residual: torch.Tensor,
+               offset: torch.Tensor, ridge: float) -> torch.Tensor:
+        """D [F, H] minimising ||A D − (residual + A offset)||² + λ||D||² (offset = the
+        current down − the unfitted one, transposed; residual [n, H] on routed's tokens)."""
+        if self.dual:
+            a = routed.kept
+            return a.T @ self.gram.solve(residual + a @ offset, ridge)
+        rhs = self.gram.gram @ offset
+        for part, a in routed.activations(x, experts, at):
+            rows = torch.searchsorted(routed.token, part)
+            rhs += a.T @ residual[rows]
+        return self.gram.solve(rhs, ridge)
 
 
 def fit_down(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Route,
-             rounds: int = ROUNDS, ridge: float = FIT_RIDGE) -> torch.Tensor:
+             rounds: int = ROUNDS, ridge: float = RIDGES[1]) -> torch.Tensor:
     """[R, H, F] fp32 down projections (kept where the experts are) that make the reduced
     layer (its experts, routing fixed by route) reproduce target [T, H] on x [T, H]; ridge
-    towards experts.down. The experts come to the device a chunk at a time."""
-    weights, index = route(x)  # [T, K] each
-    down = experts.down.float().clone()
-    fits = _routed_fits(weights, index)  # nothing routed to an expert: it stays as it was
-    keep = _KeepBudget(FIT_KEEP_BYTES)
-    predicted = _routed_sum(x, experts, fits, keep)  # the layer's output
-    for _ in range(rounds):
-        for chunk, places in experts.chunks(list(fits)):
-            for e, at in places:
-                current = down[e].to(x.device)
-                change = _fit_one(x, target, predicted, chunk, at, current, fits[e], ridge,
-                                  keep)
-                fits[e].add_output(predicted, x, chunk, at, change)
-                down[e] = current + change
-    return down
+    towards experts.down, relative to each Gram matrix's mean diagonal."""
+    fit = _DownFit(x, target, experts, _routed(*route(x)))
+    return fit.solve(ridge, rounds)
 
 
-class _KeepBudget:
-    """Bytes the fit may still keep from one round to the next (FIT_KEEP_BYTES)."""
+class _DownFit:
+    """The normal equations of every routed expert, formed once for all ridges."""
 
-    def __init__(self, total: int):
-        self.left = total
+    def __init__(self, x, target, experts: Experts, routed: dict[int, _Routed]):
+        self.x, self.target, self.experts, self.routed = x, target, experts, routed
+        budget = [FIT_KEEP_BYTES]
+        self.systems = {e: _System(x, chunk, at, routed[e], budget)
+                        for chunk, places in experts.chunks(list(routed)) for e, at in places}
+        self.unfitted = _routed_sum(x, experts, routed)  # the layer's output as reduced
 
-    def take(self, nbytes: int) -> bool:
-        if nbytes > self.left:
-            return False
-        self.left -= nbytes
-        return True
+    def solve(self, ridge: float, rounds: int = ROUNDS) -> torch.Tensor:
+        """Block coordinate descent from the unfitted down projections at one ridge."""
+        down = self.experts.down.float().clone()
+        predicted = self.unfitted.clone()
+        for _ in range(rounds):
+            for chunk, places in self.experts.chunks(list(self.routed)):
+                for e, at in places:
+                    self._step(chunk, e, at, down, predicted, ridge)
+        return down
 
-
-@dataclass
-class _ExpertFit:
-    """One expert's share of the fit: its routed tokens and their routing weights, and what
-    stays the same in every round (the routing is fixed): its scaled activations, when its
-    tokens make one chunk, and its factored normal equations. Kept (within FIT_KEEP_BYTES),
-    they are computed once instead of in every round."""
-
-    token: torch.Tensor  # [n]
-    gate_weight: torch.Tensor  # [n] fp32
-    activations: torch.Tensor | None = None  # [n, F] fp32, for n <= CHUNK_TOKENS
-    system: RidgeSystem | None = None
-
-    @classmethod
-    def routed(cls, e: int, weights: torch.Tensor, index: torch.Tensor) -> _ExpertFit:
-        token, slot = torch.where(index == e)
-        return cls(token, weights[token, slot].float())
-
-    def scaled_activations(self, x, experts: Experts, e: int):
-        """(token chunk, routing weight × expert e's activations on it [n, F]) in turn."""
-        if self.activations is not None:
-            yield self.token, self.activations
-            return
-        for start in range(0, self.token.numel(), CHUNK_TOKENS):
-            part = self.token[start:start + CHUNK_TOKENS]
-            yield part, (experts.hidden(x[part].float(), e)
-                         * self.gate_weight[start:start + CHUNK_TOKENS, None])
-
-    def add_output(self, predicted: torch.Tensor, x, experts: Experts, e: int,
-                   down: torch.Tensor, keep: _KeepBudget | None = None) -> None:
-        """Add the expert's routed output with down projection down [H, F] to predicted;
-        keep its activations if keep allows."""
-        for part, scaled in self.scaled_activations(x, experts, e):
-            predicted.index_add_(0, part, scaled @ down.T)
-            if (keep is not None and part.numel() == self.token.numel()
-                    and keep.take(scaled.numel() * 4)):
-                self.activations = scaled
-
-
-def _fit_one(x, target, predicted, experts: Experts, e: int, current: torch.Tensor,
-             fit: _ExpertFit, ridge: float, keep: _KeepBudget) -> torch.Tensor:
-    """The change [H, F] to expert e's down projection (now `current`) that fits the layer
-    best with the others fixed: the normal equations over its routed tokens in chunks, fp64
-    sums (AᵀA only while not kept). With A its scaled activations, r the residual
-    target − predicted, W0 the unfitted projection, λ the ridge, the new projection W solves
-    (AᵀA + λI) Wᵀ = Aᵀ(r + A currentᵀ) + λ W0ᵀ; less (AᵀA + λI) currentᵀ on both sides,
-    the change solves (AᵀA + λI) Δᵀ = Aᵀr + λ (W0 − current)ᵀ: one product of A fewer."""
-    ffn, hidden = experts.gate.shape[1], x.shape[1]
-    gram = None if fit.system is not None else torch.zeros(ffn, ffn, dtype=torch.float64,
-                                                           device=x.device)
-    cross = torch.zeros(ffn, hidden, dtype=torch.float64, device=x.device)
-    for part, a in fit.scaled_activations(x, experts, e):
-        if gram is not None:
-            gram += a.T @ a
-        cross += a.T @ (target[part] - predicted[part])
-    system = fit.system or RidgeSystem(gram, ridge)
-    if fit.system is None and keep.take(system.bytes):
-        fit.system = system
-    return system.solve(cross, (experts.down[e].float() - current).T).T.float()
+    def _step(self, chunk: Experts, e: int, at: int, down: torch.Tensor,
+              predicted: torch.Tensor, ridge: float) -> None:
+        """Expert e's down projection refitted with the others fixed; predicted updated."""
+        routed = self.routed[e]
+        unfitted = chunk.down[at].float()
+        current = down[e].to(self.x.device)
+        residual = self.target[routed.token] - predicted[routed.token]
+        offset = (current - unfitted).T
+        solved = self.systems[e].change(self.x, chunk, at, routed, residual, offset, ridge)
+        routed.add_output(predicted, self.x, chunk, at, (solved - offset).T)
+        down[e] = (unfitted + solved.T).to(down.device)
 
 
 def fit_layer(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Route,
               holdout: float = HOLDOUT_FRACTION) -> tuple[Experts, FitReport]:
     """Experts with down projections fitted on the first part of x [T, H] so the reduced
-    layer reproduces target [T, H]; kept only if the held-out tokens agree. The report gives
-    the held-out relative errors before and after."""
+    layer reproduces target [T, H], at the ridge of RIDGES that the held-out tokens prefer;
+    kept only if it lowers their error. The report gives the held-out errors."""
     cut = max(1, int(x.shape[0] * (1 - holdout)))
-    down = fit_down(x[:cut], target[:cut], experts, route)
-    fitted = dataclasses.replace(experts, down=down.to(experts.down.dtype))
     held_x, held_y = x[cut:], target[cut:]
-    before = relative_error(layer_output(held_x, experts, route), held_y)
-    after = relative_error(layer_output(held_x, fitted, route), held_y)
-    report = FitReport(before, after, after < before)
-    return (fitted if report.fitted else experts), report
+    held = _routed(*route(held_x))
+    before = relative_error(_routed_sum(held_x, experts, held), held_y)
+    weights, index = route(x[:cut])
+    per_expert = index.numel() // len(experts)
+    if per_expert < MIN_FIT_TOKENS:
+        return experts, FitReport(before, None, False, skipped=(
+            f"{per_expert} fit tokens per kept expert, fewer than {MIN_FIT_TOKENS}"))
+    fit = _DownFit(x[:cut], target[:cut], experts, _routed(weights, index))
+    best = None
+    for ridge in RIDGES:
+        down = fit.solve(ridge)
+        error = relative_error(_routed_sum(held_x, experts, held, down), held_y)
+        if best is None or error < best[0]:
+            best = error, ridge, down
+    error, ridge, down = best
+    report = FitReport(before, error, error < before, ridge)
+    if not report.fitted:
+        return experts, report
+    return dataclasses.replace(experts, down=down.to(experts.down.dtype)), report
+
+
+def fit_bytes(tokens: int, top_k: int, experts: int, ffn: int) -> int:
+    """The most fit_layer holds for a layer fitted on `tokens` calibration tokens routed
+    top_k over `experts` experts of `ffn` neurons, however unevenly they are routed: the
+    Gram matrices (an expert's n tokens give min(n, F)² entries, n summing to the routed
+    slots), one factorisation, and the activations (an expert in the dual form keeps its
+    [n, F], one in the primal form within FIT_KEEP_BYTES)."""
+    fit_tokens = int(tokens * (1 - HOLDOUT_FRACTION))
+    slots, largest = fit_tokens * top_k, min(fit_tokens, ffn)
+    grams = min(slots * largest, experts * ffn * ffn)
+    kept = min(slots * ffn, FIT_KEEP_BYTES // 4 + experts * ffn * ffn)
+    return 4 * (grams + largest * largest + kept)

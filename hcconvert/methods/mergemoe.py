@@ -14,7 +14,7 @@ What we implement, per group c with members i, frequency weights p_i (B's entrie
   2. down: argmin_W Σ_t ||W a_t − Σ_i p_i down_i a_{i,t}||² + λ||W − W_0||², W_0 the
      frequency-averaged aligned down, over the tokens routed to any member; in closed form
      Wᵀ = (AᵀA + λI)⁻¹ (AᵀY + λW_0ᵀ), with AᵀA [F, F] and AᵀY [F, H] accumulated over token
-     chunks in fp64, λ = RIDGE × mean diag(AᵀA).
+     chunks in fp32 and solved by Cholesky (lstsq.py), λ = RIDGE × mean diag(AᵀA).
 With expert biases (GPT-OSS) the merged down bias is the members' p-weighted mean, which
 supplies Σ_i p_i b_i exactly, so the fit leaves the biases out of W's target.
 How this differs from the paper: only the down projection is fitted (the paper also derives the
@@ -42,8 +42,8 @@ def least_squares_down(matcher: NeuronMatcher, experts: Experts, group: list[int
     device = merged.gate.device
     share = dict(zip(group, weights.tolist(), strict=True))
     members = experts.chunks(group)  # a group that fits one chunk is brought over once
-    gram = torch.zeros(ffn, ffn, dtype=torch.float64, device=device)
-    cross = torch.zeros(ffn, hidden, dtype=torch.float64, device=device)
+    gram = torch.zeros(ffn, ffn, device=device)
+    cross = torch.zeros(ffn, hidden, device=device)
     for chunk in matcher.chunks(group):
         activations = merged.hidden(chunk, 0)  # [t, F] fp32
         target = torch.zeros(chunk.shape[0], hidden, device=device)
@@ -51,6 +51,6 @@ def least_squares_down(matcher: NeuronMatcher, experts: Experts, group: list[int
             for e, at in places:
                 # The members' fp32 weights one at a time: one expert's worth of memory.
                 target += share[e] * (part.hidden(chunk, at) @ part.down[at].float().T)
-        gram += activations.T @ activations  # in-place add promotes into fp64 without a copy
+        gram += activations.T @ activations
         cross += activations.T @ target
     return ridge_solve(gram, cross, merged.down[0].float().T).T.float()

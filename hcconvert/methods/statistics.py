@@ -151,13 +151,12 @@ def group_logsumexp_gram(x: torch.Tensor, router: torch.Tensor, groups: list[lis
     carry its members' combined softmax mass.
     """
     hidden = x.shape[1]
-    gram = torch.zeros(hidden, hidden, dtype=torch.float64, device=x.device)
-    cross = torch.zeros(hidden, len(groups), dtype=torch.float64, device=x.device)
+    gram = torch.zeros(hidden, hidden, device=x.device)
+    cross = torch.zeros(hidden, len(groups), device=x.device)
     for start in range(0, x.shape[0], ROUTER_CHUNK_TOKENS):
-        # fp32 products per chunk, fp64 running sums: exact enough, and fast on any GPU.
         chunk = x[start:start + ROUTER_CHUNK_TOKENS].float()
         logits = chunk @ router.float().T
         targets = torch.stack([logits[:, g].logsumexp(-1) for g in groups], dim=1)
-        gram += (chunk.T @ chunk).double()
-        cross += (chunk.T @ targets).double()
+        gram += chunk.T @ chunk
+        cross += chunk.T @ targets
     return gram, cross

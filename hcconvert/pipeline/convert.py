@@ -173,7 +173,7 @@ class LayerPipeline:
         start = self.progress.finished if self.progress is not None else 0
         # A resumed run never reads the layers it finished (--low-disk: their shards may go).
         self.ckpt.release([name for names in self.plan.layer_names[:start] for name in names])
-        with self.timer.stage("compute"):
+        with self.timer.stage("forward"):
             dense_globals = self.dense(globals_, None)
             self.decoder.load_globals(dense_globals, self.device)
             stream = HiddenStream(self.decoder, tokens, self.device)
@@ -202,7 +202,7 @@ class LayerPipeline:
                 layer += start  # prefetched_layers counts from the first unfinished layer
                 bar.set_postfix_str(f"layer {layer + 1}/{num_layers}: calibrating")
                 if layer in self.plan.mtp_layers:
-                    with self.timer.stage("compute"):
+                    with self.timer.stage("forward"):
                         stream = next_tokens.stream_for(self.dense(raw, layer), stream)
                 self.layer(layer, raw, stream, background)
                 self.checkpoint(layer, stream, background)
@@ -231,7 +231,7 @@ class LayerPipeline:
         if self.spec.reduces(layer):
             self.moe_layer(layer, raw, stream, background)
             return
-        with self.timer.stage("compute"):
+        with self.timer.stage("forward"):
             tensors, _ = self.decoder.layer_parts(layer, self.dense(raw, layer), self.device)
             stream.advance(layer, self.decoder.build_layer(layer, tensors))
             self.synchronize()
@@ -244,7 +244,7 @@ class LayerPipeline:
         choices feed the statistics), each reducer in turn (its write overlapping the next
         one's compute), then with --propagate merged the reduced layer's output instead."""
         spec, family = self.spec, self.spec.family
-        with self.timer.stage("compute"):
+        with self.timer.stage("forward"):
             dense = self.dense(raw, layer)
             tensors, experts = self.decoder.layer_parts(layer, dense, self.device,
                                                         self.chunk_experts[layer])
@@ -258,18 +258,19 @@ class LayerPipeline:
             layer_input = stream.hidden.clone() if self.propagator is not None else None
             stream.advance(layer, module)
             del module
+        with self.timer.stage("statistics"):
             x, selected = record.routing()
             router = {s: dense[s].to(self.device) for s in router_suffixes(spec)}
             stats = collect_layer_stats(x, selected, router[family.router], experts,
                                         self.needs, self.seed, record)
-            matcher = NeuronMatcher(x, selected, experts)
+            matcher = NeuronMatcher(x, selected, experts, self.timer)
         for reducer in self.reducers:
             reduced_router, merged, produced = reducer.reduce(
                 layer, raw, router, experts, x, stats, matcher, self.routing(layer, tensors),
                 record.outputs)
             background.submit(functools.partial(reducer.write_layer, layer, raw, produced))
             if reducer is self.propagator:
-                with self.timer.stage("compute"):
+                with self.timer.stage("forward"):
                     self.propagate(layer, tensors, reduced_router, merged, stream, layer_input)
             del reduced_router, merged, produced  # free the merged experts no later layer needs
         self.synchronize()

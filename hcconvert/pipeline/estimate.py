@@ -24,7 +24,7 @@ import torch
 from ..errors import UserError
 from ..io.source import Checkpoint
 from ..methods.alignment import ALIGN_CHUNK_TOKENS
-from ..methods.layerfit import CHUNK_TOKENS, kept_bytes
+from ..methods.layerfit import CHUNK_TOKENS, fit_bytes
 from ..model.decoder import compute_dtype
 from ..model.spec import ModelSpec
 from ..resources import human_bytes
@@ -165,8 +165,8 @@ def _token_bytes(spec: ModelSpec, options: ConvertOptions, dtype: torch.dtype,
     copies = 2 + options.propagates_merged + mtp
     total = copies * tokens * spec.hidden * element_bytes(dtype)
     if options.fits_layers:
-        total += 2 * tokens * spec.hidden * 4 + kept_bytes(tokens, spec.top_k, options.experts,
-                                                           spec.ffn)
+        total += 2 * tokens * spec.hidden * 4 + fit_bytes(tokens, spec.top_k, options.experts,
+                                                          spec.ffn)
     return total
 
 

@@ -97,9 +97,9 @@ class Reducer:
         stored: the layer's tensors as stored, by their names below the layer;
         router: the router's weight and per-expert bias, by their names below the layer;
         target: the original layer's routed-expert output on x, for the layer fit."""
-        with self.timer.stage("compute"):
-            choice, best = self.best_reduction(layer, experts, x, router, stats, matcher,
-                                               routing, target)
+        choice, best = self.best_reduction(layer, experts, x, router, stats, matcher,
+                                           routing, target)
+        with self.timer.stage("requantize" if layer in self.plan.requantized else "reduce"):
             produced, requantization = self.stored_tensors(layer, best, experts, stored)
             self.conversion.layers.append(
                 LayerResult(layer, best.groups, stats.counts.tolist(),
@@ -119,36 +119,43 @@ class Reducer:
                        target: torch.Tensor | None) -> tuple[str, Reduced]:
         """The candidate whose reduced layer reproduces the original's output best on the
         held-out calibration tokens (the only candidate, without --method auto)."""
-        best = None
+        best, seen = None, []
         for name, reduction in self.candidates.items():
-            reduced = self.reduce_with(reduction, layer, experts, x, router, target, stats,
-                                       matcher, routing)
+            with self.timer.stage(f"reduce {name}"):
+                groups = self.choose_groups(reduction, layer, stats)
+            if _same_reduction(reduction, groups, seen):
+                continue  # auto's pruning candidates often keep the same experts
+            seen.append((reduction, groups))
+            reduced = self.reduce_with(name, reduction, groups, experts, x, router, target,
+                                       stats, matcher, routing)
             if best is None or reduced.fit.error < best[1].fit.error:
                 best = name, reduced  # only the best so far stays in memory
         return best
 
-    def reduce_with(self, reduction: Reduction, layer: int, experts: Experts,
-                    x: torch.Tensor, router: dict, target: torch.Tensor | None,
-                    stats: LayerStats, matcher: NeuronMatcher, routing: Routing) -> Reduced:
-        """One candidate reduction of the layer: groups, merged experts, router, and with
-        layer_fit the down projections refitted to the original layer's output target."""
+    def reduce_with(self, name: str, reduction: Reduction, groups: list[list[int]],
+                    experts: Experts, x: torch.Tensor, router: dict,
+                    target: torch.Tensor | None, stats: LayerStats, matcher: NeuronMatcher,
+                    routing: Routing) -> Reduced:
+        """One candidate reduction of the layer with its groups: merged experts, router, and
+        with layer_fit the down projections refitted to the original layer's output target."""
         family = self.spec.family
-        groups = self.choose_groups(reduction, layer, stats)
-        # REAM merges by saliency: its leader is the most salient member.
-        weights = stats.saliency if reduction.kind == "ream" else stats.counts
-        merged = merge_experts(experts, groups, weights, reduction.merge, matcher)
-        weight = router[family.router]
-        gram, cross = self.router_gram(reduction, x, weight, groups)
-        reduced = {family.router: reduce_router(weight, groups, stats.counts, reduction.router,
-                                                gram, cross)}
-        if family.router_bias is not None:
-            reduced[family.router_bias] = reduce_router_bias(
-                router[family.router_bias], groups, stats.counts)
+        with self.timer.stage(f"reduce {name}"):
+            # REAM merges by saliency: its leader is the most salient member.
+            weights = stats.saliency if reduction.kind == "ream" else stats.counts
+            merged = merge_experts(experts, groups, weights, reduction.merge, matcher)
+            weight = router[family.router]
+            gram, cross = self.router_gram(reduction, x, weight, groups)
+            reduced = {family.router: reduce_router(weight, groups, stats.counts,
+                                                    reduction.router, gram, cross)}
+            if family.router_bias is not None:
+                reduced[family.router_bias] = reduce_router_bias(
+                    router[family.router_bias], groups, stats.counts)
         if not reduction.layer_fit:
             return Reduced(groups, reduced, merged)
         if target is None:
             raise ValueError("the layer fit needs the original layer's output")
-        fitted, report = fit_layer(x, target, merged, routing(reduced, len(groups)))
+        with self.timer.stage(f"fit {name}"):
+            fitted, report = fit_layer(x, target, merged, routing(reduced, len(groups)))
         return Reduced(groups, reduced, fitted, report)
 
     def router_gram(self, reduction: Reduction, x: torch.Tensor, router: torch.Tensor,
@@ -199,6 +206,19 @@ class Reducer:
                 if value is None:
                     value = self.plan.storage.copied_value(tensor.name, raw, prefix)
                 self.writer.write(tensor.name, value.to(TORCH_DTYPES[tensor.dtype]))
+
+
+def _same_reduction(reduction: Reduction, groups: list[list[int]],
+                    seen: list[tuple[Reduction, list[list[int]]]]) -> bool:
+    """Whether a candidate tried already gives this one's reduced layer: the same groups,
+    and either all of them single experts (kept as they are, with their router rows, by any
+    merge and router rule) or the same rules."""
+    def rules(r: Reduction) -> tuple:
+        return r.kind, r.merge, r.router
+    singletons = all(len(group) == 1 for group in groups)
+    return any(groups == before and reduction.layer_fit == other.layer_fit
+               and (singletons or rules(reduction) == rules(other))
+               for other, before in seen)
 
 
 def unchanged_weights(layout: ExpertLayout, groups: list[list[int]], merged: Experts,
