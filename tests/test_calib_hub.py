@@ -153,6 +153,13 @@ def test_chat_messages_and_pairs_go_through_the_chat_template(hub, src, tmp_path
     assert rendered == "a\n\nb"  # no chat template: the pair a blank line apart
 
 
+def test_files_narrow_a_dataset_to_a_glob(hub, src, tmp_path):
+    second = write_jsonl(tmp_path / "second.jsonl", [{"text": d} for d in DOCS[20:]])
+    assert torch.equal(tokens(src, "hf:org/mix:files=code/train-00001.*"),
+                       tokens(src, str(second)))
+    assert hub.downloads() == ["code/train-00001.parquet"]
+
+
 def test_splits_from_file_names_without_a_card(hub, src, tmp_path):
     record = {"messages": [{"role": "user", "content": "held"},
                            {"role": "assistant", "content": "out " * 60}]}
@@ -170,6 +177,8 @@ def test_splits_from_file_names_without_a_card(hub, src, tmp_path):
     ("hf:org/plain:field=body", 'line 1 has no "body" field'),
     ("hf:org/plain:field=instruction+answer", 'line 1 has no "answer" field'),
     ("hf:org/mix:colour=red", "colour is no KEY=VALUE for a dataset"),
+    ("hf:org/mix:files=*.csv", "no file matches files=*.csv"),
+    ("hf:org/mix:files=code/*:split=test", "files= names the files itself"),
     ("hf:org/mix:lots", "after the dataset come :KEY=VALUE"),
     ("hf:org/mix:0", "a weight must be a positive finite number"),
     ("hf:org/a/b", "is not a Hub dataset id"),
@@ -229,7 +238,7 @@ def test_convert_online_offline_and_replay_the_recipe_after_the_branch_moved(
     commit = hub.state.datasets["org/mix"].refs["main"]
     assert record["calibration"]["datasets"] == [
         {"dataset": "org/mix", "commit": commit, "config": None, "split": "train",
-         "field": None, "weight": 0.7}]
+         "files": None, "field": None, "weight": 0.7}]
     assert record["options"]["calib"] == f"hf:org/mix@{commit}:0.7,{other}:0.3"
     before = tokens(src, calib)
 

@@ -67,15 +67,21 @@ class DatasetListing:
         if split not in splits:
             raise UserError(f"dataset {self.repo_id} (config {name}) has no split {split!r}; "
                             f"its splits: {', '.join(splits) or 'none'}")
-        found = sorted({path for path in self.files if not _hidden(path)
-                        and PurePosixPath(path).name not in NOT_DATA
-                        for pattern in splits[split] if _glob(pattern).fullmatch(path)})
+        return self.matching(splits[split], f"the {split} split of config {name}")
+
+    def matching(self, patterns: list[str], what: str) -> list[str]:
+        """The data files that match any of the glob patterns, sorted by path; none, or one
+        hcconvert cannot read, is a UserError (what names the patterns' meaning)."""
+        globs = [_glob(pattern) for pattern in patterns]
+        found = sorted(path for path in self.files if not _hidden(path)
+                       and PurePosixPath(path).name not in NOT_DATA
+                       and any(glob.fullmatch(path) for glob in globs))
         if not found:
-            raise UserError(f"dataset {self.repo_id}: no file matches the {split} split of "
-                            f"config {name} ({', '.join(splits[split])})")
+            raise UserError(f"dataset {self.repo_id}: no file matches {what} "
+                            f"({', '.join(patterns)})")
         unreadable = [path for path in found if not known_type(path)]
         if unreadable:
-            raise UserError(f"dataset {self.repo_id}: the {split} split of config {name} holds "
+            raise UserError(f"dataset {self.repo_id}: {what} holds "
                             f"{PurePosixPath(unreadable[0]).name}; hcconvert reads parquet, "
                             "JSON lines and text files")
         return found
@@ -139,7 +145,8 @@ def _inferred_splits(files: list[str]) -> dict[str, list[str]]:
                           for form in forms]
                   for split, keywords in SPLIT_KEYWORDS.items()}
         found = {split: patterns for split, patterns in splits.items()
-                 if any(_glob(p).fullmatch(path) for p in patterns for path in files)}
+                 if any(glob.fullmatch(path) for glob in map(_glob, patterns)
+                        for path in files)}
         if found:
             return found
     return {"train": ["**"]} if files else {}

@@ -85,27 +85,29 @@ def calibration_path(calib: str) -> Path:
 # A --calib entry that starts so is a Hub dataset; any other is a local file, so a path is
 # never taken for a dataset id (a file named so is spelt ./hf:...).
 HUB_PREFIX = "hf:"
-DATASET_KEYS = ("config", "split", "field")
+DATASET_KEYS = ("config", "split", "files", "field")
 DEFAULT_SPLIT = "train"
 
 
 @dataclass(frozen=True)
 class HubDataset:
     """A --calib entry hf:ORG/NAME[@REVISION][:config=C][:split=S][:field=F]: the split's text
-    (field: --text-field's form, default --text-field's value)."""
+    (field: --text-field's form, default --text-field's value); :files=GLOB instead of config
+    and split reads the repo's files that match (the datasets library's data_files)."""
 
     repo_id: str
     revision: str | None = None
     config: str | None = None
     split: str = DEFAULT_SPLIT
     field: str | None = None
+    files: str | None = None
 
     def spelt(self, revision: str | None = None) -> str:
         """The entry as --calib spells it, at revision where given."""
         revision = revision or self.revision
         keys = [f":{key}={value}" for key, value in (("config", self.config),
                 ("split", None if self.split == DEFAULT_SPLIT else self.split),
-                ("field", self.field)) if value is not None]
+                ("files", self.files), ("field", self.field)) if value is not None]
         return f"{HUB_PREFIX}{self.repo_id}{'@' + revision if revision else ''}{''.join(keys)}"
 
     @property
@@ -115,6 +117,12 @@ class HubDataset:
 
     def listing(self) -> DatasetListing:
         return dataset_listing(self.repo_id, self.revision, self.what)
+
+    def data_files(self, listing: DatasetListing) -> list[str]:
+        """The files read, in order: the split's, or those files= matches."""
+        if self.files is not None:
+            return listing.matching([self.files], f"files={self.files}")
+        return listing.split_files(self.config, self.split)
 
 
 Source = Path | HubDataset
@@ -158,12 +166,16 @@ def _hub_source(entry: str) -> tuple[HubDataset, float]:
     if unknown or len(keys) < len(parts):
         raise UserError(f"--calib {entry!r}: {unknown[0] if unknown else 'a key given twice'}"
                         f" is no KEY=VALUE for a dataset; keys: {', '.join(DATASET_KEYS)}")
+    if "files" in keys and ("config" in keys or "split" in keys):
+        raise UserError(f"--calib {entry!r}: files= names the files itself; drop config= "
+                        "and split=")
     repo_id, at, revision = name.partition("@")
     _check_dataset_id(repo_id, entry)
     if at and not revision:
         raise UserError(f"--calib {entry!r}: an empty revision after @")
     return HubDataset(repo_id, revision or None, keys.get("config"),
-                      keys.get("split", DEFAULT_SPLIT), keys.get("field")), share
+                      keys.get("split", DEFAULT_SPLIT), keys.get("field"),
+                      keys.get("files")), share
 
 
 def _check_dataset_id(repo_id: str, entry: str) -> None:
@@ -203,7 +215,8 @@ def dataset_records(calib: str | None) -> list[dict]:
     if calib is None:
         return []
     return [{"dataset": source.repo_id, "commit": source.revision, "config": source.config,
-             "split": source.split, "field": source.field, "weight": weight}
+             "split": source.split, "files": source.files, "field": source.field,
+             "weight": weight}
             for source, weight in calibration_sources(calib) if isinstance(source, HubDataset)]
 
 
@@ -250,8 +263,7 @@ def source_tokens(source: Source, tokenizer: TextTokenizer, samples: int, seq_le
     if isinstance(source, Path):
         return text_tokens(source, tokenizer, samples, seq_len, seed, field=field)
     listing = source.listing()
-    files = listing.split_files(source.config, source.split)
-    docs = read_files(fetched_files(listing, files, source.what),
+    docs = read_files(fetched_files(listing, source.data_files(listing), source.what),
                       tokenizer.chars_for(samples * seq_len), source.what,
                       tokenizer.json_reader(source.field or field))
     return calibration_tokens(docs, tokenizer, samples, seq_len, seed,

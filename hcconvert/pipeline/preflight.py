@@ -112,7 +112,7 @@ def check_dataset(source: HubDataset, reader: JsonText) -> None:
     from huggingface_hub import constants
 
     listing = source.listing()
-    first = listing.split_files(source.config, source.split)[0]
+    first = source.data_files(listing)[0]
     cached = cached_file(listing, first)
     if cached is not None:
         read_files([(f"{source.what} file {first}", cached)], PREFLIGHT_CHARS, source.what,
