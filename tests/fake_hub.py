@@ -4,7 +4,12 @@
 It serves files (with HTTP ranges, and the commit and ETag headers hf_hub_download needs)
 under /{owner}/{name}/resolve/{revision}/{file}, and the two API calls snapshot_download
 starts with: a repo's commit (/api/models/{repo}/revision/{revision}) and its file tree
-(/api/models/{repo}/tree/{commit}). Every revision names the one commit a repo has.
+(/api/models/{repo}/tree/{commit}). Every revision names the one commit a model repo has.
+
+Dataset repos have commits and branches (add_dataset pushes a directory as a new commit):
+their files under /datasets/{owner}/{name}/resolve/{revision}/{file}, and dataset_info's
+/api/datasets/{repo}[/revision/{revision}] with the commit, the files and the card's YAML
+(the front matter of the commit's README.md, as the Hub parses it into cardData).
 """
 
 from __future__ import annotations
@@ -14,12 +19,16 @@ import json
 import re
 import shutil
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 RESOLVE = re.compile(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
 MODEL_API = re.compile(r"^/api/models/([^/]+/[^/]+)/(revision|tree)/([^/?]+)")
+DATASET_RESOLVE = re.compile(r"^/datasets/([^/]+/[^/]+)/resolve/([^/]+)/([^?]+)")
+DATASET_API = re.compile(r"^/api/datasets/([^/]+/[^/?]+)(?:/revision/([^/?]+))?(?:\?.*)?$")
 RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
@@ -32,12 +41,42 @@ class Request:
 
 
 @dataclass
+class DatasetRepo:
+    commits: dict[str, Path] = field(default_factory=dict)  # commit -> directory served
+    refs: dict[str, str] = field(default_factory=dict)  # branch -> commit
+
+    def commit_of(self, revision: str) -> str | None:
+        revision = unquote(revision)
+        return revision if revision in self.commits else self.refs.get(revision)
+
+
+@dataclass
 class HubState:
     repos: dict[str, Path] = field(default_factory=dict)  # repo id -> directory served
+    datasets: dict[str, DatasetRepo] = field(default_factory=dict)
     accounts: dict[str, dict] = field(default_factory=dict)  # token -> whoami-v2 answer
     status: int | None = None  # when set, every /api and resolve request fails with it
     broken: set[str] = field(default_factory=set)  # files whose download (no Range) gets 403
     requests: list[Request] = field(default_factory=list)
+
+
+def fake_hub_session(tmp_path: Path, monkeypatch) -> Iterator[FakeHub]:
+    """huggingface_hub pointed at a fresh fake Hub, with empty caches (files and assets) and
+    no token, for a pytest fixture to yield from."""
+    import huggingface_hub.constants as constants
+
+    with FakeHub() as fake:
+        monkeypatch.setattr(constants, "ENDPOINT", fake.url)
+        # hf_hub_download builds its URLs from this, fixed when huggingface_hub is imported
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            fake.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setattr(constants, "HF_ASSETS_CACHE", str(tmp_path / "hf-assets"))
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+            monkeypatch.delenv(variable, raising=False)
+        yield fake
 
 
 class FakeHub:
@@ -64,6 +103,19 @@ class FakeHub:
     def shard_requests(self) -> list[Request]:
         return [r for r in self.state.requests if r.path.endswith(".safetensors")]
 
+    def add_dataset(self, repo_id: str, directory: Path, branch: str = "main") -> str:
+        """Push directory as a new commit of the dataset repo onto branch; its commit."""
+        repo = self.state.datasets.setdefault(repo_id, DatasetRepo())
+        sha = hashlib.sha1(f"{repo_id}:{len(repo.commits)}".encode()).hexdigest()
+        repo.commits[sha] = directory
+        repo.refs[branch] = sha
+        return sha
+
+    def downloads(self) -> list[str]:
+        """The dataset files fetched whole (GET without a range), in order."""
+        return [r.path.split("/resolve/", 1)[1].split("/", 1)[1] for r in self.state.requests
+                if r.method == "GET" and not r.range and DATASET_RESOLVE.match(r.path)]
+
 
 class _Handler(BaseHTTPRequestHandler):
     state: HubState
@@ -86,6 +138,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(self.state.status, b"{}", body)
         if self.path == "/api/whoami-v2":
             return self._whoami(body)
+        dataset = DATASET_RESOLVE.match(self.path) or DATASET_API.match(self.path)
+        if dataset:
+            return self._dataset(dataset, request, body)
         match = RESOLVE.match(self.path) or MODEL_API.match(self.path)
         if not match or match.group(1) not in self.state.repos:
             return self._send(404, b"", body, {"X-Error-Code": "RepoNotFound"})
@@ -110,6 +165,26 @@ class _Handler(BaseHTTPRequestHandler):
             answer = [{"type": "file", "path": name, "size": p.stat().st_size, "oid": etag(p)}
                       for name, p in zip(names, files, strict=True)]
         self._send(200, json.dumps(answer).encode(), body)
+
+    def _dataset(self, match: re.Match, request: Request, body: bool) -> None:
+        repo = self.state.datasets.get(match.group(1))
+        if repo is None:
+            return self._send(404, b"{}", body, {"X-Error-Code": "RepoNotFound"})
+        sha = repo.commit_of(match.group(2) or "main")
+        if sha is None:
+            return self._send(404, b"{}", body, {"X-Error-Code": "RevisionNotFound"})
+        root = repo.commits[sha]
+        if match.re is DATASET_API:
+            names = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+            answer = {"id": match.group(1), "sha": sha,
+                      "siblings": [{"rfilename": name} for name in names],
+                      **({"cardData": card} if (card := card_data(root)) else {})}
+            return self._send(200, json.dumps(answer).encode(), body)
+        path = root / unquote(match.group(3))
+        if not path.is_file():
+            return self._send(404, b"", body, {"X-Error-Code": "EntryNotFound"})
+        request.bytes_sent = self._send_file(path, body, {"X-Repo-Commit": sha,
+                                                          "ETag": f'"{etag(path)}"'})
 
     def _whoami(self, body: bool) -> None:
         token = self.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -161,6 +236,17 @@ class _Limited:
         data = self.f.read(size)
         self.left -= len(data)
         return data
+
+
+def card_data(root: Path) -> dict | None:
+    """The YAML front matter of a dataset's README.md, as the Hub returns it (cardData)."""
+    import yaml
+
+    readme = root / "README.md"
+    if not readme.is_file():
+        return None
+    parts = readme.read_text().split("---\n")
+    return yaml.safe_load(parts[1]) if len(parts) > 2 and parts[0] == "" else None
 
 
 def commit(repo_id: str) -> str:

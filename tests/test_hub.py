@@ -16,7 +16,7 @@ import huggingface_hub.constants
 import pytest
 from checkpoints import load_all, save_tiny_mixtral, tree_digest
 from cli_runs import CLI, assert_user_error, convert_args, run
-from fake_hub import FakeHub, account, commit
+from fake_hub import account, commit, fake_hub_session
 
 import hcconvert.pipeline.convert
 from hcconvert.io import remote, streaming
@@ -37,19 +37,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """huggingface_hub pointed at a fresh fake Hub, with an empty cache and no token."""
-    import huggingface_hub.constants as constants
-
-    with FakeHub() as fake:
-        monkeypatch.setattr(constants, "ENDPOINT", fake.url)
-        # hf_hub_download builds its URLs from this, fixed when huggingface_hub is imported
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            fake.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
-            monkeypatch.delenv(variable, raising=False)
-        yield fake
+    yield from fake_hub_session(tmp_path, monkeypatch)
 
 
 @pytest.fixture

@@ -167,8 +167,9 @@ def options_of(*decorators):
 # Numbers are checked by ConvertOptions itself, the same for the CLI and the Python API.
 calibration_numbers = options_of(
     click.option("--text-field", default=DEFAULTS["text_field"], show_default=True,
-                 help="Field of JSON calibration lines that holds the text (lines with chat "
-                 "'messages' instead are rendered with the model's chat template)."),
+                 help="Field of JSON lines and parquet rows that holds the text, or PROMPT+"
+                 "RESPONSE for an instruction/response pair (records with chat 'messages' "
+                 "instead, and pairs, are rendered with the model's chat template)."),
     click.option("--calib-samples", type=int, default=DEFAULTS["calib_samples"],
                  show_default=True, help="Calibration sequences."),
     click.option("--seq-len", type=int, help=f"Tokens per calibration sequence. Default: "
@@ -209,9 +210,12 @@ def size(ctx: click.Context, param: click.Parameter, value: str | None) -> int |
 @click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Replay a run: the options of its hcconvert.json (or of a JSON object of "
               "options); flags given here override them.")
-@click.option("--calib", metavar="FILE[:W],...", help="Calibration text: .jsonl / .json(.gz) "
-              "with a text field or chat messages, or .txt (.md); several mixed by weight as "
-              "FILE:W,FILE:W. Default: the paper's C4 shard from the Hub.")
+@click.option("--calib", metavar="SOURCE[:W],...", help="Calibration text: a file (.jsonl / "
+              ".json(.gz) / .parquet with a text field, a PROMPT+RESPONSE pair or chat "
+              "messages, or .txt / .md), or a Hub dataset hf:ORG/NAME[@REV][:config=C]"
+              "[:split=S][:field=F] (only the files the samples need are fetched, through the "
+              "HF cache); several mixed by weight as A:W,B:W. Default: the paper's C4 shard "
+              "from the Hub.")
 @calibration_numbers
 @click.option("--method", type=click.Choice(METHOD_NAMES), default=DEFAULTS["method"],
               show_default=True, metavar="NAME",
@@ -280,7 +284,9 @@ def convert(ctx, src, out, recipe, overwrite, resume, low_disk, dry_run, push_re
     def action():
         nonlocal src
         options, src = options_from(ctx, given, recipe, src)
-        probe_hub_if_needed(src, also=options.calib is None or push_repo is not None)
+        from ..pipeline.calibration import uses_hub
+
+        probe_hub_if_needed(src, also=uses_hub(options.calib) or push_repo is not None)
         if push_repo:
             from ..io.hub import check_push
 
@@ -342,8 +348,8 @@ def parse_methods(ctx: click.Context, param: click.Parameter, value: str) -> lis
 @main.command("compare")
 @click.argument("src")
 @click.option("--experts", "-r", type=int, required=True, help="Experts to keep per MoE layer.")
-@click.option("--calib", required=True, metavar="FILE[:W],...",
-              help="Calibration text, as for convert.")
+@click.option("--calib", required=True, metavar="SOURCE[:W],...",
+              help="Calibration text, as for convert (files, Hub datasets hf:ORG/NAME).")
 @click.option("--eval", "eval_text", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Held-out text for perplexity and KL (.txt, .jsonl, .json.gz).")
@@ -388,7 +394,9 @@ def compare(src, methods, eval_text, out_dir, csv_path, json_path, eval_seq_len,
             if path:
                 check_results_file(option, path, src)
 
-        probe_hub_if_needed(src)
+        from ..pipeline.calibration import uses_hub
+
+        probe_hub_if_needed(src, also=uses_hub(base.calib))
         variants = named_variants(methods, base)
         # Bad --eval text is refused now, not after every conversion.
         held_out_tokens(open_source(src)[0], eval_text, eval_samples, eval_seq_len)

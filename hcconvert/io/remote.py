@@ -33,10 +33,12 @@ class RemoteFiles:
 
     root = None  # no local directory: the shards are not here
 
-    def __init__(self, repo_id: str, revision: str | None = None):
+    def __init__(self, repo_id: str, revision: str | None = None, repo_type: str = "model"):
         from huggingface_hub.utils import build_hf_headers
 
         self.repo_id, self.revision = repo_id, revision
+        # A dataset's files resolve under /datasets/ (hf_hub_url's rule)
+        self.url_prefix = "" if repo_type == "model" else f"{repo_type}s/"
         self.location = repo_id if revision is None else f"{repo_id}@{revision}"
         self.headers = build_hf_headers()  # the token from the usual HF environment, if any
         self.sizes: dict[str, int] = {}  # shard -> file bytes, where the server said
@@ -46,7 +48,8 @@ class RemoteFiles:
         from huggingface_hub import constants
 
         revision = quote(self.revision or constants.DEFAULT_REVISION, safe="")
-        return f"{constants.ENDPOINT}/{self.repo_id}/resolve/{revision}/{quote(name)}"
+        return (f"{constants.ENDPOINT}/{self.url_prefix}{self.repo_id}/resolve/{revision}/"
+                f"{quote(name)}")
 
     def read_text(self, name: str) -> str | None:
         from huggingface_hub.utils import get_session
@@ -88,23 +91,31 @@ class RemoteFiles:
         return header_tensors(shard, header, header_len, size)
 
     def read_prefix(self, name: str, length: int) -> tuple[bytes, int | None]:
-        """The first length bytes of a file (fewer if it is shorter) and its size (None when the
-        server does not say). Streamed, so a server that ignores the range still sends no more
-        than was asked before the connection closes."""
+        """The first length bytes of a shard (fewer if it is shorter) and its size (None when
+        the server does not say)."""
+        found = self.read_range(name, 0, length)
+        if found is None:
+            raise UserError(f"shard {name} named in the index is missing from {self.location}")
+        return found
+
+    def read_range(self, name: str, start: int, length: int) -> tuple[bytes, int | None] | None:
+        """length bytes of a file from start (fewer where it ends sooner) and its size (None
+        when the server does not say); None when the repo has no such file. Streamed, so a
+        server that ignores the range (200, the whole file) is read no further than needed."""
         from huggingface_hub.utils import get_session
 
-        headers = {**self.headers, "Range": f"bytes=0-{length - 1}"}
+        headers = {**self.headers, "Range": f"bytes={start}-{start + length - 1}"}
         with get_session().stream("GET", self.url(name), headers=headers,
                                   timeout=TIMEOUT_S) as response:
             if _raise_unless_missing(response, stream=True):
-                raise UserError(f"shard {name} named in the index is missing from "
-                                f"{self.location}")
+                return None
+            skip = start if response.status_code == 200 else 0
             data = bytearray()
             for chunk in response.iter_bytes():
                 data += chunk
-                if len(data) >= length:
+                if len(data) >= skip + length:
                     break
-            return bytes(data[:length]), _file_size(response.headers)
+            return bytes(data[skip:skip + length]), _file_size(response.headers)
 
 
 def _raise_unless_missing(response, stream: bool = False) -> bool:

@@ -33,7 +33,7 @@ from ..model.experts import Experts, RoutedExperts, RoutingRecord
 from ..model.mtp import NextTokenInputs
 from ..model.spec import ModelSpec, open_source
 from ..resources import StageTimer
-from .calibration import absolute_sources, load_calibration
+from .calibration import load_calibration, pinned_sources
 from .checks import plan_for
 from .estimate import gpu_budget, layer_budget
 from .metadata import reduced_config, write_metadata
@@ -131,7 +131,7 @@ def prepare_output(src: str, ckpt: Checkpoint, spec: ModelSpec, out: Path,
     before any weight is read."""
     options, plan = plan_for(ckpt, spec, options)
     check_output_dir(out, ckpt.root, overwrite)
-    options = dataclasses.replace(options, calib=absolute_sources(options.calib))
+    options = dataclasses.replace(options, calib=pinned_sources(options.calib))
     return options, Conversion(source_identity(src), out, plan)
 
 

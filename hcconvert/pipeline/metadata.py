@@ -14,7 +14,7 @@ from .. import __version__
 from ..errors import UserError
 from ..io.source import Checkpoint, is_hub_id
 from ..io.writer import write_json
-from .calibration import C4_FILE, C4_REPO
+from .calibration import C4_FILE, C4_REPO, dataset_records, source_names
 from .options import FIELD_NAMES, NOT_IN_RESULT, ConvertOptions, flag
 from .records import RunRecord
 
@@ -121,8 +121,11 @@ def calibration_used(conversion: Conversion, options: ConvertOptions) -> dict:
     one shorter sample when it holds less than one), from the tokens every MoE layer saw."""
     tokens = conversion.layers[0].tokens if conversion.layers else None
     samples = -(-tokens // options.seq_len) if tokens is not None else None
+    datasets = dataset_records(options.calib)
     return {"text": options.calib or f"{C4_REPO}/{C4_FILE}", "samples": samples,
-            "tokens": tokens, "seed": options.seed}
+            "tokens": tokens, "seed": options.seed,
+            # Each Hub dataset at the commit read: --recipe reads the same files again.
+            **({"datasets": datasets} if datasets else {})}
 
 
 def source_license(ckpt: Checkpoint) -> dict[str, str]:
@@ -172,7 +175,7 @@ def model_card(conversion: Conversion, options: ConvertOptions,
 
 def calibration_details(conversion: Conversion, options: ConvertOptions) -> str:
     used = calibration_used(conversion, options)
-    text = f"`{Path(options.calib).name}`" if options.calib else f"C4 (`{C4_REPO}` `{C4_FILE}`)"
+    text = source_names(options.calib) if options.calib else f"C4 (`{C4_REPO}` `{C4_FILE}`)"
     cut = (f"{used['samples']} samples ({used['tokens']} tokens)" if used["tokens"] is not None
            else f"{options.calib_samples} samples")
     return (f"Calibration: {cut} of up to {options.seq_len} tokens from {text}, "

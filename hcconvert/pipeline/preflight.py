@@ -11,14 +11,15 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
+from ..io.datasets import cached_file, check_head
 from ..io.source import Checkpoint, open_headers
 from ..io.staging import check_output_dir
-from ..io.text import JsonText, read_documents
+from ..io.text import JsonText, read_documents, read_files
 from ..model.families import family_for
 from ..model.spec import ModelSpec
 from ..model.tokenizer import TextTokenizer, model_tokenizer, no_tokenizer
 from ..resources import human_bytes
-from .calibration import C4_FILE, C4_REPO, calibration_sources, load_calibration
+from .calibration import C4_FILE, C4_REPO, HubDataset, calibration_sources, load_calibration
 from .checks import plan_for
 from .options import ConvertOptions
 from .plan import Plan
@@ -75,23 +76,52 @@ PREFLIGHT_CHARS = 100_000
 
 def check_calibration(ckpt: Checkpoint, options: ConvertOptions,
                       tokenizer: TextTokenizer | None) -> int | None:
-    """Every --calib source must hold text: with the tokenizer at hand, cut into samples as
-    the run cuts them (the samples are returned); otherwise its structure is checked. Without
-    --calib, the default C4 shard must be reachable or already in the HF cache."""
+    """Every --calib source must hold text: with the tokenizer at hand and only local files,
+    cut into samples as the run cuts them (the samples are returned); otherwise each file's
+    structure is checked, and each Hub dataset's config, split and fields from its metadata
+    (check_dataset). Without --calib, the default C4 shard must be reachable or already in
+    the HF cache."""
     if options.calib is None:
         _check_default_text()
         return None
     sources = calibration_sources(options.calib)
     # A pipe (--calib <(zcat ...)) can be read once: by the run.
-    readable = [path for path, _ in sources if path.is_file() or not path.exists()]
-    if tokenizer is not None and len(readable) == len(sources):
+    readable = [source for source, _ in sources
+                if isinstance(source, HubDataset) or source.is_file() or not source.exists()]
+    if tokenizer is not None and all(isinstance(source, Path) for source in readable) \
+            and len(readable) == len(sources):
         return len(load_calibration(ckpt, options.calib, options.calib_samples,
                                     options.seq_len, options.seed, options.text_field))
-    reader = tokenizer.json_reader(options.text_field) if tokenizer \
-        else JsonText(options.text_field, json.dumps)
-    for path in readable:
-        read_documents(path, PREFLIGHT_CHARS, reader=reader)
+
+    def reader(field: str) -> JsonText:
+        return tokenizer.json_reader(field) if tokenizer else JsonText(field, json.dumps)
+
+    for source in readable:
+        if isinstance(source, HubDataset):
+            check_dataset(source, reader(source.field or options.text_field))
+        else:
+            read_documents(source, PREFLIGHT_CHARS, reader=reader(options.text_field))
     return None
+
+
+def check_dataset(source: HubDataset, reader: JsonText) -> None:
+    """A Hub dataset the run can read, downloading no data: the dataset and revision exist,
+    the config and split (its files from the repo listing), and the fields the reader needs
+    in the split's first file (from its cached copy, else by range reads; offline it must
+    be cached)."""
+    from huggingface_hub import constants
+
+    listing = source.listing()
+    first = source.data_files(listing)[0]
+    cached = cached_file(listing, first)
+    if cached is not None:
+        read_files([(f"{source.what} file {first}", cached)], PREFLIGHT_CHARS, source.what,
+                   reader)
+    elif constants.is_offline_mode():
+        raise UserError(f"{source.what}: offline (HF_HUB_OFFLINE is set, or the Hub is "
+                        f"unreachable) and {first} is not in the HF cache")
+    else:
+        check_head(listing, first, reader, source.what)
 
 
 def _check_default_text() -> None:
