@@ -55,7 +55,7 @@ def main() -> None:
     print(f"machine: {platform.node()} {platform.machine()}, python {platform.python_version()}")
     print(f"layer shape: hidden {args.hidden}, ffn {args.ffn}, 8 experts -> 4, bf16, "
           "8 x 256 calibration tokens, CPU\n")
-    print("| layers | checkpoint | peak RSS | wall | read / compute / write | copy same bytes |")
+    print("| layers | checkpoint | peak RSS | wall | read / forward / write | copy same bytes |")
     print("| --- | --- | --- | --- | --- | --- |")
     peaks = []
     for depth in args.depths:
@@ -67,7 +67,7 @@ def main() -> None:
             copy = copy_seconds(src, Path(tmp) / "copy")
             run = convert_in_child(src, Path(tmp) / "out")
             stages = " / ".join(f"{run['stages'].get(k, 0):.1f}s"
-                                for k in ("read", "compute", "write"))
+                                for k in ("read", "forward", "write"))
             peaks.append(run["peak_rss"])
             print(f"| {depth} | {size / 1e6:.0f} MB | {run['peak_rss'] / 1e6:.0f} MB | "
                   f"{run['wall']:.1f}s | {stages} | {copy:.1f}s |", flush=True)

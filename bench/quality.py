@@ -1,79 +1,128 @@
 """Which reduction keeps the most quality on small MoEs trained on real text (make bench-quality).
 
-For each model and expert count, runs `compare` over the named methods and a few levers on
-HC-SMoE (a group-size cap, the least-squares merge, the lse-fit router, merged propagation),
-all from one calibration pass where they share it, and prints markdown tables with
-KL(original ‖ reduced) and perplexity on held-out text. Models come from bench/train_moe.py.
+For each model, expert count and calibration size, converts the model with every named method
+(from one calibration pass where they share it), then scores each output against the original
+on the held-out text of every domain: KL(original ‖ reduced) per domain, its mean, and the
+default's per-layer choice with each candidate's held-out layer error (hcconvert.json).
+Models come from bench/train_moe.py, text from bench/corpus.py.
+
+    python bench/quality.py bench-out/models/mixtral-scratch --fractions 0.5 \\
+        --calib bench-out/corpus/calib-en.jsonl --calib-tokens 8192 32768 65536
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
+import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from hcconvert.eval.compare import compare, markdown_table, named_variants
+from hcconvert.eval.compare import compare, named_variants
+from hcconvert.eval.evaluate import evaluate_many
 from hcconvert.model.spec import open_source
 from hcconvert.pipeline.options import ConvertOptions
 
-METHODS = ["hc-smoe", "router-logits", "weights", "kmeans", "dominant", "random", "fix-dom",
-           "msmoe", "mergemoe",
-           "f-prune", "o-prune",
-           # issue 11: fitted to the original layer's output, REAM, and the per-layer choice
-           "f-prune-fit", "o-prune-fit", "msmoe-fit", "ream", "auto"]
+METHODS = ["auto", "o-prune", "f-prune", "msmoe", "o-prune-fit", "f-prune-fit", "msmoe-fit",
+           "hc-smoe", "mergemoe", "ream"]
+SEQ_LEN = 256
+EVAL_SAMPLES = 48  # per domain: about 12k tokens of its held-out text
 
 
-def levers(base: ConvertOptions, experts_before: int) -> dict[str, ConvertOptions]:
-    cap = max(2, math.ceil(experts_before / base.experts))  # tightest cap that can hold all
-    return {
-        f"hc-smoe, groups of at most {cap}": dataclasses.replace(base, max_group_size=cap),
-        "hc-smoe + aligned merge (msmoe)": dataclasses.replace(base, merge="msmoe"),
-        "hc-smoe + mergemoe merge": dataclasses.replace(base, merge="mergemoe"),
-        "hc-smoe + lse-fit router": dataclasses.replace(base, router="lse-fit"),
-        "hc-smoe, propagate merged": dataclasses.replace(base, propagate="merged"),
-        "dominant + aligned merge": dataclasses.replace(base, grouping="dominant",
-                                                        merge="msmoe"),
-        "dominant + mergemoe merge": dataclasses.replace(base, grouping="dominant",
-                                                         merge="mergemoe"),
-    }
+def domain_files(corpus: Path) -> dict[str, Path]:
+    return {path.stem.removeprefix("eval-"): path for path in sorted(corpus.glob("eval-*.txt"))}
+
+
+def kl_by_domain(model: Path, outs: dict[str, Path], corpus: Path) -> dict[str, dict[str, float]]:
+    """method -> domain -> KL(original ‖ reduced), nats/token."""
+    table: dict[str, dict[str, float]] = {label: {} for label in outs}
+    for domain, text in domain_files(corpus).items():
+        scores = evaluate_many(str(model), [str(out) for out in outs.values()], text,
+                               seq_len=SEQ_LEN, samples=EVAL_SAMPLES, device="cpu",
+                               progress=False)
+        for label, score in zip(outs, scores, strict=True):
+            table[label][domain] = score.kl
+    return table
+
+
+def layer_errors(out: Path) -> list[dict]:
+    """Each layer's held-out errors as hcconvert.json records them."""
+    return [{"layer": entry["layer"], "choice": entry.get("choice"),
+             "fit": entry.get("layer_fit"), "candidates": entry.get("candidates")}
+            for entry in json.loads((out / "hcconvert.json").read_text())["layers"]]
+
+
+def run(model: Path, fraction: float, calib: Path, tokens: int, methods: list[str],
+        corpus: Path) -> dict:
+    _, spec = open_source(str(model))
+    experts = max(1, round(spec.num_experts * fraction))
+    base = ConvertOptions(experts=experts, calib=str(calib), calib_samples=tokens // SEQ_LEN,
+                          seq_len=SEQ_LEN, device="cpu")
+    variants = named_variants(methods, base)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = compare(str(model), variants, corpus / "eval.txt", Path(tmp),
+                          seq_len=SEQ_LEN, samples=EVAL_SAMPLES, device="cpu")
+        outs = {r.label: r.conversion.out for r in results}
+        by_domain = kl_by_domain(model, outs, corpus)
+        errors = {label: layer_errors(out) for label, out in outs.items()}
+    return {"model": model.name, "experts": f"{spec.num_experts}->{experts}",
+            "calib": calib.name, "tokens": tokens,
+            "methods": {r.label: {"kl": r.fidelity.kl, "top1": r.fidelity.top1_agreement,
+                                  "ppl": r.fidelity.perplexity_reduced,
+                                  "ppl_original": r.fidelity.perplexity_original,
+                                  "minutes": r.own_minutes, "kl_by_domain": by_domain[r.label],
+                                  "layers": errors[r.label]}
+                        for r in results}}
+
+
+def markdown(result: dict) -> str:
+    domains = sorted(next(iter(result["methods"].values()))["kl_by_domain"])
+    rows = [f"### {result['model']}, {result['experts']}, {result['tokens']} tokens of "
+            f"`{result['calib']}`", "",
+            "| method | KL (mixed eval) | mean KL over domains | " + " | ".join(domains)
+            + " | own minutes |",
+            "| --- " * (len(domains) + 4) + "|"]
+    for label, m in result["methods"].items():
+        per = [m["kl_by_domain"][d] for d in domains]
+        rows.append(f"| {label} | {m['kl']:.4f} | {statistics.mean(per):.4f} | "
+                    + " | ".join(f"{v:.4f}" for v in per) + f" | {m['minutes']:.2f} |")
+    auto = result["methods"].get("auto")
+    if auto:
+        rows += ["", "auto's choice per layer (held-out layer error: unfitted -> fitted):"]
+        for layer in auto["layers"]:
+            tried = ", ".join(f"{name} {c['error_unfitted']:.4f}"
+                              + (f"->{c['error_fitted']:.4f}" if c.get("error_fitted") else "")
+                              for name, c in (layer["candidates"] or {}).items())
+            rows.append(f"- layer {layer['layer']}: {layer['choice']} ({tried})")
+    return "\n".join(rows) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", type=Path, nargs="+")
-    parser.add_argument("--calib", type=Path, default=Path("bench-out/corpus/calib.jsonl"))
-    parser.add_argument("--eval", type=Path, default=Path("bench-out/corpus/eval.txt"))
+    parser.add_argument("--corpus", type=Path, default=Path("bench-out/corpus"))
+    parser.add_argument("--calib", type=Path, default=None,
+                        help="calibration text (default: the corpus's mixed calib.jsonl)")
+    parser.add_argument("--calib-tokens", type=int, nargs="+", default=[32768])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25])
-    parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-samples", type=int, default=64)
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help="comma-separated named methods (default: all of METHODS)")
-    parser.add_argument("--no-levers", action="store_true",
-                        help="only the named methods, not the HC-SMoE levers")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--json", type=Path, help="also append each result as a JSON line")
     args = parser.parse_args()
+    calib = args.calib or args.corpus / "calib.jsonl"
     print(f"machine: {platform.node()} ({platform.machine()}), CPU, "
-          f"{time.strftime('%Y-%m-%d')}\n")
+          f"{time.strftime('%Y-%m-%d %H:%M')}\n", flush=True)
     for model in args.models:
-        _, spec = open_source(str(model))
         for fraction in args.fractions:
-            experts = max(1, round(spec.num_experts * fraction))
-            base = ConvertOptions(experts=experts, calib=str(args.calib),
-                                  calib_samples=args.calib_samples, seq_len=args.seq_len,
-                                  device="cpu")
-            variants = named_variants(args.methods.split(","), base)
-            if not args.no_levers:
-                hc_smoe = dataclasses.replace(base, method="hc-smoe")
-                variants.update(levers(hc_smoe, spec.num_experts))
-            with tempfile.TemporaryDirectory() as tmp:
-                results = compare(str(model), variants, args.eval, Path(tmp),
-                                  seq_len=args.seq_len, samples=args.eval_samples, device="cpu")
-            print(f"### {model.name}: {spec.num_experts} -> {experts} experts\n")
-            print(markdown_table(results) + "\n", flush=True)
+            for tokens in args.calib_tokens:
+                result = run(model, fraction, calib, tokens, args.methods.split(","),
+                             args.corpus)
+                print(markdown(result), flush=True)
+                if args.json:
+                    with args.json.open("a") as f:
+                        f.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

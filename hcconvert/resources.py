@@ -21,6 +21,8 @@ class StageTimer:
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
+        # With HCCONVERT_STAGE_MEMORY=1 (the benchmarks): each stage's peak host memory.
+        self.peaks: dict[str, int] = defaultdict(int)
         self.started = time.perf_counter()
 
     @contextmanager
@@ -31,12 +33,15 @@ class StageTimer:
         if outer is not None:  # the outer stage pauses while this one runs
             outer[0].seconds[outer[1]] += now - outer[2]
         opened.append([self, name, now])
+        _reset_peak()
         try:
             yield
         finally:
             now = time.perf_counter()
             _, _, start = opened.pop()
             self.seconds[name] += now - start
+            if STAGE_MEMORY:
+                self.peaks[name] = max(self.peaks[name], _vm_hwm() or 0)
             if outer is not None:
                 outer[2] = now
 
@@ -46,6 +51,31 @@ class StageTimer:
 
 
 _threads = threading.local()
+STAGE_MEMORY = os.environ.get("HCCONVERT_STAGE_MEMORY") == "1"
+_highest = [0]  # the process's peak before the last reset of the kernel's counter
+
+
+def _reset_peak() -> None:
+    """Start a stage's own peak: Linux's VmHWM is reset by writing 5 to clear_refs; the
+    process's peak so far is kept (peak_rss_bytes reports the larger)."""
+    if not STAGE_MEMORY:
+        return
+    _highest[0] = max(_highest[0], _vm_hwm() or 0)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _vm_hwm() -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _open_stages() -> list[list]:
@@ -62,13 +92,9 @@ def peak_rss_bytes() -> int:
     Linux's VmHWM, not ru_maxrss: ru_maxrss survives exec, so a process started by a big
     parent reports the parent's size at fork as its own peak.
     """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = _vm_hwm()
+    if hwm is not None:
+        return max(hwm, _highest[0])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak if sys.platform == "darwin" else peak * 1024
 

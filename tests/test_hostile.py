@@ -265,6 +265,83 @@ def test_bad_shard_header(tmp_path, src, calib, case):
     assert_refused(tmp_path, src, convert_args(src, tmp_path / "out", calib), fragment)
 
 
+# --- the shard index ---------------------------------------------------------------------------
+
+def point_index(shard: str):
+    """The index names the first tensor's shard as `shard` (a copy of the shard placed there
+    where it is a path the test can make), as a hostile checkpoint might."""
+    def damage(src: Path) -> None:
+        index = json.loads((src / INDEX).read_text())
+        name = next(iter(index["weight_map"]))
+        target = (src / shard) if not shard.startswith("/") else Path(shard)
+        if not str(shard).startswith("/etc"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src / index["weight_map"][name], target)
+        index["weight_map"][name] = shard
+        (src / INDEX).write_text(json.dumps(index))
+    return damage
+
+
+def retype_index(change):
+    def damage(src: Path) -> None:
+        index = json.loads((src / INDEX).read_text())
+        change(index["weight_map"])
+        (src / INDEX).write_text(json.dumps(index))
+    return damage
+
+
+BAD_INDEXES = {
+    "shard above the checkpoint": (point_index("../outside/x.safetensors"), "not a file inside"),
+    "shard by an absolute path": (point_index("/etc/hostname"), "not a file inside"),
+    "shard a number": (retype_index(lambda m: m.__setitem__(next(iter(m)), 7)),
+                       "maps to a JSON number"),
+    "shard a list": (retype_index(lambda m: m.__setitem__(next(iter(m)), ["a"])),
+                     "maps to a JSON array"),
+    "weight map a list": (lambda s: (s / INDEX).write_text('{"weight_map": []}'),
+                          "weight_map is not a map"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INDEXES))
+@pytest.mark.parametrize("command", ["convert", "dry-run", "inspect"])
+def test_index_naming_a_file_outside_the_checkpoint_is_refused(tmp_path, src, calib, case,
+                                                                command):
+    damage, fragment = BAD_INDEXES[case]
+    damage(src)
+    args = {"convert": convert_args(src, tmp_path / "out", calib),
+            "dry-run": [src, "--experts", 3, "--dry-run"], "inspect": ["inspect", src]}[command]
+    assert_refused(tmp_path, src, args, fragment)
+
+
+def test_a_folder_leading_out_of_the_checkpoint_is_refused(tmp_path, src, calib):
+    """A subfolder that is a symbolic link to a directory outside: lexically inside, really
+    outside."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (src / "sub").symlink_to(outside)
+    point_index("sub/x.safetensors")(src)
+    assert_refused(tmp_path, src, convert_args(src, tmp_path / "out", calib), "lies outside")
+
+
+def test_shards_in_a_subfolder_and_as_cache_links_convert(tmp_path, src, calib):
+    """Shards in a subfolder, and shards that are symbolic links into blobs beside the
+    checkpoint, as the HF cache lays a snapshot out, still convert."""
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    index = json.loads((src / INDEX).read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        moved = src / "parts" / shard
+        moved.parent.mkdir(exist_ok=True)
+        (blobs / shard).write_bytes((src / shard).read_bytes())
+        (src / shard).unlink()
+        moved.symlink_to(blobs / shard)
+    index["weight_map"] = {k: f"parts/{v}" for k, v in index["weight_map"].items()}
+    (src / INDEX).write_text(json.dumps(index))
+    result = CliRunner().invoke(main, [str(a) for a in convert_args(src, tmp_path / "out",
+                                                                      calib)])
+    assert result.exit_code == 0, result.output
+
+
 # --- weights ----------------------------------------------------------------------------------
 
 def poison(name: str, value: float):

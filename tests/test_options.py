@@ -205,3 +205,84 @@ def test_eval_calls_its_text_held_out(tmp_path, src):
     result = run("eval", src, src, "--text", short, "--seq-len", 64, "--samples", 2)
     assert_user_error(result, "held-out text short.txt has")  # refused, not a short sample
     assert "calibration" not in result.stderr
+
+
+# --- what a new user tripped on (numbers beyond 64 bits, short contexts, paths) ---------------
+
+@pytest.mark.parametrize("option", ["--experts", "--calib-samples", "--seq-len", "--seed",
+                                    "--max-group-size", "--max-shard-size"])
+def test_a_number_beyond_64_bits_is_one_line(src, tmp_path, option):
+    result = run(*convert_args(src, tmp_path / "out", tmp_path / "c.txt"), option, 2**70)
+    assert_user_error(result, "not valid")
+
+
+@pytest.mark.parametrize("option", ["--seq-len", "--samples"])
+def test_eval_numbers_beyond_64_bits_are_one_line(src, option):
+    assert_user_error(run("eval", src, src, "--text", "t.txt", option, 2**70), "range")
+
+
+def test_the_default_sequence_fits_a_short_context(tmp_path, calib_text):
+    """max_position_embeddings below 2048: the default is capped to it (and said so) in the
+    dry run and the run alike; an explicit longer --seq-len is refused by both."""
+    short = save_tiny_mixtral(tmp_path / "short", max_position_embeddings=64)
+    dry = run(short, "--experts", 3, "--calib", calib_text, "--dry-run")
+    assert dry.exit_code == 0, dry.stderr
+    assert "x 64 tokens" in dry.stdout and "max_position_embeddings" in dry.stderr
+    out = tmp_path / "out"
+    done = run(short, "--experts", 3, "--calib", calib_text, "--calib-samples", 2, "--out", out)
+    assert done.exit_code == 0, done.stderr
+    assert json.loads((out / "hcconvert.json").read_text())["options"]["seq_len"] == 64
+    for extra in (("--dry-run",), ("--out", tmp_path / "out2")):
+        assert_user_error(run(short, "--experts", 3, "--calib", calib_text, "--seq-len", 128,
+                              *extra), "max_position_embeddings (64); give at most 64")
+
+
+def test_dry_run_counts_the_samples_the_text_gives(tmp_path, src):
+    few = tmp_path / "few.txt"
+    few.write_text("a short text " * 40)
+    result = run(src, "--experts", 3, "--calib", few, "--seq-len", 64, "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    # 520 bytes of byte-level tokens and BOS: 8 samples of 64
+    assert "calibration   8 x 64 tokens (the text gives 8 of the 32 asked for)" in result.stdout
+
+
+@pytest.mark.parametrize("option,value,fragment", [
+    ("--router", "lse-fit", "fits softmax mass"),  # auto's msmoe-fit merges experts
+    ("--max-group-size", "1", "cannot hold"),
+])
+def test_dry_run_refuses_what_the_run_refuses(tmp_path, calib_text, option, value, fragment):
+    """Each refusal of options against the model, in the dry run and the run (auto tries a
+    merging candidate, so its router and group size are checked too)."""
+    from family_models import CASES, save_family_model
+
+    sigmoid = save_family_model(CASES["deepseek_v3"], tmp_path / "src")
+    args = (sigmoid, "--experts", CASES["deepseek_v3"].reduce_to, "--calib", calib_text,
+            option, value)
+    assert_user_error(run(*args, "--dry-run"), fragment)
+    assert_user_error(run(*args, "--out", tmp_path / "out"), fragment)
+
+
+def test_the_recipe_names_its_source_and_paths_absolute(converted, tmp_path, monkeypatch):
+    """hcconvert.json records SRC and --calib by absolute path: --recipe replays from another
+    directory, and without SRC it takes the recipe's."""
+    record = json.loads((converted / "hcconvert.json").read_text())
+    assert record["source"].startswith("/") and record["options"]["calib"].startswith("/")
+    monkeypatch.chdir(tmp_path)
+    result = run("convert", "--recipe", converted / "hcconvert.json", "--out", "replay")
+    assert result.exit_code == 0, result.stderr
+    for shard in converted.glob("*.safetensors"):
+        assert (tmp_path / "replay" / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_the_model_cards_command_repeats_the_run(converted, tmp_path):
+    """The command in the model card, run as it is, writes the same bytes."""
+    import shlex
+
+    card = (converted / "README.md").read_text()
+    command = next(line for line in card.splitlines() if line.startswith("hcconvert "))
+    args = shlex.split(command)[1:]
+    args[args.index("--out") + 1] = str(tmp_path / "again")
+    result = run(*args)
+    assert result.exit_code == 0, result.stderr
+    for shard in converted.glob("*.safetensors"):
+        assert (tmp_path / "again" / shard.name).read_bytes() == shard.read_bytes()

@@ -9,9 +9,12 @@ import torch
 
 from ..errors import UserError
 from ..io.source import Checkpoint, open_headers
+from ..io.tensors import TORCH_DTYPES
 from ..model.config_checks import ConfigValueError
+from ..model.decoder import compute_dtype, pick_device
 from ..model.families import family_for
 from ..model.spec import ModelSpec
+from ..pipeline.cost import measured_rates, run_seconds
 from ..pipeline.estimate import estimate_memory, gpu_budget
 from ..pipeline.options import ConvertOptions
 from ..pipeline.plan import Plan, validate_tensors
@@ -34,6 +37,7 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
                              mtp=bool(plan.mtp_layers), budget=budget)
     on_cpu = estimate_memory(ckpt, spec, options, layer_bytes, gpu=False,
                              mtp=bool(plan.mtp_layers))
+    seconds = estimated_seconds(ckpt, plan, options)
     lines = [
         f"source        {ckpt.location}",
         f"family        {spec.family.model_type}",
@@ -50,6 +54,7 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
           if budget is not None else []),
         f"memory (est.) on a GPU: {human_bytes(on_gpu.device)} GPU + "
         f"{human_bytes(on_gpu.host)} host; on the CPU: {human_bytes(on_cpu.host)}",
+        f"time (est.)   {seconds / 60:.1f} min on the {pick_device(options.device).type}",
         *_mtp_line(spec, plan.mtp_layers),
         *_download_line(ckpt, plan, low_disk),
     ]
@@ -58,6 +63,27 @@ def print_plan(src: str, options: ConvertOptions, out: Path | None = None,
     samples = check_text(ckpt, options)
     click.echo(f"calibration   {_calibration_line(options, samples)}")
     check_output(ckpt, plan, out, overwrite, low_disk)
+
+
+def estimated_seconds(ckpt: Checkpoint, plan: Plan, options: ConvertOptions) -> float:
+    """The run's time on the device it would use, at the rates measured there now."""
+    spec = plan.spec
+    device = pick_device(options.device)
+    stored = TORCH_DTYPES[ckpt.tensors[spec.family.embedding].dtype]
+    dtype = compute_dtype(device, stored, options.compute_dtype)
+    element = torch.empty((), dtype=dtype).element_size()
+    return run_seconds(spec, options, measured_rates(device, dtype), element,
+                       device.type == "cuda", len(spec.moe_layers) + len(plan.mtp_layers))
+
+
+def estimates(src: str, options: ConvertOptions) -> dict:
+    """The dry run's estimates as numbers (bench/bench_layer.py checks them against runs)."""
+    ckpt, options, plan = plan_from_headers(src, options)
+    gpu = pick_device(options.device).type == "cuda"
+    memory = estimate_memory(ckpt, plan.spec, options, plan.max_layer_bytes(ckpt), gpu=gpu,
+                             mtp=bool(plan.mtp_layers))
+    return {"minutes": estimated_seconds(ckpt, plan, options) / 60, "host": memory.host,
+            "device": memory.device}
 
 
 def _calibration_line(options: ConvertOptions, samples: int | None) -> str:
@@ -176,10 +202,14 @@ def layer_choices(conversion: Conversion) -> list[str]:
         if result.fit is None:
             continue
         fit = result.fit
-        kept = "fitted" if fit["fitted"] else "unfitted: the fit did not generalise"
         chosen = f"{result.choice}, " if result.choice else ""
-        lines.append(f"layer {result.layer:<4} {chosen}held-out error {fit['error_unfitted']:.4f} "
-                     f"unfitted, {fit['error_fitted']:.4f} fitted ({kept})")
+        if fit["error_fitted"] is None:
+            outcome = f"not fitted: {fit['skipped']}"
+        else:
+            kept = "kept" if fit["fitted"] else "not kept: it did not generalise"
+            outcome = f"{fit['error_fitted']:.4f} fitted at ridge {fit['ridge']:g} ({kept})"
+        lines.append(f"layer {result.layer:<4} {chosen}held-out error "
+                     f"{fit['error_unfitted']:.4f} unfitted, {outcome}")
     return lines
 
 

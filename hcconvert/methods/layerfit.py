@@ -227,6 +227,10 @@ def fit_layer(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Ro
     cut = max(1, int(x.shape[0] * (1 - holdout)))
     held_x, held_y = x[cut:], target[cut:]
     held = _routed(*route(held_x))
+    budget = [FIT_KEEP_BYTES]  # each ridge's held-out output reuses the activations
+    for chunk, places in experts.chunks(list(held)):
+        for e, at in places:
+            held[e].keep(held_x, chunk, at, budget)
     before = relative_error(_routed_sum(held_x, experts, held), held_y)
     weights, index = route(x[:cut])
     per_expert = index.numel() // len(experts)
@@ -252,9 +256,11 @@ def fit_bytes(tokens: int, top_k: int, experts: int, ffn: int) -> int:
     top_k over `experts` experts of `ffn` neurons, however unevenly they are routed: the
     Gram matrices (an expert's n tokens give min(n, F)² entries, n summing to the routed
     slots), one factorisation, and the activations (an expert in the dual form keeps its
-    [n, F], one in the primal form within FIT_KEEP_BYTES)."""
+    [n, F], one in the primal form within FIT_KEEP_BYTES, the held-out tokens' within it
+    too)."""
     fit_tokens = int(tokens * (1 - HOLDOUT_FRACTION))
     slots, largest = fit_tokens * top_k, min(fit_tokens, ffn)
     grams = min(slots * largest, experts * ffn * ffn)
     kept = min(slots * ffn, FIT_KEEP_BYTES // 4 + experts * ffn * ffn)
-    return 4 * (grams + largest * largest + kept)
+    held_out = min((tokens - fit_tokens) * top_k * ffn, FIT_KEEP_BYTES // 4)
+    return 4 * (grams + largest * largest + kept + held_out)

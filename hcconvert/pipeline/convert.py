@@ -210,6 +210,8 @@ class LayerPipeline:
         for reducer in self.reducers:
             for stage, seconds in self.timer.seconds.items():
                 reducer.timer.seconds[stage] += seconds
+            for stage, peak in self.timer.peaks.items():
+                reducer.timer.peaks[stage] = max(reducer.timer.peaks[stage], peak)
             reducer.conversion.shared_seconds = sum(self.timer.seconds.values())
 
     def checkpoint(self, layer: int, stream: HiddenStream, background: BackgroundWriter) -> None:

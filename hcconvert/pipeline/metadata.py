@@ -78,6 +78,7 @@ def write_metadata(directory: Path, ckpt: Checkpoint, conversion: Conversion,
                # What --method auto chose and the fit's held-out errors, where they apply.
                **({"choice": r.choice} if r.choice else {}),
                **({"layer_fit": r.fit} if r.fit else {}),
+               **({"candidates": r.candidates} if r.candidates else {}),
                **({"requantization": r.requantization} if r.requantization else {})}
               for r in conversion.layers]
     write_json(directory / "hcconvert.json", {

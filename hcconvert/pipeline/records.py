@@ -21,6 +21,8 @@ class LayerResult:
     fit: dict | None = None  # with layer_fit: held-out layer-output errors (FitReport)
     # Quantized experts written back: the requantization error (requantization_record).
     requantization: dict | None = None
+    # With --method auto: each candidate's held-out errors by name (FitReport.to_json).
+    candidates: dict | None = None
 
 
 @dataclass

@@ -97,15 +97,16 @@ class Reducer:
         stored: the layer's tensors as stored, by their names below the layer;
         router: the router's weight and per-expert bias, by their names below the layer;
         target: the original layer's routed-expert output on x, for the layer fit."""
-        choice, best = self.best_reduction(layer, experts, x, router, stats, matcher,
-                                           routing, target)
+        choice, best, tried = self.best_reduction(layer, experts, x, router, stats, matcher,
+                                                  routing, target)
         with self.timer.stage("requantize" if layer in self.plan.requantized else "reduce"):
             produced, requantization = self.stored_tensors(layer, best, experts, stored)
             self.conversion.layers.append(
                 LayerResult(layer, best.groups, stats.counts.tolist(),
                             stats.logit_mean.tolist(), stats.tokens,
                             choice if len(self.candidates) > 1 else None,
-                            best.fit.to_json() if best.fit else None, requantization))
+                            best.fit.to_json() if best.fit else None, requantization,
+                            tried if len(self.candidates) > 1 else None))
         return best.router, best.experts, produced
 
     @property
@@ -116,21 +117,25 @@ class Reducer:
 
     def best_reduction(self, layer: int, experts: Experts, x: torch.Tensor, router: dict,
                        stats: LayerStats, matcher: NeuronMatcher, routing: Routing,
-                       target: torch.Tensor | None) -> tuple[str, Reduced]:
+                       target: torch.Tensor | None) -> tuple[str, Reduced, dict]:
         """The candidate whose reduced layer reproduces the original's output best on the
-        held-out calibration tokens (the only candidate, without --method auto)."""
-        best, seen = None, []
+        held-out calibration tokens (the only candidate, without --method auto), and each
+        candidate's held-out errors by name."""
+        best, seen, tried = None, [], {}
         for name, reduction in self.candidates.items():
             with self.timer.stage(f"reduce {name}"):
                 groups = self.choose_groups(reduction, layer, stats)
-            if _same_reduction(reduction, groups, seen):
-                continue  # auto's pruning candidates often keep the same experts
-            seen.append((reduction, groups))
+            same = _same_reduction(reduction, groups, seen)
+            if same is not None:  # auto's pruning candidates often keep the same experts
+                tried[name] = {**tried[same], "same_as": same}
+                continue
+            seen.append((name, reduction, groups))
             reduced = self.reduce_with(name, reduction, groups, experts, x, router, target,
                                        stats, matcher, routing)
+            tried[name] = reduced.fit.to_json() if reduced.fit else {}
             if best is None or reduced.fit.error < best[1].fit.error:
                 best = name, reduced  # only the best so far stays in memory
-        return best
+        return (*best, tried)
 
     def reduce_with(self, name: str, reduction: Reduction, groups: list[list[int]],
                     experts: Experts, x: torch.Tensor, router: dict,
@@ -209,16 +214,16 @@ class Reducer:
 
 
 def _same_reduction(reduction: Reduction, groups: list[list[int]],
-                    seen: list[tuple[Reduction, list[list[int]]]]) -> bool:
-    """Whether a candidate tried already gives this one's reduced layer: the same groups,
-    and either all of them single experts (kept as they are, with their router rows, by any
-    merge and router rule) or the same rules."""
+                    seen: list[tuple[str, Reduction, list[list[int]]]]) -> str | None:
+    """The candidate tried already that gives this one's reduced layer, if any: the same
+    groups, and either all of them single experts (kept as they are, with their router rows,
+    by any merge and router rule) or the same rules."""
     def rules(r: Reduction) -> tuple:
         return r.kind, r.merge, r.router
     singletons = all(len(group) == 1 for group in groups)
-    return any(groups == before and reduction.layer_fit == other.layer_fit
-               and (singletons or rules(reduction) == rules(other))
-               for other, before in seen)
+    return next((name for name, other, before in seen
+                 if groups == before and reduction.layer_fit == other.layer_fit
+                 and (singletons or rules(reduction) == rules(other))), None)
 
 
 def unchanged_weights(layout: ExpertLayout, groups: list[list[int]], merged: Experts,

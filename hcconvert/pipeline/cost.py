@@ -1,0 +1,165 @@
+"""How long a conversion will take, estimated before any weight is read (--dry-run prints it;
+docs/BENCHMARKS.md checks it against measured runs).
+
+Per layer, each phase's work is counted from the shapes and the options: products (FLOPs, in
+the compute dtype or in fp32), Cholesky factorisations, neuron matchings, and bytes copied or
+read; the device's rates for each are measured once per process by timing small examples
+(about a third of a second), or given for a device that is not here (bench/bench_layer.py
+estimates an H100 and a 24 GB workstation GPU from their published rates).
+T tokens, S sequence, H hidden, F expert ffn, E experts, R kept, K top-k, n an expert's tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from ..methods import layerfit
+from ..model.spec import ModelSpec
+from .options import ConvertOptions
+
+# Seconds the process spends before its first layer: the imports of torch and transformers,
+# the model's skeleton, the calibration text (measured on the bench machine).
+START_SECONDS = 8.0
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What a device does per second."""
+
+    products: float  # FLOP/s of large products in the compute dtype
+    fp32_products: float  # FLOP/s of large fp32 products (the fit, the matching)
+    factorisations: float  # FLOP/s of an fp32 Cholesky factorisation (n³/3 FLOPs)
+    copies: float  # bytes/s of a copy with a dtype change (stacking, merging)
+    reads: float  # bytes/s of weights read from the checkpoint
+    # Seconds of one dense Hungarian matching of n neurons is matching · n³ (scipy's LAPJV on
+    # correlation matrices; docs/BENCHMARKS.md measures it at Mixtral's F).
+    matching: float
+
+
+@dataclass
+class Work:
+    """One phase's work."""
+
+    products: float = 0.0  # FLOPs in the compute dtype
+    fp32_products: float = 0.0
+    factorisations: float = 0.0  # FLOPs
+    copies: float = 0.0  # bytes
+    reads: float = 0.0  # bytes
+    matchings: list[int] = field(default_factory=list)  # neurons of each dense matching
+
+    def seconds(self, rates: Rates) -> float:
+        return (self.products / rates.products + self.fp32_products / rates.fp32_products
+                + self.factorisations / rates.factorisations + self.copies / rates.copies
+                + self.reads / rates.reads
+                + sum(rates.matching * n ** 3 for n in self.matchings))
+
+
+def _timed(run, repeats: int = 3) -> float:
+    """The fastest of a few runs of run(), in seconds (the first warms up)."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def measured_rates(device: torch.device, dtype: torch.dtype) -> Rates:
+    """This machine's rates, from small examples timed on the device (once per process)."""
+    n = 1024
+    a = torch.randn(n, n, device=device)
+    half = a.to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def product(x):
+        return lambda: (x @ x, sync())
+
+    spd = a @ a.T + n * torch.eye(n, device=device)
+    big = torch.empty(32 * 2**20, dtype=torch.bfloat16)
+    cost = np.random.default_rng(0).random((256, 256))
+    return Rates(
+        products=2 * n**3 / _timed(product(half)),
+        fp32_products=2 * n**3 / _timed(product(a)),
+        factorisations=n**3 / 3 / _timed(lambda: (torch.linalg.cholesky(spd), sync())),
+        copies=big.numel() * 2 / _timed(lambda: big.float()),
+        reads=big.numel() * 2 / _timed(lambda: big.clone()),
+        matching=_timed(lambda: linear_sum_assignment(cost)) / 256**3)
+
+
+def moe_layer_work(spec: ModelSpec, options: ConvertOptions, element: int,
+                   gpu: bool) -> dict[str, Work]:
+    """Each phase's work in one MoE layer; element: bytes per weight in the compute dtype;
+    gpu: the statistics run as their own kernel (on the CPU the forward sums them)."""
+    tokens = options.calib_samples * options.seq_len
+    hidden, ffn, experts = spec.hidden, spec.ffn, spec.num_experts
+    expert_values = 3 * hidden * ffn
+    routed = 2 * tokens * spec.top_k * expert_values
+    every = 4 * tokens * experts * hidden * ffn  # every expert's gate and up on every token
+    needs = frozenset().union(*(r.needs for r in options.reductions().values()))
+    sums = every if "output" in needs else 0
+    attention = 2 * tokens * 4 * hidden * hidden + 2 * tokens * options.seq_len * hidden
+    work = {"read": Work(reads=experts * expert_values * element),
+            "forward": Work(products=attention + routed + (0 if gpu else sums),
+                            copies=experts * expert_values * (element + 4)),
+            "statistics": Work(products=sums if gpu else 0)}
+    for name, reduction in options.reductions().items():
+        work[f"reduce {name}"] = _reduce_work(spec, options, reduction, tokens)
+        if reduction.layer_fit:
+            work[f"fit {name}"] = _fit_work(spec, options.experts, tokens)
+    return work
+
+
+def _reduce_work(spec: ModelSpec, options: ConvertOptions, reduction, tokens: int) -> Work:
+    """Grouping is cheap; a merge averages the members (fp32), an aligned merge first matches
+    each member's neurons to its group's dominant (correlations over the group's tokens)."""
+    hidden, ffn, experts = spec.hidden, spec.ffn, spec.num_experts
+    work = Work(copies=experts * 3 * hidden * ffn * 8 if reduction.merges else 0)
+    if reduction.merges and reduction.merge in ("msmoe", "mergemoe", "fix-dom"):
+        members = experts - options.experts  # each non-dominant member is matched once
+        group_tokens = tokens * spec.top_k * 2 // experts  # a pair's routed tokens
+        work.fp32_products += members * (2 * group_tokens * ffn * ffn
+                                         + 8 * group_tokens * hidden * ffn)
+        if reduction.merge == "msmoe" or reduction.merge == "mergemoe":
+            work.matchings = [ffn] * members
+    return work
+
+
+def _fit_work(spec: ModelSpec, kept: int, tokens: int) -> Work:
+    """The layer fit: each kept expert's activations and Gram matrix once, then for every
+    ridge and round a factorisation and the products of one solve, and each ridge's held-out
+    output."""
+    hidden, ffn, top_k = spec.hidden, spec.ffn, min(spec.top_k, kept)
+    fit_tokens = int(tokens * (1 - layerfit.HOLDOUT_FRACTION))
+    held = tokens - fit_tokens
+    n = max(1, fit_tokens * top_k // kept)
+    size = min(n, ffn)
+    solves = len(layerfit.RIDGES) * layerfit.ROUNDS * kept
+    once = kept * (4 * n * hidden * ffn + 2 * n * size * max(n, ffn))
+    per_solve = 6 * n * ffn * hidden + 2 * size * size * hidden
+    # the held-out activations once, then each ridge's output from them
+    held_out = held * top_k * (4 * hidden * ffn + len(layerfit.RIDGES) * 2 * ffn * hidden)
+    return Work(fp32_products=once + solves * per_solve + held_out,
+                factorisations=solves * size**3 / 3)
+
+
+def layer_seconds(spec: ModelSpec, options: ConvertOptions, rates: Rates, element: int,
+                  gpu: bool) -> dict[str, float]:
+    """Each phase's estimated seconds in one MoE layer."""
+    return {phase: work.seconds(rates)
+            for phase, work in moe_layer_work(spec, options, element, gpu).items()}
+
+
+def run_seconds(spec: ModelSpec, options: ConvertOptions, rates: Rates, element: int,
+                gpu: bool, layers: int) -> float:
+    """The whole conversion: the start, then the reduced layers (dense layers and writing
+    are small beside them)."""
+    return START_SECONDS + layers * sum(layer_seconds(spec, options, rates, element,
+                                                      gpu).values())
