@@ -27,6 +27,7 @@ from ..methods.clustering import GROUPINGS, LINKAGES
 from ..methods.features import METRICS
 from ..methods.merging import MERGES
 from ..methods.pruning import PRUNE_BY
+from ..methods.ream import SALIENCIES, SIMILARITIES
 from ..methods.router import ROUTERS
 from ..pipeline.options import (
     COMPUTE_DTYPES,
@@ -177,8 +178,8 @@ calibration_numbers = options_of(
                  help="Seed of the calibration sample and of random choices."))
 router_option = click.option(
     "--router", type=click.Choice(ROUTERS), help="Router row of a merged expert: its most "
-    "used member's, the frequency-weighted average, or a least-squares fit of the members' "
-    "softmax mass. Default: the method's (freq-avg).")
+    "used member's, the frequency-weighted average, a least-squares fit of the members' "
+    "softmax mass, or (REAM) its leader's. Default: the method's (freq-avg; ream: leader).")
 device_option = click.option("--device", type=click.Choice(DEVICES), default=DEFAULTS["device"],
                              show_default=True)
 compute_dtype_option = click.option(
@@ -231,15 +232,24 @@ def size(ctx: click.Context, param: click.Parameter, value: str | None) -> int |
 @click.option("--linkage", type=click.Choice(LINKAGES), help="Linkage of hierarchical "
               "grouping.")
 @click.option("--max-group-size", type=int, metavar="N",
-              help="Merge at most N experts into one (default: no limit).")
+              help="Merge at most N experts into one (default: no limit; REAM's C, counting "
+              "the leader: ream 16, ream-balanced ceil(E/R)).")
 @click.option("--merge", type=click.Choice(MERGES),
               help="freq / average: weighted / plain average of weights; fix-dom: the most "
               "used member's neurons absorb the others' most correlated ones; msmoe: neurons "
               "aligned to the most used member (Hungarian), then freq; mergemoe: msmoe's gate "
-              "and up, down fitted by least squares to the members' outputs.")
+              "and up, down fitted by least squares to the members' outputs; ream (REAM's "
+              "groups): neurons matched to the leader by activation and weight-feature "
+              "distance, then the saliency-weighted average.")
 @click.option("--prune-by", type=click.Choice(PRUNE_BY), help="A pruning method keeps the "
               "experts picked most often (F-prune) or with the largest routed output, REAP's "
               "saliency (O-prune).")
+@click.option("--saliency", type=click.Choice(SALIENCIES), help="REAM's leaders and merge "
+              "weights: ream, as its official code computes it (softmax of the raw router "
+              "logits, zero floor); routed, REAP's from the model's own routing (O-prune's).")
+@click.option("--similarity", type=click.Choice(SIMILARITIES), help="REAM's expert "
+              "similarity: ream, the official code's (probability-weighted mean outputs, "
+              "router-logit columns over all tokens); cosine, hcconvert's (two plain cosines).")
 @router_option
 @click.option("--propagate", type=click.Choice(PROPAGATIONS), help="Next layer's input: the "
               "original layer's output, or the reduced one's (REAM's default).")
