@@ -24,7 +24,9 @@ METHODS = ["hc-smoe", "router-logits", "weights", "kmeans", "dominant", "random"
            "msmoe", "mergemoe",
            "f-prune", "o-prune",
            # issue 11: fitted to the original layer's output, REAM, and the per-layer choice
-           "f-prune-fit", "o-prune-fit", "msmoe-fit", "ream", "auto"]
+           "f-prune-fit", "o-prune-fit", "msmoe-fit", "ream", "auto",
+           # issue 24: REAM as published above, hcconvert's earlier variant here
+           "ream-balanced"]
 
 
 def levers(base: ConvertOptions, experts_before: int) -> dict[str, ConvertOptions]:
@@ -46,7 +48,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("models", type=Path, nargs="+")
     parser.add_argument("--calib", type=Path, default=Path("bench-out/corpus/calib.jsonl"))
-    parser.add_argument("--eval", type=Path, default=Path("bench-out/corpus/eval.txt"))
+    parser.add_argument("--eval", type=Path, nargs="+",
+                        default=[Path("bench-out/corpus/eval.txt")],
+                        help="held-out texts; with several, a table per text too")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)

@@ -9,7 +9,7 @@ import torch
 from checkpoints import load_all
 from family_models import Case
 
-from hcconvert.eval.evaluate import StreamedModel
+from hcconvert.eval.streamed import StreamedModel
 from hcconvert.model.spec import open_source
 from hcconvert.pipeline.convert import convert
 from hcconvert.pipeline.options import ConvertOptions
