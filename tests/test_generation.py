@@ -93,3 +93,20 @@ def test_the_original_scores_itself_as_it_writes(healthy_and_looping, eval_text)
     assert same.repetition == same.repetition_original
     assert same.distinct == same.distinct_original
     assert same.generated_perplexity == same.generated_perplexity_original
+
+
+def test_transformers_generate_writes_what_eval_scored(healthy_and_looping):
+    """lm-evaluation-harness's `hf` model loads an output with AutoTokenizer and
+    AutoModelForCausalLM: both load, and transformers' own greedy generate (KV cache
+    included) writes the continuation hcconvert eval streamed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, healthy, _ = healthy_and_looping
+    tokenizer = AutoTokenizer.from_pretrained(healthy)
+    prompts = tokenizer(["The experts of a mixture", "Merging experts, greedy!"],  # same length
+                        return_tensors="pt").input_ids
+    model = AutoModelForCausalLM.from_pretrained(healthy, dtype=torch.float32)
+    theirs = model.generate(prompts, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    ours = greedy.greedy_continuation(CheckpointLayers(*open_source(str(healthy)), CPU),
+                                      prompts, steps=24, progress=False)
+    assert torch.equal(theirs, ours)

@@ -390,7 +390,8 @@ def parse_texts(ctx: click.Context, param: click.Parameter, value: str | None) -
 def compare(src, methods, eval_text, out_dir, csv_path, json_path, eval_seq_len, eval_samples,
             overwrite, **kwargs) -> None:
     """Reduce SRC with several methods from one calibration pass (each layer's statistics are
-    computed once for all), then score each against SRC: perplexity, KL and minutes."""
+    computed once for all), then score each against SRC: perplexity, KL, long greedy
+    continuations and minutes, over all --eval texts and, with several, per text."""
     def action():
         base = ConvertOptions(**kwargs)
         from ..eval.compare import compare as run_comparison
