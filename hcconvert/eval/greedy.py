@@ -4,12 +4,13 @@ repetition loops once it writes on its own (reported for a 50 % REAP of Kimi-K2.
 
 Each model continues the same prompts greedily for CONTINUATION_TOKENS tokens, streamed one
 decoder layer at a time with a KV cache: a step feeds only the new tokens through each layer
-(its weights read again, never the whole model held), and transformers' own cache object, of
-the kind the family's forward makes, keeps every layer's keys and values (or linear-attention
-state). Scored per continuation: the share of repeated 4-grams (Welleck et al. 2019's
-seq-rep-4, which a loop drives to 1), distinct bigrams over a set of continuations (Li et al.
-2016's distinct-2) and the leading tokens equal to the original's own continuation;
-evaluate.py adds the original model's perplexity of the text (REAP's cross-perplexity).
+(its weights read again, beyond the first KEEP_BYTES of built layers: never more of a big
+model held), and transformers' own cache object, of the kind the family's forward makes,
+keeps every layer's keys and values (or linear-attention state). Scored per continuation: the
+share of repeated 4-grams (Welleck et al. 2019's seq-rep-4, which a loop drives to 1),
+distinct bigrams over a set of continuations (Li et al. 2016's distinct-2) and the leading
+tokens equal to the original's own continuation; evaluate.py adds the original model's
+perplexity of the text (REAP's cross-perplexity).
 P prompts, S prompt tokens, G generated tokens.
 """
 
@@ -18,14 +19,19 @@ from __future__ import annotations
 import sys
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
+from ..model.experts import RoutedExperts
 from .streamed import CheckpointLayers
 
 # Prompts per evaluation source, their length, and the continuation's.
 PROMPTS = 8
 PROMPT_TOKENS = 64
 CONTINUATION_TOKENS = 128
+# Built layers kept between steps, in all, rather than read and built again for every token:
+# a small model's whole decoder (the bench models', the demo's), a big one's first few layers.
+KEEP_BYTES = 10**9
 # The n of the repeated n-grams (a loop's signature) and of distinct-n (lexical variety).
 REPEAT_N = 4
 DISTINCT_N = 2
@@ -41,18 +47,30 @@ def greedy_continuation(layers: CheckpointLayers, prompts: torch.Tensor,
     decoder, device = layers.decoder, layers.device
     layers.load_head()  # the embedding and the head serve every step
     new, cache, written = prompts.to(device), None, [prompts]
+    kept: dict[int, nn.Module] = {}  # built layers kept between steps, up to KEEP_BYTES
     for step in tqdm(range(steps), desc=f"greedy continuation{label}", unit="token",
                      disable=not progress, file=sys.stderr):
         hidden, arguments, cache = decoder.cached_inputs(new, cache)
         state = None  # what a layer hands the next (family.carried)
         for layer in range(layers.spec.num_layers):
-            module = layers.module(layer, check=step == 0)
+            module = kept[layer] if layer in kept else layers.module(layer, check=step == 0)
+            if step == 0 and sum(map(held_bytes, kept.values())) + held_bytes(module) \
+                    <= KEEP_BYTES:
+                kept[layer] = module
             hidden, state = _run(module, hidden, arguments[decoder.skeleton_layer(layer)],
                                  decoder.family.carried, state)
         new = decoder.logits(new, hidden)[:, -1].argmax(-1, keepdim=True)
         written.append(new.cpu())
     decoder.drop_globals()
     return torch.cat(written, dim=1)
+
+
+def held_bytes(module: nn.Module) -> int:
+    """Bytes of a built layer's tensors, its routed experts included."""
+    tensors = list(module.state_dict().values())
+    tensors += [tensor for part in module.modules() if isinstance(part, RoutedExperts)
+                for tensor in part.stacked.parts().values()]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
 def _run(module, hidden: torch.Tensor, arguments: dict, carried: str | None, state):
