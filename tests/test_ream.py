@@ -118,8 +118,8 @@ def test_ream_balanced_is_the_earlier_variant(tmp_path, tiny, calib_text):
     conversion = convert(str(tiny), tmp_path / "out", options, progress=False)
     for layer in conversion.layers:
         assert [len(group) for group in layer.groups] == [2, 2, 2, 2]
-    assert "routed saliency leaders, groups of at most ceil(E/R) by cosine" \
-        in options.describe()
+    assert ("leaders by REAP's saliency from the model's routing, groups of up to ceil(E/R) "
+            "filled by cosine similarity, msmoe merge, freq-avg router") in options.describe()
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -68,6 +68,11 @@ DEFAULT_COMPARISON = ("auto", "o-prune-fit", "f-prune", "o-prune", "hc-smoe", "m
                       "mergemoe")
 
 
+# REAM's settings in the model card's words.
+SALIENCY_WORDS = {"ream": "REAM's saliency", "routed": "REAP's saliency from the model's routing"}
+SIMILARITY_WORDS = {"ream": "REAM's similarity", "cosine": "cosine similarity"}
+
+
 @dataclass(frozen=True)
 class Reduction:
     """One reduction of a MoE layer, every setting resolved."""
@@ -106,9 +111,9 @@ class Reduction:
         fitted = ", then refitted to the original layer's output" if self.layer_fit else ""
         if self.kind == "ream":
             size = self.max_group_size or "ceil(E/R)"
-            return (f"REAM ({self.saliency} saliency leaders, groups of at most {size} by "
-                    f"{self.similarity} similarity, {self.merge} merge, {self.router} router)"
-                    + fitted)
+            return (f"REAM (leaders by {SALIENCY_WORDS[self.saliency]}, groups of up to "
+                    f"{size} filled by {SIMILARITY_WORDS[self.similarity]}, {self.merge} "
+                    f"merge, {self.router} router)" + fitted)
         if self.kind == "prune":
             kept = ("the router picks most often (F-prune)" if self.prune_by == "frequency"
                     else "with the largest routed output (O-prune, REAP's saliency)")
