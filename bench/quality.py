@@ -15,36 +15,31 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from hcconvert.eval import greedy
 from hcconvert.eval.compare import compare, named_variants
-from hcconvert.eval.evaluate import evaluate_many
 from hcconvert.model.spec import open_source
 from hcconvert.pipeline.options import ConvertOptions
 
 METHODS = ["auto", "o-prune", "f-prune", "msmoe", "o-prune-fit", "f-prune-fit", "msmoe-fit",
-           "hc-smoe", "mergemoe", "ream"]
+           "hc-smoe", "mergemoe", "ream", "ream-balanced"]
 SEQ_LEN = 256
 EVAL_SAMPLES = 48  # per domain: about 12k tokens of its held-out text
+# Long greedy continuations per domain (eval's default is 8): 2 x 7 domains x 128 tokens
+# keeps a run of ten methods within the hour on two cores.
+greedy.PROMPTS = 2
 
 
-def domain_files(corpus: Path) -> dict[str, Path]:
-    return {path.stem.removeprefix("eval-"): path for path in sorted(corpus.glob("eval-*.txt"))}
+def domain_files(corpus: Path) -> list[Path]:
+    return sorted(corpus.glob("eval-*.txt"))
 
 
-def kl_by_domain(model: Path, outs: dict[str, Path], corpus: Path) -> dict[str, dict[str, float]]:
-    """method -> domain -> KL(original ‖ reduced), nats/token."""
-    table: dict[str, dict[str, float]] = {label: {} for label in outs}
-    for domain, text in domain_files(corpus).items():
-        scores = evaluate_many(str(model), [str(out) for out in outs.values()], text,
-                               seq_len=SEQ_LEN, samples=EVAL_SAMPLES, device="cpu",
-                               progress=False)
-        for label, score in zip(outs, scores, strict=True):
-            table[label][domain] = score.kl
-    return table
+def domain(fidelity, name: str):
+    """A domain's scores (eval-DOMAIN.txt) in a result over several texts."""
+    return fidelity.sources[next(key for key in fidelity.sources if name in key)]
 
 
 def layer_errors(out: Path) -> list[dict]:
@@ -60,34 +55,37 @@ def run(model: Path, fraction: float, calib: Path, tokens: int, methods: list[st
     experts = max(1, round(spec.num_experts * fraction))
     base = ConvertOptions(experts=experts, calib=str(calib), calib_samples=tokens // SEQ_LEN,
                           seq_len=SEQ_LEN, device="cpu")
-    variants = named_variants(methods, base)
+    texts = domain_files(corpus)
     with tempfile.TemporaryDirectory() as tmp:
-        results = compare(str(model), variants, corpus / "eval.txt", Path(tmp),
+        results = compare(str(model), named_variants(methods, base), texts, Path(tmp),
                           seq_len=SEQ_LEN, samples=EVAL_SAMPLES, device="cpu")
-        outs = {r.label: r.conversion.out for r in results}
-        by_domain = kl_by_domain(model, outs, corpus)
-        errors = {label: layer_errors(out) for label, out in outs.items()}
+        errors = {r.label: layer_errors(r.conversion.out) for r in results}
+    names = [text.stem.removeprefix("eval-") for text in texts]
     return {"model": model.name, "experts": f"{spec.num_experts}->{experts}",
             "calib": calib.name, "tokens": tokens,
-            "methods": {r.label: {"kl": r.fidelity.kl, "top1": r.fidelity.top1_agreement,
-                                  "ppl": r.fidelity.perplexity_reduced,
-                                  "ppl_original": r.fidelity.perplexity_original,
-                                  "minutes": r.own_minutes, "kl_by_domain": by_domain[r.label],
-                                  "layers": errors[r.label]}
-                        for r in results}}
+            "methods": {r.label: {
+                "kl": r.fidelity.kl, "top1": r.fidelity.top1_agreement,
+                "ppl": r.fidelity.perplexity_reduced,
+                "ppl_original": r.fidelity.perplexity_original,
+                "repetition": r.fidelity.repetition, "distinct": r.fidelity.distinct,
+                "generated_ppl": r.fidelity.generated_perplexity,
+                "minutes": r.own_minutes,
+                "kl_by_domain": {name: domain(r.fidelity, name).kl for name in names},
+                "layers": errors[r.label]} for r in results}}
 
 
 def markdown(result: dict) -> str:
     domains = sorted(next(iter(result["methods"].values()))["kl_by_domain"])
     rows = [f"### {result['model']}, {result['experts']}, {result['tokens']} tokens of "
             f"`{result['calib']}`", "",
-            "| method | KL (mixed eval) | mean KL over domains | " + " | ".join(domains)
-            + " | own minutes |",
-            "| --- " * (len(domains) + 4) + "|"]
+            "| method | KL (all domains) | " + " | ".join(domains)
+            + " | repeated 4-grams | original's ppl of its text | own minutes |",
+            "| --- " * (len(domains) + 5) + "|"]
     for label, m in result["methods"].items():
         per = [m["kl_by_domain"][d] for d in domains]
-        rows.append(f"| {label} | {m['kl']:.4f} | {statistics.mean(per):.4f} | "
-                    + " | ".join(f"{v:.4f}" for v in per) + f" | {m['minutes']:.2f} |")
+        rows.append(f"| {label} | {m['kl']:.4f} | " + " | ".join(f"{v:.4f}" for v in per)
+                    + f" | {m['repetition']:.3f} | {m['generated_ppl']:.1f} | "
+                    f"{m['minutes']:.2f} |")
     auto = result["methods"].get("auto")
     if auto:
         rows += ["", "auto's choice per layer (held-out layer error: unfitted -> fitted):"]

@@ -9,7 +9,7 @@ import torch
 from checkpoints import load_all
 from family_models import Case
 
-from hcconvert.eval.evaluate import StreamedModel
+from hcconvert.eval.streamed import StreamedModel
 from hcconvert.model.spec import open_source
 from hcconvert.pipeline.convert import convert
 from hcconvert.pipeline.options import ConvertOptions
@@ -32,7 +32,7 @@ def our_forward(directory, tokens, dtype, teacher=None):
         model.advance(layer)
         states.append(model.stream.hidden.clone())
     model.load_head()
-    logits = torch.cat([model.decoder.logits(tokens[i:i + 1], model.stream.hidden[i:i + 1])
+    logits = torch.cat([model.layers.decoder.logits(tokens[i:i + 1], model.stream.hidden[i:i + 1])
                         for i in range(tokens.shape[0])])
     return states, logits
 

@@ -152,10 +152,21 @@ def test_eval_reports_perplexity_and_kl(tmp_path, src, calib_text, eval_text):
     result = run("eval", src, tmp_path / "out", "--text", eval_text, "--seq-len", 64,
                  "--samples", 4)
     assert result.exit_code == 0, result.stderr
-    assert "perplexity original" in result.stdout and "KL(" in result.stdout
+    assert "| perplexity (original) |" in result.stdout and "KL(" in result.stdout
+    assert "| repeated 4-grams per continuation (original's own) |" in result.stdout
     assert "greedy continuation" in result.stderr  # its passes over the weights show progress
     same = run("eval", src, src, "--text", eval_text, "--seq-len", 64, "--samples", 4)
-    assert "0.00000 nats" in same.stdout
+    assert "| KL(original ‖ reduced), nats/token | 0.00000 |" in same.stdout
+
+
+def test_eval_gives_a_column_per_text(tmp_path, src, calib_text, eval_text):
+    result = run("eval", src, src, "--text", f"{eval_text},{calib_text}", "--seq-len", 32,
+                 "--samples", 2)
+    assert result.exit_code == 0, result.stderr
+    header = result.stdout.splitlines()[0]
+    assert header == f"| | all | {eval_text.name} | {calib_text.name} |"
+    assert "| KL(original ‖ reduced), nats/token | 0.00000 | 0.00000 | 0.00000 |" \
+        in result.stdout
 
 
 def test_inspect(src):

@@ -14,7 +14,7 @@ from cli_runs import assert_user_error, run
 import hcconvert.pipeline.convert
 from hcconvert.eval.compare import compare, named_variants, planned_bytes, shared_passes
 from hcconvert.eval.evaluate import evaluate, evaluate_many
-from hcconvert.eval.greedy import CONTINUATION_TOKENS, matched_lengths
+from hcconvert.eval.greedy import CONTINUATION_TOKENS
 from hcconvert.pipeline.convert import convert, convert_many
 from hcconvert.pipeline.options import ConvertOptions
 
@@ -35,7 +35,7 @@ def test_compare_prints_a_row_per_method_and_writes_csv_and_json(tmp_path, src, 
                  "--csv", tmp_path / "r.csv", "--json", tmp_path / "r.json")
     assert result.exit_code == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert [row.split("|")[1].strip() for row in rows[2:]] == methods
+    assert [row.split("|")[1].strip() for row in rows[2:]] == ["(original)", *methods]
     with open(tmp_path / "r.csv") as f:
         table = list(csv.DictReader(f))
     assert [row["method"] for row in table] == methods
@@ -159,13 +159,6 @@ def test_a_model_agrees_with_itself_at_every_position_and_every_greedy_token(src
     assert fidelity.greedy_match == CONTINUATION_TOKENS
 
 
-def test_matched_length_counts_only_the_leading_run():
-    continued = torch.tensor([[5, 1, 2, 3, 4]])  # one prompt token, then 4 generated
-    guesses = torch.tensor([1, 2, 0, 4, 9])  # right, right, wrong, right (after a miss)
-    log_probs = torch.nn.functional.one_hot(guesses, 10).float()[None].log()
-    assert matched_lengths(log_probs, continued, steps=4).tolist() == [2]
-
-
 def test_eval_record_writes_the_numbers_into_the_card(tmp_path, calib_text, eval_text):
     """`eval --record` (and compare, for its outputs) puts the numbers into the reduced
     checkpoint's hcconvert.json and a last Evaluation section of its card, replacing any
@@ -187,6 +180,54 @@ def test_eval_record_writes_the_numbers_into_the_card(tmp_path, calib_text, eval
     assert card.count("## Evaluation") == 1 and card.rstrip().endswith("|")
     evaluation = json.loads((out / "hcconvert.json").read_text())["evaluation"]
     assert f"| KL(original ‖ reduced), nats/token | {evaluation['kl']:.5f} |" in card
+    assert "| repeated 4-grams per continuation (original's own) |" in card
     refused = CliRunner().invoke(main, ["eval", str(src), str(src), "--text", str(eval_text),
                                         "--record"])
     assert refused.exit_code == 2 and "not a directory hcconvert wrote" in refused.output
+
+
+def scores(fidelity):
+    return {k: v for k, v in dataclasses.asdict(fidelity).items() if k != "sources"}
+
+
+def test_each_text_is_scored_as_it_would_be_alone(tmp_path, src, calib_text, eval_text):
+    """With several evaluation texts, each text's scores are those an evaluation on it alone
+    gives; the scores over all pool their tokens and prompts."""
+    out = tmp_path / "out"
+    convert(str(src), out, ConvertOptions(method="hc-smoe", experts=3, calib=str(calib_text),
+                                          **SMALL), progress=False)
+    (both,) = evaluate_many(str(src), [str(out)], [eval_text, calib_text], seq_len=32,
+                            samples=3, progress=False)
+    assert list(both.sources) == [eval_text.name, calib_text.name]
+    for text in (eval_text, calib_text):
+        (alone,) = evaluate_many(str(src), [str(out)], text, seq_len=32, samples=3,
+                                 progress=False)
+        assert alone.sources is None
+        assert scores(both.sources[text.name]) == pytest.approx(scores(alone), rel=1e-6)
+    parts = both.sources.values()
+    assert both.tokens == sum(part.tokens for part in parts)
+    assert both.greedy_match == pytest.approx(sum(p.greedy_match for p in parts) / 2)
+    assert min(p.kl for p in parts) <= both.kl <= max(p.kl for p in parts)
+
+
+def test_compare_prints_and_writes_a_table_per_text(tmp_path, src, calib_text, eval_text):
+    result = run("compare", src, "--experts", 3, "--calib", calib_text, "--eval",
+                 f"{eval_text},{calib_text}", "--methods", "o-prune,ream", "--calib-samples", 2,
+                 "--seq-len", 32, "--eval-seq-len", 32, "--eval-samples", 2,
+                 "--csv", tmp_path / "r.csv")
+    assert result.exit_code == 0, result.stderr
+    assert f"### {eval_text.name}" in result.stdout and f"### {calib_text.name}" in result.stdout
+    parts = result.stdout.split("\n\n")
+    tables = [part for part in parts if part.startswith("| method")]
+    assert len(tables) == 3  # all texts, then one per text under its heading
+    assert parts.index(f"### {calib_text.name}") + 1 == parts.index(tables[2])
+    for table in tables:
+        rows = [line.split("|")[1].strip() for line in table.splitlines()
+                if line.startswith("| ")][2:]
+        assert rows == ["(original)", "o-prune", "ream"]
+    with open(tmp_path / "r.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(row["method"], row["source"]) for row in table] == [
+        (method, source) for method in ("o-prune", "ream")
+        for source in ("all", eval_text.name, calib_text.name)]
+    assert all(float(row["repetition"]) >= 0 for row in table)

@@ -1,5 +1,5 @@
-"""Fitting the reduced layer to the original layer's output (layerfit.py), REAM's grouping,
-per-layer seeds, and --method auto's record in hcconvert.json."""
+"""Fitting the reduced layer to the original layer's output (layerfit.py), per-layer seeds,
+and --method auto's record in hcconvert.json."""
 
 import dataclasses
 import json
@@ -16,7 +16,6 @@ from hcconvert.methods.layerfit import (
     layer_output,
     relative_error,
 )
-from hcconvert.methods.ream import ream_groups
 from hcconvert.methods.statistics import LayerStats
 from hcconvert.model.experts import Experts, RoutedExperts
 from hcconvert.pipeline.convert import convert
@@ -115,13 +114,6 @@ def test_held_out_error_is_reported_and_the_fit_kept_only_when_it_helps(layer):
     same, refused = fit_layer(x, contrary, survivors, top2(small_router))
     assert refused.error_after > refused.error_before and not refused.fitted
     assert same is survivors
-
-
-def test_ream_leaders_are_the_most_salient_and_members_join_the_most_similar():
-    saliency = torch.tensor([5.0, 1.0, 4.0, 0.5])
-    # Expert 1 resembles expert 2 and expert 3 resembles expert 0, in outputs and logits.
-    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.1, 1.0], [1.0, 0.1]])
-    assert ream_groups(saliency, features, features, 2) == [[0, 3], [1, 2]]
 
 
 def test_random_grouping_draws_a_different_partition_in_each_layer():

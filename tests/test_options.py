@@ -33,6 +33,8 @@ BAD_VALUES = {
     "metric": ("cosine", "output, router-logits"),
     "max_group_size": (0, "at least 1"),
     "prune_by": ("size", "frequency, output"),
+    "saliency": ("reap", "ream, routed"),
+    "similarity": ("euclid", "ream, cosine"),
     "layer_fit": ("yes", "true or false"),
     "compute_dtype": ("float16", "auto, float32, bfloat16"),
     "text_field": (3, "text"),

@@ -27,6 +27,7 @@ from ..methods.clustering import GROUPINGS, LINKAGES
 from ..methods.features import METRICS
 from ..methods.merging import MERGES
 from ..methods.pruning import PRUNE_BY
+from ..methods.ream import SALIENCIES, SIMILARITIES
 from ..methods.router import ROUTERS
 from ..pipeline.options import (
     COMPUTE_DTYPES,
@@ -178,8 +179,8 @@ calibration_numbers = options_of(
                  help="Seed of the calibration sample and of random choices."))
 router_option = click.option(
     "--router", type=click.Choice(ROUTERS), help="Router row of a merged expert: its most "
-    "used member's, the frequency-weighted average, or a least-squares fit of the members' "
-    "softmax mass. Default: the method's (freq-avg).")
+    "used member's, the frequency-weighted average, a least-squares fit of the members' "
+    "softmax mass, or (REAM) its leader's. Default: the method's (freq-avg; ream: leader).")
 device_option = click.option("--device", type=click.Choice(DEVICES), default=DEFAULTS["device"],
                              show_default=True)
 compute_dtype_option = click.option(
@@ -235,15 +236,24 @@ def size(ctx: click.Context, param: click.Parameter, value: str | None) -> int |
 @click.option("--linkage", type=click.Choice(LINKAGES), help="Linkage of hierarchical "
               "grouping.")
 @click.option("--max-group-size", type=int, metavar="N",
-              help="Merge at most N experts into one (default: no limit).")
+              help="Merge at most N experts into one (default: no limit; REAM's C, counting "
+              "the leader: ream 16, ream-balanced ceil(E/R)).")
 @click.option("--merge", type=click.Choice(MERGES),
               help="freq / average: weighted / plain average of weights; fix-dom: the most "
               "used member's neurons absorb the others' most correlated ones; msmoe: neurons "
               "aligned to the most used member (Hungarian), then freq; mergemoe: msmoe's gate "
-              "and up, down fitted by least squares to the members' outputs.")
+              "and up, down fitted by least squares to the members' outputs; ream (REAM's "
+              "groups): neurons matched to the leader by activation and weight-feature "
+              "distance, then the saliency-weighted average.")
 @click.option("--prune-by", type=click.Choice(PRUNE_BY), help="A pruning method keeps the "
               "experts picked most often (F-prune) or with the largest routed output, REAP's "
               "saliency (O-prune).")
+@click.option("--saliency", type=click.Choice(SALIENCIES), help="REAM's leaders and merge "
+              "weights: ream, as its official code computes it (softmax of the raw router "
+              "logits, zero floor); routed, REAP's from the model's own routing (O-prune's).")
+@click.option("--similarity", type=click.Choice(SIMILARITIES), help="REAM's expert "
+              "similarity: ream, the official code's (probability-weighted mean outputs, "
+              "router-logit columns over all tokens); cosine, hcconvert's (two plain cosines).")
 @router_option
 @click.option("--propagate", type=click.Choice(PROPAGATIONS), help="Next layer's input: the "
               "original layer's output, or the reduced one's (REAM's default).")
@@ -345,14 +355,25 @@ def parse_methods(ctx: click.Context, param: click.Parameter, value: str) -> lis
     return names
 
 
+def parse_texts(ctx: click.Context, param: click.Parameter, value: str | None) -> list[Path]:
+    """Evaluation texts, comma-separated; each is read (and refused if it must be) later."""
+    if value is None:
+        return []
+    paths = [Path(part.strip()) for part in value.split(",") if part.strip()]
+    if not paths:
+        raise click.BadParameter("names no file")
+    return paths
+
+
 @main.command("compare")
 @click.argument("src")
 @click.option("--experts", "-r", type=int, required=True, help="Experts to keep per MoE layer.")
 @click.option("--calib", required=True, metavar="SOURCE[:W],...",
               help="Calibration text, as for convert (files, Hub datasets hf:ORG/NAME).")
-@click.option("--eval", "eval_text", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Held-out text for perplexity and KL (.txt, .jsonl, .json.gz).")
+@click.option("--eval", "eval_text", required=True, callback=parse_texts,
+              metavar="FILE[,FILE...]", help="Held-out text for perplexity, KL and the long "
+              "greedy continuations (.txt, .jsonl, .json.gz); several comma-separated are "
+              "each scored on their own too.")
 @click.option("--methods", default=",".join(DEFAULT_COMPARISON), show_default=True,
               callback=parse_methods, metavar="A,B,...",
               help=f"Reductions to compare, from: {', '.join(RECIPES)}.")
@@ -368,14 +389,15 @@ def parse_methods(ctx: click.Context, param: click.Parameter, value: str) -> lis
 @click.option("--eval-seq-len", type=EVAL_NUMBER, default=512, show_default=True,
               help="Tokens per evaluation sequence.")
 @click.option("--eval-samples", type=EVAL_NUMBER, default=64, show_default=True,
-              help="Evaluation sequences.")
+              help="Evaluation sequences of each --eval text.")
 @device_option
 @compute_dtype_option
 @click.option("--overwrite", is_flag=True, help="Replace non-empty DIR/<method> directories.")
 def compare(src, methods, eval_text, out_dir, csv_path, json_path, eval_seq_len, eval_samples,
             overwrite, **kwargs) -> None:
     """Reduce SRC with several methods from one calibration pass (each layer's statistics are
-    computed once for all), then score each against SRC: perplexity, KL and minutes."""
+    computed once for all), then score each against SRC: perplexity, KL, long greedy
+    continuations and minutes, over all --eval texts and, with several, per text."""
     def action():
         base = ConvertOptions(**kwargs)
         from ..eval.compare import compare as run_comparison
@@ -399,7 +421,8 @@ def compare(src, methods, eval_text, out_dir, csv_path, json_path, eval_seq_len,
         probe_hub_if_needed(src, also=uses_hub(base.calib))
         variants = named_variants(methods, base)
         # Bad --eval text is refused now, not after every conversion.
-        held_out_tokens(open_source(src)[0], eval_text, eval_samples, eval_seq_len)
+        for text in eval_text:
+            held_out_tokens(open_source(src)[0], text, eval_samples, eval_seq_len)
         click.echo(f"disk: {human_bytes(planned_bytes(src, variants))} for "
                    f"{len(variants)} reduced checkpoints", err=True)
         keep = contextlib.nullcontext(out_dir) if out_dir else tempfile.TemporaryDirectory()
@@ -433,37 +456,37 @@ def inspect(src, revision) -> None:
 @main.command("eval")
 @click.argument("original")
 @click.argument("reduced")
-@click.option("--text", required=True, type=click.Path(path_type=Path),
-              help="Held-out text (.txt, .jsonl, .json.gz).")
+@click.option("--text", required=True, callback=parse_texts, metavar="FILE[,FILE...]",
+              help="Held-out text (.txt, .jsonl, .json.gz); several comma-separated are each "
+              "scored on their own too.")
 @click.option("--seq-len", type=EVAL_NUMBER, default=512, show_default=True)
-@click.option("--samples", type=EVAL_NUMBER, default=64, show_default=True)
+@click.option("--samples", type=EVAL_NUMBER, default=64, show_default=True,
+              help="Sequences of each text.")
 @device_option
 @click.option("--record", is_flag=True, help="Also write the numbers into REDUCED's model "
               "card and hcconvert.json (REDUCED: a directory hcconvert wrote).")
-
-
 def evaluate_command(original, reduced, text, seq_len, samples, device, record) -> None:
     """Perplexity of ORIGINAL and REDUCED on TEXT, KL(original ‖ reduced), top-1 agreement,
-    and how many tokens of the original's greedy continuations REDUCED reproduces."""
-    from ..eval.evaluate import evaluate
-    from ..eval.greedy import CONTINUATION_TOKENS
+    and both models' greedy continuations of held-out prompts: how many leading tokens of
+    the original's REDUCED reproduces, how often each repeats itself, how varied they are, and
+    how likely ORIGINAL finds them."""
+    from ..eval.evaluate import evaluate, source_names
+    from ..eval.greedy import CONTINUATION_TOKENS, PROMPTS
+    from ..pipeline.metadata import evaluation_table
 
     def action():
         if record and not (Path(reduced) / "hcconvert.json").is_file():
             raise UserError(f"--record: {reduced} is not a directory hcconvert wrote")
         probe_hub_if_needed(original, reduced)
         result = evaluate(original, reduced, text, seq_len, samples, device)
+        numbers = dataclasses.asdict(result)
         if record:
             from ..pipeline.metadata import record_evaluation
 
-            record_evaluation(Path(reduced), original, text, dataclasses.asdict(result))
-        click.echo(f"tokens               {result.tokens}")
-        click.echo(f"perplexity original  {result.perplexity_original:.4f}")
-        click.echo(f"perplexity reduced   {result.perplexity_reduced:.4f}")
-        click.echo(f"KL(original‖reduced) {result.kl:.5f} nats/token")
-        click.echo(f"top-1 agreement      {result.top1_agreement:.4f}")
-        click.echo(f"greedy match         {result.greedy_match:.2f} of "
-                   f"{CONTINUATION_TOKENS} tokens")
+            record_evaluation(Path(reduced), original, source_names(text), numbers)
+        click.echo(evaluation_table(numbers))
+        click.echo(f"\ngreedy continuations: {CONTINUATION_TOKENS} tokens after each of "
+                   f"{PROMPTS} prompts per text; in brackets, the original's own")
         click.echo(f"peak host memory     {human_bytes(peak_rss_bytes())}")
         gpu = peak_gpu_bytes()
         if gpu is not None:

@@ -1,33 +1,36 @@
 """Fidelity of a reduced model: perplexity of both models, KL(original ‖ reduced), how often
-its next-token argmax agrees with the original's, and how long its greedy continuations match
-the original's (greedy.py).
+its next-token argmax agrees with the original's, and its long greedy continuations (greedy.py):
+how far they follow the original's own, how often they repeat themselves, how varied they are
+and how likely the original model finds them. With several evaluation texts
+(`--eval code.jsonl,prose.txt`) every score is also given per text: the calibration domain
+decides what a reduced model keeps.
 
-Both checkpoints stream through the same held-out tokens one decoder layer at a time, so the
-check needs no more memory than a conversion. N sequences, S tokens, V vocabulary.
+Every checkpoint streams through the held-out tokens one decoder layer at a time, so the
+check needs no more memory than a conversion. N sequences, S tokens, P prompts, G generated
+tokens, M reduced models.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import UserError
 from ..io.source import Checkpoint
-from ..io.storage import Storage
-from ..io.tensors import TORCH_DTYPES
-from ..model.decoder import HiddenStream, compute_dtype, pick_device
-from ..model.experts import RoutedExperts
+from ..model.decoder import pick_device
 from ..model.spec import ModelSpec, open_source
 from ..model.tokenizer import embedding_rows, model_tokenizer
 from ..pipeline.calibration import text_tokens
 from ..pipeline.plan import validate_tensors
 from . import greedy
+from .streamed import CheckpointLayers, StreamedModel, stream_side_by_side
 
 
 @dataclass(frozen=True)
@@ -37,85 +40,83 @@ class Fidelity:
     perplexity_reduced: float
     kl: float  # mean over predicted positions, nats
     top1_agreement: float  # share of positions where both models' argmax agree
-    greedy_match: float | None = None  # mean leading tokens of the original's greedy text
+    # Over the greedy continuations of the held-out prompts (greedy.py):
+    greedy_match: float | None = None  # mean leading tokens equal to the original's
+    repetition: float | None = None  # mean share of repeated 4-grams in a continuation
+    repetition_original: float | None = None  # the same of the original's continuations
+    distinct: float | None = None  # distinct bigrams over all continuations
+    distinct_original: float | None = None
+    generated_perplexity: float | None = None  # the original's perplexity of the continuations
+    generated_perplexity_original: float | None = None  # ... of its own continuations
+    sources: dict[str, Fidelity] | None = None  # per evaluation text, when there are several
 
 
-class StreamedModel:
-    """A checkpoint's hidden states for fixed tokens, advanced one layer per call."""
+@dataclass(frozen=True)
+class HeldOut:
+    """The evaluation texts' held-out sequences [N, S] and greedy prompts [P, S'], each text's
+    rows of both by its name."""
 
-    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, tokens: torch.Tensor,
-                 device: torch.device, dtype: torch.dtype | None = None):
-        """dtype: the compute dtype (default: the checkpoint's on a GPU, fp32 on the CPU even
-        where conversions compute in bf16: the measuring instrument must not add bf16 noise
-        of its own to the KL it measures, which is compared to 1e-4 nats)."""
-        self.ckpt, self.spec, self.device, self.tokens = ckpt, spec, device, tokens
-        self.storage = Storage.of(ckpt)
-        if dtype is None:
-            stored = TORCH_DTYPES[ckpt.tensors[spec.family.embedding].dtype]
-            dtype = compute_dtype(device, stored) if device.type == "cuda" else torch.float32
-        self.decoder = spec.decoder(dtype)
-        # What the forward reads outside the layers (not an MTP layer's, not a vision tower).
-        outside = self.storage.logical(spec.global_names(ckpt.tensors), ckpt.tensors)
-        self.global_names = [stored for name in outside if self.decoder.reads_global(name)
-                             for stored in self.storage.stored_names(name)]
-        self.load_head()
-        self.stream = HiddenStream(self.decoder, tokens, device)
-        self.decoder.drop_globals()  # the head is read again after the last layer
-
-    def advance(self, layer: int) -> None:
-        prefix = self.spec.layer_prefix(layer)
-        raw = self.dense(self.ckpt.layer_tensors(prefix), prefix)
-        tensors, experts = self.decoder.layer_parts(layer, raw, self.device)
-        module = self.decoder.build_layer(layer, tensors,
-                                          None if experts is None else RoutedExperts(experts))
-        self.stream.advance(layer, module)
-
-    def load_head(self, globals_: dict[str, torch.Tensor] | None = None) -> None:
-        """Embeddings, final norm and LM head (read again unless given)."""
-        if globals_ is None:
-            globals_ = self.ckpt.read(self.global_names)
-        self.decoder.load_globals(self.dense(globals_, ""), self.device)
-
-    def dense(self, stored: dict[str, torch.Tensor], prefix: str):
-        """Stored tensors (keyed below prefix) with quantized weights dequantized."""
-        return self.storage.dense(stored, prefix, self.device, self.decoder.dtype)
-
-    def log_probs(self, sequence: int) -> torch.Tensor:
-        """[S, V] next-token log-probabilities of one sequence."""
-        logits = self.decoder.logits(self.tokens[sequence:sequence + 1].to(self.device),
-                                     self.stream.hidden[sequence:sequence + 1])
-        return F.log_softmax(logits[0], -1)
+    tokens: torch.Tensor
+    prompts: torch.Tensor
+    rows: dict[str, slice]
+    prompt_rows: dict[str, slice]
 
 
-def evaluate(original: str, reduced: str, text: Path, seq_len: int = 512, samples: int = 64,
-             device: str = "auto", progress: bool = True) -> Fidelity:
+@dataclass(frozen=True)
+class Forced:
+    """Per held-out sequence, summed over its predicted positions: the original's and each
+    reduction's negative log-likelihood, KL and argmax agreements [M, N]."""
+
+    nll_original: torch.Tensor
+    nll: torch.Tensor
+    kl: torch.Tensor
+    agree: torch.Tensor
+    positions: int  # predicted positions per sequence
+
+
+@dataclass(frozen=True)
+class Written:
+    """Every model's greedy continuations [1 + M, P, S' + G], the original's first, and the
+    original model's negative log-likelihood of each continuation's G tokens [1 + M, P]."""
+
+    tokens: torch.Tensor
+    nll: torch.Tensor
+
+
+def evaluate(original: str, reduced: str, text: Path | Sequence[Path], seq_len: int = 512,
+             samples: int = 64, device: str = "auto", progress: bool = True) -> Fidelity:
     return evaluate_many(original, [reduced], text, seq_len, samples, device, progress)[0]
 
 
-def evaluate_many(original: str, reduced: list[str], text: Path, seq_len: int = 512,
-                  samples: int = 64, device: str = "auto",
+def evaluate_many(original: str, reduced: list[str], text: Path | Sequence[Path],
+                  seq_len: int = 512, samples: int = 64, device: str = "auto",
                   progress: bool = True) -> list[Fidelity]:
-    """Score several reductions of one original: the original streams through the layers
-    once, beside all of them."""
+    """Score several reductions of one original on `samples` sequences of each text: the
+    original streams through the layers once, beside all of them."""
     torch_device = pick_device(device)
     ckpt, spec = open_source(original)
     others = [open_source(src) for src in reduced]
     for other, other_spec in others:
         _check_compatible(ckpt, spec, other, other_spec)
-    tokens = held_out_tokens(ckpt, text, samples, seq_len)
-    reference = StreamedModel(ckpt, spec, tokens, torch_device)
-    models = [StreamedModel(*other, tokens, torch_device) for other in others]
-    for layer in tqdm(range(reference.spec.num_layers), desc="eval", unit="layer",
-                      disable=not progress, file=sys.stderr):
-        for model in (reference, *models):
-            model.advance(layer)
-    for model in (reference, *models):
-        model.load_head()
-    scores = _score(reference, models, tokens)
-    del reference, models  # the greedy check streams its own, shorter sequences
-    lengths = _greedy_match(original, reduced, tokens, torch_device, progress)
-    return [dataclasses.replace(score, greedy_match=length)
-            for score, length in zip(scores, lengths, strict=True)]
+    held = held_out(ckpt, text_paths(text), samples, seq_len)
+    reference = StreamedModel(ckpt, spec, held.tokens, torch_device)
+    models = [StreamedModel(*other, held.tokens, torch_device) for other in others]
+    stream_side_by_side([reference, *models], _bar("eval", progress))
+    forced = _forced(reference, models, held.tokens)
+    del reference, models  # the continuations stream their own, shorter sequences
+    written = _written([(ckpt, spec), *others], held.prompts, torch_device, progress)
+    return [_fidelity(held, forced, written, m) for m in range(len(reduced))]
+
+
+def text_paths(text: Path | Sequence[Path]) -> list[Path]:
+    """One evaluation text or several, as a list."""
+    return [Path(text)] if isinstance(text, (str, Path)) else [Path(t) for t in text]
+
+
+def source_names(paths: list[Path]) -> list[str]:
+    """Each text's name in the tables: its file name, or its path where two share a name."""
+    names = [path.name for path in paths]
+    return [str(path) if names.count(path.name) > 1 else path.name for path in paths]
 
 
 def held_out_tokens(ckpt: Checkpoint, text: Path, samples: int, seq_len: int) -> torch.Tensor:
@@ -127,19 +128,25 @@ def held_out_tokens(ckpt: Checkpoint, text: Path, samples: int, seq_len: int) ->
     return tokens
 
 
-def _greedy_match(original: str, reduced: list[str], tokens: torch.Tensor,
-                  device: torch.device, progress: bool) -> list[float]:
-    """Each reduction's mean matched greedy length on a few prompts cut from tokens."""
-    def open_model(source: str, ids: torch.Tensor) -> StreamedModel:
-        return StreamedModel(*open_source(source), ids, device)
+def held_out(ckpt: Checkpoint, texts: list[Path], samples: int, seq_len: int) -> HeldOut:
+    """`samples` sequences of each text, and its first PROMPTS sequences' starts as prompts."""
+    parts = [held_out_tokens(ckpt, text, samples, seq_len) for text in texts]
+    prompts = [part[:greedy.PROMPTS, :greedy.PROMPT_TOKENS] for part in parts]
+    names = source_names(texts)
+    return HeldOut(torch.cat(parts), torch.cat(prompts), _rows(names, parts),
+                   _rows(names, prompts))
 
-    layers = open_source(original)[1].num_layers
-    prompts = tokens[:greedy.PROMPTS, :greedy.PROMPT_TOKENS]
-    continued = greedy.greedy_continuation(original, prompts, open_model, layers,
-                                           progress=progress)
-    return [greedy.matched_lengths(log_probs, continued, greedy.CONTINUATION_TOKENS)
-            .float().mean().item()
-            for log_probs in greedy.streamed_log_probs(reduced, continued, open_model, layers)]
+
+def _rows(names: list[str], parts: list[torch.Tensor]) -> dict[str, slice]:
+    bounds, start = {}, 0
+    for name, part in zip(names, parts, strict=True):
+        bounds[name] = slice(start, start + part.shape[0])
+        start += part.shape[0]
+    return bounds
+
+
+def _bar(label: str, progress: bool):
+    return partial(tqdm, desc=label, unit="layer", disable=not progress, file=sys.stderr)
 
 
 def _check_compatible(a: Checkpoint, a_spec: ModelSpec, b: Checkpoint, b_spec: ModelSpec) -> None:
@@ -156,25 +163,80 @@ def _check_compatible(a: Checkpoint, a_spec: ModelSpec, b: Checkpoint, b_spec: M
                         "embedding rows): not an original and its reduction")
 
 
-def _score(reference: StreamedModel, models: list[StreamedModel],
-           tokens: torch.Tensor) -> list[Fidelity]:
-    """Perplexity of every model, each reduction's mean KL(original ‖ reduced) and its
-    top-1 agreement with the original."""
-    nll = torch.zeros(1 + len(models), dtype=torch.float64)
-    kl = torch.zeros(len(models), dtype=torch.float64)
-    agree = torch.zeros(len(models), dtype=torch.float64)
-    count = 0
-    for i in range(tokens.shape[0]):
+def _forced(reference: StreamedModel, models: list[StreamedModel],
+            tokens: torch.Tensor) -> Forced:
+    """Forced's sums for every held-out sequence, teacher-forced."""
+    count = tokens.shape[0]
+    nll_original = torch.zeros(count, dtype=torch.float64)
+    nll, kl, agree = (torch.zeros(len(models), count, dtype=torch.float64) for _ in range(3))
+    for i in range(count):
         target = tokens[i, 1:, None].to(reference.device)
         orig = reference.log_probs(i)[:-1]
-        nll[0] += -orig.gather(1, target).sum().item()
+        nll_original[i] = -orig.gather(1, target).sum().item()
         for k, model in enumerate(models):
             red = model.log_probs(i)[:-1]
-            nll[k + 1] += -red.gather(1, target).sum().item()
-            kl[k] += (orig.exp() * (orig - red)).sum().item()
-            agree[k] += (orig.argmax(-1) == red.argmax(-1)).sum().item()
-        count += target.numel()
-    ppl = torch.exp(nll / count)
-    return [Fidelity(count, ppl[0].item(), ppl[k + 1].item(), kl[k].item() / count,
-                     agree[k].item() / count)
-            for k in range(len(models))]
+            nll[k, i] = -red.gather(1, target).sum().item()
+            kl[k, i] = (orig.exp() * (orig - red)).sum().item()
+            agree[k, i] = (orig.argmax(-1) == red.argmax(-1)).sum().item()
+    return Forced(nll_original, nll, kl, agree, tokens.shape[1] - 1)
+
+
+def _written(models: list[tuple[Checkpoint, ModelSpec]], prompts: torch.Tensor,
+             device: torch.device, progress: bool) -> Written:
+    """Each model's greedy continuations of the prompts, then the original (the first) reads
+    them all in one streamed pass to score how likely it finds them."""
+    continuations = torch.stack([
+        greedy.greedy_continuation(CheckpointLayers(ckpt, spec, device), prompts,
+                                   progress=progress, label=f" {i + 1}/{len(models)}")
+        for i, (ckpt, spec) in enumerate(models)])
+    judge = StreamedModel(*models[0], continuations.flatten(0, 1), device)
+    stream_side_by_side([judge], _bar("scoring the continuations", progress))
+    start = prompts.shape[1]
+    nll = torch.zeros(continuations.shape[0] * continuations.shape[1], dtype=torch.float64)
+    for i, row in enumerate(continuations.flatten(0, 1)):
+        target = row[start:, None].to(device)
+        nll[i] = -judge.log_probs(i)[start - 1:-1].gather(1, target).sum().item()
+    return Written(continuations, nll.view(continuations.shape[:2]))
+
+
+def _fidelity(held: HeldOut, forced: Forced, written: Written, model: int) -> Fidelity:
+    """Reduction `model`'s scores over every text, and over each where there are several."""
+    everything = _scores(forced, written, model, slice(None), slice(None))
+    if len(held.rows) == 1:
+        return everything
+    sources = {name: _scores(forced, written, model, held.rows[name], held.prompt_rows[name])
+               for name in held.rows}
+    return dataclasses.replace(everything, sources=sources)
+
+
+def _scores(forced: Forced, written: Written, model: int, rows: slice,
+            prompt_rows: slice) -> Fidelity:
+    """Reduction `model`'s scores over the held-out sequences `rows` and the prompts
+    `prompt_rows`."""
+    positions = forced.nll_original[rows].numel() * forced.positions
+    steps = greedy.CONTINUATION_TOKENS
+    ours, theirs = (written.tokens[model + 1, prompt_rows, -steps:],
+                    written.tokens[0, prompt_rows, -steps:])
+    generated = ours.shape[0] * steps
+    return Fidelity(
+        tokens=positions,
+        perplexity_original=_perplexity(forced.nll_original[rows].sum(), positions),
+        perplexity_reduced=_perplexity(forced.nll[model, rows].sum(), positions),
+        kl=forced.kl[model, rows].sum().item() / positions,
+        top1_agreement=forced.agree[model, rows].sum().item() / positions,
+        greedy_match=greedy.matched_lengths(ours, theirs, steps).float().mean().item(),
+        repetition=_mean(greedy.repeated_share(row) for row in ours),
+        repetition_original=_mean(greedy.repeated_share(row) for row in theirs),
+        distinct=greedy.distinct_share(list(ours)),
+        distinct_original=greedy.distinct_share(list(theirs)),
+        generated_perplexity=_perplexity(written.nll[model + 1, prompt_rows].sum(), generated),
+        generated_perplexity_original=_perplexity(written.nll[0, prompt_rows].sum(), generated))
+
+
+def _perplexity(nll: torch.Tensor, positions: int) -> float:
+    return torch.exp(nll / positions).item()
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)

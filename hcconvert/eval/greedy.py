@@ -1,57 +1,105 @@
-"""How long a reduced model keeps writing what the original writes.
+"""Long greedy continuations of held-out prompts, and what they show that teacher-forced scores
+hide: a reduced model can follow the original token by token on given text and still fall into
+repetition loops once it writes on its own (reported for a 50 % REAP of Kimi-K2.6).
 
-Teacher-forced KL can hide damage that shows only when a model generates. The original's
-greedy continuation of a few held-out prompts is produced by G streamed passes (one new token
-per pass, so no KV cache is needed); each reduced model then reads prompt + continuation once,
-and the leading positions where its argmax equals the original's next token are exactly the
-tokens its own greedy continuation would share with the original's.
-P prompts, S prompt tokens, G generated tokens, V vocabulary.
+Each model continues the same prompts greedily for CONTINUATION_TOKENS tokens, streamed one
+decoder layer at a time with a KV cache: a step feeds only the new tokens through each layer
+(its weights read again, beyond the first KEEP_BYTES of built layers: never more of a big
+model held), and transformers' own cache object, of the kind the family's forward makes,
+keeps every layer's keys and values (or linear-attention state). Scored per continuation: the
+share of repeated 4-grams (Welleck et al. 2019's seq-rep-4, which a loop drives to 1),
+distinct bigrams over a set of continuations (Li et al. 2016's distinct-2) and the leading
+tokens equal to the original's own continuation; evaluate.py adds the original model's
+perplexity of the text (REAP's cross-perplexity).
+P prompts, S prompt tokens, G generated tokens.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-# Few, short prompts and a short continuation: the original streams G times over them.
+from ..model.experts import RoutedExperts
+from .streamed import CheckpointLayers
+
+# Prompts per evaluation source, their length, and the continuation's.
 PROMPTS = 8
 PROMPT_TOKENS = 64
-CONTINUATION_TOKENS = 16
+CONTINUATION_TOKENS = 128
+# Built layers kept between steps, in all, rather than read and built again for every token:
+# a small model's whole decoder (the bench models', the demo's), a big one's first few layers.
+KEEP_BYTES = 10**9
+# The n of the repeated n-grams (a loop's signature) and of distinct-n (lexical variety).
+REPEAT_N = 4
+DISTINCT_N = 2
 
 
-def streamed_log_probs(models: list, tokens: torch.Tensor, open_model,
-                       layers: int) -> Iterator[torch.Tensor]:
-    """[N, S, V] next-token log-probabilities of each model (a checkpoint source, opened by
-    open_model(source, tokens)) on tokens [N, S], in turn; the models stream side by side."""
-    streamed = [open_model(model, tokens) for model in models]
-    for layer in range(layers):
-        for model in streamed:
-            model.advance(layer)
-    for model in streamed:
-        model.load_head()
-        yield torch.stack([model.log_probs(i) for i in range(tokens.shape[0])])
+@torch.no_grad()
+def greedy_continuation(layers: CheckpointLayers, prompts: torch.Tensor,
+                        steps: int = CONTINUATION_TOKENS, progress: bool = True,
+                        label: str = "") -> torch.Tensor:
+    """[P, S + steps] prompts [P, S] followed by the model's greedy continuation: one pass
+    over its layers per token, each feeding only the new tokens, so it shows its progress.
+    The weights are checked for NaN on the first pass only (each later pass reads the same)."""
+    decoder, device = layers.decoder, layers.device
+    layers.load_head()  # the embedding and the head serve every step
+    new, cache, written = prompts.to(device), None, [prompts]
+    kept: dict[int, nn.Module] = {}  # built layers kept between steps, up to KEEP_BYTES
+    for step in tqdm(range(steps), desc=f"greedy continuation{label}", unit="token",
+                     disable=not progress, file=sys.stderr):
+        hidden, arguments, cache = decoder.cached_inputs(new, cache)
+        state = None  # what a layer hands the next (family.carried)
+        for layer in range(layers.spec.num_layers):
+            module = kept[layer] if layer in kept else layers.module(layer, check=step == 0)
+            if step == 0 and sum(map(held_bytes, kept.values())) + held_bytes(module) \
+                    <= KEEP_BYTES:
+                kept[layer] = module
+            hidden, state = _run(module, hidden, arguments[decoder.skeleton_layer(layer)],
+                                 decoder.family.carried, state)
+        new = decoder.logits(new, hidden)[:, -1].argmax(-1, keepdim=True)
+        written.append(new.cpu())
+    decoder.drop_globals()
+    return torch.cat(written, dim=1)
 
 
-def greedy_continuation(original, prompts: torch.Tensor, open_model, layers: int,
-                        steps: int = CONTINUATION_TOKENS, progress: bool = True) -> torch.Tensor:
-    """[P, S + steps] prompts [P, S] followed by the original's greedy continuation: a pass
-    over the original's weights per token, so it shows its progress."""
-    tokens = prompts
-    for _ in tqdm(range(steps), desc="greedy continuation", unit="token", disable=not progress,
-                  file=sys.stderr):
-        (log_probs,) = streamed_log_probs([original], tokens, open_model, layers)
-        tokens = torch.cat((tokens, log_probs[:, -1].argmax(-1, keepdim=True).cpu()), dim=1)
-    return tokens
+def held_bytes(module: nn.Module) -> int:
+    """Bytes of a built layer's tensors, its routed experts included."""
+    tensors = list(module.state_dict().values())
+    tensors += [tensor for part in module.modules() if isinstance(part, RoutedExperts)
+                for tensor in part.stacked.parts().values()]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
-def matched_lengths(log_probs: torch.Tensor, continued: torch.Tensor, steps: int) -> torch.Tensor:
-    """[P] leading continuation tokens a model's argmax reproduces, from its log_probs
-    [P, S + steps, V] on continued [P, S + steps] (the last `steps` tokens generated)."""
-    start = continued.shape[1] - steps
-    predicted = log_probs[:, start - 1:-1].argmax(-1).cpu()  # [P, steps]: next-token guesses
-    agree = predicted == continued[:, start:]
+def _run(module, hidden: torch.Tensor, arguments: dict, carried: str | None, state):
+    """One layer on hidden; the state it hands the next layer where the family carries one."""
+    if carried is None:
+        return module(hidden, **arguments), None
+    return module(hidden, **{**arguments, carried: state})
+
+
+def matched_lengths(continued: torch.Tensor, reference: torch.Tensor, steps: int) -> torch.Tensor:
+    """[P] leading tokens of the last `steps` of continued [P, S + steps] equal to reference's."""
+    agree = continued[:, -steps:] == reference[:, -steps:]
     # cumprod turns [1, 1, 0, 1] into [1, 1, 0, 0]: only the leading run counts.
     return agree.int().cumprod(dim=1).sum(dim=1)
+
+
+def ngrams(tokens: torch.Tensor, n: int) -> list[tuple[int, ...]]:
+    values = tokens.tolist()
+    return [tuple(values[i:i + n]) for i in range(len(values) - n + 1)]
+
+
+def repeated_share(continuation: torch.Tensor, n: int = REPEAT_N) -> float:
+    """The share of the continuation's n-grams that it already wrote earlier (0: none repeats;
+    a loop of period p <= n tends to 1)."""
+    grams = ngrams(continuation, n)
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct_share(continuations: list[torch.Tensor], n: int = DISTINCT_N) -> float:
+    """Distinct n-grams over all n-grams of the continuations together."""
+    grams = [gram for continuation in continuations for gram in ngrams(continuation, n)]
+    return len(set(grams)) / len(grams) if grams else 0.0

@@ -15,6 +15,7 @@ F expert ffn, H hidden, T tokens.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -23,6 +24,7 @@ from scipy.optimize import linear_sum_assignment
 
 from ..model.experts import NEURON_AXIS, Experts
 from ..resources import StageTimer
+from .ream_alignment import ReamMatcher
 
 ALIGN_CHUNK_TOKENS = 4096
 # Guards the correlation of a neuron that never varies (dead on the group's tokens).
@@ -33,14 +35,20 @@ class NeuronMatcher:
     """One MoE layer's calibration inputs and experts; matches neurons within groups.
 
     Results are cached per (group, dominant, member), so reductions that share groups (say
-    msmoe and mergemoe after the same clustering) share the work.
+    msmoe and mergemoe after the same clustering) share the work. seed: REAM's token samples
+    (ream_alignment.ReamMatcher, the `ream` attribute).
     """
 
     def __init__(self, x: torch.Tensor, selected: torch.Tensor, experts: Experts,
-                 timer: StageTimer | None = None):
-        self.x, self.selected, self.experts = x, selected, experts
+                 seed: int = 0, timer: StageTimer | None = None):
+        self.x, self.selected, self.experts, self.seed = x, selected, experts, seed
         self.timer = timer or StageTimer()  # the matching's time, apart from the merge's
         self._cache: dict[tuple, torch.Tensor] = {}
+
+    @functools.cached_property
+    def ream(self) -> ReamMatcher:
+        """REAM's matching of the same layer (built when a REAM merge first asks)."""
+        return ReamMatcher(self.x, self.experts, self.seed)
 
     def group_tokens(self, group: list[int]) -> torch.Tensor:
         """Indices of the tokens routed to any member of the group (all tokens if none)."""

@@ -9,6 +9,9 @@
             with most (several may land on one, some on none).
 - mergemoe: msmoe's gate and up, and the down projection fitted by least squares so the merged
             expert's output matches the members' frequency-weighted outputs (mergemoe.py).
+- ream:     REAM's: every member's neurons matched to its group's leader (REAM lists it first)
+            by activation and weight-feature distance (ream_alignment.py), then the weighted
+            average, weighted by what the caller passes as counts (REAM: saliency).
 A group of one is its expert unchanged. E experts, R groups, G members, F expert ffn, H hidden.
 Arithmetic in fp32, results cast back to the source dtype.
 """
@@ -24,7 +27,7 @@ from ..model.experts import NEURON_AXIS, Experts
 from .alignment import NeuronMatcher, aligned
 from .mergemoe import least_squares_down
 
-MERGES = ("freq", "average", "fix-dom", "msmoe", "mergemoe")
+MERGES = ("freq", "average", "fix-dom", "msmoe", "mergemoe", "ream")
 
 # One merged expert's tensors by Experts field: gate, up [F, H]; down [H, F]; any biases
 # (merged with the same weights as their matrices).
@@ -154,11 +157,23 @@ def _mergemoe(experts: Experts, group: list[int], counts: torch.Tensor,
     return {**merged, "down": down.to(merged["down"].dtype)}
 
 
+def _ream(experts: Experts, group: list[int], counts: torch.Tensor,
+          matcher: NeuronMatcher) -> Merged:
+    """Each member's neurons matched to the leader's (group[0]) as it arrives, then the
+    weighted average (the official code's Merger._merge)."""
+    leader = group[0]
+    members = ((e, member if e == leader
+                else aligned(member, matcher.ream.permutation(leader, e)))
+               for e, member in experts.members(group))
+    return weighted_members(members, member_weights(group, counts, "freq"))
+
+
 RULES = {
     "freq": functools.partial(_averaged, rule="freq"),
     "average": functools.partial(_averaged, rule="average"),
     "msmoe": _msmoe,
     "fix-dom": _fix_dom,
     "mergemoe": _mergemoe,
+    "ream": _ream,
 }
-ACTIVATION_RULES = ("msmoe", "fix-dom", "mergemoe")
+ACTIVATION_RULES = ("msmoe", "fix-dom", "mergemoe", "ream")

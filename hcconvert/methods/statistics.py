@@ -22,11 +22,12 @@ from ..kernels.expert_sums import expert_act_sums, expert_act_sums_torch
 from ..model.activation import SILU
 from ..model.experts import Experts, RoutingRecord
 from .features import router_logit_features, weight_features
+from .ream import ReamStats, ream_statistics
 
 ROUTER_CHUNK_TOKENS = 16384
 # What collect_layer_stats can compute besides the routing: the three similarity metrics
-# (options.METRICS) and O-prune's saliency.
-OPTIONAL_STATS = ("output", "router-logits", "weights", "saliency")
+# (options.METRICS), O-prune's saliency and REAM's statistics as its official code takes them.
+OPTIONAL_STATS = ("output", "router-logits", "weights", "saliency", "ream")
 
 
 def activation_sums(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -62,6 +63,7 @@ class LayerStats:
     router_features: torch.Tensor | None = None  # [E, S] router logits on sampled tokens
     weight_features: torch.Tensor | None = None  # [E, E] isometric image of flattened weights
     saliency: torch.Tensor | None = None  # [E] mean routed weight x output norm (REAP)
+    ream: ReamStats | None = None  # REAM's official statistics (ream.py)
 
     def features(self, metric: str) -> torch.Tensor:
         """The [E, D] similarity features of one metric (options.METRICS)."""
@@ -141,6 +143,8 @@ def collect_layer_stats(x: torch.Tensor, selected: torch.Tensor, router: torch.T
         if record is None or not record.saliency:
             raise ValueError("the saliency needs a forward that recorded it")
         stats.saliency = record.mean_saliency(len(experts)).cpu()
+    if "ream" in needs:
+        stats.ream = ream_statistics(x, router, experts, selected.shape[1])
     return stats
 
 

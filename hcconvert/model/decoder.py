@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import warnings
 from collections.abc import Iterator
 
@@ -242,6 +243,26 @@ class Decoder:
         """The first layer's input [N, S, H] for tokens [N, S], and the keyword arguments the
         model passes each layer (masks, position embeddings), as its own forward computes them.
         Needs the embedding table loaded (load_globals)."""
+        return self._recorded_inputs(tokens, use_cache=False)
+
+    @torch.no_grad()
+    def cached_inputs(self, tokens: torch.Tensor, cache=None) -> tuple[torch.Tensor, list[dict],
+                                                                      object]:
+        """layer_inputs for tokens [N, s] that follow those the cache holds (None: none yet),
+        and the cache: transformers' own object, of the kind the family's forward makes (its
+        layers add their keys and values to it as they run)."""
+        given = {} if cache is None else {self.cache_argument: cache}
+        hidden, arguments = self._recorded_inputs(tokens, use_cache=True, **given)
+        return hidden, arguments, arguments[0][self.cache_argument]
+
+    @functools.cached_property
+    def cache_argument(self) -> str:
+        """The keyword the model's forward takes its KV cache by (transformers 5.25 renamed
+        past_key_values to cache)."""
+        parameters = inspect.signature(self.model.model.forward).parameters
+        return "cache" if "cache" in parameters else "past_key_values"
+
+    def _recorded_inputs(self, tokens: torch.Tensor, **model_arguments):
         calls: list[tuple[torch.Tensor, dict]] = []
         last = len(self.layers) - 1
 
@@ -254,7 +275,7 @@ class Decoder:
             return forward
 
         with self._layers_replaced(recorder), contextlib.suppress(_Stop):
-            self.model(input_ids=tokens, use_cache=False)
+            self.model(input_ids=tokens, **model_arguments)
         return calls[0][0], [kwargs for _, kwargs in calls]
 
     @torch.no_grad()

@@ -11,6 +11,9 @@ from ..model.spec import ModelSpec
 from .options import DEFAULT_SEQ_LEN, ConvertOptions, flag
 from .plan import Plan, build_plan
 
+# Settings that need REAM's groups, whose first member is their leader.
+REAM_ONLY = {"merge": ("ream",), "router": ("leader",)}
+
 
 def plan_for(ckpt: Checkpoint, spec: ModelSpec,
              options: ConvertOptions) -> tuple[ConvertOptions, Plan]:
@@ -66,6 +69,11 @@ def check_reduction(spec: ModelSpec, options: ConvertOptions, name: str, reducti
         raise UserError(f"--router lse-fit fits softmax mass; {spec.family.model_type}'s router "
                         f"scores with {spec.routing.scoring} (method {name} merges experts; "
                         "use freq-avg or dominant)")
+    if reduction.kind != "ream":
+        for option, value in (("merge", reduction.merge), ("router", reduction.router)):
+            if value in REAM_ONLY[option]:
+                raise UserError(f"{flag(option)} {value} works on REAM's leaders: method {name} "
+                                "has none (use a REAM method: ream, ream-balanced)")
     size = reduction.max_group_size
     if reduction.merges and size is not None and options.experts * size < spec.num_experts:
         raise UserError(f"{flag('max_group_size')} {size}: {options.experts} groups of at "

@@ -265,7 +265,7 @@ class LayerPipeline:
             router = {s: dense[s].to(self.device) for s in router_suffixes(spec)}
             stats = collect_layer_stats(x, selected, router[family.router], experts,
                                         self.needs, self.seed, record)
-            matcher = NeuronMatcher(x, selected, experts, self.timer)
+            matcher = NeuronMatcher(x, selected, experts, self.seed + layer, self.timer)
         for reducer in self.reducers:
             reduced_router, merged, produced = reducer.reduce(
                 layer, raw, router, experts, x, stats, matcher, self.routing(layer, tensors),

@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..io.source import Checkpoint
 from ..methods.alignment import ALIGN_CHUNK_TOKENS
 from ..methods.layerfit import CHUNK_TOKENS, fit_bytes
+from ..methods.ream_alignment import PCA_COMPONENTS, SAMPLE_TOKENS
 from ..model.decoder import compute_dtype
 from ..model.spec import ModelSpec
 from ..resources import human_bytes
@@ -104,7 +105,7 @@ def layer_budget(spec: ModelSpec, options: ConvertOptions, dtype: torch.dtype,
     no limit); a budget that cannot hold the token buffers, the layer's other weights and two
     experts is a UserError."""
     fixed = (_token_bytes(spec, options, dtype, mtp) + other_values * element_bytes(dtype)
-             + _work_bytes(spec))
+             + _work_bytes(spec) + _ream_bytes(spec, options))
     expert = expert_bytes(spec, dtype)
     whole = LayerBudget(fixed, expert, None, spec.num_experts, options.experts)
     if budget is None or whole.device <= budget:
@@ -168,6 +169,15 @@ def _token_bytes(spec: ModelSpec, options: ConvertOptions, dtype: torch.dtype,
         total += 2 * tokens * spec.hidden * 4 + fit_bytes(tokens, spec.top_k, options.experts,
                                                           spec.ffn)
     return total
+
+
+def _ream_bytes(spec: ModelSpec, options: ConvertOptions) -> int:
+    """REAM's merge: every neuron's weight features and the PCA's [E·F, q] work matrices
+    (fp32, about four at once), and each expert's sampled token indices."""
+    if not any(r.merge == "ream" for r in options.reductions().values()):
+        return 0
+    neurons = spec.num_experts * spec.ffn
+    return 4 * neurons * PCA_COMPONENTS * 4 + spec.num_experts * SAMPLE_TOKENS * 8
 
 
 def _work_bytes(spec: ModelSpec) -> int:

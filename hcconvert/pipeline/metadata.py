@@ -186,31 +186,56 @@ def calibration_details(conversion: Conversion, options: ConvertOptions) -> str:
 EVALUATION_HEADING = "## Evaluation"
 
 
-def record_evaluation(directory: Path, original: str, text: Path, numbers: dict) -> None:
-    """An evaluation of the reduced checkpoint in directory against its original: under
-    "evaluation" in hcconvert.json and as the model card's last section (replacing any
-    earlier one)."""
+def record_evaluation(directory: Path, original: str, texts: list[str], numbers: dict) -> None:
+    """An evaluation of the reduced checkpoint in directory against its original on the
+    named texts: under "evaluation" in hcconvert.json and as the model card's last section
+    (replacing any earlier one)."""
     record_path = directory / "hcconvert.json"
     if not record_path.is_file():
         raise UserError(f"{directory} has no hcconvert.json: not a checkpoint hcconvert wrote")
     record = json.loads(record_path.read_text())
-    record["evaluation"] = {"original": original, "text": text.name, **numbers}
+    record["evaluation"] = {"original": original, "text": ",".join(texts), **numbers}
     write_json(record_path, record)
     card_path = directory / "README.md"
     card = card_path.read_text() if card_path.is_file() else ""
     kept = card.split("\n" + EVALUATION_HEADING)[0].rstrip("\n")
-    card_path.write_text(f"{kept}\n\n{evaluation_section(original, text, numbers)}")
+    card_path.write_text(f"{kept}\n\n{evaluation_section(original, texts, numbers)}")
 
 
-def evaluation_section(original: str, text: Path, numbers: dict) -> str:
-    greedy = numbers.get("greedy_match")
-    rows = [("tokens", f"{numbers['tokens']}"),
-            ("perplexity (original)", f"{numbers['perplexity_original']:.4f}"),
-            ("perplexity (reduced)", f"{numbers['perplexity_reduced']:.4f}"),
-            ("KL(original ‖ reduced), nats/token", f"{numbers['kl']:.5f}"),
-            ("next-token top-1 agreement", f"{numbers['top1_agreement']:.4f}")]
-    if greedy is not None:
-        rows.append(("greedy continuation matched, tokens", f"{greedy:.2f}"))
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    return (f"{EVALUATION_HEADING}\n\nAgainst `{original}` on `{text.name}` "
-            f"(`hcconvert eval`):\n\n| | |\n| --- | --- |\n{table}\n")
+def evaluation_section(original: str, texts: list[str], numbers: dict) -> str:
+    named = ", ".join(f"`{text}`" for text in texts)
+    return (f"{EVALUATION_HEADING}\n\nAgainst `{original}` on {named} "
+            f"(`hcconvert eval`):\n\n{evaluation_table(numbers)}\n")
+
+
+# The evaluation's rows: label, the score's key (and the original's own, shown beside it in
+# brackets), format.
+EVALUATION_ROWS = (
+    ("held-out tokens", "tokens", None, "d"),
+    ("perplexity (original)", "perplexity_original", None, ".4f"),
+    ("perplexity (reduced)", "perplexity_reduced", None, ".4f"),
+    ("KL(original ‖ reduced), nats/token", "kl", None, ".5f"),
+    ("next-token top-1 agreement", "top1_agreement", None, ".4f"),
+    ("greedy continuation: leading tokens equal to the original's", "greedy_match", None,
+     ".2f"),
+    ("repeated 4-grams per continuation (original's own)", "repetition",
+     "repetition_original", ".4f"),
+    ("distinct bigrams of the continuations (original's own)", "distinct",
+     "distinct_original", ".4f"),
+    ("the original's perplexity of the continuations (of its own)", "generated_perplexity",
+     "generated_perplexity_original", ".3f"),
+)
+
+
+def evaluation_table(numbers: dict) -> str:
+    """A markdown table of an evaluation's scores (Fidelity as a dict): one column, or with
+    several texts one for all and one per text."""
+    columns = {"all": numbers, **numbers["sources"]} if numbers.get("sources") else {"": numbers}
+    rows = ["| | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    for label, key, own, fmt in EVALUATION_ROWS:
+        if numbers.get(key) is None:
+            continue
+        cells = [format(scores[key], fmt) + (f" ({format(scores[own], fmt)})" if own else "")
+                 for scores in columns.values()]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)

@@ -17,6 +17,7 @@ from ..methods.clustering import GROUPINGS, LINKAGES
 from ..methods.features import METRICS
 from ..methods.merging import MERGES
 from ..methods.pruning import PRUNE_BY
+from ..methods.ream import SALIENCIES, SIMILARITIES
 from ..methods.router import ROUTERS
 from .recipes import METHOD_NAMES, OVERRIDES, Reduction, propagation, reductions
 
@@ -30,8 +31,8 @@ DTYPES = ("source", "bf16")
 # The options whose value must be one of a fixed set.
 CHOICES = {"method": METHOD_NAMES, "metric": METRICS, "grouping": GROUPINGS,
            "linkage": LINKAGES, "merge": MERGES, "router": ROUTERS, "propagate": PROPAGATIONS,
-           "prune_by": PRUNE_BY, "device": DEVICES, "compute_dtype": COMPUTE_DTYPES,
-           "dtype": DTYPES}
+           "prune_by": PRUNE_BY, "saliency": SALIENCIES, "similarity": SIMILARITIES,
+           "device": DEVICES, "compute_dtype": COMPUTE_DTYPES, "dtype": DTYPES}
 # Integer options and their least and greatest value: far beyond any real use, and within
 # what torch's seeds and 64-bit sizes hold.
 INTEGER_RANGES = {"experts": (1, 1 << 16), "calib_samples": (1, 1 << 20),
@@ -107,6 +108,9 @@ class ConvertOptions:
     metric: str | None = None
     max_group_size: int | None = None
     prune_by: str | None = None
+    # REAM's saliency and similarity: the official code's, or hcconvert's (methods/ream.py).
+    saliency: str | None = None
+    similarity: str | None = None
     # Refit the kept/merged experts' down projections so the reduced layer reproduces the
     # original layer's output on the calibration tokens (layerfit.py).
     layer_fit: bool | None = None

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 # HC-SMoE (Chen et al., ICML 2025): average-linkage hierarchical clustering of the experts'
 # mean outputs, a frequency-weighted merge, the frequency-weighted average router row.
+# saliency and similarity are REAM's (methods/ream.py); other kinds ignore them.
 BASE = {"kind": "merge", "grouping": "hierarchical", "linkage": "average", "metric": "output",
         "merge": "freq", "router": "freq-avg", "prune_by": "frequency", "layer_fit": False,
-        "max_group_size": None, "propagate": "original"}
+        "max_group_size": None, "saliency": "ream", "similarity": "ream",
+        "propagate": "original"}
 
 # Per layer, the best of these (each layer-fitted): measured in docs/BENCHMARKS.md.
 AUTO_CANDIDATES = ("o-prune-fit", "f-prune-fit", "msmoe-fit")
@@ -44,9 +46,17 @@ RECIPES: dict[str, dict] = {
     "o-prune-fit": {"kind": "prune", "prune_by": "output", "layer_fit": True},
     "msmoe-fit": {"grouping": "dominant", "metric": "router-logits", "merge": "msmoe",
                   "layer_fit": True},
-    # REAM (arXiv 2604.04356): REAP-saliency leaders, aligned merge, calibrated on the
-    # already reduced layers before it (methods/ream.py).
-    "ream": {"kind": "ream", "merge": "msmoe", "propagate": "merged"},
+    # REAM (arXiv 2604.04356) as its official code runs it (methods/ream.py): saliency leaders
+    # in groups of up to C = 16, filled until every expert is taken; neurons matched to the
+    # leader by activations and weight features, saliency-weighted merge; the leader's router
+    # row; each layer calibrated on the already reduced layers before it.
+    "ream": {"kind": "ream", "saliency": "ream", "similarity": "ream", "merge": "ream",
+             "router": "leader", "max_group_size": 16, "propagate": "merged"},
+    # hcconvert's earlier REAM: saliency from the model's own routing, two plain cosines,
+    # groups of ceil(E / R) (every leader takes members), M-SMoE's alignment on the group's
+    # tokens, the frequency-averaged router row.
+    "ream-balanced": {"kind": "ream", "saliency": "routed", "similarity": "cosine",
+                      "merge": "msmoe", "propagate": "merged"},
 }
 # The values --method took before it took every name: they keep working.
 ALIASES = {"merge": "hc-smoe", "prune": "f-prune"}
@@ -56,6 +66,11 @@ OVERRIDES = tuple(name for name in BASE if name != "kind")
 # What `hcconvert compare` runs when --methods is not given.
 DEFAULT_COMPARISON = ("auto", "o-prune-fit", "f-prune", "o-prune", "hc-smoe", "msmoe",
                       "mergemoe")
+
+
+# REAM's settings in the model card's words.
+SALIENCY_WORDS = {"ream": "REAM's saliency", "routed": "REAP's saliency from the model's routing"}
+SIMILARITY_WORDS = {"ream": "REAM's similarity", "cosine": "cosine similarity"}
 
 
 @dataclass(frozen=True)
@@ -70,7 +85,9 @@ class Reduction:
     router: str
     prune_by: str
     layer_fit: bool
-    max_group_size: int | None
+    max_group_size: int | None  # REAM: C, its group size counting the leader (None: ceil(E/R))
+    saliency: str  # REAM's leader choice and merge weights (ream.SALIENCIES)
+    similarity: str  # REAM's expert similarity (ream.SIMILARITIES)
 
     @property
     def needs(self) -> frozenset[str]:
@@ -78,7 +95,9 @@ class Reduction:
         if self.kind == "prune":
             return frozenset({"saliency"} if self.prune_by == "output" else ())
         if self.kind == "ream":
-            return frozenset({"saliency", "output", "router-logits"})
+            return frozenset({"ream" if self.saliency == "ream" else "saliency",
+                              *(("ream",) if self.similarity == "ream"
+                                else ("output", "router-logits"))})
         # Random grouping never looks at the features.
         return frozenset() if self.grouping == "random" else frozenset({self.metric})
 
@@ -91,8 +110,10 @@ class Reduction:
         """One phrase naming it, for the model card."""
         fitted = ", then refitted to the original layer's output" if self.layer_fit else ""
         if self.kind == "ream":
-            return (f"REAM (REAP-saliency leaders, {self.merge} merge, {self.router} router)"
-                    + fitted)
+            size = self.max_group_size or "ceil(E/R)"
+            return (f"REAM (leaders by {SALIENCY_WORDS[self.saliency]}, groups of up to "
+                    f"{size} filled by {SIMILARITY_WORDS[self.similarity]}, {self.merge} "
+                    f"merge, {self.router} router)" + fitted)
         if self.kind == "prune":
             kept = ("the router picks most often (F-prune)" if self.prune_by == "frequency"
                     else "with the largest routed output (O-prune, REAP's saliency)")

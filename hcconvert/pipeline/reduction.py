@@ -8,6 +8,7 @@ E experts, R groups.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from ..methods.clustering import group_experts
 from ..methods.layerfit import FitReport, Route, fit_layer
 from ..methods.merging import merge_experts
 from ..methods.pruning import prune_groups, prune_scores
-from ..methods.ream import ream_groups
+from ..methods.ream import cosine_distance, floored, official_distance, pseudo_groups
 from ..methods.router import reduce_router, reduce_router_bias
 from ..methods.statistics import LayerStats, group_logsumexp_gram
 from ..model.experts import Experts
@@ -54,8 +55,10 @@ def group_slice(reduction: Reduction, seed: int, layer: int, stats: LayerStats,
     if reduction.kind == "prune":
         return prune_groups(prune_scores(stats, reduction.prune_by)[members], keep)
     if reduction.kind == "ream":
-        return ream_groups(stats.saliency[members], stats.output_mean[members],
-                           stats.router_features[members], keep)
+        saliency = ream_saliency(reduction, stats)[members]
+        size = reduction.max_group_size or math.ceil(len(saliency) / keep)
+        return pseudo_groups(saliency, ream_distance(reduction, stats)[members, members],
+                             keep, size)
     if reduction.grouping == "random":
         features = np.zeros((len(counts), 1))  # random grouping ignores them
     else:
@@ -64,6 +67,19 @@ def group_slice(reduction: Reduction, seed: int, layer: int, stats: LayerStats,
     return group_experts(features, counts.numpy(), keep, grouping=reduction.grouping,
                          linkage=reduction.linkage, max_group_size=reduction.max_group_size,
                          seed=seed + layer)
+
+
+def ream_saliency(reduction: Reduction, stats: LayerStats) -> torch.Tensor:
+    """[E] what leads a REAM group and weighs its merge: the official code's saliency with
+    its zero floor, or REAP's from the model's own routing."""
+    return floored(stats.ream.saliency) if reduction.saliency == "ream" else stats.saliency
+
+
+def ream_distance(reduction: Reduction, stats: LayerStats) -> np.ndarray:
+    """[E, E] REAM's expert distances: the official similarity's, or hcconvert's cosines."""
+    if reduction.similarity == "ream":
+        return official_distance(stats.ream)
+    return cosine_distance(stats.output_mean, stats.router_features)
 
 
 class Reducer:
@@ -146,7 +162,8 @@ class Reducer:
         family = self.spec.family
         with self.timer.stage(f"reduce {name}"):
             # REAM merges by saliency: its leader is the most salient member.
-            weights = stats.saliency if reduction.kind == "ream" else stats.counts
+            weights = (ream_saliency(reduction, stats) if reduction.kind == "ream"
+                       else stats.counts)
             merged = merge_experts(experts, groups, weights, reduction.merge, matcher)
             weight = router[family.router]
             gram, cross = self.router_gram(reduction, x, weight, groups)
@@ -154,7 +171,7 @@ class Reducer:
                                                     reduction.router, gram, cross)}
             if family.router_bias is not None:
                 reduced[family.router_bias] = reduce_router_bias(
-                    router[family.router_bias], groups, stats.counts)
+                    router[family.router_bias], groups, stats.counts, reduction.router)
         if not reduction.layer_fit:
             return Reduced(groups, reduced, merged)
         if target is None:
