@@ -558,7 +558,7 @@ def main(argv=None) -> dict:
     names = saved_tensor_names(out)
 
     log = {
-        "settings": vars(args),
+        "settings": {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()},
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "max_threads": args.threads,

@@ -116,6 +116,16 @@ def test_held_out_error_is_reported_and_the_fit_kept_only_when_it_helps(layer):
     assert same is survivors
 
 
+def test_too_few_tokens_per_kept_expert_keep_the_unfitted_experts_and_say_why(layer):
+    x, router, experts, target = layer
+    small_router, survivors = kept(router, experts, [1, 3, 4, 6])
+    few = 2 * layerfit.MIN_FIT_TOKENS  # 1.5 MIN_FIT_TOKENS after the held-out split, top-2 of 4
+    same, report = fit_layer(x[:few], target[:few], survivors, top2(small_router))
+    assert same is survivors and not report.fitted and report.error_after is None
+    assert "fit tokens per kept expert, fewer than" in report.skipped
+    assert report.to_json()["skipped"] == report.skipped
+
+
 def test_random_grouping_draws_a_different_partition_in_each_layer():
     stats = LayerStats(tokens=1, counts=torch.ones(8), logit_mean=torch.zeros(8),
                        selected=torch.zeros(1, 2))

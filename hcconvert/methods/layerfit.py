@@ -43,8 +43,8 @@ HOLDOUT_FRACTION = 0.25
 # Coordinate-descent sweeps over the experts: after two, the shared tokens barely move (the
 # held-out error changes in the fourth digit on the bench models).
 ROUNDS = 2
-# The ridges tried per layer, relative to the mean diagonal of each expert's Gram matrix; the
-# one with the lowest held-out error is kept. A constant ridge overfitted small calibrations
+# The ridges tried per layer, relative to the mean diagonal of each expert's AᵀA (lstsq.py);
+# the one with the lowest held-out error is kept. A constant ridge overfitted small calibrations
 # and under-fitted large ones (docs/BENCHMARKS.md, "The fit at every calibration size").
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0)
 # Fit tokens per kept expert below which the fit is not tried (docs/BENCHMARKS.md measures
@@ -156,7 +156,7 @@ class _System:
         # In the dual form A is smaller than the primal Gram matrix would be: always kept.
         routed.keep(x, experts, at, budget, always=self.dual)
         if self.dual:
-            self.gram = RidgeSystem(routed.kept @ routed.kept.T)
+            self.gram = RidgeSystem(routed.kept @ routed.kept.T, unknowns=ffn)
             return
         gram = torch.zeros(ffn, ffn, device=x.device)
         for _, a in routed.activations(x, experts, at):

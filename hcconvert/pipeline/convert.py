@@ -250,6 +250,7 @@ class LayerPipeline:
             dense = self.dense(raw, layer)
             tensors, experts = self.decoder.layer_parts(layer, dense, self.device,
                                                         self.chunk_experts[layer])
+            self.release_stored_experts(layer, raw)
             # On the CPU the forward also sums the activations for the output statistics,
             # reusing its products; on CUDA the Triton kernel sums them without materialising.
             record = RoutingRecord(stream.tokens, saliency="saliency" in self.needs,
@@ -276,6 +277,16 @@ class LayerPipeline:
                     self.propagate(layer, tensors, reduced_router, merged, stream, layer_input)
             del reduced_router, merged, produced  # free the merged experts no later layer needs
         self.synchronize()
+
+    def release_stored_experts(self, layer: int, raw: dict) -> None:
+        """Drop the layer's routed experts as stored once they are stacked for the compute,
+        unless an output writes some of them back as stored (a quantized source's kept
+        experts): a layer's worth of host memory less at the layer's peak."""
+        if any(layer in reducer.plan.requantized for reducer in self.reducers):
+            return
+        prefixes = self.spec.family.stored_layout(raw).prefixes()
+        for name in [name for name in raw if name.startswith(prefixes)]:
+            del raw[name]
 
     def expert_chunk(self, layer: int) -> int | None:
         """How many of a MoE layer's experts the GPU budget lets the device hold at once
