@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ..errors import UserError
 from .activation import Activation, clamped_swiglu, silu
 from .config_checks import MAX_EXPERTS, MAX_WIDTH, check_config, check_model_type
+from .refused import REFUSED
 from .tiktoken_vocab import TiktokenVocab
 
 
@@ -412,6 +413,8 @@ def family_for(config: dict) -> Family:
     """The family of config.json's model_type, after its values are checked (config_checks)."""
     check_model_type(config)
     model_type = config.get("model_type")
+    if model_type in REFUSED:
+        raise UserError(f"model_type {model_type!r} is not supported: {REFUSED[model_type]}")
     if model_type not in FAMILIES:
         raise UserError(f"model_type {model_type!r} is not a supported MoE family "
                         f"(supported: {supported_families()})")
