@@ -48,6 +48,8 @@ class Case:
     # Where the Hub keeps the multi-token-prediction layer's decoder layer when it is outside
     # the text model (Qwen's mtp.layers.0., with mtp.fc and its norms beside).
     mtp_prefix: str | None = None
+    # The transformers class that loads it where no auto class maps its config (Mistral-4's).
+    model_class: str | None = None
 
     def layer_prefix(self, layer: int) -> str:
         if self.mtp_prefix is not None and layer >= COMMON["num_hidden_layers"]:
@@ -56,9 +58,18 @@ class Case:
 
     @property
     def auto_class(self):
-        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+        import transformers
 
-        return AutoModelForCausalLM if self.vision is None else AutoModelForImageTextToText
+        if self.model_class is not None:
+            return getattr(transformers, self.model_class)
+        return (transformers.AutoModelForCausalLM if self.vision is None
+                else transformers.AutoModelForImageTextToText)
+
+    def build(self, config):
+        """A random model of config, by the class that loads the case."""
+        if self.model_class is not None:
+            return self.auto_class._from_config(config)
+        return self.auto_class.from_config(config)
 
     def load(self, directory, **kwargs):
         """The checkpoint as stock transformers loads it, ready for a text-only forward."""
@@ -122,6 +133,7 @@ DEEPSEEK_V3 = dict(
     topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
     rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0})
 V3_BIAS = "mlp.gate.e_score_correction_bias"
+FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # transformers 5's own layout
 CASES.update({
     "deepseek_v3": Case("deepseek_v3", DEEPSEEK_V3, "n_routed_experts", "mlp.gate.weight",
                         _per_expert("mlp"), 4, router_bias=V3_BIAS, grouped=True),
@@ -138,6 +150,13 @@ CASES.update({
                                         "index_head_dim": 16},
                         "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
                         router_bias=V3_BIAS),
+    # Mistral-Small-4: DeepSeek-V3's MLA and routing groups on softmax scores without a bias,
+    # experts fused as transformers stores them; no auto class maps its config.
+    # Llama-4's attention temperature (llama_4_scaling_beta) at positions past 16.
+    "mistral4": Case("mistral4", {**DEEPSEEK_V3, "rope_parameters": {
+        **YARN, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5,
+        "original_max_position_embeddings": 16}}, "n_routed_experts", "mlp.gate.weight",
+                     FUSED, 4, fused=True, grouped=True, model_class="Mistral4ForCausalLM"),
     # GLM-4.7-Flash: MLA with q LoRA, one routing group, a first dense layer.
     "glm4_moe_lite": Case("glm4_moe_lite", {**DEEPSEEK_V3, "n_group": 1, "topk_group": 1,
                                             "mlp_layer_types": ["dense", "sparse", "sparse"]},
@@ -258,7 +277,7 @@ def save_family_model(case: Case, directory: Path, dtype=torch.float32, hub_styl
                 **{**COMMON, **case.config})
     config = (AutoConfig.for_model(case.model_type, **text) if case.vision is None else
               AutoConfig.for_model(case.model_type, text_config=text, vision_config=case.vision))
-    model = case.auto_class.from_config(config).to(dtype)
+    model = case.build(config).to(dtype)
     spread_weights(model)
     model.save_pretrained(directory, max_shard_size="40KB")
     if case.saved_per_expert is not None:

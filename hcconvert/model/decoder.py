@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError, first_line
+from .causal_lm import causal_lm
 from .experts import Experts, PrescaledExperts
 from .families import Family
 
@@ -96,7 +97,6 @@ class Decoder:
     """A text model's skeleton (on the meta device) that builds and runs one layer at a time."""
 
     def __init__(self, config: dict, family: Family, dtype: torch.dtype = torch.float32):
-        from transformers import AutoModelForCausalLM
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
 
@@ -107,7 +107,7 @@ class Decoder:
             try:
                 # dtype: from_config would otherwise build in config.json's dtype (a bf16
                 # skeleton then hands bf16 hidden states to fp32 layers).
-                self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+                self.model = causal_lm(self.config, dtype)
             except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:
                 raise UserError(f"transformers cannot build this {family.model_type} model "
                                 f"from config.json: {first_line(err)}") from None

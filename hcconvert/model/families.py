@@ -353,6 +353,11 @@ FAMILIES: dict[str, Family] = {
         _deepseek_v3("deepseek_v32"),
         _deepseek_v3("glm_moe_dsa", carried="prev_topk_indices"),
         _deepseek_v3("dots1"),
+        # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
+        # scores without a correction bias, the experts fused as transformers 5 stores them.
+        Family(model_type="mistral4", experts_keys=("n_routed_experts",),
+               experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+               router="mlp.gate.weight", routing_groups=DEEPSEEK_V3_GROUPS),
         Family(model_type="minimax_m2", experts_keys=("num_local_experts",),
                experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
                router="block_sparse_moe.gate.weight",

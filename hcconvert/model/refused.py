@@ -32,7 +32,7 @@ REFUSED: dict[str, str] = {
         "inkling2", "inkling2_loop", "inkling2_loop_text", "inkling2_text", "inkling_mm_model",
         "inkling_text", "jamba", "kimi_linear", "kolibri1", "kolibri1_1", "laguna",
         "lara_mini", "lfm2_moe", "longcat_flash", "mellum", "mimo_v2_flash", "minicpm5_moe",
-        "minimax", "minimax_m3_vl", "minimax_m3_vl_text", "mistral4", "mistral_large4",
+        "minimax", "minimax_m3_vl", "minimax_m3_vl_text", "mistral_large4",
         "muse_spark", "nemotron_h", "param2moe", "qwen3_5_moe_text", "qwen3_omni_moe",
         "qwen3_omni_moe_thinker", "qwen3_vl_moe", "qwen4_exp", "qwen4_exp_text", "sarvam_mla",
         "sarvam_moe", "solar_open", "step3p7", "unlimited_ocr"], NOT_YET),
