@@ -230,6 +230,34 @@ CASES.update({
         mtp_prefix="mtp.layers.0."),
 })
 
+CASES.update({
+    # A dense first layer, a shared expert averaged in, sigmoid scores, sliding-window layers
+    # shorter than the test's sequences, tied embeddings, logit scaling.
+    "cohere2_moe": Case("cohere2_moe", dict(
+        num_experts=6, num_experts_per_tok=2, intermediate_size=24, num_shared_experts=1,
+        shared_expert_combination_strategy="average", expert_selection_fn="sigmoid",
+        mlp_layer_types=["dense", "sparse", "sparse"], prefix_dense_intermediate_size=40,
+        head_dim=8, sliding_window=6, logit_scale=0.5),
+        "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4),
+    "flex_olmo": Case("flex_olmo", dict(
+        num_experts=6, num_experts_per_tok=2, intermediate_size=24, norm_topk_prob=False),
+        "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4),
+    # Lightning (linear) attention in blocks of 8 between softmax-attention layers.
+    "minimax": Case("minimax", dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=24, head_dim=8,
+        block_size=8, layer_types=["linear_attention", "full_attention", "linear_attention"]),
+        "num_local_experts", "block_sparse_moe.gate.weight",
+        _per_expert("block_sparse_moe", "w1", "w3", "w2"), 4),
+    # A dense first layer, two shared experts, the selection bias on the block, sliding
+    # window layers.
+    "afmoe": Case("afmoe", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        num_dense_layers=1, num_shared_experts=2, head_dim=8, route_scale=2.0,
+        sliding_window=6, global_attn_every_n_layers=2),
+        "num_experts", "mlp.router.gate.weight", _per_expert("mlp"), 4,
+        router_bias="mlp.expert_bias"),
+})
+
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size
 # for the routed and shared experts, intermediate_size_mlp for the dense MLPs), a top-1 sigmoid
 # router scaling the expert's input, NoPE layers 1 and 3 with temperature tuning that bites

@@ -209,6 +209,8 @@ class Family:
     top_k_mirrors: tuple[str, ...] = ()
     ffn_key: str = "moe_intermediate_size"  # config key of one routed expert's ffn size
     scoring: str = "softmax"  # "softmax" or "sigmoid": how the router turns logits to scores
+    # A config key that names the scoring where the model can do either (Cohere2-MoE's).
+    scoring_key: str | None = None
     routing_groups: Callable[[dict], RoutingGroups | None] = no_groups
     transformers_type: str | None = None  # model_type transformers knows it by, if another
     text_config_key: str | None = None  # a vision-language wrapper's text config
@@ -241,6 +243,10 @@ class Family:
         counts = {key: (1, MAX_EXPERTS)
                   for key in (*self.experts_keys, self.top_k_key, *self.top_k_mirrors)}
         return {**counts, self.ffn_key: (1, MAX_WIDTH)}
+
+    def scoring_of(self, text: dict) -> str:
+        """How the router scores experts under this (text) config."""
+        return text.get(self.scoring_key, self.scoring) if self.scoring_key else self.scoring
 
     def experts_key(self, config: dict) -> str | None:
         """The expert-count key this config.json uses (None when it has none)."""
@@ -353,6 +359,21 @@ FAMILIES: dict[str, Family] = {
         _deepseek_v3("deepseek_v32"),
         _deepseek_v3("glm_moe_dsa", carried="prev_topk_indices"),
         _deepseek_v3("dots1"),
+        # Cohere's: softmax over the top-k logits or sigmoid scores (expert_selection_fn), a
+        # shared expert summed or averaged in, dense layers first.
+        Family(model_type="cohere2_moe", experts_keys=("num_experts",),
+               experts=_per_expert("mlp"), router="mlp.gate.weight", ffn_key="intermediate_size",
+               scoring_key="expert_selection_fn"),
+        Family(model_type="flex_olmo", experts_keys=("num_experts",), experts=_per_expert("mlp"),
+               router="mlp.gate.weight", ffn_key="intermediate_size"),
+        # MiniMax-Text-01 / M1: lightning-attention layers between softmax ones.
+        Family(model_type="minimax", experts_keys=("num_local_experts",),
+               experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
+               router="block_sparse_moe.gate.weight", ffn_key="intermediate_size"),
+        # Arcee's AFMoE (Trinity): a sigmoid router whose selection-only bias sits on the block.
+        Family(model_type="afmoe", experts_keys=("num_experts",), experts=_per_expert("mlp"),
+               router="mlp.router.gate.weight", router_bias="mlp.expert_bias",
+               scoring="sigmoid"),
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),

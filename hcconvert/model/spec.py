@@ -103,7 +103,7 @@ class ModelSpec:
             hidden=_required(text, "hidden_size"),
             num_experts=text[family.experts_key(config)],
             ffn=_required(text, family.ffn_key),
-            routing=Routing(_required(text, family.top_k_key), family.scoring,
+            routing=Routing(_required(text, family.top_k_key), family.scoring_of(text),
                             family.routing_groups(text)),
             moe_layers=tuple(i for i in range(layers) if decoder.moe_block(i) is not None),
             mtp_layers=tuple(range(layers, layers + _mtp_count(text, family))),
