@@ -256,6 +256,35 @@ CASES.update({
         sliding_window=6, global_attn_every_n_layers=2),
         "num_experts", "mlp.router.gate.weight", _per_expert("mlp"), 4,
         router_bias="mlp.expert_bias"),
+    # DeepSeek-V3's routing in two groups, the bias on the block, sliding-window layers.
+    "exaone_moe": Case("exaone_moe", dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        num_shared_experts=1, n_group=2, topk_group=1, head_dim=8, sliding_window=6,
+        sliding_window_pattern=2, mlp_layer_types=["dense", "sparse", "sparse"]),
+        "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+        router_bias="mlp.e_score_correction_bias", grouped=True),
+    "solar_open": Case("solar_open", dict(
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, n_group=2,
+        topk_group=1, head_dim=8, routed_scaling_factor=1.5),
+        "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4, router_bias=V3_BIAS,
+        grouped=True),
+    "hy_v3": Case("hy_v3", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        num_shared_experts=1, head_dim=8, mlp_layer_types=["dense", "sparse", "sparse"]),
+        "num_experts", "mlp.router.gate.weight", _per_expert("mlp"), 4,
+        router_bias="mlp.expert_bias"),
+    "kolibri1": Case("kolibri1", dict(
+        num_local_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, head_dim=8, sliding_window=6),
+        "num_local_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+        router_bias="moe.router.expert_bias"),
+    # Soft-capped router logits, a routed scaling factor, a dense first layer.
+    "laguna": Case("laguna", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        shared_expert_intermediate_size=40, head_dim=8, moe_router_logit_softcapping=3.0,
+        moe_routed_scaling_factor=1.5, mlp_layer_types=["dense", "sparse", "sparse"]),
+        "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+        router_bias="mlp.experts.e_score_correction_bias"),
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size
@@ -375,11 +404,13 @@ def hub_style_config(case: Case, directory: Path) -> None:
     config = json.loads(path.read_text())
     if case.vision is not None:  # Qwen3.5's configs were written by transformers 5 already
         return
-    rope = config.pop("rope_parameters")
-    config["rope_theta"] = rope.pop("rope_theta")
-    rope_type = rope.pop("rope_type")
-    rope.pop("type", None)
-    config["rope_scaling"] = {"type": rope_type, **rope} if rope_type != "default" else None
+    # RoPE per layer type (Laguna's) has no older spelling: the Hub writes it as it is.
+    if "rope_type" in config.get("rope_parameters", {}):
+        rope = config.pop("rope_parameters")
+        config["rope_theta"] = rope.pop("rope_theta")
+        rope_type = rope.pop("rope_type")
+        rope.pop("type", None)
+        config["rope_scaling"] = {"type": rope_type, **rope} if rope_type != "default" else None
     config["torch_dtype"] = config.pop("dtype")
     for old, new in case.hub_renames.items():
         config[new] = config.pop(old)

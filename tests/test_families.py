@@ -229,6 +229,19 @@ def test_unknown_moe_tensor_is_refused(tmp_path):
         plan_for(ckpt, spec, ConvertOptions(experts=4))[1]
 
 
+def test_experts_outside_the_layers_are_refused(tmp_path):
+    """An MTP layer the family does not place (K-EXAONE's mtp.*), with routed experts, would
+    be copied with E experts into an R-expert checkpoint."""
+    src = save_family_model(CASES["exaone_moe"], tmp_path / "src")
+    stray = "mtp.layers.0.mlp.experts.0.gate_proj.weight"
+    rewrite_tensor(src, "model.layers.1.mlp.experts.0.gate_proj.weight", lambda t: t.clone(),
+                   new_name=stray)
+    ckpt, spec = open_source(str(src))
+    with pytest.raises(UserError, match=f"tensor {stray} holds routed experts outside the "
+                                        "decoder layers hcconvert reduces for exaone_moe"):
+        plan_for(ckpt, spec, ConvertOptions(experts=4))
+
+
 def test_sparsemixer_keeps_two_experts(tmp_path):
     """Phi-3.5-MoE's sparsemixer picks two experts whatever top-k says: one would be NaN."""
     src = save_family_model(CASES["phimoe"], tmp_path / "src")

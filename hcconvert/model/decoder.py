@@ -152,9 +152,10 @@ class Decoder:
         on the device, or with chunk_experts (a GPU budget, estimate.layer_budget) on the host
         (pinned for CUDA), brought to the device that many at a time."""
         layout = self.family.stored_layout(raw)
-        # By key: looking a quantized expert up dequantizes it (storage.DenseTensors).
+        # By key: looking a quantized expert up dequantizes it (storage.DenseTensors). A router
+        # bias may sit among the experts' names (Laguna's experts.e_score_correction_bias).
         kept = {k: raw[k].to(device, non_blocking=True) for k in raw
-                if not k.startswith(layout.prefixes())}
+                if not k.startswith(layout.prefixes()) or k in self.family.router_tensors}
         tensors = self.layer_names(layer, self.family.layer_prefix(layer), kept)
         if self.moe_block(layer) is None:
             return tensors, None

@@ -244,6 +244,12 @@ class Family:
                   for key in (*self.experts_keys, self.top_k_key, *self.top_k_mirrors)}
         return {**counts, self.ffn_key: (1, MAX_WIDTH)}
 
+    @property
+    def router_tensors(self) -> tuple[str, ...]:
+        """The router's weight and per-expert bias (below the layer prefix): one row or entry
+        per expert, reduced with the experts."""
+        return (self.router,) + ((self.router_bias,) if self.router_bias else ())
+
     def scoring_of(self, text: dict) -> str:
         """How the router scores experts under this (text) config."""
         return text.get(self.scoring_key, self.scoring) if self.scoring_key else self.scoring
@@ -317,10 +323,10 @@ KIMI_TIKTOKEN = TiktokenVocab(pattern="|".join([
 
 def _deepseek_v3(model_type: str, **changes) -> Family:
     """DeepSeek-V3's design: sigmoid scores, a selection-only correction bias, groups."""
-    return Family(model_type=model_type, experts_keys=("n_routed_experts",),
-                  experts=_per_expert("mlp"), router="mlp.gate.weight",
-                  router_bias="mlp.gate.e_score_correction_bias", scoring="sigmoid",
-                  routing_groups=DEEPSEEK_V3_GROUPS, **changes)
+    design = dict(experts_keys=("n_routed_experts",), experts=_per_expert("mlp"),
+                  router="mlp.gate.weight", router_bias="mlp.gate.e_score_correction_bias",
+                  scoring="sigmoid", routing_groups=DEEPSEEK_V3_GROUPS)
+    return Family(model_type=model_type, **{**design, **changes})
 
 
 FAMILIES: dict[str, Family] = {
@@ -373,6 +379,22 @@ FAMILIES: dict[str, Family] = {
         # Arcee's AFMoE (Trinity): a sigmoid router whose selection-only bias sits on the block.
         Family(model_type="afmoe", experts_keys=("num_experts",), experts=_per_expert("mlp"),
                router="mlp.router.gate.weight", router_bias="mlp.expert_bias",
+               scoring="sigmoid"),
+        # K-EXAONE: DeepSeek-V3's routing with the correction bias on the block.
+        _deepseek_v3("exaone_moe", experts_keys=("num_experts",),
+                     router_bias="mlp.e_score_correction_bias"),
+        _deepseek_v3("solar_open"),  # Solar-Open: DeepSeek-V3's routing, GQA attention
+        # Hy3: sigmoid top-k with a selection-only bias on the block, no groups.
+        Family(model_type="hy_v3", experts_keys=("num_experts",), experts=_per_expert("mlp"),
+               router="mlp.router.gate.weight", router_bias="mlp.expert_bias",
+               scoring="sigmoid"),
+        # Kolibri-1: the top-k of logits plus a bias stored outside the MoE block.
+        Family(model_type="kolibri1", experts_keys=("num_local_experts", "num_experts"),
+               experts=_per_expert("mlp"), router="mlp.gate.weight",
+               router_bias="moe.router.expert_bias", scoring="sigmoid"),
+        # Laguna: sigmoid scores (soft-capped logits), the bias stored among the experts.
+        Family(model_type="laguna", experts_keys=("num_experts",), experts=_per_expert("mlp"),
+               router="mlp.gate.weight", router_bias="mlp.experts.e_score_correction_bias",
                scoring="sigmoid"),
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.

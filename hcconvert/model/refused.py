@@ -26,14 +26,14 @@ REFUSED: dict[str, str] = {
     **dict.fromkeys([
         "aria", "aria_text", "axk1", "axk2", "bailing_hybrid", "beam",
         "dbrx", "deepseek_ocr2", "deepseek_v4", "diffusion_gemma", "dots3_note",
-        "dots3_note_text", "ergo", "ernie4_5_vl_moe", "exaone_moe", "flint",
+        "dots3_note_text", "ergo", "ernie4_5_vl_moe", "flint",
         "gemma4", "gemma4_text", "glm4v_moe", "glm5_next", "granitemoe_swa",
-        "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "hy_v4_vl",
+        "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v4", "hy_v4_vl",
         "inkling2", "inkling2_loop", "inkling2_loop_text", "inkling2_text", "inkling_mm_model",
-        "inkling_text", "jamba", "kimi_linear", "kolibri1", "kolibri1_1", "laguna",
+        "inkling_text", "jamba", "kimi_linear", "kolibri1_1",
         "lara_mini", "lfm2_moe", "longcat_flash", "mellum", "mimo_v2_flash", "minicpm5_moe",
         "minimax_m3_vl", "minimax_m3_vl_text", "mistral_large4",
         "muse_spark", "nemotron_h", "param2moe", "qwen3_5_moe_text", "qwen3_omni_moe",
         "qwen3_omni_moe_thinker", "qwen3_vl_moe", "qwen4_exp", "qwen4_exp_text", "sarvam_mla",
-        "sarvam_moe", "solar_open", "step3p7", "unlimited_ocr"], NOT_YET),
+        "sarvam_moe", "step3p7", "unlimited_ocr"], NOT_YET),
 }

@@ -54,8 +54,7 @@ class Plan:
 
 def router_suffixes(spec: ModelSpec) -> list[str]:
     """The router tensors a reduction gives one row (or entry) per remaining expert."""
-    family = spec.family
-    return [family.router] + ([family.router_bias] if family.router_bias else [])
+    return list(spec.family.router_tensors)
 
 
 def moe_suffixes(spec: ModelSpec, layout: ExpertLayout, count: int) -> list[str]:
@@ -97,6 +96,7 @@ def validate_tensors(ckpt: Checkpoint, spec: ModelSpec,
     decoder = spec.decoder()
     every = storage.logical(ckpt.tensors, ckpt.tensors)
     _check_globals(every, decoder)
+    _refuse_experts_outside_layers(spec, ckpt.tensors)
     per_layer = _names_by_layer(ckpt, spec)
     for layer, names in enumerate(per_layer):
         own = _check_mtp_tensors(every, spec, decoder, layer) if layer in spec.mtp_layers \
@@ -105,6 +105,17 @@ def validate_tensors(ckpt: Checkpoint, spec: ModelSpec,
         _check_layer({n: info for n, info in tensors.items() if n not in own}, spec, decoder,
                      layer)
     return per_layer
+
+
+def _refuse_experts_outside_layers(spec: ModelSpec, names) -> None:
+    """Routed experts outside every layer the family reduces (a multi-token-prediction layer
+    stored where the family does not say, as mtp.*) would be copied with E experts into an
+    R-expert checkpoint: refused by name."""
+    stray = next((name for name in spec.global_names(names) if ".experts." in name), None)
+    if stray is not None:
+        raise UserError(f"tensor {stray} holds routed experts outside the decoder layers "
+                        f"hcconvert reduces for {spec.family.model_type}: a copy would keep "
+                        f"{spec.num_experts} experts there")
 
 
 def _check_globals(tensors: dict[str, tuple[str, Shape]], decoder: Decoder) -> None:
