@@ -285,6 +285,41 @@ CASES.update({
         moe_routed_scaling_factor=1.5, mlp_layer_types=["dense", "sparse", "sparse"]),
         "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
         router_bias="mlp.experts.e_score_correction_bias"),
+    "flint": Case("flint", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        shared_expert_intermediate_size=40, head_dim=8, mlp_only_layers=[0]),
+        "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4),
+    # Sliding-window layers, no shared expert, two routing groups.
+    "mimo_v2_flash": Case("mimo_v2_flash", dict(
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, n_group=2, topk_group=1, head_dim=8, sliding_window=6,
+        mlp_layer_types=["dense", "sparse", "sparse"]),
+        "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4, router_bias=V3_BIAS,
+        grouped=True),
+    "minicpm5_moe": Case("minicpm5_moe", dict(
+        n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, head_dim=8, mlp_layer_types=["dense", "sparse", "sparse"]),
+        "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4, router_bias=V3_BIAS),
+    # MLA, routing groups, the block's output normed.
+    "axk1": Case("axk1", {**DEEPSEEK_V3, "mlp_layer_types": ["dense", "sparse", "sparse"]},
+                 "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+                 router_bias=V3_BIAS, grouped=True),
+    # MLA with an indexer of 2 heads keeping 16 keys per query, fewer than the test's
+    # sequences; no routing groups.
+    "axk2": Case("axk2", {**DEEPSEEK_V3, "n_routed_experts": 6, "n_group": None,
+                          "topk_group": None, "index_topk": 16, "index_n_heads": 2,
+                          "index_head_dim": 16, "gated_norm_rank": 4,
+                          "mlp_layer_types": ["dense", "sparse", "sparse"]},
+        "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4, router_bias=V3_BIAS),
+    "beam": Case("beam", dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        n_group=2, topk_group=1, head_dim=8, sliding_window=6,
+        mlp_layer_types=["dense", "sparse", "sparse"]),
+        "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4, router_bias=V3_BIAS,
+        grouped=True),
+    "sarvam_mla": Case("sarvam_mla", DEEPSEEK_V3, "n_routed_experts", "mlp.gate.weight",
+                       _per_expert("mlp"), 4, router_bias=V3_BIAS, grouped=True,
+                       hub_renames={"n_routed_experts": "num_experts"}),
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

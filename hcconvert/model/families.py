@@ -396,6 +396,19 @@ FAMILIES: dict[str, Family] = {
         Family(model_type="laguna", experts_keys=("num_experts",), experts=_per_expert("mlp"),
                router="mlp.gate.weight", router_bias="mlp.experts.e_score_correction_bias",
                scoring="sigmoid"),
+        # Flint: sigmoid top-k without a bias, a shared expert, dense first layers.
+        Family(model_type="flint", experts_keys=("num_experts",), experts=_per_expert("mlp"),
+               router="mlp.gate.weight", scoring="sigmoid"),
+        # DeepSeek-V3's routing and layout under other attention: MiMo-V2-Flash (sliding
+        # window, no shared expert), MiniCPM5-MoE, A.X-K1 (MLA, a norm after the block),
+        # A.X-K2 (indexed attention), Beam (no shared expert), Sarvam-105B (MLA; the Hub
+        # writes num_experts).
+        _deepseek_v3("mimo_v2_flash"),
+        _deepseek_v3("minicpm5_moe"),
+        _deepseek_v3("axk1"),
+        _deepseek_v3("axk2"),
+        _deepseek_v3("beam", experts_keys=("num_experts",)),
+        _deepseek_v3("sarvam_mla", experts_keys=("num_experts", "n_routed_experts")),
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),

@@ -24,16 +24,16 @@ REFUSED: dict[str, str] = {
     "zaya": "its router is an MLP over a router state carried from layer to layer, with a "
             "skip class beside the experts: no per-expert router rows to reduce",
     **dict.fromkeys([
-        "aria", "aria_text", "axk1", "axk2", "bailing_hybrid", "beam",
+        "aria", "aria_text", "bailing_hybrid",
         "dbrx", "deepseek_ocr2", "deepseek_v4", "diffusion_gemma", "dots3_note",
-        "dots3_note_text", "ergo", "ernie4_5_vl_moe", "flint",
+        "dots3_note_text", "ergo", "ernie4_5_vl_moe",
         "gemma4", "gemma4_text", "glm4v_moe", "glm5_next", "granitemoe_swa",
         "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v4", "hy_v4_vl",
         "inkling2", "inkling2_loop", "inkling2_loop_text", "inkling2_text", "inkling_mm_model",
         "inkling_text", "jamba", "kimi_linear", "kolibri1_1",
-        "lara_mini", "lfm2_moe", "longcat_flash", "mellum", "mimo_v2_flash", "minicpm5_moe",
+        "lara_mini", "lfm2_moe", "longcat_flash", "mellum",
         "minimax_m3_vl", "minimax_m3_vl_text", "mistral_large4",
         "muse_spark", "nemotron_h", "param2moe", "qwen3_5_moe_text", "qwen3_omni_moe",
-        "qwen3_omni_moe_thinker", "qwen3_vl_moe", "qwen4_exp", "qwen4_exp_text", "sarvam_mla",
+        "qwen3_omni_moe_thinker", "qwen3_vl_moe", "qwen4_exp", "qwen4_exp_text",
         "sarvam_moe", "step3p7", "unlimited_ocr"], NOT_YET),
 }
