@@ -320,6 +320,17 @@ CASES.update({
     "sarvam_mla": Case("sarvam_mla", DEEPSEEK_V3, "n_routed_experts", "mlp.gate.weight",
                        _per_expert("mlp"), 4, router_bias=V3_BIAS, grouped=True,
                        hub_renames={"n_routed_experts": "num_experts"}),
+    # Kimi Delta Attention layers (their q/k/v convolutions stored apart, joined by
+    # transformers on loading) beside an MLA layer, routing groups, a dense first layer.
+    "kimi_linear": Case("kimi_linear", dict(
+        num_experts=8, num_experts_per_token=2, moe_intermediate_size=24, intermediate_size=56,
+        num_expert_group=2, topk_group=1, num_shared_experts=1, linear_num_heads=2,
+        linear_head_dim=8, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+        v_head_dim=8, num_key_value_heads=4, first_k_dense_replace=1,
+        layer_types=["linear_attention", "full_attention", "linear_attention"]),
+        "num_experts", "block_sparse_moe.gate.weight",
+        _per_expert("block_sparse_moe", "w1", "w3", "w2"), 4,
+        router_bias="block_sparse_moe.gate.e_score_correction_bias", grouped=True),
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

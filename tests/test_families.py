@@ -138,7 +138,7 @@ def assert_config_changes_only_counts(case: Case, src, out):
 def assert_groups_within_routing_groups(case: Case, out):
     """Group-limited routing: merged expert c comes from routing group c // (R / n_group)."""
     record = json.loads((out / "hcconvert.json").read_text())
-    n_group = case.config["n_group"]
+    n_group = case.config.get("n_group") or case.config["num_expert_group"]  # Kimi-Linear's
     size, kept = record["experts_before"] // n_group, case.reduce_to // n_group
     for entry in record["layers"]:
         for c, group in enumerate(entry["groups"]):
@@ -209,6 +209,10 @@ def test_mixed_layouts_are_written_as_read(tmp_path, calib_text):
      lambda t: None, "model.layers.0.mlp.shared_expert_gate.weight is missing"),
     ("deepseek_v2", "model.layers.1.self_attn.kv_a_layernorm.weight",
      lambda t: None, "model.layers.1.self_attn.kv_a_layernorm.weight is missing"),
+    # Tensors transformers joins on loading are checked as joined.
+    ("kimi_linear", "model.layers.0.self_attn.k_conv1d.weight", lambda t: t[:-1].contiguous(),
+     r"model.layers.0.self_attn.k_conv1d.weight.* make self_attn.conv1d.weight of shape "
+     r"\[47, 1, 4\], expected \[48, 1, 4\]"),
 ])
 def test_bad_tensors_are_named(tmp_path, name, tensor, change, fragment):
     src = save_family_model(CASES[name], tmp_path / "src")

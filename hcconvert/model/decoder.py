@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError, first_line
+from . import conversions
 from .causal_lm import causal_lm
 from .experts import Experts, PrescaledExperts
 from .families import Family
@@ -112,8 +113,9 @@ class Decoder:
                 raise UserError(f"transformers cannot build this {family.model_type} model "
                                 f"from config.json: {first_line(err)}") from None
         self.model.eval()
-        self.renamings = [t for t in get_model_conversion_mapping(self.model)
-                          if isinstance(t, WeightRenaming)]
+        transforms = get_model_conversion_mapping(self.model)
+        self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        self.converters = conversions.layer_converters(transforms)
         self.reverse_renamings = [t.reverse_transform() for t in reversed(self.renamings)]
         self.layers = self.model.model.layers
         self.activation = family.activation(self.config)
@@ -140,10 +142,24 @@ class Decoder:
 
     def layer_names(self, layer: int, prefix: str, tensors: dict) -> dict:
         """A layer's tensors, keyed on disk below `prefix`, keyed by their names in the
-        layer's transformers module."""
+        layer's transformers module: renamed, and joined or split where transformers
+        converts them on loading (conversions.py)."""
         module_prefix = f"model.layers.{layer}."
-        return {self.module_name(prefix + k).removeprefix(module_prefix): v
-                for k, v in tensors.items()}
+        plain, groups = self.conversions(prefix, tensors)
+        named = {plain[name]: tensor for name, tensor in tensors.items() if name in plain}
+        for joined in groups:
+            named.update(self.convert(joined, tensors))
+        return {name.removeprefix(module_prefix): tensor for name, tensor in named.items()}
+
+    def conversions(self, prefix: str, names) -> tuple[dict[str, str], list[conversions.Joined]]:
+        """The stored names below `prefix` no converter takes (-> full module name), and the
+        groups transformers' converters join or split."""
+        return conversions.group({name: self.module_name(prefix + name) for name in names},
+                                 self.converters)
+
+    def convert(self, joined: conversions.Joined, tensors: dict) -> dict:
+        """A group's module tensors (full module names) from its stored tensors."""
+        return conversions.convert(joined, tensors, self.model, self.config)
 
     def layer_parts(self, layer: int, raw: dict[str, torch.Tensor], device: torch.device,
                     chunk_experts: int | None = None):

@@ -119,15 +119,16 @@ def _mlp(module: str, gate: str = "gate_proj", up: str = "up_proj",
                        f"{module}.{down}.weight")
 
 
-def _group_limited(method_key: str | None = None, method: str = "", min_per_group: int = 1):
+def _group_limited(method_key: str | None = None, method: str = "", min_per_group: int = 1,
+                   count_key: str = "n_group"):
     """Routing groups read from n_group / topk_group (DeepSeek): a token picks its experts
     within its best topk_group groups, each group ranked by its top `min_per_group` scores.
     method_key: a config key that must equal `method` for the groups to apply (DeepSeek-V2's
-    topk_method)."""
+    topk_method); count_key: the key of the group count (Kimi-Linear's num_expert_group)."""
     def groups(config: dict) -> RoutingGroups | None:
         if method_key is not None and config.get(method_key, "greedy") != method:
             return None
-        n_group, topk_group = config.get("n_group") or 1, config.get("topk_group") or 1
+        n_group, topk_group = config.get(count_key) or 1, config.get("topk_group") or 1
         return RoutingGroups(n_group, topk_group, min_per_group) if n_group > 1 else None
     return groups
 
@@ -409,6 +410,15 @@ FAMILIES: dict[str, Family] = {
         _deepseek_v3("axk2"),
         _deepseek_v3("beam", experts_keys=("num_experts",)),
         _deepseek_v3("sarvam_mla", experts_keys=("num_experts", "n_routed_experts")),
+        # Kimi-Linear: Kimi Delta Attention layers beside MLA ones, DeepSeek-V3's routing
+        # under the keys of its original config (num_experts_per_token, num_expert_group).
+        Family(model_type="kimi_linear", experts_keys=("num_experts",),
+               experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
+               router="block_sparse_moe.gate.weight",
+               router_bias="block_sparse_moe.gate.e_score_correction_bias",
+               top_k_key="num_experts_per_token", scoring="sigmoid",
+               routing_groups=_group_limited(min_per_group=2, count_key="num_expert_group"),
+               tiktoken=KIMI_TIKTOKEN),
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),

@@ -30,7 +30,7 @@ REFUSED: dict[str, str] = {
         "gemma4", "gemma4_text", "glm4v_moe", "glm5_next", "granitemoe_swa",
         "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v4", "hy_v4_vl",
         "inkling2", "inkling2_loop", "inkling2_loop_text", "inkling2_text", "inkling_mm_model",
-        "inkling_text", "jamba", "kimi_linear", "kolibri1_1",
+        "inkling_text", "jamba", "kolibri1_1",
         "lara_mini", "lfm2_moe", "longcat_flash", "mellum",
         "minimax_m3_vl", "minimax_m3_vl_text", "mistral_large4",
         "muse_spark", "nemotron_h", "param2moe", "qwen3_5_moe_text", "qwen3_omni_moe",

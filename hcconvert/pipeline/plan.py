@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import UserError
+import torch
+
+from ..errors import UserError, first_line
 from ..io.source import Checkpoint
 from ..io.storage import Shape, Storage
 from ..io.tensors import OutputTensor
@@ -162,23 +164,54 @@ def _check_layer(tensors: dict[str, tuple[str, Shape]], spec: ModelSpec, decoder
     expected = decoder.expected_tensors(layer)
     layout = stored_layout(spec, layer, list(tensors))
     experts = _expert_shapes(spec, layout) if spec.reduces(layer) else {}
+    stored = {name.removeprefix(prefix): name for name in tensors
+              if name.removeprefix(prefix) not in experts}
+    plain, groups = decoder.conversions(text_prefix, stored)
     found = set()
-    for name in tensors:
-        suffix = name.removeprefix(prefix)
-        if suffix in experts:
-            continue
-        module = decoder.module_name(text_prefix + suffix).removeprefix(module_prefix)
-        if module not in expected:
-            raise UserError(f"tensor {name} is not part of a {spec.family.model_type} layer "
-                            "as config.json describes it")
-        _check_shape(tensors, name, expected[module][0])
+    for suffix, module in plain.items():
+        module = module.removeprefix(module_prefix)
+        _check_module(spec, stored[suffix], module, expected)
+        _check_shape(tensors, stored[suffix], expected[module][0])
         found.add(module)
+    for joined in groups:
+        found |= _check_joined(spec, decoder, joined, {s: stored[s] for s in joined.names},
+                               tensors, module_prefix, expected)
     missing = sorted(set(expected) - found)
     if missing:
         stored = decoder.disk_name(module_prefix + missing[0]).removeprefix(text_prefix)
         raise UserError(f"tensor {prefix + stored} is missing from the checkpoint")
     if experts:
         _check_experts(tensors, prefix, experts, layout.biases)
+
+
+def _check_module(spec: ModelSpec, name: str, module: str, expected: dict) -> None:
+    if module not in expected:
+        raise UserError(f"tensor {name} is not part of a {spec.family.model_type} layer "
+                        "as config.json describes it")
+
+
+def _check_joined(spec: ModelSpec, decoder: Decoder, joined, names: dict[str, str],
+                  tensors: dict[str, tuple[str, Shape]], module_prefix: str,
+                  expected: dict) -> set[str]:
+    """Stored tensors transformers joins or splits on loading (names: stored name below the
+    layer -> full name) make the modules' tensors with their shapes; returns those modules."""
+    meta = {suffix: torch.empty(tensors[name][1], device="meta")
+            for suffix, name in names.items()}
+    listed = ", ".join(names.values())
+    try:
+        made = decoder.convert(joined, meta)
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise UserError(f"tensors {listed} do not make the "
+                        f"{spec.family.model_type} layer's tensors: {first_line(err)}") from None
+    modules = set()
+    for full, tensor in made.items():
+        module = full.removeprefix(module_prefix)
+        _check_module(spec, listed, module, expected)
+        if tuple(tensor.shape) != expected[module][0]:
+            raise UserError(f"tensors {listed} make {module} of shape {list(tensor.shape)}, "
+                            f"expected {list(expected[module][0])} from config.json")
+        modules.add(module)
+    return modules
 
 
 def _check_mtp_tensors(tensors: dict[str, tuple[str, Shape]], spec: ModelSpec,
