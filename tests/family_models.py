@@ -331,6 +331,17 @@ CASES.update({
         "num_experts", "block_sparse_moe.gate.weight",
         _per_expert("block_sparse_moe", "w1", "w3", "w2"), 4,
         router_bias="block_sparse_moe.gate.e_score_correction_bias", grouped=True),
+    # GLM-4.5's model under the original names: a fused q/k/v (split by transformers on
+    # loading), QK norms, word_embeddings, the bias as gate.expert_bias; the Hub's config
+    # writes num_experts. (Param2 ties its embeddings: in bf16 the tied LM head's large
+    # logits round past the tolerance, so both cases keep a head of their own.)
+    **{model_type: Case(model_type, dict(
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, n_shared_experts=shared, first_k_dense_replace=1, n_group=2,
+        topk_group=1, head_dim=8, tie_word_embeddings=False), "n_routed_experts",
+        "mlp.gate.weight", _per_expert("mlp"), 4, router_bias="mlp.gate.expert_bias", grouped=True,
+        hub_renames={"n_routed_experts": "num_experts"})
+       for model_type, shared in (("sarvam_moe", 1), ("param2moe", 2))},
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

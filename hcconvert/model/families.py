@@ -419,6 +419,12 @@ FAMILIES: dict[str, Family] = {
                top_k_key="num_experts_per_token", scoring="sigmoid",
                routing_groups=_group_limited(min_per_group=2, count_key="num_expert_group"),
                tiktoken=KIMI_TIKTOKEN),
+        # Sarvam-30B and Param2: GLM-4.5's model under the original checkpoints' names (a
+        # fused q/k/v transformers splits, word_embeddings, the bias as gate.expert_bias).
+        *[_deepseek_v3(model_type, experts_keys=("num_experts", "n_routed_experts"),
+                       router_bias="mlp.gate.expert_bias",
+                       embedding_name="model.word_embeddings.weight")
+          for model_type in ("sarvam_moe", "param2moe")],
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),
