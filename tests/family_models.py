@@ -50,6 +50,9 @@ class Case:
     mtp_prefix: str | None = None
     # The transformers class that loads it where no auto class maps its config (Mistral-4's).
     model_class: str | None = None
+    # Fused on the Hub as x @ W ([E, H, 2F], [E, F, H]), as transformers reads but does not
+    # write them (Qwen3-VL-MoE's): the test transposes what transformers saved.
+    hub_transposed: bool = False
 
     def layer_prefix(self, layer: int) -> str:
         if self.mtp_prefix is not None and layer >= COMMON["num_hidden_layers"]:
@@ -342,6 +345,30 @@ CASES.update({
         "mlp.gate.weight", _per_expert("mlp"), 4, router_bias="mlp.gate.expert_bias", grouped=True,
         hub_renames={"n_routed_experts": "num_experts"})
        for model_type, shared in (("sarvam_moe", 1), ("param2moe", 2))},
+    # Qwen3-VL-MoE: a vision tower beside the text model, experts fused and transposed on the
+    # Hub, interleaved multimodal RoPE, QK norm; text_config ties embeddings, the wrapper not.
+    "qwen3_vl_moe": Case("qwen3_vl_moe", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                     "mrope_section": [1, 1, 2], "mrope_interleaved": True}),
+        "num_local_experts", "mlp.gate.weight", FUSED, 4, fused=True,
+        vision=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                    out_hidden_size=32, patch_size=4, num_position_embeddings=16,
+                    deepstack_visual_indexes=[0]),
+        text_prefix="model.language_model.", hub_transposed=True,
+        hub_renames={"num_local_experts": "num_experts"}),
+    # GLM-4.5V: GLM-4.5's text model (biased q/k/v, routing groups, a dense first layer) beside
+    # a vision tower, 3D RoPE.
+    "glm4v_moe": Case("glm4v_moe", dict(
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
+        topk_group=1, head_dim=16, routed_scaling_factor=1.5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}),
+        "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4, router_bias=V3_BIAS,
+        grouped=True, vision=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                                  out_hidden_size=32, patch_size=4),
+        text_prefix="model.language_model."),
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size
@@ -397,6 +424,8 @@ def save_family_model(case: Case, directory: Path, dtype=torch.float32, hub_styl
     if case.saved_per_expert is not None:
         fuse_experts(case, directory, range(COMMON["num_hidden_layers"])
                      if fused_layers is None else fused_layers)
+    if case.hub_transposed:
+        transpose_experts(case, directory)
     if hub_style:
         hub_style_config(case, directory)
     if case.hub_model_type:
@@ -435,6 +464,17 @@ def fuse_experts(case: Case, directory: Path, layers) -> None:
     index_path.write_text(json.dumps(index))
 
 
+def transpose_experts(case: Case, directory: Path) -> None:
+    """The fused experts transformers saved ([E, 2F, H], [E, H, F]) as the Hub stores them
+    transposed ([E, H, 2F], [E, F, H])."""
+    for shard in directory.glob("*.safetensors"):
+        tensors = load_file(shard)
+        fused = {name for name in tensors if name.endswith(case.experts)}
+        if fused:
+            tensors.update({name: tensors[name].transpose(1, 2).contiguous() for name in fused})
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
 def spread_weights(model) -> None:
     """transformers' init (std 0.02, unit norms) makes experts' outputs tiny and alike and
     every norm a no-op; spread weights and norms so mistakes show."""
@@ -459,7 +499,10 @@ def hub_style_config(case: Case, directory: Path) -> None:
     """rope_theta/rope_scaling and torch_dtype instead of rope_parameters and dtype."""
     path = directory / "config.json"
     config = json.loads(path.read_text())
-    if case.vision is not None:  # Qwen3.5's configs were written by transformers 5 already
+    if case.vision is not None:  # written by transformers 5 already, but for key names
+        config["text_config"] = {case.hub_renames.get(k, k): v
+                                 for k, v in config["text_config"].items()}
+        path.write_text(json.dumps(config, indent=2))
         return
     # RoPE per layer type (Laguna's) has no older spelling: the Hub writes it as it is.
     if "rope_type" in config.get("rope_parameters", {}):

@@ -85,6 +85,9 @@ def transformers_config(config: dict, family: Family):
     # A deep copy: transformers rewrites nested settings (rope_scaling) in place.
     text = copy.deepcopy({k: v for k, v in text.items()
                           if k not in ("quantization_config", "auto_map")})
+    tied = _wrapper_ties_embeddings(config, family)
+    if tied is not None:
+        text["tie_word_embeddings"] = tied
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -92,6 +95,24 @@ def transformers_config(config: dict, family: Family):
         except (TypeError, ValueError, KeyError, AttributeError) as err:
             raise UserError(f"config.json is not a valid {model_type} config: "
                             f"{first_line(err)}") from None
+
+
+def _wrapper_ties_embeddings(config: dict, family: Family) -> bool | None:
+    """Whether a vision-language wrapper ties its LM head to the text embeddings: the
+    wrapper's own setting, as transformers 5 reads it (not text_config's, which Qwen3-VL's
+    configs set otherwise); None for a text model, or a wrapper transformers does not know."""
+    from transformers import CONFIG_MAPPING
+
+    if family.text_config_key is None or config.get("model_type") not in CONFIG_MAPPING:
+        return None
+    settings = {k: v for k, v in config.items() if k not in ("quantization_config", "auto_map")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            wrapper = CONFIG_MAPPING[config["model_type"]].from_dict(copy.deepcopy(settings))
+        except (TypeError, ValueError, KeyError, AttributeError):
+            return None
+    return bool(getattr(wrapper, "tie_word_embeddings", False))
 
 
 class Decoder:

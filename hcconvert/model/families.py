@@ -425,6 +425,16 @@ FAMILIES: dict[str, Family] = {
                        router_bias="mlp.gate.expert_bias",
                        embedding_name="model.word_embeddings.weight")
           for model_type in ("sarvam_moe", "param2moe")],
+        # Qwen3-VL-MoE: the text model under model.language_model., experts fused as x @ W
+        # (transformers 5 reads them so, and writes them untransposed).
+        Family(model_type="qwen3_vl_moe", experts_keys=("num_experts", "num_local_experts"),
+               experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                             transposed=True),
+               router="mlp.gate.weight", text_config_key="text_config",
+               text_prefix="model.language_model."),
+        # GLM-4.5V: GLM-4.5's text model under model.language_model., a vision tower beside.
+        _deepseek_v3("glm4v_moe", text_config_key="text_config",
+                     text_prefix="model.language_model."),
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),
