@@ -81,7 +81,8 @@ class Case:
 
 
 def _per_expert(block: str, gate="gate_proj", up="up_proj", down="down_proj") -> tuple:
-    return tuple(f"{block}.experts.{{e}}.{w}.weight" for w in (gate, up, down))
+    """(gate, up, down) templates, or (up, down) for ungated experts (gate=None)."""
+    return tuple(f"{block}.experts.{{e}}.{w}.weight" for w in (gate, up, down) if w)
 
 
 CASES = {
@@ -369,6 +370,16 @@ CASES.update({
         grouped=True, vision=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
                                   out_hidden_size=32, patch_size=4),
         text_prefix="model.language_model."),
+    # Nemotron-H: a Mamba-2 layer, MoE layers with ungated relu² experts, an attention layer,
+    # everything below backbone.
+    "nemotron_h": Case("nemotron_h", dict(
+        num_hidden_layers=4, n_routed_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=24, moe_shared_expert_intermediate_size=40, n_group=2,
+        topk_group=1, head_dim=8, layers_block_type=["mamba", "moe", "attention", "moe"],
+        mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2, chunk_size=8,
+        routed_scaling_factor=1.5), "n_routed_experts", "mixer.gate.weight",
+        _per_expert("mixer", gate=None), 4, router_bias="mixer.gate.e_score_correction_bias",
+        grouped=True, text_prefix="backbone."),
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

@@ -246,6 +246,16 @@ def test_experts_outside_the_layers_are_refused(tmp_path):
         plan_for(ckpt, spec, ConvertOptions(experts=4))
 
 
+def test_latent_experts_are_refused(tmp_path):
+    """Nemotron-H's latent MoE: the experts see a projection of what the router sees."""
+    src = save_family_model(CASES["nemotron_h"], tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "moe_latent_size": 16}))
+    with pytest.raises(UserError, match="moe_latent_size=16: the routed experts work on a "
+                                        "latent projection"):
+        open_source(str(src))
+
+
 def test_sparsemixer_keeps_two_experts(tmp_path):
     """Phi-3.5-MoE's sparsemixer picks two experts whatever top-k says: one would be NaN."""
     src = save_family_model(CASES["phimoe"], tmp_path / "src")

@@ -189,7 +189,7 @@ def _fit_one(x, target, predicted, experts: Experts, e: int, current: torch.Tens
     target − predicted, W0 the unfitted projection, λ the ridge, the new projection W solves
     (AᵀA + λI) Wᵀ = Aᵀ(r + A currentᵀ) + λ W0ᵀ; less (AᵀA + λI) currentᵀ on both sides,
     the change solves (AᵀA + λI) Δᵀ = Aᵀr + λ (W0 − current)ᵀ: one product of A fewer."""
-    ffn, hidden = experts.gate.shape[1], x.shape[1]
+    ffn, hidden = experts.up.shape[1], x.shape[1]
     gram = None if fit.system is not None else torch.zeros(ffn, ffn, dtype=torch.float64,
                                                            device=x.device)
     cross = torch.zeros(ffn, hidden, dtype=torch.float64, device=x.device)

@@ -104,9 +104,9 @@ def output_means(x: torch.Tensor, experts: Experts,
 
 def _all_activation_sums(x: torch.Tensor, experts: Experts) -> torch.Tensor:
     """[E, F] fp32 sums over tokens of every expert's activations."""
-    if experts.activation == SILU and experts.gate_bias is None:
+    if experts.activation == SILU and experts.gate is not None and experts.gate_bias is None:
         return activation_sums(x, experts.gate, experts.up)
-    sums = torch.zeros(experts.gate.shape[:2], device=x.device)
+    sums = torch.zeros(experts.up.shape[:2], device=x.device)
     for start in range(0, x.shape[0], ROUTER_CHUNK_TOKENS):
         chunk = x[start:start + ROUTER_CHUNK_TOKENS].float()
         for e in range(len(experts)):

@@ -83,8 +83,10 @@ def transformers_config(config: dict, family: Family):
         raise UserError(f"this transformers has no model_type {model_type!r}; upgrade it")
     # Quantized storage is ours to read: transformers must not plan its own quantizer.
     # A deep copy: transformers rewrites nested settings (rope_scaling) in place.
-    text = copy.deepcopy({k: v for k, v in text.items()
-                          if k not in ("quantization_config", "auto_map")})
+    # transformers writes inf and NaN as {"__float__": "Infinity"} (Nemotron-H's
+    # time_step_limit) and reads them back so.
+    text = CONFIG_MAPPING[model_type]._decode_special_floats(copy.deepcopy(
+        {k: v for k, v in text.items() if k not in ("quantization_config", "auto_map")}))
     tied = _wrapper_ties_embeddings(config, family)
     if tied is not None:
         text["tie_word_embeddings"] = tied

@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .activation import Activation, clamped_swiglu, silu
+from .activation import Activation, clamped_swiglu, relu2, silu
 from .config_checks import MAX_EXPERTS, MAX_WIDTH, check_config, check_model_type
 from .refused import REFUSED
 from .tiktoken_vocab import TiktokenVocab
@@ -24,14 +24,22 @@ from .tiktoken_vocab import TiktokenVocab
 
 @dataclass(frozen=True)
 class ExpertNames:
-    """One expert's gate, up and down projection names."""
+    """One expert's gate, up and down projection names; ungated experts (Nemotron-H's) have
+    no gate."""
 
-    gate: str
+    gate: str | None
     up: str
     down: str
 
     def all(self) -> list[str]:
-        return [self.gate, self.up, self.down]
+        return [name for name in (self.gate, self.up, self.down) if name is not None]
+
+    def stacked(self, experts) -> list[tuple[str, object]]:
+        """(name, stacked tensor) for each projection of experts (an experts.Experts)."""
+        return [(name, tensor) for name, tensor in ((self.gate, experts.gate),
+                                                    (self.up, experts.up),
+                                                    (self.down, experts.down))
+                if name is not None]
 
 
 @dataclass(frozen=True)
@@ -43,8 +51,8 @@ class PerExpert:
 
     def shapes(self, count: int, ffn: int, hidden: int) -> dict[str, tuple[int, ...]]:
         """Every stored tensor of `count` experts, name -> shape, in write order."""
-        shape = {self.names.gate: (ffn, hidden), self.names.up: (ffn, hidden),
-                 self.names.down: (hidden, ffn)}
+        shape = {name: (ffn, hidden) for name in (self.names.gate, self.names.up) if name}
+        shape[self.names.down] = (hidden, ffn)
         return {template.format(expert=e): dims for e in range(count)
                 for template, dims in shape.items()}
 
@@ -60,7 +68,7 @@ class PerExpert:
     @property
     def marker(self) -> str:
         """A tensor every layer stored this way has."""
-        return self.names.gate.format(expert=0)
+        return self.names.all()[0].format(expert=0)
 
 
 @dataclass(frozen=True)
@@ -108,14 +116,14 @@ class Fused:
 ExpertLayout = PerExpert | Fused
 
 
-def _per_expert(block: str, gate: str = "gate_proj", up: str = "up_proj",
+def _per_expert(block: str, gate: str | None = "gate_proj", up: str = "up_proj",
                 down: str = "down_proj") -> PerExpert:
     return PerExpert(_mlp(f"{block}.experts.{{expert}}", gate, up, down))
 
 
-def _mlp(module: str, gate: str = "gate_proj", up: str = "up_proj",
+def _mlp(module: str, gate: str | None = "gate_proj", up: str = "up_proj",
          down: str = "down_proj") -> ExpertNames:
-    return ExpertNames(f"{module}.{gate}.weight", f"{module}.{up}.weight",
+    return ExpertNames(gate and f"{module}.{gate}.weight", f"{module}.{up}.weight",
                        f"{module}.{down}.weight")
 
 
@@ -236,6 +244,9 @@ class Family:
     mtp: MtpLayout = NEXTN  # where a multi-token-prediction layer would be stored
     # The token embedding's name on disk where it is not the text model's embed_tokens.
     embedding_name: str | None = None
+    # What of a config the family's entry cannot reduce, as a phrase (None: nothing): a
+    # variant of the family whose experts or routing differ from the entry's.
+    unsupported: Callable[[dict], str | None] = lambda text: None
 
     @property
     def config_ranges(self) -> dict[str, tuple[int, int]]:
@@ -328,6 +339,16 @@ def _deepseek_v3(model_type: str, **changes) -> Family:
                   router="mlp.gate.weight", router_bias="mlp.gate.e_score_correction_bias",
                   scoring="sigmoid", routing_groups=DEEPSEEK_V3_GROUPS)
     return Family(model_type=model_type, **{**design, **changes})
+
+
+def _latent_experts(text: dict) -> str | None:
+    """Nemotron-H's latent MoE (moe_latent_size): the experts see a projection of the hidden
+    states the router does not, and the statistics, router fits and layer fits are taken on
+    one input for both."""
+    if text.get("moe_latent_size"):
+        return (f"moe_latent_size={text['moe_latent_size']}: the routed experts work on a "
+                "latent projection of the router's input, which hcconvert does not reduce")
+    return None
 
 
 FAMILIES: dict[str, Family] = {
@@ -435,6 +456,13 @@ FAMILIES: dict[str, Family] = {
         # GLM-4.5V: GLM-4.5's text model under model.language_model., a vision tower beside.
         _deepseek_v3("glm4v_moe", text_config_key="text_config",
                      text_prefix="model.language_model."),
+        # Nemotron-H (Nemotron 3): Mamba-2 and attention layers between MoE layers whose
+        # experts are ungated (down(relu(up x))²), below backbone.
+        Family(model_type="nemotron_h", experts_keys=("n_routed_experts",),
+               experts=_per_expert("mixer", gate=None), router="mixer.gate.weight",
+               router_bias="mixer.gate.e_score_correction_bias", scoring="sigmoid",
+               routing_groups=DEEPSEEK_V3_GROUPS, activation=relu2, text_prefix="backbone.",
+               embedding_name="backbone.embeddings.weight", unsupported=_latent_experts),
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),

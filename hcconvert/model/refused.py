@@ -33,7 +33,7 @@ REFUSED: dict[str, str] = {
         "inkling_text", "jamba", "kolibri1_1",
         "lara_mini", "lfm2_moe", "longcat_flash", "mellum",
         "minimax_m3_vl", "minimax_m3_vl_text", "mistral_large4",
-        "muse_spark", "nemotron_h", "qwen3_5_moe_text", "qwen3_omni_moe",
+        "muse_spark", "qwen3_5_moe_text", "qwen3_omni_moe",
         "qwen3_omni_moe_thinker", "qwen4_exp", "qwen4_exp_text",
         "step3p7", "unlimited_ocr"], NOT_YET),
 }

@@ -108,6 +108,9 @@ class ModelSpec:
             moe_layers=tuple(i for i in range(layers) if decoder.moe_block(i) is not None),
             mtp_layers=tuple(range(layers, layers + _mtp_count(text, family))),
         )
+        unsupported = family.unsupported(text)
+        if unsupported is not None:
+            raise UserError(f"config.json: {unsupported}")
         if not 1 <= spec.top_k <= spec.num_experts:
             raise UserError(f"config.json asks for top-{spec.top_k} routing over "
                             f"{spec.num_experts} experts")

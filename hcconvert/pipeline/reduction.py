@@ -213,9 +213,8 @@ def unchanged_weights(layout: ExpertLayout, groups: list[list[int]], merged: Exp
     for new, group in enumerate(groups):
         if len(group) != 1:
             continue
-        for template, after, before in zip(
-                layout.names.all(), (merged.gate, merged.up, merged.down),
-                (original.gate, original.up, original.down), strict=True):
+        for (template, after), (_, before) in zip(layout.names.stacked(merged),
+                                                  layout.names.stacked(original), strict=True):
             if torch.equal(after[new], before[group[0]]):
                 found[prefix + template.format(expert=new)] = \
                     prefix + template.format(expert=group[0])
