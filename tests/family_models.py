@@ -138,6 +138,7 @@ DEEPSEEK_V3 = dict(
     rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0})
 V3_BIAS = "mlp.gate.e_score_correction_bias"
 FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # transformers 5's own layout
+GRANITE = ("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight")
 CASES.update({
     "deepseek_v3": Case("deepseek_v3", DEEPSEEK_V3, "n_routed_experts", "mlp.gate.weight",
                         _per_expert("mlp"), 4, router_bias=V3_BIAS, grouped=True),
@@ -380,6 +381,43 @@ CASES.update({
         routed_scaling_factor=1.5), "n_routed_experts", "mixer.gate.weight",
         _per_expert("mixer", gate=None), 4, router_bias="mixer.gate.e_score_correction_bias",
         grouped=True, text_prefix="backbone."),
+    "hunyuan_v1_moe": Case("hunyuan_v1_moe", dict(
+        num_experts=6, moe_topk=2, intermediate_size=24, head_dim=8),
+        "num_experts", "mlp.gate.wg.weight", _per_expert("mlp"), 4),
+    # Mamba layers 1 and 3 (the first and last attention), MoE in layers 1 and 3.
+    "jamba": Case("jamba", dict(
+        num_hidden_layers=4, num_experts=6, num_experts_per_tok=2, intermediate_size=24,
+        expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2,
+        attn_layer_offset=0, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+        use_mamba_kernels=False), "num_experts", "feed_forward.router.weight",
+        _per_expert("feed_forward"), 4),
+    # Short-convolution layers beside an attention layer, a dense first layer, tied
+    # embeddings.
+    "lfm2_moe": Case("lfm2_moe", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        num_dense_layers=1, layer_types=["conv", "full_attention", "conv"],
+        routed_scaling_factor=1.5), "num_experts", "feed_forward.gate.weight",
+        _per_expert("feed_forward", "w1", "w3", "w2"), 4, router_bias="feed_forward.expert_bias"),
+    # Granite 4: a shared MLP beside the experts; with sliding-window layers; with Mamba-2
+    # layers.
+    "granitemoeshared": Case("granitemoeshared", dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=24,
+        shared_intermediate_size=40, embedding_multiplier=12.0, attention_multiplier=0.1,
+        residual_multiplier=0.22, logits_scaling=6.0), "num_local_experts",
+        "block_sparse_moe.router.layer.weight", GRANITE, 4, fused=True),
+    "granitemoe_swa": Case("granitemoe_swa", dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=24,
+        shared_intermediate_size=40, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+        "num_local_experts", "block_sparse_moe.router.weight",
+        ("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"), 4,
+        fused=True),
+    "granitemoehybrid": Case("granitemoehybrid", dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=24,
+        shared_intermediate_size=40, layer_types=["mamba", "attention", "mamba"],
+        mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
+        mamba_chunk_size=8), "num_local_experts", "block_sparse_moe.router.layer.weight",
+        GRANITE, 4, fused=True),
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

@@ -351,11 +351,7 @@ class Decoder:
     def _rebuild_computed_buffers(self, device: torch.device) -> None:
         """Modules outside the layers whose buffers were computed at construction (rotary
         inv_freq) hold nothing on the meta device: build them again on the real device."""
-        for name, module in list(self.model.model.named_children()):
-            if name == "layers" or not any(b.is_meta for b in module.buffers(recurse=True)):
-                continue
-            with torch.device(device):
-                setattr(self.model.model, name, type(module)(config=self.config))
+        _rebuild_meta_buffers(self.model.model, self.config, device, skip="layers")
 
     def drop_globals(self) -> None:
         """Back to the meta device, freeing the embedding table and the LM head."""
@@ -402,6 +398,21 @@ class HiddenStream:
             arguments[self.carried] = self.state_given[start]
             self.hidden[start:start + ATTENTION_BATCH], self.state[start] = module(chunk,
                                                                                    **arguments)
+
+
+def _rebuild_meta_buffers(parent: nn.Module, config, device: torch.device,
+                          skip: str | None = None) -> None:
+    """Each child of parent with meta buffers built again on device from its own config
+    (else config); the children of a module list (Granite Swash's rotary embedding per
+    RoPE theta) one by one."""
+    for name, module in list(parent.named_children()):
+        if name == skip or not any(b.is_meta for b in module.buffers(recurse=True)):
+            continue
+        if isinstance(module, nn.ModuleList | nn.ModuleDict):
+            _rebuild_meta_buffers(module, config, device)
+            continue
+        with torch.device(device):
+            setattr(parent, name, type(module)(config=getattr(module, "config", config)))
 
 
 def _moe_path(layer: nn.Module) -> str | None:

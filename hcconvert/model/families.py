@@ -367,10 +367,20 @@ FAMILIES: dict[str, Family] = {
         Family(model_type="deepseek_v2", experts_keys=("n_routed_experts",),
                experts=_per_expert("mlp"), router="mlp.gate.weight",
                routing_groups=_group_limited("topk_method", "group_limited_greedy")),
-        Family(model_type="granitemoe", experts_keys=("num_local_experts",),
-               experts=Fused("block_sparse_moe.input_linear.weight",
-                             "block_sparse_moe.output_linear.weight"),
-               router="block_sparse_moe.router.layer.weight", ffn_key="intermediate_size"),
+        # Granite 3 (granitemoe) and Granite 4 (a shared MLP beside; Mamba-2 layers between
+        # attention ones): the experts fused as input_linear [E, 2F, H] and output_linear
+        # [E, H, F].
+        *[Family(model_type=model_type, experts_keys=("num_local_experts",),
+                 experts=Fused("block_sparse_moe.input_linear.weight",
+                               "block_sparse_moe.output_linear.weight"),
+                 router="block_sparse_moe.router.layer.weight", ffn_key="intermediate_size")
+          for model_type in ("granitemoe", "granitemoeshared", "granitemoehybrid")],
+        # Granite Swash (sliding-window layers): transformers 5's own names, which it reads
+        # the checkpoints by.
+        Family(model_type="granitemoe_swa", experts_keys=("num_local_experts",),
+               experts=Fused("block_sparse_moe.experts.gate_up_proj",
+                             "block_sparse_moe.experts.down_proj"),
+               router="block_sparse_moe.router.weight", ffn_key="intermediate_size"),
         _deepseek_v3("deepseek_v3"),
         # Kimi-K2's config.json says kimi_k2 (remote code); its text model is DeepSeek-V3's.
         _deepseek_v3("kimi_k2", transformers_type="deepseek_v3", tiktoken=KIMI_TIKTOKEN),
@@ -463,6 +473,20 @@ FAMILIES: dict[str, Family] = {
                router_bias="mixer.gate.e_score_correction_bias", scoring="sigmoid",
                routing_groups=DEEPSEEK_V3_GROUPS, activation=relu2, text_prefix="backbone.",
                embedding_name="backbone.embeddings.weight", unsupported=_latent_experts),
+        # Hunyuan-A13B: a softmax router under gate.wg, a shared MLP; moe_topk is its top-k.
+        Family(model_type="hunyuan_v1_moe", experts_keys=("num_experts",),
+               experts=_per_expert("mlp"), router="mlp.gate.wg.weight", top_k_key="moe_topk",
+               ffn_key="intermediate_size"),
+        # Jamba: Mamba layers between attention ones, MoE every other layer.
+        Family(model_type="jamba", experts_keys=("num_experts",),
+               experts=_per_expert("feed_forward"), router="feed_forward.router.weight",
+               ffn_key="intermediate_size"),
+        # LFM2-MoE: short-convolution layers beside attention ones, sigmoid scores with a
+        # selection-only bias on the block.
+        Family(model_type="lfm2_moe", experts_keys=("num_experts",),
+               experts=_per_expert("feed_forward", "w1", "w3", "w2"),
+               router="feed_forward.gate.weight", router_bias="feed_forward.expert_bias",
+               scoring="sigmoid"),
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),
