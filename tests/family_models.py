@@ -418,6 +418,13 @@ CASES.update({
         mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
         mamba_chunk_size=8), "num_local_experts", "block_sparse_moe.router.layer.weight",
         GRANITE, 4, fused=True),
+    # Hy-V4: hyper-connections (4 residual streams), indexed MLA keeping 16 keys, attention
+    # sinks, routing groups, experts with a clamped SiLU whose clamp bites (limit 1.5).
+    "hy_v4": Case("hy_v4", {**DEEPSEEK_V3, "head_dim": 8, "index_topk": 16, "index_n_heads": 2,
+                            "index_head_dim": 16, "swiglu_limit": 1.5,
+                            "mlp_layer_types": ["dense", "sparse", "sparse"]},
+                  "n_routed_experts", "mlp.gate.weight", FUSED, 4, fused=True,
+                  router_bias=V3_BIAS, grouped=True),
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

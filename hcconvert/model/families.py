@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .activation import Activation, clamped_swiglu, relu2, silu
+from .activation import Activation, clamped_silu, clamped_swiglu, relu2, silu
 from .config_checks import MAX_EXPERTS, MAX_WIDTH, check_config, check_model_type
 from .refused import REFUSED
 from .tiktoken_vocab import TiktokenVocab
@@ -487,6 +487,11 @@ FAMILIES: dict[str, Family] = {
                experts=_per_expert("feed_forward", "w1", "w3", "w2"),
                router="feed_forward.gate.weight", router_bias="feed_forward.expert_bias",
                scoring="sigmoid"),
+        # Hy-V4 (Tencent): hyper-connections (hc_mult residual streams) around indexed MLA
+        # whose top-k a layer hands the next, DeepSeek-V3's routing, experts fused with a
+        # clamped SiLU (swiglu_limit).
+        _deepseek_v3("hy_v4", experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+                     activation=clamped_silu, carried="prev_topk_indices"),
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),
