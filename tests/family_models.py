@@ -425,6 +425,20 @@ CASES.update({
                             "mlp_layer_types": ["dense", "sparse", "sparse"]},
                   "n_routed_experts", "mlp.gate.weight", FUSED, 4, fused=True,
                   router_bias=V3_BIAS, grouped=True),
+    # GLM-5-Next: Kimi Delta Attention (its q/k/v convolutions joined on loading) and indexed
+    # MLA keeping 16 keys, hyper-connections, routing groups, a clamped SiLU that bites, a
+    # vision tower beside.
+    "glm5_next": Case("glm5_next", dict(
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24,
+        qk_nope_head_dim=8, v_head_dim=8, index_topk=16, index_n_heads=2, index_head_dim=16,
+        linear_head_dim=8, linear_num_heads=2, swiglu_limit=1.5, n_group=2, topk_group=1,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        layer_types=["linear_attention", "full_attention", "linear_attention"]),
+        "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4, router_bias=V3_BIAS,
+        grouped=True, vision=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                                  out_hidden_size=32, patch_size=4),
+        text_prefix="model.language_model."),
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

@@ -492,6 +492,12 @@ FAMILIES: dict[str, Family] = {
         # clamped SiLU (swiglu_limit).
         _deepseek_v3("hy_v4", experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
                      activation=clamped_silu, carried="prev_topk_indices"),
+        # GLM-5-Next: a vision-language wrapper whose text model mixes Kimi Delta Attention
+        # layers with indexed MLA (the top-k handed on), under hyper-connections; experts
+        # with a clamped SiLU.
+        _deepseek_v3("glm5_next", text_config_key="text_config",
+                     text_prefix="model.language_model.", activation=clamped_silu,
+                     carried="prev_topk_indices"),
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),

@@ -27,7 +27,7 @@ REFUSED: dict[str, str] = {
         "aria", "aria_text", "bailing_hybrid",
         "dbrx", "deepseek_ocr2", "deepseek_v4", "diffusion_gemma", "dots3_note",
         "dots3_note_text", "ergo", "ernie4_5_vl_moe",
-        "gemma4", "gemma4_text", "glm5_next",
+        "gemma4", "gemma4_text",
         "hy_v4_vl",
         "inkling2", "inkling2_loop", "inkling2_loop_text", "inkling2_text", "inkling_mm_model",
         "inkling_text", "kolibri1_1",
