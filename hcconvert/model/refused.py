@@ -23,15 +23,27 @@ REFUSED: dict[str, str] = {
               "MLP experts, which hcconvert does not reduce",
     "zaya": "its router is an MLP over a router state carried from layer to layer, with a "
             "skip class beside the experts: no per-expert router rows to reduce",
+    "deepseek_v4": "its first layers route by token id (hash_moe: a fixed tid2eid table, not "
+                   "the router, picks each token's experts), which a merge would have to "
+                   "renumber and a prune cannot; and the Hub's experts are FP4, which "
+                   "hcconvert does not read",
+    "longcat_flash": "zero-computation (identity) experts share the router with the FFN "
+                     "experts, and their picks reach the experts as zero-weight dummies: "
+                     "hcconvert's routing statistics count only FFN experts' picks",
+    "ergo": "each expert's output passes an RMSNorm of its own (post_expert_norm), which a "
+            "merge of two experts' weights does not carry over",
+    "ernie4_5_vl_moe": "its layers hold two expert sets (text and vision) in one stored list, "
+                       "each with its own router, picked by token modality: hcconvert reduces "
+                       "one expert set per layer",
     **dict.fromkeys([
         "aria", "aria_text", "bailing_hybrid",
-        "dbrx", "deepseek_ocr2", "deepseek_v4", "diffusion_gemma", "dots3_note",
-        "dots3_note_text", "ergo", "ernie4_5_vl_moe",
+        "dbrx", "deepseek_ocr2", "diffusion_gemma", "dots3_note",
+        "dots3_note_text",
         "gemma4", "gemma4_text",
         "hy_v4_vl",
         "inkling2", "inkling2_loop", "inkling2_loop_text", "inkling2_text", "inkling_mm_model",
         "inkling_text", "kolibri1_1",
-        "lara_mini", "longcat_flash", "mellum",
+        "lara_mini", "mellum",
         "minimax_m3_vl", "minimax_m3_vl_text", "mistral_large4",
         "muse_spark", "qwen3_5_moe_text", "qwen3_omni_moe",
         "qwen3_omni_moe_thinker", "qwen4_exp", "qwen4_exp_text",
