@@ -439,6 +439,17 @@ CASES.update({
         grouped=True, vision=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
                                   out_hidden_size=32, patch_size=4),
         text_prefix="model.language_model."),
+    "mellum": Case("mellum", dict(
+        num_local_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, head_dim=8), "num_local_experts", "mlp.gate.weight",
+        _per_expert("mlp"), 4),
+    # Qwen3.5's text model on its own, per expert as transformers saves it.
+    "qwen3_5_moe_text": Case("qwen3_5_moe_text", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, head_dim=16,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8), "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4),
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

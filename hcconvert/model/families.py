@@ -498,6 +498,9 @@ FAMILIES: dict[str, Family] = {
         _deepseek_v3("glm5_next", text_config_key="text_config",
                      text_prefix="model.language_model.", activation=clamped_silu,
                      carried="prev_topk_indices"),
+        # Mellum: a softmax router over per-expert tensors.
+        Family(model_type="mellum", experts_keys=("num_local_experts", "num_experts"),
+               experts=_per_expert("mlp"), router="mlp.gate.weight"),
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),
@@ -549,12 +552,16 @@ FAMILIES: dict[str, Family] = {
                               text_prefix="language_model.model.",
                               head_prefix="language_model."))]],
         # A vision-language wrapper; the official checkpoints fuse the experts, re-saves (and
-        # MTP layers) store them per expert: each layer is written back as it was read.
-        Family(model_type="qwen3_5_moe", experts_keys=("num_experts",),
-               experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
-               other_layouts=(_per_expert("mlp"),), router="mlp.gate.weight",
-               text_config_key="text_config", text_prefix="model.language_model.",
-               mtp=_qwen_mtp("mtp_num_hidden_layers")),
+        # MTP layers) store them per expert: each layer is written back as it was read. Its
+        # text model on its own (qwen3_5_moe_text) likewise, below model.
+        *[Family(model_type=model_type, experts_keys=("num_experts",),
+                 experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+                 other_layouts=(_per_expert("mlp"),), router="mlp.gate.weight",
+                 mtp=_qwen_mtp("mtp_num_hidden_layers"), **wrapper)
+          for model_type, wrapper in [
+              ("qwen3_5_moe", dict(text_config_key="text_config",
+                                   text_prefix="model.language_model.")),
+              ("qwen3_5_moe_text", {})]],
     ]
 }
 
