@@ -450,6 +450,18 @@ CASES.update({
         layer_types=["linear_attention", "full_attention", "linear_attention"],
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
         linear_value_head_dim=8), "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4),
+    # Aria: fused experts as x @ W, a shared expert; the vision-language checkpoint under
+    # language_model.
+    **{name: Case(model_type, dict(
+        moe_num_experts=6, moe_topk=2, intermediate_size=24, moe_num_shared_experts=1,
+        head_dim=8), "moe_num_experts", "mlp.router.weight",
+        ("mlp.experts.fc1.weight", "mlp.experts.fc2.weight"), 4, fused=True, **wrapper)
+       for name, model_type, wrapper in [
+           ("aria_text", "aria_text", {}),
+           ("aria", "aria", dict(
+               vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=16, patch_size=4),
+               text_prefix="language_model.model."))]},
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

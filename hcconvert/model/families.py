@@ -501,6 +501,17 @@ FAMILIES: dict[str, Family] = {
         # Mellum: a softmax router over per-expert tensors.
         Family(model_type="mellum", experts_keys=("num_local_experts", "num_experts"),
                experts=_per_expert("mlp"), router="mlp.gate.weight"),
+        # Aria: experts fused as x @ W under fc1 [E, H, 2F] and fc2 [E, F, H], a shared
+        # expert; the vision-language checkpoint keeps the text model under language_model.
+        *[Family(model_type=model_type, experts_keys=("moe_num_experts",),
+                 experts=Fused("mlp.experts.fc1.weight", "mlp.experts.fc2.weight",
+                               transposed=True),
+                 router="mlp.router.weight", top_k_key="moe_topk", ffn_key="intermediate_size",
+                 **wrapper)
+          for model_type, wrapper in [
+              ("aria_text", {}),
+              ("aria", dict(text_config_key="text_config", text_prefix="language_model.model.",
+                            head_prefix="language_model."))]],
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),

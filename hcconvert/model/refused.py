@@ -36,7 +36,7 @@ REFUSED: dict[str, str] = {
                        "each with its own router, picked by token modality: hcconvert reduces "
                        "one expert set per layer",
     **dict.fromkeys([
-        "aria", "aria_text", "bailing_hybrid",
+        "bailing_hybrid",
         "dbrx", "deepseek_ocr2", "diffusion_gemma", "dots3_note",
         "dots3_note_text",
         "gemma4", "gemma4_text",
