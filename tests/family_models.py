@@ -462,6 +462,23 @@ CASES.update({
                vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                            num_attention_heads=2, image_size=16, patch_size=4),
                text_prefix="language_model.model."))]},
+    # MiniMax-M3: a clamped SwiGLU that bites (limit 1.5), sparse block attention; the
+    # vision-language checkpoint per expert under language_model., the text model fused.
+    **{name: Case(model_type, dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=24,
+        shared_intermediate_size=40, dense_intermediate_size=56, head_dim=8,
+        index_topk_blocks=2, swiglu_limit=1.5), "num_local_experts", **layout, reduce_to=4,
+        **wrapper)
+       for name, model_type, layout, wrapper in [
+           ("minimax_m3_vl_text", "minimax_m3_vl_text",
+            dict(router="mlp.gate.weight", experts=FUSED, fused=True, router_bias=V3_BIAS), {}),
+           ("minimax_m3_vl", "minimax_m3_vl",
+            dict(router="block_sparse_moe.gate.weight",
+                 experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
+                 router_bias="block_sparse_moe.e_score_correction_bias"),
+            dict(vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, image_size=16, patch_size=4),
+                 text_prefix="language_model.model."))]},
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

@@ -99,6 +99,17 @@ def transformers_config(config: dict, family: Family):
                             f"{first_line(err)}") from None
 
 
+def wrapper_transforms(family: Family) -> list:
+    """The weight renamings and converters transformers keeps on a vision-language wrapper
+    that apply to its text model's tensors (MiniMax-M3's block_sparse_moe names), after the
+    text model's own prefix is taken off (Family.text_name)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    if family.wrapper_mapping is None:
+        return []
+    return get_checkpoint_conversion_mapping(family.wrapper_mapping) or []
+
+
 def _wrapper_ties_embeddings(config: dict, family: Family) -> bool | None:
     """Whether a vision-language wrapper ties its LM head to the text embeddings: the
     wrapper's own setting, as transformers 5 reads it (not text_config's, which Qwen3-VL's
@@ -136,7 +147,7 @@ class Decoder:
                 raise UserError(f"transformers cannot build this {family.model_type} model "
                                 f"from config.json: {first_line(err)}") from None
         self.model.eval()
-        transforms = get_model_conversion_mapping(self.model)
+        transforms = get_model_conversion_mapping(self.model) + wrapper_transforms(family)
         self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         self.converters = conversions.layer_converters(transforms)
         self.reverse_renamings = [t.reverse_transform() for t in reversed(self.renamings)]

@@ -244,6 +244,9 @@ class Family:
     mtp: MtpLayout = NEXTN  # where a multi-token-prediction layer would be stored
     # The token embedding's name on disk where it is not the text model's embed_tokens.
     embedding_name: str | None = None
+    # The model_type whose checkpoint conversions transformers keeps on the vision-language
+    # wrapper although they rename the text model's tensors (MiniMax-M3's).
+    wrapper_mapping: str | None = None
     # What of a config the family's entry cannot reduce, as a phrase (None: nothing): a
     # variant of the family whose experts or routing differ from the entry's.
     unsupported: Callable[[dict], str | None] = lambda text: None
@@ -333,10 +336,13 @@ KIMI_TIKTOKEN = TiktokenVocab(pattern="|".join([
 ]), special_tokens=258)
 
 
+DEEPSEEK_V3_BIAS = "mlp.gate.e_score_correction_bias"
+
+
 def _deepseek_v3(model_type: str, **changes) -> Family:
     """DeepSeek-V3's design: sigmoid scores, a selection-only correction bias, groups."""
     design = dict(experts_keys=("n_routed_experts",), experts=_per_expert("mlp"),
-                  router="mlp.gate.weight", router_bias="mlp.gate.e_score_correction_bias",
+                  router="mlp.gate.weight", router_bias=DEEPSEEK_V3_BIAS,
                   scoring="sigmoid", routing_groups=DEEPSEEK_V3_GROUPS)
     return Family(model_type=model_type, **{**design, **changes})
 
@@ -512,6 +518,21 @@ FAMILIES: dict[str, Family] = {
               ("aria_text", {}),
               ("aria", dict(text_config_key="text_config", text_prefix="language_model.model.",
                             head_prefix="language_model."))]],
+        # MiniMax-M3: sigmoid routing with a correction bias, a shared expert, GPT-OSS's
+        # clamped SwiGLU on gate-first experts. The vision-language checkpoint stores them per
+        # expert as MiniMax-M2 does, under language_model.; the text model on its own in
+        # transformers 5's fused layout.
+        Family(model_type="minimax_m3_vl", experts_keys=("num_local_experts",),
+               experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
+               router="block_sparse_moe.gate.weight",
+               router_bias="block_sparse_moe.e_score_correction_bias",
+               ffn_key="intermediate_size", scoring="sigmoid", activation=clamped_swiglu,
+               text_config_key="text_config", text_prefix="language_model.model.",
+               head_prefix="language_model.", wrapper_mapping="minimax_m3_vl"),
+        Family(model_type="minimax_m3_vl_text", experts_keys=("num_local_experts",),
+               experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+               router="mlp.gate.weight", router_bias=DEEPSEEK_V3_BIAS,
+               ffn_key="intermediate_size", scoring="sigmoid", activation=clamped_swiglu),
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),

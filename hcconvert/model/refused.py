@@ -44,7 +44,7 @@ REFUSED: dict[str, str] = {
         "inkling2", "inkling2_loop", "inkling2_loop_text", "inkling2_text", "inkling_mm_model",
         "inkling_text", "kolibri1_1",
         "lara_mini",
-        "minimax_m3_vl", "minimax_m3_vl_text", "mistral_large4",
+        "mistral_large4",
         "muse_spark", "qwen3_omni_moe",
         "qwen3_omni_moe_thinker", "qwen4_exp", "qwen4_exp_text",
         "step3p7", "unlimited_ocr"], NOT_YET),
