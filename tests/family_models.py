@@ -479,6 +479,13 @@ CASES.update({
             dict(vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                              num_attention_heads=2, image_size=16, patch_size=4),
                  text_prefix="language_model.model."))]},
+    # dots.llm3's text model: MLA with an indexer keeping 16 keys, routing groups.
+    "dots3_note_text": Case("dots3_note_text", {**DEEPSEEK_V3, "head_dim": 16, "index_topk": 16,
+                                                "index_n_heads": 2, "index_head_dim": 16,
+                                                "shared_experts_intermediate_size": 24,
+                                                "mlp_layer_types": ["dense", "sparse", "sparse"]},
+                            "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+                            router_bias=V3_BIAS, grouped=True),
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

@@ -533,6 +533,8 @@ FAMILIES: dict[str, Family] = {
                experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
                router="mlp.gate.weight", router_bias=DEEPSEEK_V3_BIAS,
                ffn_key="intermediate_size", scoring="sigmoid", activation=clamped_swiglu),
+        # dots.llm3's text model: DeepSeek-V3's MLA, indexer and routing.
+        _deepseek_v3("dots3_note_text"),
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),

@@ -30,22 +30,18 @@ REFUSED: dict[str, str] = {
     "longcat_flash": "zero-computation (identity) experts share the router with the FFN "
                      "experts, and their picks reach the experts as zero-weight dummies: "
                      "hcconvert's routing statistics count only FFN experts' picks",
+    "kolibri1_1": "its indexed-attention layers reuse keys and values another layer computed "
+                  "(kv_source_layers), which hcconvert's layer-at-a-time forward over batches "
+                  "of sequences does not hand over",
     "ergo": "each expert's output passes an RMSNorm of its own (post_expert_norm), which a "
             "merge of two experts' weights does not carry over",
     "ernie4_5_vl_moe": "its layers hold two expert sets (text and vision) in one stored list, "
                        "each with its own router, picked by token modality: hcconvert reduces "
                        "one expert set per layer",
     **dict.fromkeys([
-        "bailing_hybrid",
-        "dbrx", "deepseek_ocr2", "diffusion_gemma", "dots3_note",
-        "dots3_note_text",
-        "gemma4", "gemma4_text",
-        "hy_v4_vl",
-        "inkling2", "inkling2_loop", "inkling2_loop_text", "inkling2_text", "inkling_mm_model",
-        "inkling_text", "kolibri1_1",
-        "lara_mini",
-        "mistral_large4",
-        "muse_spark", "qwen3_omni_moe",
-        "qwen3_omni_moe_thinker", "qwen4_exp", "qwen4_exp_text",
+        "bailing_hybrid", "dbrx", "deepseek_ocr2", "diffusion_gemma", "dots3_note", "gemma4",
+        "gemma4_text", "hy_v4_vl", "inkling2", "inkling2_loop", "inkling2_loop_text",
+        "inkling2_text", "inkling_mm_model", "inkling_text", "lara_mini", "mistral_large4",
+        "muse_spark", "qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen4_exp", "qwen4_exp_text",
         "step3p7", "unlimited_ocr"], NOT_YET),
 }
