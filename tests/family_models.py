@@ -486,6 +486,17 @@ CASES.update({
                                                 "mlp_layer_types": ["dense", "sparse", "sparse"]},
                             "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
                             router_bias=V3_BIAS, grouped=True),
+    # Hy-V4-VL: Hy-V4's text model beside a vision tower, 3D RoPE.
+    "hy_v4_vl": Case("hy_v4_vl", {**DEEPSEEK_V3, "head_dim": 8, "index_topk": 16,
+                                  "index_n_heads": 2, "index_head_dim": 16, "swiglu_limit": 1.5,
+                                  "mlp_layer_types": ["dense", "sparse", "sparse"],
+                                  "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default",
+                                                      "mrope_section": [2, 1, 1]}},
+                     "n_routed_experts", "mlp.gate.weight", FUSED, 4, fused=True,
+                     router_bias=V3_BIAS, grouped=True,
+                     vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2,
+                                 out_hidden_size=32, patch_size=4)),
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

@@ -496,8 +496,12 @@ FAMILIES: dict[str, Family] = {
         # Hy-V4 (Tencent): hyper-connections (hc_mult residual streams) around indexed MLA
         # whose top-k a layer hands the next, DeepSeek-V3's routing, experts fused with a
         # clamped SiLU (swiglu_limit).
-        _deepseek_v3("hy_v4", experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
-                     activation=clamped_silu, carried="prev_topk_indices"),
+        # Hy-V4-VL: the same text model (under model., as on its own), the vision tower at vit.
+        *[_deepseek_v3(model_type, experts=Fused("mlp.experts.gate_up_proj",
+                                                 "mlp.experts.down_proj"),
+                       activation=clamped_silu, carried="prev_topk_indices", **wrapper)
+          for model_type, wrapper in [("hy_v4", {}),
+                                      ("hy_v4_vl", dict(text_config_key="text_config"))]],
         # GLM-5-Next: a vision-language wrapper whose text model mixes Kimi Delta Attention
         # layers with indexed MLA (the top-k handed on), under hyper-connections; experts
         # with a clamped SiLU.
