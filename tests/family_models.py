@@ -497,6 +497,15 @@ CASES.update({
                      vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=2,
                                  out_hidden_size=32, patch_size=4)),
+    # Ling-2.5: Kimi Delta Attention beside an MLA layer, routing groups, the experts of
+    # layer 1 clamped after the SiLU (the clamp bites at 1.5), of layer 2 not.
+    "bailing_hybrid": Case("bailing_hybrid", dict(
+        num_experts=8, num_experts_per_token=2, moe_intermediate_size=24, intermediate_size=56,
+        num_expert_group=2, topk_group=1, head_dim=8, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4, first_k_dense_replace=1,
+        layer_group_size=2, expert_swiglu_limit_list=[0, 1.5, 0], num_mtp_layers=0),
+        "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+        router_bias="mlp.gate.expert_bias", grouped=True),
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

@@ -138,7 +138,8 @@ def assert_config_changes_only_counts(case: Case, src, out):
 def assert_groups_within_routing_groups(case: Case, out):
     """Group-limited routing: merged expert c comes from routing group c // (R / n_group)."""
     record = json.loads((out / "hcconvert.json").read_text())
-    n_group = case.config.get("n_group") or case.config["num_expert_group"]  # Kimi-Linear's
+    # Kimi-Linear's and Ling-2.5's spelling
+    n_group = case.config.get("n_group") or case.config["num_expert_group"]
     size, kept = record["experts_before"] // n_group, case.reduce_to // n_group
     for entry in record["layers"]:
         for c, group in enumerate(entry["groups"]):

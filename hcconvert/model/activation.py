@@ -5,7 +5,11 @@
   gate · sigmoid(alpha · gate) · (up + 1).
 - clamped_silu: DeepSeek-V4's, Hy-V4's and GLM-5-Next's, silu(gate clamped above at `limit`)
   · (up clamped to ±`limit`).
+- silu_clamped: Ling-2.5's (bailing_hybrid) and Step-3.5's, silu(gate) clamped above at
+  `limit`, times up clamped to ±`limit`; the limit set per layer (0: plain silu).
 - relu2: Nemotron-H's ungated experts, relu(up)², with no gate.
+
+A family's activation is a function of the transformers config and the layer.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Activation:
-    name: str = "silu"  # "silu", "clamped_swiglu", "clamped_silu" or "relu2"
+    name: str = "silu"  # "silu", "clamped_swiglu", "clamped_silu", "silu_clamped" or "relu2"
     alpha: float = 0.0  # clamped_swiglu only
     limit: float = 0.0  # the clamped kinds only
 
@@ -29,6 +33,9 @@ class Activation:
             return F.relu(up).square()
         if self.name == "clamped_silu":
             return F.silu(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit,
+                                                                 max=self.limit)
+        if self.name == "silu_clamped":
+            return F.silu(gate).clamp(max=self.limit) * up.clamp(min=-self.limit,
                                                                  max=self.limit)
         gate = gate.clamp(max=self.limit)
         up = up.clamp(min=-self.limit, max=self.limit)
@@ -48,19 +55,27 @@ SILU = Activation()
 RELU2 = Activation("relu2")
 
 
-def silu(config) -> Activation:
+def silu(config, layer: int) -> Activation:
     return SILU
 
 
-def relu2(config) -> Activation:
+def relu2(config, layer: int) -> Activation:
     return RELU2
 
 
-def clamped_swiglu(config) -> Activation:
+def clamped_swiglu(config, layer: int) -> Activation:
     """GPT-OSS's, with alpha and limit from the transformers config (swiglu_alpha/_limit)."""
     return Activation("clamped_swiglu", config.swiglu_alpha, config.swiglu_limit)
 
 
-def clamped_silu(config) -> Activation:
+def clamped_silu(config, layer: int) -> Activation:
     """SiLU with both products clamped at the transformers config's swiglu_limit."""
     return Activation("clamped_silu", limit=config.swiglu_limit)
+
+
+def silu_clamped_per_layer(config, layer: int) -> Activation:
+    """silu_clamped at the layer's entry of the transformers config's swiglu_limits (none
+    or 0: plain SiLU, as transformers reads them)."""
+    limits = config.swiglu_limits
+    return Activation("silu_clamped", limit=limits[layer]) if limits and limits[layer] \
+        else SILU

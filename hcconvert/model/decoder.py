@@ -152,7 +152,6 @@ class Decoder:
         self.converters = conversions.layer_converters(transforms)
         self.reverse_renamings = [t.reverse_transform() for t in reversed(self.renamings)]
         self.layers = self.model.model.layers
-        self.activation = family.activation(self.config)
 
     # -- names and shapes ------------------------------------------------------------------
 
@@ -212,7 +211,8 @@ class Decoder:
         count = self.family.text_config(self.source_config)[self.family.experts_key(
             self.source_config)]
         home = device if chunk_experts is None else torch.device("cpu")
-        experts = Experts.from_layer(raw, layout, count, home, self.dtype, self.activation,
+        activation = self.family.activation(self.config, self.skeleton_layer(layer))
+        experts = Experts.from_layer(raw, layout, count, home, self.dtype, activation,
                                      pin=home != device and device.type == "cuda")
         return tensors, experts.kept_on(device, chunk_experts)
 

@@ -16,7 +16,14 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .activation import Activation, clamped_silu, clamped_swiglu, relu2, silu
+from .activation import (
+    Activation,
+    clamped_silu,
+    clamped_swiglu,
+    relu2,
+    silu,
+    silu_clamped_per_layer,
+)
 from .config_checks import MAX_EXPERTS, MAX_WIDTH, check_config, check_model_type
 from .refused import REFUSED
 from .tiktoken_vocab import TiktokenVocab
@@ -227,8 +234,8 @@ class Family:
     # The keyword by which a layer is given the state the layer before it returned beside its
     # hidden states (GLM-5's indexer top-k, shared between layers).
     carried: str | None = None
-    # The experts' activation, from the transformers config (activation.py).
-    activation: Callable[[object], Activation] = silu
+    # The experts' activation, from the transformers config and the layer (activation.py).
+    activation: Callable[[object, int], Activation] = silu
     # How the tokenizer reads tiktoken.model, where the Hub ships it and no tokenizer.json.
     tiktoken: TiktokenVocab | None = None
     # The router picks top_k experts whatever config.json says (Phi-3.5-MoE's sparsemixer
@@ -539,6 +546,17 @@ FAMILIES: dict[str, Family] = {
                ffn_key="intermediate_size", scoring="sigmoid", activation=clamped_swiglu),
         # dots.llm3's text model: DeepSeek-V3's MLA, indexer and routing.
         _deepseek_v3("dots3_note_text"),
+        # Ling-2.5 (bailing_hybrid): Kimi Delta Attention layers (their q/k/v convolutions
+        # joined on loading) beside MLA ones, DeepSeek-V3's routing under its original keys
+        # (as Kimi-Linear), the bias as gate.expert_bias, experts clamped per layer after the
+        # SiLU (expert_swiglu_limit_list).
+        Family(model_type="bailing_hybrid", experts_keys=("num_experts",),
+               experts=_per_expert("mlp"), router="mlp.gate.weight",
+               router_bias="mlp.gate.expert_bias", top_k_key="num_experts_per_token",
+               scoring="sigmoid",
+               routing_groups=_group_limited(min_per_group=2, count_key="num_expert_group"),
+               activation=silu_clamped_per_layer,
+               embedding_name="model.word_embeddings.weight"),
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),

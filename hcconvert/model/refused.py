@@ -39,7 +39,7 @@ REFUSED: dict[str, str] = {
                        "each with its own router, picked by token modality: hcconvert reduces "
                        "one expert set per layer",
     **dict.fromkeys([
-        "bailing_hybrid", "dbrx", "deepseek_ocr2", "diffusion_gemma", "dots3_note", "gemma4",
+        "dbrx", "deepseek_ocr2", "diffusion_gemma", "dots3_note", "gemma4",
         "gemma4_text", "inkling2", "inkling2_loop", "inkling2_loop_text",
         "inkling2_text", "inkling_mm_model", "inkling_text", "lara_mini", "mistral_large4",
         "muse_spark", "qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen4_exp", "qwen4_exp_text",
