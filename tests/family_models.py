@@ -506,6 +506,18 @@ CASES.update({
         layer_group_size=2, expert_swiglu_limit_list=[0, 1.5, 0], num_mtp_layers=0),
         "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
         router_bias="mlp.gate.expert_bias", grouped=True),
+    # Step-3.7: experts stacked per projection, the clamp after the SiLU biting in layer 1,
+    # gated attention heads, a dense first layer, a vision tower beside.
+    "step3p7": Case("step3p7", dict(
+        n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, share_expert_dim=40, head_dim=8, swiglu_limits=[0, 1.5, 0],
+        sliding_window=6,
+        mlp_layer_types=["dense", "sparse", "sparse"]), "n_routed_experts", "moe.gate.weight",
+        ("moe.gate_proj.weight", "moe.up_proj.weight", "moe.down_proj.weight"), 4, fused=True,
+        router_bias="moe.router_bias",
+        vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, image_size=16, patch_size=4,
+                    max_position_embeddings=16)),
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

@@ -19,23 +19,33 @@ def causal_lm(config, dtype: torch.dtype) -> nn.Module:
     """A model with `.model` (the text model, `.layers` its decoder layers), `.lm_head`,
     `.config`, whose forward(input_ids=..., use_cache=False) returns `.logits`."""
     from transformers import AutoModel, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_MAPPING_NAMES,
+    )
 
     if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    own = _package_causal_lm(config)
+    own = _package_class(config, "ForCausalLM", same_config=True)
     if own is not None:
         return own._from_config(config, dtype=dtype)
-    return TextWithHead(AutoModel.from_config(config, dtype=dtype), config)
+    if config.model_type in MODEL_MAPPING_NAMES:
+        return TextWithHead(AutoModel.from_config(config, dtype=dtype), config)
+    # No auto class knows the text config at all (Step-3.7's step3p5): its package's text
+    # model, which the wrapper builds by name.
+    text_model = _package_class(config, "TextModel")
+    if text_model is None:
+        raise ValueError(f"transformers builds no text model for {config.model_type}")
+    return TextWithHead(text_model._from_config(config, dtype=dtype), config)
 
 
-def _package_causal_lm(config):
-    """The `*ForCausalLM` class of the config's own package built from exactly this config
-    class (Mistral4ForCausalLM, which no auto class maps), or None."""
+def _package_class(config, suffix: str, same_config: bool = False):
+    """The one class of the config's own package named `*{suffix}` (built from exactly this
+    config class with same_config: Mistral4ForCausalLM, which no auto class maps), or None."""
     package = importlib.import_module(type(config).__module__.rsplit(".", 1)[0])
-    found = [cls for name in dir(package) if name.endswith("ForCausalLM")
+    found = [cls for name in dir(package) if name.endswith(suffix)
              for cls in [getattr(package, name)]
-             if getattr(cls, "config_class", None) is type(config)]
+             if not same_config or getattr(cls, "config_class", None) is type(config)]
     return found[0] if len(found) == 1 else None
 
 

@@ -107,7 +107,10 @@ def wrapper_transforms(family: Family) -> list:
 
     if family.wrapper_mapping is None:
         return []
-    return get_checkpoint_conversion_mapping(family.wrapper_mapping) or []
+    # Renamings anchored at the start place whole sub-models (the text model under
+    # model.language_model.), which Family.text_name does for the text model.
+    return [t for t in get_checkpoint_conversion_mapping(family.wrapper_mapping) or []
+            if not all(pattern.startswith("^") for pattern in t.source_patterns)]
 
 
 def _wrapper_ties_embeddings(config: dict, family: Family) -> bool | None:

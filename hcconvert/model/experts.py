@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activation import SILU, Activation
-from .families import ExpertLayout, Fused
+from .families import ExpertLayout, Fused, Stacked
 
 # Each per-expert tensor's neuron (ffn) axis, below the expert axis: permuting neurons moves
 # these together and leaves an expert's output unchanged. down_bias has none.
@@ -69,9 +69,11 @@ class Experts:
                    pin: bool = False) -> Experts:
         """Read the experts whichever way the checkpoint stores them, onto device and dtype
         (default: where and as w holds them); pin: into pinned host memory."""
-        if isinstance(layout, Fused):
-            fused = _from_fused(w, layout, activation).to(device, dtype)
-            return fused.pinned() if pin else fused
+        if isinstance(layout, Fused | Stacked):
+            whole = (_from_fused(w, layout, activation) if isinstance(layout, Fused) else
+                     cls(w[layout.gate], w[layout.up], w[layout.down], activation=activation))
+            whole = whole.to(device, dtype)
+            return whole.pinned() if pin else whole
 
         def stack(template: str) -> torch.Tensor:
             # Straight into the destination, expert by expert: no host-side stacked copy, and
@@ -104,6 +106,8 @@ class Experts:
         """The tensors to store, in the layout read (per-expert names renumbered 0..E-1)."""
         if isinstance(layout, Fused):
             return _to_fused(self, layout)
+        if isinstance(layout, Stacked):
+            return {layout.gate: self.gate, layout.up: self.up, layout.down: self.down}
         out = {}
         for e in range(len(self)):
             for template, stacked in layout.names.stacked(self):

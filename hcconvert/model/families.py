@@ -120,7 +120,33 @@ class Fused:
         return self.gate_up
 
 
-ExpertLayout = PerExpert | Fused
+@dataclass(frozen=True)
+class Stacked:
+    """Routed experts stacked per projection: gate, up [E, F, H], down [E, H, F] (Step-3.5's
+    moe.gate_proj / up_proj / down_proj)."""
+
+    gate: str
+    up: str
+    down: str
+    description = "stacked tensors (gate, up [E, F, H], down [E, H, F])"
+
+    def shapes(self, count: int, ffn: int, hidden: int) -> dict[str, tuple[int, ...]]:
+        return {self.gate: (count, ffn, hidden), self.up: (count, ffn, hidden),
+                self.down: (count, hidden, ffn)}
+
+    def prefixes(self) -> tuple[str, ...]:
+        return (self.gate, self.up, self.down)
+
+    @property
+    def biases(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def marker(self) -> str:
+        return self.gate
+
+
+ExpertLayout = PerExpert | Fused | Stacked
 
 
 def _per_expert(block: str, gate: str | None = "gate_proj", up: str = "up_proj",
@@ -271,6 +297,12 @@ class Family:
         """The router's weight and per-expert bias (below the layer prefix): one row or entry
         per expert, reduced with the experts."""
         return (self.router,) + ((self.router_bias,) if self.router_bias else ())
+
+    def top_k_of(self, text: dict):
+        """The top-k this (text) config says, under the family's key or a mirror of it
+        (Step-3.5's original moe_top_k); None when it says none."""
+        return next((text[key] for key in (self.top_k_key, *self.top_k_mirrors)
+                     if text.get(key) is not None), None)
 
     def scoring_of(self, text: dict) -> str:
         """How the router scores experts under this (text) config."""
@@ -557,6 +589,17 @@ FAMILIES: dict[str, Family] = {
                routing_groups=_group_limited(min_per_group=2, count_key="num_expert_group"),
                activation=silu_clamped_per_layer,
                embedding_name="model.word_embeddings.weight"),
+        # Step-3.7 (vision-language; its text model is Step-3.5's): experts stacked per
+        # projection under moe., a sigmoid router with its bias beside, SiLU clamped per layer
+        # after the activation; the text model below model. as on its own. The original
+        # config's keys (moe_num_experts, moe_top_k) and transformers 5's are both read.
+        Family(model_type="step3p7", experts_keys=("moe_num_experts", "n_routed_experts"),
+               experts=Stacked("moe.gate_proj.weight", "moe.up_proj.weight",
+                               "moe.down_proj.weight"),
+               router="moe.gate.weight", router_bias="moe.router_bias",
+               top_k_mirrors=("moe_top_k",), scoring="sigmoid",
+               activation=silu_clamped_per_layer, text_config_key="text_config",
+               wrapper_mapping="step3p7"),
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),

@@ -43,5 +43,5 @@ REFUSED: dict[str, str] = {
         "gemma4_text", "inkling2", "inkling2_loop", "inkling2_loop_text",
         "inkling2_text", "inkling_mm_model", "inkling_text", "lara_mini", "mistral_large4",
         "muse_spark", "qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen4_exp", "qwen4_exp_text",
-        "step3p7", "unlimited_ocr"], NOT_YET),
+        "unlimited_ocr"], NOT_YET),
 }

@@ -103,7 +103,7 @@ class ModelSpec:
             hidden=_required(text, "hidden_size"),
             num_experts=text[family.experts_key(config)],
             ffn=_required(text, family.ffn_key),
-            routing=Routing(_required(text, family.top_k_key), family.scoring_of(text),
+            routing=Routing(_top_k(text, family), family.scoring_of(text),
                             family.routing_groups(text)),
             moe_layers=tuple(i for i in range(layers) if decoder.moe_block(i) is not None),
             mtp_layers=tuple(range(layers, layers + _mtp_count(text, family))),
@@ -131,6 +131,13 @@ def _mtp_count(text: dict, family: Family) -> int:
     (Qwen3-Next's config.json has no count; vLLM assumes one)."""
     count = text.get(family.mtp.count_key)
     return family.mtp.default_count if count is None else count or 0
+
+
+def _top_k(text: dict, family: Family) -> int:
+    top_k = family.top_k_of(text)
+    if top_k is None:
+        raise UserError(f"config.json has no {family.top_k_key}")
+    return top_k
 
 
 def _required(config: dict, key: str):
