@@ -30,6 +30,22 @@ REFUSED: dict[str, str] = {
     "longcat_flash": "zero-computation (identity) experts share the router with the FFN "
                      "experts, and their picks reach the experts as zero-weight dummies: "
                      "hcconvert's routing statistics count only FFN experts' picks",
+    "diffusion_gemma": "a diffusion language model (its decoder attends both ways and "
+                       "unmasks tokens in parallel), not a causal LM",
+    "muse_spark": "its experts work in a projection of the hidden states (pre_expert_proj to "
+                  "moe_hidden_size) that the router does not see, which hcconvert's statistics "
+                  "and fits, taken on one input for both, do not follow",
+    **dict.fromkeys(["inkling_text"],
+                    "its router scores the shared experts too (n_routed + n_shared rows, "
+                    "normalised together), which a reduction of one row per routed expert "
+                    "does not keep apart"),
+    **dict.fromkeys(["inkling2_text"],
+                    "its experts' softcapped SwiGLU and the Hub's MXFP8 expert storage are not "
+                    "read by hcconvert"),
+    **dict.fromkeys(["inkling2_loop_text"],
+                    "it runs its middle layers several times per token (loop_num_passes): one "
+                    "stored layer serves several places in the forward, which a "
+                    "layer-at-a-time calibration does not follow"),
     "kolibri1_1": "its indexed-attention layers reuse keys and values another layer computed "
                   "(kv_source_layers), which hcconvert's layer-at-a-time forward over batches "
                   "of sequences does not hand over",
@@ -39,9 +55,7 @@ REFUSED: dict[str, str] = {
                        "each with its own router, picked by token modality: hcconvert reduces "
                        "one expert set per layer",
     **dict.fromkeys([
-        "dbrx", "deepseek_ocr2", "diffusion_gemma", "dots3_note", "gemma4",
-        "gemma4_text", "inkling2", "inkling2_loop", "inkling2_loop_text",
-        "inkling2_text", "inkling_mm_model", "inkling_text", "lara_mini", "mistral_large4",
-        "muse_spark", "qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen4_exp", "qwen4_exp_text",
-        "unlimited_ocr"], NOT_YET),
+        "dbrx", "deepseek_ocr2", "dots3_note", "gemma4", "gemma4_text", "lara_mini",
+        "mistral_large4", "qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen4_exp",
+        "qwen4_exp_text", "unlimited_ocr"], NOT_YET),
 }
