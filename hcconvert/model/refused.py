@@ -35,14 +35,14 @@ REFUSED: dict[str, str] = {
     "muse_spark": "its experts work in a projection of the hidden states (pre_expert_proj to "
                   "moe_hidden_size) that the router does not see, which hcconvert's statistics "
                   "and fits, taken on one input for both, do not follow",
-    **dict.fromkeys(["inkling_text"],
+    **dict.fromkeys(["inkling_mm_model", "inkling_text"],
                     "its router scores the shared experts too (n_routed + n_shared rows, "
                     "normalised together), which a reduction of one row per routed expert "
                     "does not keep apart"),
-    **dict.fromkeys(["inkling2_text"],
+    **dict.fromkeys(["inkling2", "inkling2_text"],
                     "its experts' softcapped SwiGLU and the Hub's MXFP8 expert storage are not "
                     "read by hcconvert"),
-    **dict.fromkeys(["inkling2_loop_text"],
+    **dict.fromkeys(["inkling2_loop", "inkling2_loop_text"],
                     "it runs its middle layers several times per token (loop_num_passes): one "
                     "stored layer serves several places in the forward, which a "
                     "layer-at-a-time calibration does not follow"),
