@@ -518,6 +518,23 @@ CASES.update({
         vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                     num_attention_heads=2, image_size=16, patch_size=4,
                     max_position_embeddings=16)),
+    # Gemma 4: a MoE block beside every layer's MLP, on the layer itself, sliding-window
+    # layers shorter than the test's sequences, tied embeddings; the vision-language model
+    # with its text model under model.language_model.
+    **{name: Case(model_type, dict(
+        enable_moe_block=True, num_experts=6, top_k_experts=2, moe_intermediate_size=24,
+        intermediate_size=56, head_dim=8, global_head_dim=8, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        hidden_size_per_layer_input=0), "num_experts", "router.proj.weight",
+        ("experts.gate_up_proj", "experts.down_proj"), 4, fused=True,
+        router_bias="router.per_expert_scale", **wrapper)
+       for name, model_type, wrapper in [
+           ("gemma4_text", "gemma4_text", {}),
+           ("gemma4", "gemma4", dict(
+               vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                           patch_size=4, position_embedding_size=16),
+               text_prefix="model.language_model."))]},
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

@@ -336,7 +336,10 @@ def test_quantized_checkpoints_are_refused_in_one_line(tmp_path, quantization, f
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "minimax_m2", "granitemoe", "gpt_oss",
-                                  "llama4_text"])
+                                  "llama4_text",
+                                  # the router reads the residual, the experts a normed copy
+                                  "gemma4_text",
+                                  "nemotron_h"])  # ungated experts
 def test_auto_fits_through_each_familys_own_router(tmp_path, calib_text, name):
     """--method auto refits layers under the reduced layer's routing as transformers computes
     it (sigmoid scores, correction bias, groups); the output loads and every layer records

@@ -204,15 +204,24 @@ def _fit_one(x, target, predicted, experts: Experts, e: int, current: torch.Tens
 
 
 def fit_layer(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Route,
-              holdout: float = HOLDOUT_FRACTION) -> tuple[Experts, FitReport]:
+              holdout: float = HOLDOUT_FRACTION,
+              router_x: torch.Tensor | None = None) -> tuple[Experts, FitReport]:
     """Experts with down projections fitted on the first part of x [T, H] so the reduced
     layer reproduces target [T, H]; kept only if the held-out tokens agree. The report gives
-    the held-out relative errors before and after."""
+    the held-out relative errors before and after. router_x [T, H]: what the router reads
+    for each row of x, where it is not x (Gemma 4's)."""
     cut = max(1, int(x.shape[0] * (1 - holdout)))
-    down = fit_down(x[:cut], target[:cut], experts, route)
+    router_x = x if router_x is None else router_x
+    down = fit_down(x[:cut], target[:cut], experts, _reading(route, router_x[:cut]))
     fitted = dataclasses.replace(experts, down=down.to(experts.down.dtype))
     held_x, held_y = x[cut:], target[cut:]
-    before = relative_error(layer_output(held_x, experts, route), held_y)
-    after = relative_error(layer_output(held_x, fitted, route), held_y)
+    held_route = _reading(route, router_x[cut:])
+    before = relative_error(layer_output(held_x, experts, held_route), held_y)
+    after = relative_error(layer_output(held_x, fitted, held_route), held_y)
     report = FitReport(before, after, after < before)
     return (fitted if report.fitted else experts), report
+
+
+def _reading(route: Route, router_x: torch.Tensor) -> Route:
+    """route on router_x, the router's reads of the rows it is handed (the same rows)."""
+    return lambda rows: route(router_x)

@@ -129,12 +129,15 @@ def collect_layer_stats(x: torch.Tensor, selected: torch.Tensor, router: torch.T
     if unknown:
         raise ValueError(f"unknown statistics {sorted(unknown)}")
     tokens = x.shape[0]
+    # What the router read: the experts' inputs x, or its own reads where they differ.
+    router_x = x if record is None else record.router_inputs(x)
     counts = torch.bincount(selected.flatten(), minlength=len(experts)).float().cpu()
-    stats = LayerStats(tokens, counts, (logit_sums(x, router) / tokens).float().cpu(), selected)
+    stats = LayerStats(tokens, counts, (logit_sums(router_x, router) / tokens).float().cpu(),
+                       selected)
     if "output" in needs:
         stats.output_mean = output_means(x, experts, None if record is None else record.sums).cpu()
     if "router-logits" in needs:
-        stats.router_features = router_logit_features(x, router, seed)
+        stats.router_features = router_logit_features(router_x, router, seed)
     if "weights" in needs:
         stats.weight_features = weight_features(experts)
     if "saliency" in needs:

@@ -7,6 +7,7 @@
   · (up clamped to ±`limit`).
 - silu_clamped: Ling-2.5's (bailing_hybrid) and Step-3.5's, silu(gate) clamped above at
   `limit`, times up clamped to ±`limit`; the limit set per layer (0: plain silu).
+- gelu_tanh: Gemma 4's, gelu(gate, tanh approximation) · up (GeGLU).
 - relu2: Nemotron-H's ungated experts, relu(up)², with no gate.
 
 A family's activation is a function of the transformers config and the layer.
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Activation:
-    name: str = "silu"  # "silu", "clamped_swiglu", "clamped_silu", "silu_clamped" or "relu2"
+    # "silu", "clamped_swiglu", "clamped_silu", "silu_clamped", "gelu_tanh" or "relu2"
+    name: str = "silu"
     alpha: float = 0.0  # clamped_swiglu only
     limit: float = 0.0  # the clamped kinds only
 
@@ -31,6 +33,8 @@ class Activation:
             return F.silu(gate) * up
         if self.name == "relu2":
             return F.relu(up).square()
+        if self.name == "gelu_tanh":
+            return F.gelu(gate, approximate="tanh") * up
         if self.name == "clamped_silu":
             return F.silu(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit,
                                                                  max=self.limit)
@@ -61,6 +65,10 @@ def silu(config, layer: int) -> Activation:
 
 def relu2(config, layer: int) -> Activation:
     return RELU2
+
+
+def gelu_tanh(config, layer: int) -> Activation:
+    return Activation("gelu_tanh")
 
 
 def clamped_swiglu(config, layer: int) -> Activation:

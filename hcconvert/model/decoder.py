@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import warnings
 from collections.abc import Iterator
 
@@ -244,7 +245,7 @@ class Decoder:
         """Every tensor a layer loads except its routed experts: module name below the layer
         -> (shape, dtype)."""
         block = self.moe_block(layer)
-        skip = f"{block}.{EXPERTS_ATTRIBUTE}." if block is not None else None
+        skip = _experts_prefix(block) if block is not None else None
         module = self.layers[self.skeleton_layer(layer)]
         return {name: (tuple(t.shape), t.dtype)
                 for name, t in module.state_dict(keep_vars=True).items()
@@ -269,7 +270,7 @@ class Decoder:
                 experts = PrescaledExperts(experts, module.get_submodule(router))
             setattr(module.get_submodule(block), EXPERTS_ATTRIBUTE, experts)
         expected = {n: t.dtype for n, t in module.state_dict(keep_vars=True).items()
-                    if not n.startswith(f"{block}.{EXPERTS_ATTRIBUTE}.")}
+                    if block is None or not n.startswith(_experts_prefix(block))}
         cast = {n: tensors[n].to(dtype) for n, dtype in expected.items() if n in tensors}
         missing = sorted(set(expected) - set(cast))
         if missing:
@@ -279,10 +280,19 @@ class Decoder:
 
     def routing(self, layer: int, tensors: dict[str, torch.Tensor]):
         """The routing rule of layer `layer` built from tensors (module names), as a callable
-        x [T, H] -> (weights [T, K], index [T, K]): the family's own MoE block routes, its
-        experts replaced by a catcher."""
+        x [T, H] -> (weights [T, K], index [T, K]), x what the router reads: the family's own
+        MoE block routes, its experts replaced by a catcher; or where the block is the whole
+        decoder layer (Gemma 4), its router module on its own."""
         catcher = _RoutingCatcher()
         module = self.build_layer(layer, tensors, catcher)
+        if self.family.router_module is not None:
+            router = module.get_submodule(self.family.router_module)
+
+            @torch.no_grad()
+            def route_alone(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                _, weights, index = router(x)
+                return weights.float(), index
+            return route_alone
         block = module.get_submodule(self.moe_block(layer))
 
         @torch.no_grad()
@@ -290,6 +300,13 @@ class Decoder:
             block(x[None])  # blocks take [N, S, H]; their output is not needed
             return catcher.caught
         return route
+
+    def record_router_inputs(self, module: nn.Module, record) -> None:
+        """Where the router reads other inputs than the experts (Family.router_module), have
+        the built layer module hand the record (experts.RoutingRecord) what its router reads."""
+        if self.family.router_module is not None:
+            module.get_submodule(self.family.router_module).register_forward_pre_hook(
+                lambda router, args: record.observe_router(args[0]))
 
     @torch.no_grad()
     def layer_inputs(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
@@ -364,8 +381,10 @@ class Decoder:
 
     def _rebuild_computed_buffers(self, device: torch.device) -> None:
         """Modules outside the layers whose buffers were computed at construction (rotary
-        inv_freq) hold nothing on the meta device: build them again on the real device."""
-        _rebuild_meta_buffers(self.model.model, self.config, device, skip="layers")
+        inv_freq, Gemma's embedding scale) hold nothing on the meta device: build them again
+        on the real device."""
+        _rebuild_meta_buffers(self.model.model, self.config, device,
+                              self.model.model._init_weights, skip="layers")
 
     def drop_globals(self) -> None:
         """Back to the meta device, freeing the embedding table and the LM head."""
@@ -414,19 +433,43 @@ class HiddenStream:
                                                                                    **arguments)
 
 
-def _rebuild_meta_buffers(parent: nn.Module, config, device: torch.device,
+def _rebuild_meta_buffers(parent: nn.Module, config, device: torch.device, init,
                           skip: str | None = None) -> None:
     """Each child of parent with meta buffers built again on device from its own config
     (else config); the children of a module list (Granite Swash's rotary embedding per
-    RoPE theta) one by one."""
+    RoPE theta) one by one. A module not built from a config (Gemma's scaled embedding) has
+    its buffers filled in place by transformers' own initialisation (init), which leaves
+    the loaded parameters alone."""
     for name, module in list(parent.named_children()):
         if name == skip or not any(b.is_meta for b in module.buffers(recurse=True)):
             continue
         if isinstance(module, nn.ModuleList | nn.ModuleDict):
-            _rebuild_meta_buffers(module, config, device)
-            continue
-        with torch.device(device):
-            setattr(parent, name, type(module)(config=getattr(module, "config", config)))
+            _rebuild_meta_buffers(module, config, device, init)
+        elif "config" in inspect.signature(type(module)).parameters:
+            with torch.device(device):
+                setattr(parent, name, type(module)(config=getattr(module, "config", config)))
+        else:
+            _initialise_buffers(module, device, init)
+
+
+def _initialise_buffers(module: nn.Module, device: torch.device, init) -> None:
+    """module's meta buffers allocated on device and filled by init (a model's
+    _init_weights), its parameters marked initialised so init keeps them."""
+    for owner in module.modules():
+        for key, buffer in list(owner.named_buffers(recurse=False)):
+            if buffer.is_meta:
+                owner.register_buffer(key, torch.empty_like(buffer, device=device),
+                                      persistent=key not in owner._non_persistent_buffers_set)
+    for parameter in module.parameters():
+        parameter._is_hf_initialized = True
+    for owner in module.modules():
+        init(owner)
+
+
+def _experts_prefix(block: str) -> str:
+    """The routed experts' state-dict prefix in a layer whose MoE block is at `block` ("":
+    the layer itself, as Gemma 4's)."""
+    return f"{block}.{EXPERTS_ATTRIBUTE}." if block else f"{EXPERTS_ATTRIBUTE}."
 
 
 def _moe_path(layer: nn.Module) -> str | None:

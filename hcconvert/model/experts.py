@@ -379,6 +379,9 @@ class RoutingRecord:
     saliency_sum: torch.Tensor | None = None  # [E] fp64
     picked: torch.Tensor | None = None  # [E] fp64
     sums: torch.Tensor | None = None  # [E, F] fp32, with activation_sums
+    # What the router read, per call, where it is not the experts' input (Gemma 4's router
+    # reads the residual, its experts a normed copy): [t, H] each, in call order.
+    router_reads: list[torch.Tensor] = field(default_factory=list)
 
     def sums_for(self, experts: Experts) -> torch.Tensor | None:
         """The running activation sums the forward adds to (None without activation_sums)."""
@@ -392,6 +395,14 @@ class RoutingRecord:
         self.inputs[self.filled:self.filled + x.shape[0]] = x
         self.filled += x.shape[0]
         self.index.append(index)
+
+    def observe_router(self, x: torch.Tensor) -> None:
+        self.router_reads.append(x.reshape(-1, x.shape[-1]))
+
+    def router_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """[T, H] what the router read for each token: the recorded reads, else inputs (the
+        experts' inputs, which most routers read)."""
+        return torch.cat(self.router_reads) if self.router_reads else inputs
 
     def observe_sum(self, out: torch.Tensor) -> None:
         """The routed-expert output of the tokens observe saw last."""

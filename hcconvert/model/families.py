@@ -20,6 +20,7 @@ from .activation import (
     Activation,
     clamped_silu,
     clamped_swiglu,
+    gelu_tanh,
     relu2,
     silu,
     silu_clamped_per_layer,
@@ -277,6 +278,9 @@ class Family:
     mtp: MtpLayout = NEXTN  # where a multi-token-prediction layer would be stored
     # The token embedding's name on disk where it is not the text model's embed_tokens.
     embedding_name: str | None = None
+    # Where the MoE block is the whole decoder layer (Gemma 4's), the module below the layer
+    # that routes on its own (router(x) -> (scores, weights, index)), x what it reads.
+    router_module: str | None = None
     # The model_type whose checkpoint conversions transformers keeps on the vision-language
     # wrapper although they rename the text model's tensors (MiniMax-M3's).
     wrapper_mapping: str | None = None
@@ -600,6 +604,19 @@ FAMILIES: dict[str, Family] = {
                top_k_mirrors=("moe_top_k",), scoring="sigmoid",
                activation=silu_clamped_per_layer, text_config_key="text_config",
                wrapper_mapping="step3p7"),
+        # Gemma 4 (26B-A4B): every layer's MLP beside a MoE block that is the decoder layer
+        # itself (router and experts on the layer); the router reads the residual through its
+        # own norm and scale, the experts a normed copy; GeGLU experts fused as transformers
+        # stores them; each routed weight times the expert's per_expert_scale.
+        *[Family(model_type=model_type, experts_keys=("num_experts",),
+                 experts=Fused("experts.gate_up_proj", "experts.down_proj"),
+                 router="router.proj.weight", router_bias="router.per_expert_scale",
+                 top_k_key="top_k_experts", activation=gelu_tanh, router_module="router",
+                 **wrapper)
+          for model_type, wrapper in [
+              ("gemma4_text", {}),
+              ("gemma4", dict(text_config_key="text_config",
+                              text_prefix="model.language_model."))]],
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),

@@ -255,10 +255,12 @@ class LayerPipeline:
                                    activation_sums=("output" in self.needs
                                                     and self.device.type == "cpu"))
             module = self.decoder.build_layer(layer, tensors, RoutedExperts(experts, record))
+            self.decoder.record_router_inputs(module, record)
             layer_input = stream.hidden.clone() if self.propagator is not None else None
             stream.advance(layer, module)
             del module
             x, selected = record.routing()
+            router_x = record.router_inputs(x)
             router = {s: dense[s].to(self.device) for s in router_suffixes(spec)}
             stats = collect_layer_stats(x, selected, router[family.router], experts,
                                         self.needs, self.seed, record)
@@ -266,7 +268,7 @@ class LayerPipeline:
         for reducer in self.reducers:
             reduced_router, merged, produced = reducer.reduce(
                 layer, raw, router, experts, x, stats, matcher, self.routing(layer, tensors),
-                record.outputs)
+                record.outputs, router_x)
             background.submit(functools.partial(reducer.write_layer, layer, raw, produced))
             if reducer is self.propagator:
                 with self.timer.stage("compute"):

@@ -91,15 +91,17 @@ class Reducer:
     def reduce(self, layer: int, stored: Mapping[str, torch.Tensor],
                router: dict[str, torch.Tensor], experts: Experts, x: torch.Tensor,
                stats: LayerStats, matcher: NeuronMatcher, routing: Routing,
-               target: torch.Tensor | None = None):
+               target: torch.Tensor | None = None, router_x: torch.Tensor | None = None):
         """One MoE layer: the new router tensors (by their names below the layer) and experts
         (on the compute device), and the tensors to write (by full name, on the CPU).
         stored: the layer's tensors as stored, by their names below the layer;
         router: the router's weight and per-expert bias, by their names below the layer;
-        target: the original layer's routed-expert output on x, for the layer fit."""
+        target: the original layer's routed-expert output on x, for the layer fit;
+        router_x: what the router read for each row of x, where it is not x (Gemma 4's)."""
+        router_x = x if router_x is None else router_x
         with self.timer.stage("compute"):
             choice, best = self.best_reduction(layer, experts, x, router, stats, matcher,
-                                               routing, target)
+                                               routing, target, router_x)
             produced, requantization = self.stored_tensors(layer, best, experts, stored)
             self.conversion.layers.append(
                 LayerResult(layer, best.groups, stats.counts.tolist(),
@@ -116,20 +118,22 @@ class Reducer:
 
     def best_reduction(self, layer: int, experts: Experts, x: torch.Tensor, router: dict,
                        stats: LayerStats, matcher: NeuronMatcher, routing: Routing,
-                       target: torch.Tensor | None) -> tuple[str, Reduced]:
+                       target: torch.Tensor | None,
+                       router_x: torch.Tensor) -> tuple[str, Reduced]:
         """The candidate whose reduced layer reproduces the original's output best on the
         held-out calibration tokens (the only candidate, without --method auto)."""
         best = None
         for name, reduction in self.candidates.items():
             reduced = self.reduce_with(reduction, layer, experts, x, router, target, stats,
-                                       matcher, routing)
+                                       matcher, routing, router_x)
             if best is None or reduced.fit.error < best[1].fit.error:
                 best = name, reduced  # only the best so far stays in memory
         return best
 
     def reduce_with(self, reduction: Reduction, layer: int, experts: Experts,
                     x: torch.Tensor, router: dict, target: torch.Tensor | None,
-                    stats: LayerStats, matcher: NeuronMatcher, routing: Routing) -> Reduced:
+                    stats: LayerStats, matcher: NeuronMatcher, routing: Routing,
+                    router_x: torch.Tensor) -> Reduced:
         """One candidate reduction of the layer: groups, merged experts, router, and with
         layer_fit the down projections refitted to the original layer's output target."""
         family = self.spec.family
@@ -138,7 +142,7 @@ class Reducer:
         weights = stats.saliency if reduction.kind == "ream" else stats.counts
         merged = merge_experts(experts, groups, weights, reduction.merge, matcher)
         weight = router[family.router]
-        gram, cross = self.router_gram(reduction, x, weight, groups)
+        gram, cross = self.router_gram(reduction, router_x, weight, groups)
         reduced = {family.router: reduce_router(weight, groups, stats.counts, reduction.router,
                                                 gram, cross)}
         if family.router_bias is not None:
@@ -148,7 +152,8 @@ class Reducer:
             return Reduced(groups, reduced, merged)
         if target is None:
             raise ValueError("the layer fit needs the original layer's output")
-        fitted, report = fit_layer(x, target, merged, routing(reduced, len(groups)))
+        fitted, report = fit_layer(x, target, merged, routing(reduced, len(groups)),
+                                   router_x=router_x)
         return Reduced(groups, reduced, fitted, report)
 
     def router_gram(self, reduction: Reduction, x: torch.Tensor, router: torch.Tensor,
