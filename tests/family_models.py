@@ -535,6 +535,13 @@ CASES.update({
                            num_attention_heads=2, num_key_value_heads=2, head_dim=8,
                            patch_size=4, position_embedding_size=16),
                text_prefix="model.language_model."))]},
+    # Lara-4-Mini: gated-DeltaNet layers whose fused in_proj transformers splits on loading.
+    "lara_mini": Case("lara_mini", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, head_dim=8, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        layer_types=["linear_attention", "full_attention", "linear_attention"]),
+        "num_experts", "mlp.gate.weight", FUSED, 4, fused=True),
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

@@ -617,6 +617,11 @@ FAMILIES: dict[str, Family] = {
               ("gemma4_text", {}),
               ("gemma4", dict(text_config_key="text_config",
                               text_prefix="model.language_model."))]],
+        # Lara-4-Mini: gated-DeltaNet layers (their fused in_proj split by transformers on
+        # loading) beside attention, a shared expert, experts fused as transformers stores them.
+        Family(model_type="lara_mini", experts_keys=("num_experts",),
+               experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+               router="mlp.gate.weight"),
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),

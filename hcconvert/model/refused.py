@@ -55,7 +55,7 @@ REFUSED: dict[str, str] = {
                        "each with its own router, picked by token modality: hcconvert reduces "
                        "one expert set per layer",
     **dict.fromkeys([
-        "dbrx", "deepseek_ocr2", "dots3_note", "lara_mini",
+        "dbrx", "deepseek_ocr2", "dots3_note",
         "mistral_large4", "qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen4_exp",
         "qwen4_exp_text", "unlimited_ocr"], NOT_YET),
 }
