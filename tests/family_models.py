@@ -542,6 +542,18 @@ CASES.update({
         linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
         layer_types=["linear_attention", "full_attention", "linear_attention"]),
         "num_experts", "mlp.gate.weight", FUSED, 4, fused=True),
+    # Mistral-Large-4 in Mistral's own format: MLA with an indexer keeping 16 keys, softmax
+    # routing groups, a dense first layer, a Pixtral vision tower beside.
+    "mistral_large4": Case("mistral_large4", {
+        **DEEPSEEK_V3, "head_dim": 16, "index_topk": 16, "index_n_heads": 2,
+        "index_head_dim": 16, "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "rope_parameters": {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0,
+                            "llama_4_scaling_beta": 0.5, "original_max_position_embeddings": 16}},
+        "n_routed_experts", "gate.weight", ("experts.{e}.w1.weight", "experts.{e}.w3.weight",
+                                            "experts.{e}.w2.weight"), 4, grouped=True,
+        vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, image_size=16, patch_size=4, head_dim=8),
+        text_prefix=""),
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

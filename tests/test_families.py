@@ -257,6 +257,16 @@ def test_latent_experts_are_refused(tmp_path):
         open_source(str(src))
 
 
+def test_shared_keys_and_values_are_refused(tmp_path):
+    """Mistral-Large-4 with layers reusing an earlier layer's keys and values."""
+    src = save_family_model(CASES["mistral_large4"], tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["text_config"]["kv_source_layers"] = [0, 0, 2]
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="kv_source_layers: layers reuse the keys and values"):
+        open_source(str(src))
+
+
 def test_sparsemixer_keeps_two_experts(tmp_path):
     """Phi-3.5-MoE's sparsemixer picks two experts whatever top-k says: one would be NaN."""
     src = save_family_model(CASES["phimoe"], tmp_path / "src")

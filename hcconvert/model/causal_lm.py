@@ -56,8 +56,9 @@ class TextOutput:
 
 class TextWithHead(nn.Module):
     """A vision-language wrapper's text model and LM head, as its forward runs them on text:
-    logits = lm_head(text_model(input_ids)), the head a bias-free [V, H] linear (the parity
-    tests hold each family's wrapper to it)."""
+    logits = lm_head(text_model(input_ids)), the head a bias-free [V, H] linear, soft-capped
+    where the text config says so (Mistral-Large-4's final_logit_softcapping: c·tanh(z/c));
+    the parity tests hold each family's wrapper to it."""
 
     base_model_prefix = "model"  # where transformers' weight renamings find the text model
 
@@ -69,4 +70,6 @@ class TextWithHead(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> TextOutput:
         hidden = self.model(input_ids=input_ids, use_cache=use_cache).last_hidden_state
-        return TextOutput(self.lm_head(hidden))
+        logits = self.lm_head(hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return TextOutput(logits if cap is None else cap * torch.tanh(logits / cap))

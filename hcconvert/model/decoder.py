@@ -102,16 +102,16 @@ def transformers_config(config: dict, family: Family):
 
 def wrapper_transforms(family: Family) -> list:
     """The weight renamings and converters transformers keeps on a vision-language wrapper
-    that apply to its text model's tensors (MiniMax-M3's block_sparse_moe names), after the
-    text model's own prefix is taken off (Family.text_name)."""
+    whose checkpoints name the text model otherwise (Family.wrapper_mapping): applied to the
+    names on disk, they place the text model under model.language_model."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
     if family.wrapper_mapping is None:
         return []
-    # Renamings anchored at the start place whole sub-models (the text model under
-    # model.language_model.), which Family.text_name does for the text model.
-    return [t for t in get_checkpoint_conversion_mapping(family.wrapper_mapping) or []
-            if not all(pattern.startswith("^") for pattern in t.source_patterns)]
+    return get_checkpoint_conversion_mapping(family.wrapper_mapping) or []
+
+
+WRAPPED_TEXT_MODEL = "model.language_model."  # where transformers 5 places a wrapper's
 
 
 def _wrapper_ties_embeddings(config: dict, family: Family) -> bool | None:
@@ -151,25 +151,39 @@ class Decoder:
                 raise UserError(f"transformers cannot build this {family.model_type} model "
                                 f"from config.json: {first_line(err)}") from None
         self.model.eval()
-        transforms = get_model_conversion_mapping(self.model) + wrapper_transforms(family)
+        transforms = get_model_conversion_mapping(self.model)
+        wrapper = wrapper_transforms(family)
         self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-        self.converters = conversions.layer_converters(transforms)
+        self.wrapper_renamings = [t for t in wrapper if isinstance(t, WeightRenaming)]
+        self.converters = conversions.layer_converters(transforms + wrapper)
         self.reverse_renamings = [t.reverse_transform() for t in reversed(self.renamings)]
+        self.reverse_wrapper = [t.reverse_transform() for t in reversed(self.wrapper_renamings)]
         self.layers = self.model.model.layers
 
     # -- names and shapes ------------------------------------------------------------------
 
     def module_name(self, name: str) -> str:
-        """A tensor's name in the skeleton's state dict, from its name on disk."""
+        """A tensor's name in the skeleton's state dict, from its name on disk: the text
+        model's own (Family.text_name), or as the wrapper's renamings place it."""
         from transformers.core_model_loading import apply_renamings
 
-        return apply_renamings(self.family.text_name(name), self.renamings)
+        if self.wrapper_renamings:
+            placed = apply_renamings(name, self.wrapper_renamings)
+            text = ("model." + placed.removeprefix(WRAPPED_TEXT_MODEL)
+                    if placed.startswith(WRAPPED_TEXT_MODEL) else placed)
+        else:
+            text = self.family.text_name(name)
+        return apply_renamings(text, self.renamings)
 
     def disk_name(self, module_name: str) -> str:
         """Where the Hub's checkpoints keep a module's tensor (for messages)."""
         from transformers.core_model_loading import apply_renamings
 
         name = apply_renamings(module_name, self.reverse_renamings)
+        if self.wrapper_renamings:
+            if name.startswith("model."):
+                name = WRAPPED_TEXT_MODEL + name.removeprefix("model.")
+            return apply_renamings(name, self.reverse_wrapper)
         if name.startswith("lm_head."):
             return self.family.head_prefix + name
         # A wrapper's own renamings may already restore its text prefix.
@@ -370,14 +384,16 @@ class Decoder:
 
     def load_globals(self, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
         """Embeddings, final norm and LM head (by their names on disk) into the skeleton,
-        plus the position-embedding tables transformers computes when it builds a model."""
+        plus the position-embedding tables transformers computes when it builds a model
+        (rebuilt first: a rotary module may hold a stored parameter too, Mistral-Large-4's
+        learned RoPE alpha)."""
+        self._rebuild_computed_buffers(device)
         state = self.model.state_dict(keep_vars=True)
         named = {self.module_name(n): t for n, t in tensors.items()}
         loaded = {n: t.to(device, state[n].dtype) for n, t in named.items() if n in state}
         self.model.load_state_dict(loaded, strict=False, assign=True)
         if self.config.tie_word_embeddings:
             self.model.lm_head.weight = self.model.model.embed_tokens.weight
-        self._rebuild_computed_buffers(device)
 
     def _rebuild_computed_buffers(self, device: torch.device) -> None:
         """Modules outside the layers whose buffers were computed at construction (rotary

@@ -400,6 +400,17 @@ def _latent_experts(text: dict) -> str | None:
     return None
 
 
+def _shared_keys_and_values(text: dict) -> str | None:
+    """Layers that reuse another layer's keys and values (kv_source_layers): the layer-at-a-
+    time forward runs every layer over each batch of sequences in turn, so the source's keys
+    for that batch are gone when a later layer would read them."""
+    sources = text.get("kv_source_layers") or []
+    if any(source != layer for layer, source in enumerate(sources)):
+        return ("kv_source_layers: layers reuse the keys and values of earlier layers, which "
+                "hcconvert's layer-at-a-time forward does not hand over")
+    return None
+
+
 FAMILIES: dict[str, Family] = {
     family.model_type: family
     for family in [
@@ -622,6 +633,15 @@ FAMILIES: dict[str, Family] = {
         Family(model_type="lara_mini", experts_keys=("num_experts",),
                experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
                router="mlp.gate.weight"),
+        # Mistral-Large-4 (vision-language) in Mistral's own format, which transformers reads
+        # by the wrapper's renamings: layers.{L}.experts.{e}.w1/w3/w2, layers.{L}.gate,
+        # tok_embeddings, output; MLA with an indexer, softmax routing groups (Mistral-4's).
+        Family(model_type="mistral_large4", experts_keys=("n_routed_experts",),
+               experts=PerExpert(_mlp("experts.{expert}", "w1", "w3", "w2")),
+               router="gate.weight", routing_groups=DEEPSEEK_V3_GROUPS,
+               text_config_key="text_config", text_prefix="",
+               embedding_name="tok_embeddings.weight", wrapper_mapping="mistral_large4",
+               carried="prev_topk_indices", unsupported=_shared_keys_and_values),
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),

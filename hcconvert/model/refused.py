@@ -56,6 +56,6 @@ REFUSED: dict[str, str] = {
                        "one expert set per layer",
     **dict.fromkeys([
         "dbrx", "deepseek_ocr2", "dots3_note",
-        "mistral_large4", "qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen4_exp",
+        "qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen4_exp",
         "qwen4_exp_text", "unlimited_ocr"], NOT_YET),
 }
