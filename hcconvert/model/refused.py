@@ -46,6 +46,19 @@ REFUSED: dict[str, str] = {
                     "it runs its middle layers several times per token (loop_num_passes): one "
                     "stored layer serves several places in the forward, which a "
                     "layer-at-a-time calibration does not follow"),
+    "dbrx": "its expert count and top-k sit in a nested ffn_config and its experts are stored "
+            "as flat [E·F, H] matrices (w1, v1, w2), neither of which the family table "
+            "describes",
+    "dots3_note": "its vision encoder holds routed experts of its own (per_layer_config) beside "
+                  "the text model's, which hcconvert would copy with their experts unreduced; "
+                  "its text model alone (dots3_note_text) is supported",
+    **dict.fromkeys(["qwen3_omni_moe", "qwen3_omni_moe_thinker"],
+                    "its thinker's text model sits below thinker_config.text_config and the "
+                    "talker holds a MoE text model of its own: hcconvert reduces one text "
+                    "model named by one config level"),
+    **dict.fromkeys(["qwen4_exp", "qwen4_exp_text"],
+                    "its n-gram embedding is stored in shards that transformers joins on "
+                    "loading outside the decoder layers, which hcconvert does not join"),
     "kolibri1_1": "its indexed-attention layers reuse keys and values another layer computed "
                   "(kv_source_layers), which hcconvert's layer-at-a-time forward over batches "
                   "of sequences does not hand over",
@@ -54,8 +67,5 @@ REFUSED: dict[str, str] = {
     "ernie4_5_vl_moe": "its layers hold two expert sets (text and vision) in one stored list, "
                        "each with its own router, picked by token modality: hcconvert reduces "
                        "one expert set per layer",
-    **dict.fromkeys([
-        "dbrx", "deepseek_ocr2", "dots3_note",
-        "qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen4_exp",
-        "qwen4_exp_text", "unlimited_ocr"], NOT_YET),
+    **dict.fromkeys(["deepseek_ocr2", "unlimited_ocr"], NOT_YET),
 }
