@@ -554,6 +554,25 @@ CASES.update({
         vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                     num_attention_heads=2, image_size=16, patch_size=4, head_dim=8),
         text_prefix=""),
+    # DeepSeek-OCR-2 and Unlimited-OCR: a DeepSeek-V2-style text model (shared experts, a
+    # dense first layer; Unlimited-OCR's with sliding-window reference attention) beside SAM
+    # and a second vision encoder.
+    **{model_type: Case(model_type, dict(
+        n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, n_shared_experts=1, head_dim=8, num_key_value_heads=4,
+        mlp_layer_types=["dense", "sparse", "sparse"], **text), "n_routed_experts",
+        "mlp.gate.weight", _per_expert("mlp"), 4,
+        vision=dict(sam_config=dict(hidden_size=16, output_channels=16, num_hidden_layers=1,
+                                    num_attention_heads=2, image_size=32, patch_size=4,
+                                    window_size=2, global_attn_indexes=[0], mlp_dim=32,
+                                    downsample_channels=[16, 32]),
+                    encoder_config=dict(hidden_size=32, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        **encoder)))
+       for model_type, text, encoder in [
+           ("deepseek_ocr2", {}, dict(num_key_value_heads=2, vocab_size=300)),
+           ("unlimited_ocr", dict(layer_types=["reference_sliding_attention"] * 3),
+            dict(image_size=16, patch_size=4))]},
 })
 
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size

@@ -642,6 +642,13 @@ FAMILIES: dict[str, Family] = {
                text_config_key="text_config", text_prefix="",
                embedding_name="tok_embeddings.weight", wrapper_mapping="mistral_large4",
                carried="prev_topk_indices", unsupported=_shared_keys_and_values),
+        # DeepSeek-OCR-2 and Unlimited-OCR: a DeepSeek-V2-style text model (softmax routing,
+        # shared experts) below model. beside SAM and a second vision encoder.
+        *[Family(model_type=model_type, experts_keys=("n_routed_experts",),
+                 experts=_per_expert("mlp"), router="mlp.gate.weight",
+                 routing_groups=_group_limited("topk_method", "group_limited_greedy"),
+                 text_config_key="text_config")
+          for model_type in ("deepseek_ocr2", "unlimited_ocr")],
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
         Family(model_type="mistral4", experts_keys=("n_routed_experts",),

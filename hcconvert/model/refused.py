@@ -7,8 +7,6 @@ transformers gains a MoE configuration that is in neither this table nor the fam
 
 from __future__ import annotations
 
-NOT_YET = "no family entry yet (its Hub layout and routing are not tested)"
-
 REFUSED: dict[str, str] = {
     # Not causal language models.
     "switch_transformers": "an encoder-decoder model (T5 with expert-capacity routing), "
@@ -67,5 +65,4 @@ REFUSED: dict[str, str] = {
     "ernie4_5_vl_moe": "its layers hold two expert sets (text and vision) in one stored list, "
                        "each with its own router, picked by token modality: hcconvert reduces "
                        "one expert set per layer",
-    **dict.fromkeys(["deepseek_ocr2", "unlimited_ocr"], NOT_YET),
 }
