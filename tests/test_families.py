@@ -312,6 +312,27 @@ def test_inspect_describes_each_family(tmp_path, name):
         assert fragment in result.output
 
 
+@pytest.mark.parametrize("name", [name for name in CASES if name not in INSPECTED])
+def test_inspect_supports_every_family(tmp_path, name):
+    """inspect reads every family's checkpoint as supported, with its layout and MoE layers
+    (the cases in INSPECTED say more)."""
+    from click.testing import CliRunner
+
+    from hcconvert.cli.main import main
+
+    case = CASES[name]
+    src = save_family_model(case, tmp_path / "src", hub_style=True)
+    result = CliRunner().invoke(main, ["inspect", str(src)])
+    assert result.exit_code == 0, result.output
+    family = FAMILIES[case.hub_model_type or case.model_type]
+    config = json.loads((src / "config.json").read_text())
+    text = family.text_config(config)
+    assert f"family        {family.model_type} (supported)" in result.output
+    assert f"layout        {family.experts.description}" in result.output
+    assert (f"experts       {text[family.experts_key(config)]} routed, "
+            f"top-{family.top_k_of(text)}") in result.output
+
+
 def test_inspect_unknown_family_says_not_supported(tmp_path):
     from click.testing import CliRunner
 
