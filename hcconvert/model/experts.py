@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activation import SILU, Activation
-from .families import ExpertLayout, Fused, Stacked
+from .layouts import ExpertLayout, Fused, Stacked
 
 # Each per-expert tensor's neuron (ffn) axis, below the expert axis: permuting neurons moves
 # these together and leaves an expert's output unchanged. down_bias has none.

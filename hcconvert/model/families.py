@@ -26,128 +26,21 @@ from .activation import (
     silu_clamped_per_layer,
 )
 from .config_checks import MAX_EXPERTS, MAX_WIDTH, check_config, check_model_type
+from .layouts import (
+    NEXTN,
+    ExpertLayout,
+    ExpertNames,
+    Fused,
+    MtpLayout,
+    PerExpert,
+    RoutingGroups,
+    Stacked,
+    group_limited,
+    no_groups,
+    qwen_mtp,
+)
 from .refused import REFUSED
 from .tiktoken_vocab import TiktokenVocab
-
-
-@dataclass(frozen=True)
-class ExpertNames:
-    """One expert's gate, up and down projection names; ungated experts (Nemotron-H's) have
-    no gate."""
-
-    gate: str | None
-    up: str
-    down: str
-
-    def all(self) -> list[str]:
-        return [name for name in (self.gate, self.up, self.down) if name is not None]
-
-    def stacked(self, experts) -> list[tuple[str, object]]:
-        """(name, stacked tensor) for each projection of experts (an experts.Experts)."""
-        return [(name, tensor) for name, tensor in ((self.gate, experts.gate),
-                                                    (self.up, experts.up),
-                                                    (self.down, experts.down))
-                if name is not None]
-
-
-@dataclass(frozen=True)
-class PerExpert:
-    """Routed experts stored one tensor per projection per expert: gate, up [F, H], down [H, F]."""
-
-    names: ExpertNames  # each name holds `{expert}`
-    description = "per-expert tensors"
-
-    def shapes(self, count: int, ffn: int, hidden: int) -> dict[str, tuple[int, ...]]:
-        """Every stored tensor of `count` experts, name -> shape, in write order."""
-        shape = {name: (ffn, hidden) for name in (self.names.gate, self.names.up) if name}
-        shape[self.names.down] = (hidden, ffn)
-        return {template.format(expert=e): dims for e in range(count)
-                for template, dims in shape.items()}
-
-    def prefixes(self) -> tuple[str, ...]:
-        """Name prefixes that only routed-expert tensors have."""
-        return tuple(dict.fromkeys(name.split("{expert}")[0] for name in self.names.all()))
-
-    @property
-    def biases(self) -> tuple[str, ...]:
-        """The stored expert biases: none."""
-        return ()
-
-    @property
-    def marker(self) -> str:
-        """A tensor every layer stored this way has."""
-        return self.names.all()[0].format(expert=0)
-
-
-@dataclass(frozen=True)
-class Fused:
-    """Routed experts stacked on disk: gate_up [E, 2F, H] (gate rows first), down [E, H, F];
-    GPT-OSS stores them transposed (x @ W: [E, H, 2F], [E, F, H]), gate and up interleaved
-    (gate at even positions of 2F), with biases gate_up [E, 2F] and down [E, H]."""
-
-    gate_up: str
-    down: str
-    transposed: bool = False
-    interleaved: bool = False
-    gate_up_bias: str | None = None
-    down_bias: str | None = None
-
-    @property
-    def description(self) -> str:
-        if self.transposed:
-            return "fused tensors, transposed (gate_up [E, H, 2F], down [E, F, H])"
-        return "fused tensors (gate_up [E, 2F, H], down [E, H, F])"
-
-    def shapes(self, count: int, ffn: int, hidden: int) -> dict[str, tuple[int, ...]]:
-        gate_up, down = (hidden, 2 * ffn), (ffn, hidden)
-        shapes = {self.gate_up: (count, *(gate_up if self.transposed else gate_up[::-1])),
-                  self.down: (count, *(down if self.transposed else down[::-1]))}
-        if self.gate_up_bias is not None:
-            shapes[self.gate_up_bias] = (count, 2 * ffn)
-        if self.down_bias is not None:
-            shapes[self.down_bias] = (count, hidden)
-        return shapes
-
-    def prefixes(self) -> tuple[str, ...]:
-        return tuple(self.shapes(1, 1, 1))
-
-    @property
-    def biases(self) -> tuple[str, ...]:
-        """The stored expert bias names."""
-        return tuple(b for b in (self.gate_up_bias, self.down_bias) if b is not None)
-
-    @property
-    def marker(self) -> str:
-        return self.gate_up
-
-
-@dataclass(frozen=True)
-class Stacked:
-    """Routed experts stacked per projection: gate, up [E, F, H], down [E, H, F] (Step-3.5's
-    moe.gate_proj / up_proj / down_proj)."""
-
-    gate: str
-    up: str
-    down: str
-    description = "stacked tensors (gate, up [E, F, H], down [E, H, F])"
-
-    def shapes(self, count: int, ffn: int, hidden: int) -> dict[str, tuple[int, ...]]:
-        return {self.gate: (count, ffn, hidden), self.up: (count, ffn, hidden),
-                self.down: (count, hidden, ffn)}
-
-    def prefixes(self) -> tuple[str, ...]:
-        return (self.gate, self.up, self.down)
-
-    @property
-    def biases(self) -> tuple[str, ...]:
-        return ()
-
-    @property
-    def marker(self) -> str:
-        return self.gate
-
-
-ExpertLayout = PerExpert | Fused | Stacked
 
 
 def _per_expert(block: str, gate: str | None = "gate_proj", up: str = "up_proj",
@@ -159,80 +52,6 @@ def _mlp(module: str, gate: str | None = "gate_proj", up: str = "up_proj",
          down: str = "down_proj") -> ExpertNames:
     return ExpertNames(gate and f"{module}.{gate}.weight", f"{module}.{up}.weight",
                        f"{module}.{down}.weight")
-
-
-def _group_limited(method_key: str | None = None, method: str = "", min_per_group: int = 1,
-                   count_key: str = "n_group"):
-    """Routing groups read from n_group / topk_group (DeepSeek): a token picks its experts
-    within its best topk_group groups, each group ranked by its top `min_per_group` scores.
-    method_key: a config key that must equal `method` for the groups to apply (DeepSeek-V2's
-    topk_method); count_key: the key of the group count (Kimi-Linear's num_expert_group)."""
-    def groups(config: dict) -> RoutingGroups | None:
-        if method_key is not None and config.get(method_key, "greedy") != method:
-            return None
-        n_group, topk_group = config.get(count_key) or 1, config.get("topk_group") or 1
-        return RoutingGroups(n_group, topk_group, min_per_group) if n_group > 1 else None
-    return groups
-
-
-@dataclass(frozen=True)
-class RoutingGroups:
-    """Group-limited routing: experts form `count` contiguous groups; a token picks from its
-    best `picked` groups, each group ranked by its best `ranked_by` scores."""
-
-    count: int
-    picked: int
-    ranked_by: int
-
-
-def no_groups(config: dict) -> RoutingGroups | None:
-    return None
-
-
-@dataclass(frozen=True)
-class MtpLayout:
-    """Where a family stores its multi-token-prediction (MTP) layer and the tensors that feed
-    its decoder layer x = projection(cat(embedding_norm(embed(t_{i+1})), hidden_norm(h_i)))
-    (mtp.py). Tensor names are below own_prefix; every supported family's engines put the
-    embedding first and take h_i after the final norm, so neither is a field."""
-
-    count_key: str  # the config key of how many MTP layers there are
-    default_count: int = 0  # without count_key: the count vLLM assumes
-    # Where MTP layer d's decoder layer is ({depth} stands for d): None after the decoder
-    # layers, at index num_hidden_layers + d (DeepSeek-V3, GLM).
-    layer_prefix: str | None = None
-    own_prefix: str | None = None  # where its own tensors are: None beside its decoder layer
-    embedding_norm: str = "enorm.weight"
-    hidden_norm: str = "hnorm.weight"
-    projection: str = "eh_proj.weight"  # [H, 2H]
-    output_norm: str = "shared_head.norm.weight"  # before the LM head; not calibrated
-    # Copies of the embedding and the LM head some checkpoints add (DeepSeek-V3's layer 61).
-    optional: tuple[str, ...] = ("shared_head.head.weight", "embed_tokens.weight")
-
-    @property
-    def required(self) -> tuple[str, ...]:
-        return (self.embedding_norm, self.hidden_norm, self.projection, self.output_norm)
-
-    def shapes(self, hidden: int, vocab: int) -> dict[str, tuple[int, ...]]:
-        """The shape of each of its own tensors, by name: the projection [H, 2H], the
-        embedding and head copies [V, H], the norms [H]."""
-        return {name: (hidden, 2 * hidden) if name == self.projection
-                else (vocab, hidden) if name in self.optional else (hidden,)
-                for name in self.required + self.optional}
-
-
-# DeepSeek-V3's and GLM's: model.layers.{num_hidden_layers}, its own tensors beside.
-NEXTN = MtpLayout("num_nextn_predict_layers")
-
-
-def _qwen_mtp(count_key: str) -> MtpLayout:
-    """Qwen3-Next's and Qwen3.5's, outside the text model: mtp.fc, mtp.pre_fc_norm_embedding,
-    mtp.pre_fc_norm_hidden and mtp.norm beside the decoder layer mtp.layers.0 (vLLM's
-    qwen3_next_mtp.py, qwen3_5_mtp.py; one layer unless config.json says otherwise)."""
-    return MtpLayout(count_key, default_count=1, layer_prefix="mtp.layers.{depth}.",
-                     own_prefix="mtp.", embedding_norm="pre_fc_norm_embedding.weight",
-                     hidden_norm="pre_fc_norm_hidden.weight", projection="fc.weight",
-                     output_norm="norm.weight", optional=())
 
 
 @dataclass(frozen=True)
@@ -360,7 +179,7 @@ class Family:
         return f"{self.layers_prefix}{layer}."
 
 
-DEEPSEEK_V3_GROUPS = _group_limited(min_per_group=2)  # groups ranked by their top-2 scores
+DEEPSEEK_V3_GROUPS = group_limited(min_per_group=2)  # groups ranked by their top-2 scores
 
 
 # Kimi-K2's tokenizer (TikTokenTokenizer in the repos' tokenization_kimi.py, remote code we
@@ -426,7 +245,7 @@ FAMILIES: dict[str, Family] = {
                router="mlp.gate.weight", ffn_key="intermediate_size"),
         Family(model_type="deepseek_v2", experts_keys=("n_routed_experts",),
                experts=_per_expert("mlp"), router="mlp.gate.weight",
-               routing_groups=_group_limited("topk_method", "group_limited_greedy")),
+               routing_groups=group_limited("topk_method", "group_limited_greedy")),
         # Granite 3 (granitemoe) and Granite 4 (a shared MLP beside; Mamba-2 layers between
         # attention ones): the experts fused as input_linear [E, 2F, H] and output_linear
         # [E, H, F].
@@ -508,7 +327,7 @@ FAMILIES: dict[str, Family] = {
                router="block_sparse_moe.gate.weight",
                router_bias="block_sparse_moe.gate.e_score_correction_bias",
                top_k_key="num_experts_per_token", scoring="sigmoid",
-               routing_groups=_group_limited(min_per_group=2, count_key="num_expert_group"),
+               routing_groups=group_limited(min_per_group=2, count_key="num_expert_group"),
                tiktoken=KIMI_TIKTOKEN),
         # Sarvam-30B and Param2: GLM-4.5's model under the original checkpoints' names (a
         # fused q/k/v transformers splits, word_embeddings, the bias as gate.expert_bias).
@@ -601,7 +420,7 @@ FAMILIES: dict[str, Family] = {
                experts=_per_expert("mlp"), router="mlp.gate.weight",
                router_bias="mlp.gate.expert_bias", top_k_key="num_experts_per_token",
                scoring="sigmoid",
-               routing_groups=_group_limited(min_per_group=2, count_key="num_expert_group"),
+               routing_groups=group_limited(min_per_group=2, count_key="num_expert_group"),
                activation=silu_clamped_per_layer,
                embedding_name="model.word_embeddings.weight"),
         # Step-3.7 (vision-language; its text model is Step-3.5's): experts stacked per
@@ -646,7 +465,7 @@ FAMILIES: dict[str, Family] = {
         # shared experts) below model. beside SAM and a second vision encoder.
         *[Family(model_type=model_type, experts_keys=("n_routed_experts",),
                  experts=_per_expert("mlp"), router="mlp.gate.weight",
-                 routing_groups=_group_limited("topk_method", "group_limited_greedy"),
+                 routing_groups=group_limited("topk_method", "group_limited_greedy"),
                  text_config_key="text_config")
           for model_type in ("deepseek_ocr2", "unlimited_ocr")],
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
@@ -667,7 +486,7 @@ FAMILIES: dict[str, Family] = {
         # Gated-DeltaNet linear-attention layers beside full attention: transformers' modules.
         Family(model_type="qwen3_next", experts_keys=("num_experts",),
                experts=_per_expert("mlp"), router="mlp.gate.weight",
-               mtp=_qwen_mtp("num_nextn_predict_layers")),
+               mtp=qwen_mtp("num_nextn_predict_layers")),
         # GPT-OSS: experts fused as x @ W with gate/up interleaved and biases, a clamped
         # SwiGLU, a router bias. The Hub's MXFP4 matrices are read as these weights
         # (quantization.Mxfp4 dequantizes to the transpose of what it stores).
@@ -705,7 +524,7 @@ FAMILIES: dict[str, Family] = {
         *[Family(model_type=model_type, experts_keys=("num_experts",),
                  experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
                  other_layouts=(_per_expert("mlp"),), router="mlp.gate.weight",
-                 mtp=_qwen_mtp("mtp_num_hidden_layers"), **wrapper)
+                 mtp=qwen_mtp("mtp_num_hidden_layers"), **wrapper)
           for model_type, wrapper in [
               ("qwen3_5_moe", dict(text_config_key="text_config",
                                    text_prefix="model.language_model.")),

@@ -12,7 +12,8 @@ from ..errors import UserError
 from ..io.quantization import quant_format
 from ..io.source import Checkpoint, open_checkpoint
 from .decoder import Decoder
-from .families import Family, RoutingGroups, family_for
+from .families import Family, family_for
+from .layouts import RoutingGroups
 
 
 @dataclass(frozen=True)

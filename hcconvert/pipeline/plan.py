@@ -16,7 +16,7 @@ from ..io.source import Checkpoint
 from ..io.storage import Shape, Storage
 from ..io.tensors import OutputTensor
 from ..model.decoder import Decoder
-from ..model.families import ExpertLayout
+from ..model.layouts import ExpertLayout
 from ..model.spec import ModelSpec
 
 

@@ -25,7 +25,7 @@ from ..methods.ream import ream_groups
 from ..methods.router import reduce_router, reduce_router_bias
 from ..methods.statistics import LayerStats, group_logsumexp_gram
 from ..model.experts import Experts
-from ..model.families import ExpertLayout, PerExpert
+from ..model.layouts import ExpertLayout, PerExpert
 from .options import ConvertOptions
 from .plan import stored_layout
 from .recipes import Reduction
