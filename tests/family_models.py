@@ -48,6 +48,11 @@ class Case:
     # Where the Hub keeps the multi-token-prediction layer's decoder layer when it is outside
     # the text model (Qwen's mtp.layers.0., with mtp.fc and its norms beside).
     mtp_prefix: str | None = None
+    # The transformers class that loads it where no auto class maps its config (Mistral-4's).
+    model_class: str | None = None
+    # Fused on the Hub as x @ W ([E, H, 2F], [E, F, H]), as transformers reads but does not
+    # write them (Qwen3-VL-MoE's): the test transposes what transformers saved.
+    hub_transposed: bool = False
 
     def layer_prefix(self, layer: int) -> str:
         if self.mtp_prefix is not None and layer >= COMMON["num_hidden_layers"]:
@@ -56,9 +61,18 @@ class Case:
 
     @property
     def auto_class(self):
-        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+        import transformers
 
-        return AutoModelForCausalLM if self.vision is None else AutoModelForImageTextToText
+        if self.model_class is not None:
+            return getattr(transformers, self.model_class)
+        return (transformers.AutoModelForCausalLM if self.vision is None
+                else transformers.AutoModelForImageTextToText)
+
+    def build(self, config):
+        """A random model of config, by the class that loads the case."""
+        if self.model_class is not None:
+            return self.auto_class._from_config(config)
+        return self.auto_class.from_config(config)
 
     def load(self, directory, **kwargs):
         """The checkpoint as stock transformers loads it, ready for a text-only forward."""
@@ -67,7 +81,8 @@ class Case:
 
 
 def _per_expert(block: str, gate="gate_proj", up="up_proj", down="down_proj") -> tuple:
-    return tuple(f"{block}.experts.{{e}}.{w}.weight" for w in (gate, up, down))
+    """(gate, up, down) templates, or (up, down) for ungated experts (gate=None)."""
+    return tuple(f"{block}.experts.{{e}}.{w}.weight" for w in (gate, up, down) if w)
 
 
 CASES = {
@@ -122,6 +137,8 @@ DEEPSEEK_V3 = dict(
     topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
     rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0})
 V3_BIAS = "mlp.gate.e_score_correction_bias"
+FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # transformers 5's own layout
+GRANITE = ("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight")
 CASES.update({
     "deepseek_v3": Case("deepseek_v3", DEEPSEEK_V3, "n_routed_experts", "mlp.gate.weight",
                         _per_expert("mlp"), 4, router_bias=V3_BIAS, grouped=True),
@@ -138,6 +155,13 @@ CASES.update({
                                         "index_head_dim": 16},
                         "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
                         router_bias=V3_BIAS),
+    # Mistral-Small-4: DeepSeek-V3's MLA and routing groups on softmax scores without a bias,
+    # experts fused as transformers stores them; no auto class maps its config.
+    # Llama-4's attention temperature (llama_4_scaling_beta) at positions past 16.
+    "mistral4": Case("mistral4", {**DEEPSEEK_V3, "rope_parameters": {
+        **YARN, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5,
+        "original_max_position_embeddings": 16}}, "n_routed_experts", "mlp.gate.weight",
+                     FUSED, 4, fused=True, grouped=True, model_class="Mistral4ForCausalLM"),
     # GLM-4.7-Flash: MLA with q LoRA, one routing group, a first dense layer.
     "glm4_moe_lite": Case("glm4_moe_lite", {**DEEPSEEK_V3, "n_group": 1, "topk_group": 1,
                                             "mlp_layer_types": ["dense", "sparse", "sparse"]},
@@ -211,6 +235,346 @@ CASES.update({
         mtp_prefix="mtp.layers.0."),
 })
 
+CASES.update({
+    # A dense first layer, a shared expert averaged in, sigmoid scores, sliding-window layers
+    # shorter than the test's sequences, tied embeddings, logit scaling.
+    "cohere2_moe": Case("cohere2_moe", dict(
+        num_experts=6, num_experts_per_tok=2, intermediate_size=24, num_shared_experts=1,
+        shared_expert_combination_strategy="average", expert_selection_fn="sigmoid",
+        mlp_layer_types=["dense", "sparse", "sparse"], prefix_dense_intermediate_size=40,
+        head_dim=8, sliding_window=6, logit_scale=0.5),
+        "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4),
+    "flex_olmo": Case("flex_olmo", dict(
+        num_experts=6, num_experts_per_tok=2, intermediate_size=24, norm_topk_prob=False),
+        "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4),
+    # Lightning (linear) attention in blocks of 8 between softmax-attention layers.
+    "minimax": Case("minimax", dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=24, head_dim=8,
+        block_size=8, layer_types=["linear_attention", "full_attention", "linear_attention"]),
+        "num_local_experts", "block_sparse_moe.gate.weight",
+        _per_expert("block_sparse_moe", "w1", "w3", "w2"), 4),
+    # A dense first layer, two shared experts, the selection bias on the block, sliding
+    # window layers.
+    "afmoe": Case("afmoe", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        num_dense_layers=1, num_shared_experts=2, head_dim=8, route_scale=2.0,
+        sliding_window=6, global_attn_every_n_layers=2),
+        "num_experts", "mlp.router.gate.weight", _per_expert("mlp"), 4,
+        router_bias="mlp.expert_bias"),
+    # DeepSeek-V3's routing in two groups, the bias on the block, sliding-window layers.
+    "exaone_moe": Case("exaone_moe", dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        num_shared_experts=1, n_group=2, topk_group=1, head_dim=8, sliding_window=6,
+        sliding_window_pattern=2, mlp_layer_types=["dense", "sparse", "sparse"]),
+        "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+        router_bias="mlp.e_score_correction_bias", grouped=True),
+    "solar_open": Case("solar_open", dict(
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, n_group=2,
+        topk_group=1, head_dim=8, routed_scaling_factor=1.5),
+        "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4, router_bias=V3_BIAS,
+        grouped=True),
+    "hy_v3": Case("hy_v3", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        num_shared_experts=1, head_dim=8, mlp_layer_types=["dense", "sparse", "sparse"]),
+        "num_experts", "mlp.router.gate.weight", _per_expert("mlp"), 4,
+        router_bias="mlp.expert_bias"),
+    "kolibri1": Case("kolibri1", dict(
+        num_local_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, head_dim=8, sliding_window=6),
+        "num_local_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+        router_bias="moe.router.expert_bias"),
+    # Soft-capped router logits, a routed scaling factor, a dense first layer.
+    "laguna": Case("laguna", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        shared_expert_intermediate_size=40, head_dim=8, moe_router_logit_softcapping=3.0,
+        moe_routed_scaling_factor=1.5, mlp_layer_types=["dense", "sparse", "sparse"]),
+        "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+        router_bias="mlp.experts.e_score_correction_bias"),
+    "flint": Case("flint", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        shared_expert_intermediate_size=40, head_dim=8, mlp_only_layers=[0]),
+        "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4),
+    # Sliding-window layers, no shared expert, two routing groups.
+    "mimo_v2_flash": Case("mimo_v2_flash", dict(
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, n_group=2, topk_group=1, head_dim=8, sliding_window=6,
+        mlp_layer_types=["dense", "sparse", "sparse"]),
+        "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4, router_bias=V3_BIAS,
+        grouped=True),
+    "minicpm5_moe": Case("minicpm5_moe", dict(
+        n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, head_dim=8, mlp_layer_types=["dense", "sparse", "sparse"]),
+        "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4, router_bias=V3_BIAS),
+    # MLA, routing groups, the block's output normed.
+    "axk1": Case("axk1", {**DEEPSEEK_V3, "mlp_layer_types": ["dense", "sparse", "sparse"]},
+                 "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+                 router_bias=V3_BIAS, grouped=True),
+    # MLA with an indexer of 2 heads keeping 16 keys per query, fewer than the test's
+    # sequences; no routing groups.
+    "axk2": Case("axk2", {**DEEPSEEK_V3, "n_routed_experts": 6, "n_group": None,
+                          "topk_group": None, "index_topk": 16, "index_n_heads": 2,
+                          "index_head_dim": 16, "gated_norm_rank": 4,
+                          "mlp_layer_types": ["dense", "sparse", "sparse"]},
+        "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4, router_bias=V3_BIAS),
+    "beam": Case("beam", dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        n_group=2, topk_group=1, head_dim=8, sliding_window=6,
+        mlp_layer_types=["dense", "sparse", "sparse"]),
+        "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4, router_bias=V3_BIAS,
+        grouped=True),
+    "sarvam_mla": Case("sarvam_mla", DEEPSEEK_V3, "n_routed_experts", "mlp.gate.weight",
+                       _per_expert("mlp"), 4, router_bias=V3_BIAS, grouped=True,
+                       hub_renames={"n_routed_experts": "num_experts"}),
+    # Kimi Delta Attention layers (their q/k/v convolutions stored apart, joined by
+    # transformers on loading) beside an MLA layer, routing groups, a dense first layer.
+    "kimi_linear": Case("kimi_linear", dict(
+        num_experts=8, num_experts_per_token=2, moe_intermediate_size=24, intermediate_size=56,
+        num_expert_group=2, topk_group=1, num_shared_experts=1, linear_num_heads=2,
+        linear_head_dim=8, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+        v_head_dim=8, num_key_value_heads=4, first_k_dense_replace=1,
+        layer_types=["linear_attention", "full_attention", "linear_attention"]),
+        "num_experts", "block_sparse_moe.gate.weight",
+        _per_expert("block_sparse_moe", "w1", "w3", "w2"), 4,
+        router_bias="block_sparse_moe.gate.e_score_correction_bias", grouped=True),
+    # GLM-4.5's model under the original names: a fused q/k/v (split by transformers on
+    # loading), QK norms, word_embeddings, the bias as gate.expert_bias; the Hub's config
+    # writes num_experts. (Param2 ties its embeddings: in bf16 the tied LM head's large
+    # logits round past the tolerance, so both cases keep a head of their own.)
+    **{model_type: Case(model_type, dict(
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, n_shared_experts=shared, first_k_dense_replace=1, n_group=2,
+        topk_group=1, head_dim=8, tie_word_embeddings=False), "n_routed_experts",
+        "mlp.gate.weight", _per_expert("mlp"), 4, router_bias="mlp.gate.expert_bias", grouped=True,
+        hub_renames={"n_routed_experts": "num_experts"})
+       for model_type, shared in (("sarvam_moe", 1), ("param2moe", 2))},
+    # Qwen3-VL-MoE: a vision tower beside the text model, experts fused and transposed on the
+    # Hub, interleaved multimodal RoPE, QK norm; text_config ties embeddings, the wrapper not.
+    "qwen3_vl_moe": Case("qwen3_vl_moe", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                     "mrope_section": [1, 1, 2], "mrope_interleaved": True}),
+        "num_local_experts", "mlp.gate.weight", FUSED, 4, fused=True,
+        vision=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                    out_hidden_size=32, patch_size=4, num_position_embeddings=16,
+                    deepstack_visual_indexes=[0]),
+        text_prefix="model.language_model.", hub_transposed=True,
+        hub_renames={"num_local_experts": "num_experts"}),
+    # GLM-4.5V: GLM-4.5's text model (biased q/k/v, routing groups, a dense first layer) beside
+    # a vision tower, 3D RoPE.
+    "glm4v_moe": Case("glm4v_moe", dict(
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
+        topk_group=1, head_dim=16, routed_scaling_factor=1.5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}),
+        "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4, router_bias=V3_BIAS,
+        grouped=True, vision=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                                  out_hidden_size=32, patch_size=4),
+        text_prefix="model.language_model."),
+    # Nemotron-H: a Mamba-2 layer, MoE layers with ungated relu² experts, an attention layer,
+    # everything below backbone.
+    "nemotron_h": Case("nemotron_h", dict(
+        num_hidden_layers=4, n_routed_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=24, moe_shared_expert_intermediate_size=40, n_group=2,
+        topk_group=1, head_dim=8, layers_block_type=["mamba", "moe", "attention", "moe"],
+        mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2, chunk_size=8,
+        routed_scaling_factor=1.5), "n_routed_experts", "mixer.gate.weight",
+        _per_expert("mixer", gate=None), 4, router_bias="mixer.gate.e_score_correction_bias",
+        grouped=True, text_prefix="backbone."),
+    "hunyuan_v1_moe": Case("hunyuan_v1_moe", dict(
+        num_experts=6, moe_topk=2, intermediate_size=24, head_dim=8),
+        "num_experts", "mlp.gate.wg.weight", _per_expert("mlp"), 4),
+    # Mamba layers 1 and 3 (the first and last attention), MoE in layers 1 and 3.
+    "jamba": Case("jamba", dict(
+        num_hidden_layers=4, num_experts=6, num_experts_per_tok=2, intermediate_size=24,
+        expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2,
+        attn_layer_offset=0, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+        use_mamba_kernels=False), "num_experts", "feed_forward.router.weight",
+        _per_expert("feed_forward"), 4),
+    # Short-convolution layers beside an attention layer, a dense first layer, tied
+    # embeddings.
+    "lfm2_moe": Case("lfm2_moe", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, intermediate_size=56,
+        num_dense_layers=1, layer_types=["conv", "full_attention", "conv"],
+        routed_scaling_factor=1.5), "num_experts", "feed_forward.gate.weight",
+        _per_expert("feed_forward", "w1", "w3", "w2"), 4, router_bias="feed_forward.expert_bias"),
+    # Granite 4: a shared MLP beside the experts; with sliding-window layers; with Mamba-2
+    # layers.
+    "granitemoeshared": Case("granitemoeshared", dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=24,
+        shared_intermediate_size=40, embedding_multiplier=12.0, attention_multiplier=0.1,
+        residual_multiplier=0.22, logits_scaling=6.0), "num_local_experts",
+        "block_sparse_moe.router.layer.weight", GRANITE, 4, fused=True),
+    "granitemoe_swa": Case("granitemoe_swa", dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=24,
+        shared_intermediate_size=40, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+        "num_local_experts", "block_sparse_moe.router.weight",
+        ("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"), 4,
+        fused=True),
+    "granitemoehybrid": Case("granitemoehybrid", dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=24,
+        shared_intermediate_size=40, layer_types=["mamba", "attention", "mamba"],
+        mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
+        mamba_chunk_size=8), "num_local_experts", "block_sparse_moe.router.layer.weight",
+        GRANITE, 4, fused=True),
+    # Hy-V4: hyper-connections (4 residual streams), indexed MLA keeping 16 keys, attention
+    # sinks, routing groups, experts with a clamped SiLU whose clamp bites (limit 1.5).
+    "hy_v4": Case("hy_v4", {**DEEPSEEK_V3, "head_dim": 8, "index_topk": 16, "index_n_heads": 2,
+                            "index_head_dim": 16, "swiglu_limit": 1.5,
+                            "mlp_layer_types": ["dense", "sparse", "sparse"]},
+                  "n_routed_experts", "mlp.gate.weight", FUSED, 4, fused=True,
+                  router_bias=V3_BIAS, grouped=True),
+    # GLM-5-Next: Kimi Delta Attention (its q/k/v convolutions joined on loading) and indexed
+    # MLA keeping 16 keys, hyper-connections, routing groups, a clamped SiLU that bites, a
+    # vision tower beside.
+    "glm5_next": Case("glm5_next", dict(
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24,
+        qk_nope_head_dim=8, v_head_dim=8, index_topk=16, index_n_heads=2, index_head_dim=16,
+        linear_head_dim=8, linear_num_heads=2, swiglu_limit=1.5, n_group=2, topk_group=1,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        layer_types=["linear_attention", "full_attention", "linear_attention"]),
+        "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4, router_bias=V3_BIAS,
+        grouped=True, vision=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                                  out_hidden_size=32, patch_size=4),
+        text_prefix="model.language_model."),
+    "mellum": Case("mellum", dict(
+        num_local_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, head_dim=8), "num_local_experts", "mlp.gate.weight",
+        _per_expert("mlp"), 4),
+    # Qwen3.5's text model on its own, per expert as transformers saves it.
+    "qwen3_5_moe_text": Case("qwen3_5_moe_text", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, head_dim=16,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8), "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4),
+    # Aria: fused experts as x @ W, a shared expert; the vision-language checkpoint under
+    # language_model.
+    **{name: Case(model_type, dict(
+        moe_num_experts=6, moe_topk=2, intermediate_size=24, moe_num_shared_experts=1,
+        head_dim=8), "moe_num_experts", "mlp.router.weight",
+        ("mlp.experts.fc1.weight", "mlp.experts.fc2.weight"), 4, fused=True, **wrapper)
+       for name, model_type, wrapper in [
+           ("aria_text", "aria_text", {}),
+           ("aria", "aria", dict(
+               vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=16, patch_size=4),
+               text_prefix="language_model.model."))]},
+    # MiniMax-M3: a clamped SwiGLU that bites (limit 1.5), sparse block attention; the
+    # vision-language checkpoint per expert under language_model., the text model fused.
+    **{name: Case(model_type, dict(
+        num_local_experts=6, num_experts_per_tok=2, intermediate_size=24,
+        shared_intermediate_size=40, dense_intermediate_size=56, head_dim=8,
+        index_topk_blocks=2, swiglu_limit=1.5), "num_local_experts", **layout, reduce_to=4,
+        **wrapper)
+       for name, model_type, layout, wrapper in [
+           ("minimax_m3_vl_text", "minimax_m3_vl_text",
+            dict(router="mlp.gate.weight", experts=FUSED, fused=True, router_bias=V3_BIAS), {}),
+           ("minimax_m3_vl", "minimax_m3_vl",
+            dict(router="block_sparse_moe.gate.weight",
+                 experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
+                 router_bias="block_sparse_moe.e_score_correction_bias"),
+            dict(vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, image_size=16, patch_size=4),
+                 text_prefix="language_model.model."))]},
+    # dots.llm3's text model: MLA with an indexer keeping 16 keys, routing groups.
+    "dots3_note_text": Case("dots3_note_text", {**DEEPSEEK_V3, "head_dim": 16, "index_topk": 16,
+                                                "index_n_heads": 2, "index_head_dim": 16,
+                                                "shared_experts_intermediate_size": 24,
+                                                "mlp_layer_types": ["dense", "sparse", "sparse"]},
+                            "n_routed_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+                            router_bias=V3_BIAS, grouped=True),
+    # Hy-V4-VL: Hy-V4's text model beside a vision tower, 3D RoPE.
+    "hy_v4_vl": Case("hy_v4_vl", {**DEEPSEEK_V3, "head_dim": 8, "index_topk": 16,
+                                  "index_n_heads": 2, "index_head_dim": 16, "swiglu_limit": 1.5,
+                                  "mlp_layer_types": ["dense", "sparse", "sparse"],
+                                  "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default",
+                                                      "mrope_section": [2, 1, 1]}},
+                     "n_routed_experts", "mlp.gate.weight", FUSED, 4, fused=True,
+                     router_bias=V3_BIAS, grouped=True,
+                     vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2,
+                                 out_hidden_size=32, patch_size=4)),
+    # Ling-2.5: Kimi Delta Attention beside an MLA layer, routing groups, the experts of
+    # layer 1 clamped after the SiLU (the clamp bites at 1.5), of layer 2 not.
+    "bailing_hybrid": Case("bailing_hybrid", dict(
+        num_experts=8, num_experts_per_token=2, moe_intermediate_size=24, intermediate_size=56,
+        num_expert_group=2, topk_group=1, head_dim=8, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4, first_k_dense_replace=1,
+        layer_group_size=2, expert_swiglu_limit_list=[0, 1.5, 0], num_mtp_layers=0),
+        "num_experts", "mlp.gate.weight", _per_expert("mlp"), 4,
+        router_bias="mlp.gate.expert_bias", grouped=True),
+    # Step-3.7: experts stacked per projection, the clamp after the SiLU biting in layer 1,
+    # gated attention heads, a dense first layer, a vision tower beside.
+    "step3p7": Case("step3p7", dict(
+        n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, share_expert_dim=40, head_dim=8, swiglu_limits=[0, 1.5, 0],
+        sliding_window=6,
+        mlp_layer_types=["dense", "sparse", "sparse"]), "n_routed_experts", "moe.gate.weight",
+        ("moe.gate_proj.weight", "moe.up_proj.weight", "moe.down_proj.weight"), 4, fused=True,
+        router_bias="moe.router_bias",
+        vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, image_size=16, patch_size=4,
+                    max_position_embeddings=16)),
+    # Gemma 4: a MoE block beside every layer's MLP, on the layer itself, sliding-window
+    # layers shorter than the test's sequences, tied embeddings; the vision-language model
+    # with its text model under model.language_model.
+    **{name: Case(model_type, dict(
+        enable_moe_block=True, num_experts=6, top_k_experts=2, moe_intermediate_size=24,
+        intermediate_size=56, head_dim=8, global_head_dim=8, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        hidden_size_per_layer_input=0), "num_experts", "router.proj.weight",
+        ("experts.gate_up_proj", "experts.down_proj"), 4, fused=True,
+        router_bias="router.per_expert_scale", **wrapper)
+       for name, model_type, wrapper in [
+           ("gemma4_text", "gemma4_text", {}),
+           ("gemma4", "gemma4", dict(
+               vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                           patch_size=4, position_embedding_size=16),
+               text_prefix="model.language_model."))]},
+    # Lara-4-Mini: gated-DeltaNet layers whose fused in_proj transformers splits on loading.
+    "lara_mini": Case("lara_mini", dict(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, head_dim=8, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        layer_types=["linear_attention", "full_attention", "linear_attention"]),
+        "num_experts", "mlp.gate.weight", FUSED, 4, fused=True),
+    # Mistral-Large-4 in Mistral's own format: MLA with an indexer keeping 16 keys, softmax
+    # routing groups, a dense first layer, a Pixtral vision tower beside.
+    "mistral_large4": Case("mistral_large4", {
+        **DEEPSEEK_V3, "head_dim": 16, "index_topk": 16, "index_n_heads": 2,
+        "index_head_dim": 16, "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "rope_parameters": {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0,
+                            "llama_4_scaling_beta": 0.5, "original_max_position_embeddings": 16}},
+        "n_routed_experts", "gate.weight", ("experts.{e}.w1.weight", "experts.{e}.w3.weight",
+                                            "experts.{e}.w2.weight"), 4, grouped=True,
+        vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, image_size=16, patch_size=4, head_dim=8),
+        text_prefix=""),
+    # DeepSeek-OCR-2 and Unlimited-OCR: a DeepSeek-V2-style text model (shared experts, a
+    # dense first layer; Unlimited-OCR's with sliding-window reference attention) beside SAM
+    # and a second vision encoder.
+    **{model_type: Case(model_type, dict(
+        n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        intermediate_size=56, n_shared_experts=1, head_dim=8, num_key_value_heads=4,
+        mlp_layer_types=["dense", "sparse", "sparse"], **text), "n_routed_experts",
+        "mlp.gate.weight", _per_expert("mlp"), 4,
+        vision=dict(sam_config=dict(hidden_size=16, output_channels=16, num_hidden_layers=1,
+                                    num_attention_heads=2, image_size=32, patch_size=4,
+                                    window_size=2, global_attn_indexes=[0], mlp_dim=32,
+                                    downsample_channels=[16, 32]),
+                    encoder_config=dict(hidden_size=32, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        **encoder)))
+       for model_type, text, encoder in [
+           ("deepseek_ocr2", {}, dict(num_key_value_heads=2, vocab_size=300)),
+           ("unlimited_ocr", dict(layer_types=["reference_sliding_attention"] * 3),
+            dict(image_size=16, patch_size=4))]},
+})
+
 # Llama-4 (Scout's design at 4 layers): MoE layers 1 and 3 between dense ones (intermediate_size
 # for the routed and shared experts, intermediate_size_mlp for the dense MLPs), a top-1 sigmoid
 # router scaling the expert's input, NoPE layers 1 and 3 with temperature tuning that bites
@@ -258,12 +622,14 @@ def save_family_model(case: Case, directory: Path, dtype=torch.float32, hub_styl
                 **{**COMMON, **case.config})
     config = (AutoConfig.for_model(case.model_type, **text) if case.vision is None else
               AutoConfig.for_model(case.model_type, text_config=text, vision_config=case.vision))
-    model = case.auto_class.from_config(config).to(dtype)
+    model = case.build(config).to(dtype)
     spread_weights(model)
     model.save_pretrained(directory, max_shard_size="40KB")
     if case.saved_per_expert is not None:
         fuse_experts(case, directory, range(COMMON["num_hidden_layers"])
                      if fused_layers is None else fused_layers)
+    if case.hub_transposed:
+        transpose_experts(case, directory)
     if hub_style:
         hub_style_config(case, directory)
     if case.hub_model_type:
@@ -302,6 +668,17 @@ def fuse_experts(case: Case, directory: Path, layers) -> None:
     index_path.write_text(json.dumps(index))
 
 
+def transpose_experts(case: Case, directory: Path) -> None:
+    """The fused experts transformers saved ([E, 2F, H], [E, H, F]) as the Hub stores them
+    transposed ([E, H, 2F], [E, F, H])."""
+    for shard in directory.glob("*.safetensors"):
+        tensors = load_file(shard)
+        fused = {name for name in tensors if name.endswith(case.experts)}
+        if fused:
+            tensors.update({name: tensors[name].transpose(1, 2).contiguous() for name in fused})
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
 def spread_weights(model) -> None:
     """transformers' init (std 0.02, unit norms) makes experts' outputs tiny and alike and
     every norm a no-op; spread weights and norms so mistakes show."""
@@ -326,13 +703,18 @@ def hub_style_config(case: Case, directory: Path) -> None:
     """rope_theta/rope_scaling and torch_dtype instead of rope_parameters and dtype."""
     path = directory / "config.json"
     config = json.loads(path.read_text())
-    if case.vision is not None:  # Qwen3.5's configs were written by transformers 5 already
+    if case.vision is not None:  # written by transformers 5 already, but for key names
+        config["text_config"] = {case.hub_renames.get(k, k): v
+                                 for k, v in config["text_config"].items()}
+        path.write_text(json.dumps(config, indent=2))
         return
-    rope = config.pop("rope_parameters")
-    config["rope_theta"] = rope.pop("rope_theta")
-    rope_type = rope.pop("rope_type")
-    rope.pop("type", None)
-    config["rope_scaling"] = {"type": rope_type, **rope} if rope_type != "default" else None
+    # RoPE per layer type (Laguna's) has no older spelling: the Hub writes it as it is.
+    if "rope_type" in config.get("rope_parameters", {}):
+        rope = config.pop("rope_parameters")
+        config["rope_theta"] = rope.pop("rope_theta")
+        rope_type = rope.pop("rope_type")
+        rope.pop("type", None)
+        config["rope_scaling"] = {"type": rope_type, **rope} if rope_type != "default" else None
     config["torch_dtype"] = config.pop("dtype")
     for old, new in case.hub_renames.items():
         config[new] = config.pop(old)

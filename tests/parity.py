@@ -2,6 +2,7 @@
 beside the streamed one, a reduced checkpoint rebuilt from hcconvert.json's groups, the
 routers' picks, and byte and relative comparisons of tensors; reduce runs a small conversion."""
 
+import functools
 import json
 import shutil
 
@@ -121,6 +122,29 @@ def keep_index(picks: dict, layer: int, module, args, out) -> None:
     """A forward hook: routers return (logits, top-k weights, top-k index); Llama-4's returns
     (scores, logits) and picks the top-1 logit."""
     picks[layer] = out[2] if len(out) == 3 else out[1].topk(1).indices
+
+
+def router_picks(model, tokens, layers) -> dict[int, torch.Tensor]:
+    """Each of `layers`' top-k expert index [T, K] as the stock model's own routers pick it
+    in one forward over tokens (transformers builds no module for an MTP layer)."""
+    decoder_layers = text_layers(model)
+    picks = {}
+    for layer in layers:
+        if layer >= len(decoder_layers):
+            continue
+        block = next(m for m in decoder_layers[layer].modules() if hasattr(m, "experts"))
+        router = block.gate if hasattr(block, "gate") else block.router
+        router.register_forward_hook(functools.partial(keep_index, picks, layer))
+    with torch.no_grad():
+        model(tokens)
+    return picks
+
+
+def text_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a model or of a wrapper's text model: the layer list some of
+    whose layers hold routed experts."""
+    return next(module for module in model.modules() if isinstance(module, torch.nn.ModuleList)
+                and any(hasattr(m, "experts") for layer in module for m in layer.modules()))
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -7,7 +7,6 @@
 """
 
 import dataclasses
-import functools
 import json
 import shutil
 
@@ -19,9 +18,9 @@ from parity import (
     TOKENS,
     as_transformers_knows_it,
     assert_same_forward,
-    keep_index,
     our_forward,
     reference_merge,
+    router_picks,
     transformers_forward,
 )
 from quantized_models import KIMI_INT4, save_int4_model
@@ -75,6 +74,8 @@ def test_conversion_equals_reference_merge(tmp_path, calib_text, name, dtype, hu
                              experts=case.reduce_to, calib=str(calib_text), calib_samples=4,
                              seq_len=64, router=router, max_shard_size=50_000)
     convert(str(src), out, options, progress=False)
+    if router == "freq-avg":  # once per family: the routing the conversion recorded
+        assert_frequencies_are_transformers_router(case, src, out, options)
 
     written, expected = load_all(out), reference_merge(case, src, out, router)
     assert written.keys() == expected.keys()
@@ -93,6 +94,24 @@ def test_conversion_equals_reference_merge(tmp_path, calib_text, name, dtype, hu
     assert_config_changes_only_counts(case, src, out)
     if case.grouped or case.config.get("topk_method") == "group_limited_greedy":
         assert_groups_within_routing_groups(case, out)
+
+
+def assert_frequencies_are_transformers_router(case: Case, src, out, options):
+    """hcconvert.json's frequencies are what transformers' own routers pick on the same
+    calibration tokens, run through the whole stock model at once."""
+    from hcconvert.io.source import Checkpoint
+    from hcconvert.pipeline.calibration import load_calibration
+
+    record = json.loads((out / "hcconvert.json").read_text())
+    tokens = load_calibration(Checkpoint(src), options.calib, options.calib_samples,
+                              options.seq_len, options.seed)
+    model = case.load(as_transformers_knows_it(case, src, src.parent / "loadable-src"),
+                      dtype=torch.float32)
+    picks = router_picks(model, tokens, [entry["layer"] for entry in record["layers"]])
+    for entry in record["layers"]:
+        counts = torch.bincount(picks[entry["layer"]].flatten(),
+                                minlength=record["experts_before"])
+        assert counts.tolist() == entry["frequencies"], entry["layer"]
 
 
 def assert_config_changes_only_counts(case: Case, src, out):
@@ -119,7 +138,8 @@ def assert_config_changes_only_counts(case: Case, src, out):
 def assert_groups_within_routing_groups(case: Case, out):
     """Group-limited routing: merged expert c comes from routing group c // (R / n_group)."""
     record = json.loads((out / "hcconvert.json").read_text())
-    n_group = case.config["n_group"]
+    # Kimi-Linear's and Ling-2.5's spelling
+    n_group = case.config.get("n_group") or case.config["num_expert_group"]
     size, kept = record["experts_before"] // n_group, case.reduce_to // n_group
     for entry in record["layers"]:
         for c, group in enumerate(entry["groups"]):
@@ -190,6 +210,10 @@ def test_mixed_layouts_are_written_as_read(tmp_path, calib_text):
      lambda t: None, "model.layers.0.mlp.shared_expert_gate.weight is missing"),
     ("deepseek_v2", "model.layers.1.self_attn.kv_a_layernorm.weight",
      lambda t: None, "model.layers.1.self_attn.kv_a_layernorm.weight is missing"),
+    # Tensors transformers joins on loading are checked as joined.
+    ("kimi_linear", "model.layers.0.self_attn.k_conv1d.weight", lambda t: t[:-1].contiguous(),
+     r"model.layers.0.self_attn.k_conv1d.weight.* make self_attn.conv1d.weight of shape "
+     r"\[47, 1, 4\], expected \[48, 1, 4\]"),
 ])
 def test_bad_tensors_are_named(tmp_path, name, tensor, change, fragment):
     src = save_family_model(CASES[name], tmp_path / "src")
@@ -208,6 +232,39 @@ def test_unknown_moe_tensor_is_refused(tmp_path):
     ckpt, spec = open_source(str(src))
     with pytest.raises(UserError, match="model.layers.0.mlp.gate.bias is not part of a olmoe"):
         plan_for(ckpt, spec, ConvertOptions(experts=4))[1]
+
+
+def test_experts_outside_the_layers_are_refused(tmp_path):
+    """An MTP layer the family does not place (K-EXAONE's mtp.*), with routed experts, would
+    be copied with E experts into an R-expert checkpoint."""
+    src = save_family_model(CASES["exaone_moe"], tmp_path / "src")
+    stray = "mtp.layers.0.mlp.experts.0.gate_proj.weight"
+    rewrite_tensor(src, "model.layers.1.mlp.experts.0.gate_proj.weight", lambda t: t.clone(),
+                   new_name=stray)
+    ckpt, spec = open_source(str(src))
+    with pytest.raises(UserError, match=f"tensor {stray} holds routed experts outside the "
+                                        "decoder layers hcconvert reduces for exaone_moe"):
+        plan_for(ckpt, spec, ConvertOptions(experts=4))
+
+
+def test_latent_experts_are_refused(tmp_path):
+    """Nemotron-H's latent MoE: the experts see a projection of what the router sees."""
+    src = save_family_model(CASES["nemotron_h"], tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "moe_latent_size": 16}))
+    with pytest.raises(UserError, match="moe_latent_size=16: the routed experts work on a "
+                                        "latent projection"):
+        open_source(str(src))
+
+
+def test_shared_keys_and_values_are_refused(tmp_path):
+    """Mistral-Large-4 with layers reusing an earlier layer's keys and values."""
+    src = save_family_model(CASES["mistral_large4"], tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["text_config"]["kv_source_layers"] = [0, 0, 2]
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="kv_source_layers: layers reuse the keys and values"):
+        open_source(str(src))
 
 
 def test_sparsemixer_keeps_two_experts(tmp_path):
@@ -236,6 +293,7 @@ INSPECTED = {  # case -> (MoE layers, expert line, layout)
     "qwen3_5_moe": ("MoE: 0-2", "6 routed, top-2, shared expert: yes (sigmoid-gated)", "fused"),
     "gpt_oss": ("MoE: 0-2", "6 routed, top-2, shared expert: no", "fused tensors, transposed"),
     "llama4": ("MoE: 1,3", "6 routed, top-1, shared expert: yes", "fused tensors, transposed"),
+    "mistral4": ("MoE: 1-2", "8 routed, top-2, shared expert: yes", "fused tensors"),
 }
 
 
@@ -254,6 +312,27 @@ def test_inspect_describes_each_family(tmp_path, name):
         assert fragment in result.output
 
 
+@pytest.mark.parametrize("name", [name for name in CASES if name not in INSPECTED])
+def test_inspect_supports_every_family(tmp_path, name):
+    """inspect reads every family's checkpoint as supported, with its layout and MoE layers
+    (the cases in INSPECTED say more)."""
+    from click.testing import CliRunner
+
+    from hcconvert.cli.main import main
+
+    case = CASES[name]
+    src = save_family_model(case, tmp_path / "src", hub_style=True)
+    result = CliRunner().invoke(main, ["inspect", str(src)])
+    assert result.exit_code == 0, result.output
+    family = FAMILIES[case.hub_model_type or case.model_type]
+    config = json.loads((src / "config.json").read_text())
+    text = family.text_config(config)
+    assert f"family        {family.model_type} (supported)" in result.output
+    assert f"layout        {family.experts.description}" in result.output
+    assert (f"experts       {text[family.experts_key(config)]} routed, "
+            f"top-{family.top_k_of(text)}") in result.output
+
+
 def test_inspect_unknown_family_says_not_supported(tmp_path):
     from click.testing import CliRunner
 
@@ -266,38 +345,6 @@ def test_inspect_unknown_family_says_not_supported(tmp_path):
     assert result.exit_code == 0, result.output
     assert "'frobnicator': not supported" in result.output
     assert ", ".join(sorted(FAMILIES)) in result.output
-
-
-@pytest.mark.parametrize("name", ["deepseek_v3", "minimax_m2", "qwen2_moe", "qwen3_next",
-                                  "qwen3_5_moe", "phimoe", "gpt_oss", "llama4_text"])
-def test_recorded_frequencies_equal_transformers_router(tmp_path, calib_text, name):
-    """hcconvert.json's frequencies are what transformers' own routers pick on the same
-    calibration tokens, run through the whole stock model at once."""
-    from hcconvert.io.source import Checkpoint
-    from hcconvert.pipeline.calibration import load_calibration
-
-    case = CASES[name]
-    src = save_family_model(case, tmp_path / "src")
-    options = ConvertOptions(experts=case.reduce_to, calib=str(calib_text), calib_samples=3,
-                             seq_len=48)
-    convert(str(src), tmp_path / "out", options, progress=False)
-    record = json.loads((tmp_path / "out" / "hcconvert.json").read_text())
-    tokens = load_calibration(Checkpoint(src), options.calib, options.calib_samples,
-                              options.seq_len, options.seed)
-    model = case.auto_class.from_pretrained(src, dtype=torch.float32)
-    layers = getattr(model.model, "language_model", model.model).layers
-    picks = {}
-    for entry in record["layers"]:
-        block = next(m for m in layers[entry["layer"]].modules()
-                     if hasattr(m, "experts"))
-        router = block.gate if hasattr(block, "gate") else block.router
-        router.register_forward_hook(functools.partial(keep_index, picks, entry["layer"]))
-    with torch.no_grad():
-        model(tokens)
-    for entry in record["layers"]:
-        counts = torch.bincount(picks[entry["layer"]].flatten(),
-                                minlength=record["experts_before"])
-        assert counts.tolist() == entry["frequencies"], entry["layer"]
 
 
 @pytest.mark.parametrize("quantization,fragment", [
@@ -320,7 +367,10 @@ def test_quantized_checkpoints_are_refused_in_one_line(tmp_path, quantization, f
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "minimax_m2", "granitemoe", "gpt_oss",
-                                  "llama4_text"])
+                                  "llama4_text",
+                                  # the router reads the residual, the experts a normed copy
+                                  "gemma4_text",
+                                  "nemotron_h"])  # ungated experts
 def test_auto_fits_through_each_familys_own_router(tmp_path, calib_text, name):
     """--method auto refits layers under the reduced layer's routing as transformers computes
     it (sigmoid scores, correction bias, groups); the output loads and every layer records
@@ -336,6 +386,19 @@ def test_auto_fits_through_each_familys_own_router(tmp_path, calib_text, name):
         fit = entry["layer_fit"]
         assert entry["choice"] and fit["error_fitted"] >= 0
         assert fit["fitted"] == (fit["error_fitted"] < fit["error_unfitted"])
+    assert torch.isfinite(logits_of(out, TOKENS)).all()
+
+
+@pytest.mark.parametrize("method", ["ream", "msmoe", "mergemoe"])
+def test_experts_without_a_gate_merge_by_every_method(tmp_path, calib_text, method):
+    """Nemotron-H's ReLU² experts have no gate projection: the merges that match neurons by
+    their weights or activations, and MergeMoE's fit, work from the up and down ones."""
+    case = CASES["nemotron_h"]
+    src = save_family_model(case, tmp_path / "src")
+    out = tmp_path / "out"
+    convert(str(src), out, ConvertOptions(experts=case.reduce_to, method=method,
+                                          calib=str(calib_text), calib_samples=4, seq_len=64),
+            progress=False)
     assert torch.isfinite(logits_of(out, TOKENS)).all()
 
 

@@ -249,17 +249,17 @@ def test_dry_run_counts_the_samples_the_text_gives(tmp_path, src):
 
 
 @pytest.mark.parametrize("option,value,fragment", [
-    ("--router", "lse-fit", "fits softmax mass"),  # auto's msmoe-fit merges experts
+    ("--router", "lse-fit", "fits softmax mass"),
     ("--max-group-size", "1", "cannot hold"),
 ])
 def test_dry_run_refuses_what_the_run_refuses(tmp_path, calib_text, option, value, fragment):
-    """Each refusal of options against the model, in the dry run and the run (auto tries a
-    merging candidate, so its router and group size are checked too)."""
+    """Each refusal of options against the model by a merging method, in the dry run and
+    the run."""
     from family_models import CASES, save_family_model
 
     sigmoid = save_family_model(CASES["deepseek_v3"], tmp_path / "src")
     args = (sigmoid, "--experts", CASES["deepseek_v3"].reduce_to, "--calib", calib_text,
-            option, value)
+            "--method", "hc-smoe", option, value)
     assert_user_error(run(*args, "--dry-run"), fragment)
     assert_user_error(run(*args, "--out", tmp_path / "out"), fragment)
 

@@ -65,7 +65,7 @@ class NeuronMatcher:
     def correlation(self, group: list[int], a: int, b: int) -> torch.Tensor:
         """[F, F] fp64 Pearson correlation of expert a's neurons (rows) with expert b's
         (columns) over the group's tokens."""
-        ffn = self.experts.gate.shape[1]
+        ffn = self.experts.up.shape[1]
         pair, (at_a, at_b) = self.experts.select([a, b])
         sums = torch.zeros(4, ffn, dtype=torch.float64, device=self.x.device)  # a, b, a², b²
         cross = torch.zeros(ffn, ffn, dtype=torch.float64, device=self.x.device)

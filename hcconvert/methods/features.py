@@ -39,7 +39,7 @@ def weight_gram(experts: Experts) -> torch.Tensor:
     experts kept on the host stay there."""
     num, device = len(experts), experts.device
     gram = torch.zeros(num, num, dtype=torch.float64, device=device)
-    rows = max(1, GRAM_BLOCK_VALUES // (num * experts.gate.shape[2]))
+    rows = max(1, GRAM_BLOCK_VALUES // (num * experts.up.shape[2]))
     # down is [E, H, F]: its transpose has the same F-major rows as gate and up.
     parts = {**experts.parts(), "down": experts.down.transpose(1, 2)}
     for stacked in parts.values():

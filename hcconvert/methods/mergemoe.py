@@ -38,8 +38,8 @@ def least_squares_down(matcher: NeuronMatcher, experts: Experts, group: list[int
                        weights: torch.Tensor, merged: Experts) -> torch.Tensor:
     """[H, F] fp32 down projection for the one merged expert's gate and up, pulled towards
     its down; weights [G] are the members' shares of the target output."""
-    ffn, hidden = merged.gate.shape[1:]
-    device = merged.gate.device
+    ffn, hidden = merged.up.shape[1:]
+    device = merged.up.device
     share = dict(zip(group, weights.tolist(), strict=True))
     members = experts.chunks(group)  # a group that fits one chunk is brought over once
     gram = torch.zeros(ffn, ffn, device=device)

@@ -86,7 +86,7 @@ def merge_experts(experts: Experts, groups: list[list[int]], counts: torch.Tenso
     """
     if merge not in MERGES:
         raise ValueError(f"unknown merge {merge!r}; choose from {', '.join(MERGES)}")
-    home = experts.gate.device
+    home = experts.up.device
     merged = [{name: tensor.to(home) for name, tensor in
                merge_group(experts, group, counts, merge, matcher).items()}
               for group in groups]
@@ -125,8 +125,8 @@ def _fix_dom(experts: Experts, group: list[int], counts: torch.Tensor,
     first = next(experts.members([leader]))[1]
     dtypes = {name: tensor.dtype for name, tensor in first.items()}
     merged = {name: tensor.float() * share[leader] for name, tensor in first.items()}
-    mass = torch.full((experts.gate.shape[1],), share[leader],
-                      device=first["gate"].device)  # per merged neuron
+    mass = torch.full((experts.up.shape[1],), share[leader],
+                      device=first["up"].device)  # per merged neuron
     for e, member in experts.members([e for e in group if e != leader]):
         target = matcher.assignment(group, leader, e)  # [F]: each neuron's dominant neuron
         for name, tensor in member.items():

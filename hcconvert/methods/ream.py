@@ -64,7 +64,7 @@ def ream_statistics(x: torch.Tensor, router: torch.Tensor, experts: Experts,
                     top_k: int) -> ReamStats:
     """ReamStats over the layer's inputs x [T, H], router weight [E, H]: one pass of every
     expert over every token, a chunk of experts on the device at a time."""
-    count, ffn = experts.gate.shape[:2]
+    count, ffn = experts.up.shape[:2]
     tokens = x.shape[0]
     means = torch.zeros(count, experts.down.shape[1], device=x.device)
     probability_sums = torch.zeros(count, dtype=torch.float64, device=x.device)

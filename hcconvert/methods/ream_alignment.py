@@ -57,25 +57,29 @@ class ReamMatcher:
     def weight_features(self) -> torch.Tensor:
         """[E, F, q] fp32 unit rows: the neurons' unit weight rows projected on the layer's
         first q principal components, scaled by their singular values."""
-        ffn, hidden = self.experts.gate.shape[1:]
-        components = min(PCA_COMPONENTS, 3 * hidden)
+        ffn, hidden = self.experts.up.shape[1:]
+        projections = 2 if self.experts.gate is None else 3
+        components = min(PCA_COMPONENTS, projections * hidden)
         mean, values, vectors = lowrank_pca(self._neuron_rows, components, PCA_SEED)
-        projection = vectors * values  # [3H, q]
+        projection = vectors * values  # [3H, q] (2H without a gate)
         features = torch.cat([(rows - mean) @ projection for rows in self._neuron_rows()])
         return _unit_rows(features).view(len(self.experts), ffn, components)
 
     def _neuron_rows(self) -> Iterator[torch.Tensor]:
         """[F, 3H] fp32 per expert, in order: each neuron's gate row, up row and down column,
-        scaled to unit length (the official ffn_weight_matrix, then normalize_rows)."""
+        scaled to unit length (the official ffn_weight_matrix, then normalize_rows); experts
+        without a gate (Nemotron-H's ReLU²) give [F, 2H]."""
         for chunk, places in self.experts.chunks():
             for _, at in places:
-                rows = torch.cat([chunk.gate[at], chunk.up[at], chunk.down[at].T], dim=1)
+                parts = [chunk.up[at], chunk.down[at].T]
+                gate = [] if chunk.gate is None else [chunk.gate[at]]
+                rows = torch.cat(gate + parts, dim=1)
                 yield _unit_rows(rows.float())
 
     def activation_distance(self, leader: int, member: int) -> torch.Tensor:
         """[F, F] fp64 distances between the leader's neurons (rows) and the member's (columns)
         as unit vectors of activations over their own token samples."""
-        ffn = self.experts.gate.shape[1]
+        ffn = self.experts.up.shape[1]
         pair, (at_leader, at_member) = self.experts.select([leader, member])
         picks = self.samples[leader], self.samples[member]
         cross = torch.zeros(ffn, ffn, dtype=torch.float64, device=self.x.device)

@@ -106,9 +106,9 @@ def output_means(x: torch.Tensor, experts: Experts,
 
 def _all_activation_sums(x: torch.Tensor, experts: Experts) -> torch.Tensor:
     """[E, F] fp32 sums over tokens of every expert's activations."""
-    if experts.activation == SILU and experts.gate_bias is None:
+    if experts.activation == SILU and experts.gate is not None and experts.gate_bias is None:
         return activation_sums(x, experts.gate, experts.up)
-    sums = torch.zeros(experts.gate.shape[:2], device=x.device)
+    sums = torch.zeros(experts.up.shape[:2], device=x.device)
     for start in range(0, x.shape[0], ROUTER_CHUNK_TOKENS):
         chunk = x[start:start + ROUTER_CHUNK_TOKENS].float()
         for e in range(len(experts)):
@@ -131,12 +131,15 @@ def collect_layer_stats(x: torch.Tensor, selected: torch.Tensor, router: torch.T
     if unknown:
         raise ValueError(f"unknown statistics {sorted(unknown)}")
     tokens = x.shape[0]
+    # What the router read: the experts' inputs x, or its own reads where they differ.
+    router_x = x if record is None else record.router_inputs(x)
     counts = torch.bincount(selected.flatten(), minlength=len(experts)).float().cpu()
-    stats = LayerStats(tokens, counts, (logit_sums(x, router) / tokens).float().cpu(), selected)
+    stats = LayerStats(tokens, counts, (logit_sums(router_x, router) / tokens).float().cpu(),
+                       selected)
     if "output" in needs:
         stats.output_mean = output_means(x, experts, None if record is None else record.sums).cpu()
     if "router-logits" in needs:
-        stats.router_features = router_logit_features(x, router, seed)
+        stats.router_features = router_logit_features(router_x, router, seed)
     if "weights" in needs:
         stats.weight_features = weight_features(experts)
     if "saliency" in needs:

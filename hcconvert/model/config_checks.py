@@ -30,7 +30,8 @@ INTEGER_RANGES: dict[str, tuple[int, int]] = {
     "shared_expert_intermediate_size": (1, MAX_WIDTH),
     "num_attention_heads": (1, MAX_HEADS),
     "num_key_value_heads": (1, MAX_HEADS),
-    "head_dim": (1, MAX_WIDTH),
+    # 0: none (GLM-5-Next's MLA has no rotary part and no head_dim of its own).
+    "head_dim": (0, MAX_WIDTH),
     "n_shared_experts": (0, MAX_EXPERTS),
     "n_group": (1, MAX_EXPERTS),
     "topk_group": (1, MAX_EXPERTS),
@@ -43,7 +44,7 @@ INTEGER_RANGES: dict[str, tuple[int, int]] = {
     "q_lora_rank": (1, MAX_WIDTH),
     "kv_lora_rank": (1, MAX_WIDTH),
     "qk_nope_head_dim": (1, MAX_WIDTH),
-    "qk_rope_head_dim": (1, MAX_WIDTH),
+    "qk_rope_head_dim": (0, MAX_WIDTH),
     "v_head_dim": (1, MAX_WIDTH),
 }
 NUMBER_KEYS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "attention_multiplier",

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError, first_line
+from . import conversions
+from .causal_lm import causal_lm
 from .experts import Experts, PrescaledExperts
 from .families import Family
 
@@ -82,8 +84,13 @@ def transformers_config(config: dict, family: Family):
         raise UserError(f"this transformers has no model_type {model_type!r}; upgrade it")
     # Quantized storage is ours to read: transformers must not plan its own quantizer.
     # A deep copy: transformers rewrites nested settings (rope_scaling) in place.
-    text = copy.deepcopy({k: v for k, v in text.items()
-                          if k not in ("quantization_config", "auto_map")})
+    # transformers writes inf and NaN as {"__float__": "Infinity"} (Nemotron-H's
+    # time_step_limit) and reads them back so.
+    text = CONFIG_MAPPING[model_type]._decode_special_floats(copy.deepcopy(
+        {k: v for k, v in text.items() if k not in ("quantization_config", "auto_map")}))
+    tied = _wrapper_ties_embeddings(config, family)
+    if tied is not None:
+        text["tie_word_embeddings"] = tied
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -93,11 +100,42 @@ def transformers_config(config: dict, family: Family):
                             f"{first_line(err)}") from None
 
 
+def wrapper_transforms(family: Family) -> list:
+    """The weight renamings and converters transformers keeps on a vision-language wrapper
+    whose checkpoints name the text model otherwise (Family.wrapper_mapping): applied to the
+    names on disk, they place the text model under model.language_model."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    if family.wrapper_mapping is None:
+        return []
+    return get_checkpoint_conversion_mapping(family.wrapper_mapping) or []
+
+
+WRAPPED_TEXT_MODEL = "model.language_model."  # where transformers 5 places a wrapper's
+
+
+def _wrapper_ties_embeddings(config: dict, family: Family) -> bool | None:
+    """Whether a vision-language wrapper ties its LM head to the text embeddings: the
+    wrapper's own setting, as transformers 5 reads it (not text_config's, which Qwen3-VL's
+    configs set otherwise); None for a text model, or a wrapper transformers does not know."""
+    from transformers import CONFIG_MAPPING
+
+    if family.text_config_key is None or config.get("model_type") not in CONFIG_MAPPING:
+        return None
+    settings = {k: v for k, v in config.items() if k not in ("quantization_config", "auto_map")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            wrapper = CONFIG_MAPPING[config["model_type"]].from_dict(copy.deepcopy(settings))
+        except (TypeError, ValueError, KeyError, AttributeError):
+            return None
+    return bool(getattr(wrapper, "tie_word_embeddings", False))
+
+
 class Decoder:
     """A text model's skeleton (on the meta device) that builds and runs one layer at a time."""
 
     def __init__(self, config: dict, family: Family, dtype: torch.dtype = torch.float32):
-        from transformers import AutoModelForCausalLM
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
 
@@ -108,30 +146,44 @@ class Decoder:
             try:
                 # dtype: from_config would otherwise build in config.json's dtype (a bf16
                 # skeleton then hands bf16 hidden states to fp32 layers).
-                self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+                self.model = causal_lm(self.config, dtype)
             except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:
                 raise UserError(f"transformers cannot build this {family.model_type} model "
                                 f"from config.json: {first_line(err)}") from None
         self.model.eval()
-        self.renamings = [t for t in get_model_conversion_mapping(self.model)
-                          if isinstance(t, WeightRenaming)]
+        transforms = get_model_conversion_mapping(self.model)
+        wrapper = wrapper_transforms(family)
+        self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        self.wrapper_renamings = [t for t in wrapper if isinstance(t, WeightRenaming)]
+        self.converters = conversions.layer_converters(transforms + wrapper)
         self.reverse_renamings = [t.reverse_transform() for t in reversed(self.renamings)]
+        self.reverse_wrapper = [t.reverse_transform() for t in reversed(self.wrapper_renamings)]
         self.layers = self.model.model.layers
-        self.activation = family.activation(self.config)
 
     # -- names and shapes ------------------------------------------------------------------
 
     def module_name(self, name: str) -> str:
-        """A tensor's name in the skeleton's state dict, from its name on disk."""
+        """A tensor's name in the skeleton's state dict, from its name on disk: the text
+        model's own (Family.text_name), or as the wrapper's renamings place it."""
         from transformers.core_model_loading import apply_renamings
 
-        return apply_renamings(self.family.text_name(name), self.renamings)
+        if self.wrapper_renamings:
+            placed = apply_renamings(name, self.wrapper_renamings)
+            text = ("model." + placed.removeprefix(WRAPPED_TEXT_MODEL)
+                    if placed.startswith(WRAPPED_TEXT_MODEL) else placed)
+        else:
+            text = self.family.text_name(name)
+        return apply_renamings(text, self.renamings)
 
     def disk_name(self, module_name: str) -> str:
         """Where the Hub's checkpoints keep a module's tensor (for messages)."""
         from transformers.core_model_loading import apply_renamings
 
         name = apply_renamings(module_name, self.reverse_renamings)
+        if self.wrapper_renamings:
+            if name.startswith("model."):
+                name = WRAPPED_TEXT_MODEL + name.removeprefix("model.")
+            return apply_renamings(name, self.reverse_wrapper)
         if name.startswith("lm_head."):
             return self.family.head_prefix + name
         # A wrapper's own renamings may already restore its text prefix.
@@ -141,10 +193,24 @@ class Decoder:
 
     def layer_names(self, layer: int, prefix: str, tensors: dict) -> dict:
         """A layer's tensors, keyed on disk below `prefix`, keyed by their names in the
-        layer's transformers module."""
+        layer's transformers module: renamed, and joined or split where transformers
+        converts them on loading (conversions.py)."""
         module_prefix = f"model.layers.{layer}."
-        return {self.module_name(prefix + k).removeprefix(module_prefix): v
-                for k, v in tensors.items()}
+        plain, groups = self.conversions(prefix, tensors)
+        named = {plain[name]: tensor for name, tensor in tensors.items() if name in plain}
+        for joined in groups:
+            named.update(self.convert(joined, tensors))
+        return {name.removeprefix(module_prefix): tensor for name, tensor in named.items()}
+
+    def conversions(self, prefix: str, names) -> tuple[dict[str, str], list[conversions.Joined]]:
+        """The stored names below `prefix` no converter takes (-> full module name), and the
+        groups transformers' converters join or split."""
+        return conversions.group({name: self.module_name(prefix + name) for name in names},
+                                 self.converters)
+
+    def convert(self, joined: conversions.Joined, tensors: dict) -> dict:
+        """A group's module tensors (full module names) from its stored tensors."""
+        return conversions.convert(joined, tensors, self.model, self.config)
 
     def layer_parts(self, layer: int, raw: dict[str, torch.Tensor], device: torch.device,
                     chunk_experts: int | None = None):
@@ -153,16 +219,18 @@ class Decoder:
         on the device, or with chunk_experts (a GPU budget, estimate.layer_budget) on the host
         (pinned for CUDA), brought to the device that many at a time."""
         layout = self.family.stored_layout(raw)
-        # By key: looking a quantized expert up dequantizes it (storage.DenseTensors).
+        # By key: looking a quantized expert up dequantizes it (storage.DenseTensors). A router
+        # bias may sit among the experts' names (Laguna's experts.e_score_correction_bias).
         kept = {k: raw[k].to(device, non_blocking=True) for k in raw
-                if not k.startswith(layout.prefixes())}
+                if not k.startswith(layout.prefixes()) or k in self.family.router_tensors}
         tensors = self.layer_names(layer, self.family.layer_prefix(layer), kept)
         if self.moe_block(layer) is None:
             return tensors, None
         count = self.family.text_config(self.source_config)[self.family.experts_key(
             self.source_config)]
         home = device if chunk_experts is None else torch.device("cpu")
-        experts = Experts.from_layer(raw, layout, count, home, self.dtype, self.activation,
+        activation = self.family.activation(self.config, self.skeleton_layer(layer))
+        experts = Experts.from_layer(raw, layout, count, home, self.dtype, activation,
                                      pin=home != device and device.type == "cuda")
         return tensors, experts.kept_on(device, chunk_experts)
 
@@ -191,7 +259,7 @@ class Decoder:
         """Every tensor a layer loads except its routed experts: module name below the layer
         -> (shape, dtype)."""
         block = self.moe_block(layer)
-        skip = f"{block}.{EXPERTS_ATTRIBUTE}." if block is not None else None
+        skip = _experts_prefix(block) if block is not None else None
         module = self.layers[self.skeleton_layer(layer)]
         return {name: (tuple(t.shape), t.dtype)
                 for name, t in module.state_dict(keep_vars=True).items()
@@ -216,7 +284,7 @@ class Decoder:
                 experts = PrescaledExperts(experts, module.get_submodule(router))
             setattr(module.get_submodule(block), EXPERTS_ATTRIBUTE, experts)
         expected = {n: t.dtype for n, t in module.state_dict(keep_vars=True).items()
-                    if not n.startswith(f"{block}.{EXPERTS_ATTRIBUTE}.")}
+                    if block is None or not n.startswith(_experts_prefix(block))}
         cast = {n: tensors[n].to(dtype) for n, dtype in expected.items() if n in tensors}
         missing = sorted(set(expected) - set(cast))
         if missing:
@@ -226,10 +294,19 @@ class Decoder:
 
     def routing(self, layer: int, tensors: dict[str, torch.Tensor]):
         """The routing rule of layer `layer` built from tensors (module names), as a callable
-        x [T, H] -> (weights [T, K], index [T, K]): the family's own MoE block routes, its
-        experts replaced by a catcher."""
+        x [T, H] -> (weights [T, K], index [T, K]), x what the router reads: the family's own
+        MoE block routes, its experts replaced by a catcher; or where the block is the whole
+        decoder layer (Gemma 4), its router module on its own."""
         catcher = _RoutingCatcher()
         module = self.build_layer(layer, tensors, catcher)
+        if self.family.router_module is not None:
+            router = module.get_submodule(self.family.router_module)
+
+            @torch.no_grad()
+            def route_alone(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                _, weights, index = router(x)
+                return weights.float(), index
+            return route_alone
         block = module.get_submodule(self.moe_block(layer))
 
         @torch.no_grad()
@@ -237,6 +314,13 @@ class Decoder:
             block(x[None])  # blocks take [N, S, H]; their output is not needed
             return catcher.caught
         return route
+
+    def record_router_inputs(self, module: nn.Module, record) -> None:
+        """Where the router reads other inputs than the experts (Family.router_module), have
+        the built layer module hand the record (experts.RoutingRecord) what its router reads."""
+        if self.family.router_module is not None:
+            module.get_submodule(self.family.router_module).register_forward_pre_hook(
+                lambda router, args: record.observe_router(args[0]))
 
     @torch.no_grad()
     def layer_inputs(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
@@ -320,23 +404,23 @@ class Decoder:
 
     def load_globals(self, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
         """Embeddings, final norm and LM head (by their names on disk) into the skeleton,
-        plus the position-embedding tables transformers computes when it builds a model."""
+        plus the position-embedding tables transformers computes when it builds a model
+        (rebuilt first: a rotary module may hold a stored parameter too, Mistral-Large-4's
+        learned RoPE alpha)."""
+        self._rebuild_computed_buffers(device)
         state = self.model.state_dict(keep_vars=True)
         named = {self.module_name(n): t for n, t in tensors.items()}
         loaded = {n: t.to(device, state[n].dtype) for n, t in named.items() if n in state}
         self.model.load_state_dict(loaded, strict=False, assign=True)
         if self.config.tie_word_embeddings:
             self.model.lm_head.weight = self.model.model.embed_tokens.weight
-        self._rebuild_computed_buffers(device)
 
     def _rebuild_computed_buffers(self, device: torch.device) -> None:
         """Modules outside the layers whose buffers were computed at construction (rotary
-        inv_freq) hold nothing on the meta device: build them again on the real device."""
-        for name, module in list(self.model.model.named_children()):
-            if name == "layers" or not any(b.is_meta for b in module.buffers(recurse=True)):
-                continue
-            with torch.device(device):
-                setattr(self.model.model, name, type(module)(config=self.config))
+        inv_freq, Gemma's embedding scale) hold nothing on the meta device: build them again
+        on the real device."""
+        _rebuild_meta_buffers(self.model.model, self.config, device,
+                              self.model.model._init_weights, skip="layers")
 
     def drop_globals(self) -> None:
         """Back to the meta device, freeing the embedding table and the LM head."""
@@ -383,6 +467,45 @@ class HiddenStream:
             arguments[self.carried] = self.state_given[start]
             self.hidden[start:start + ATTENTION_BATCH], self.state[start] = module(chunk,
                                                                                    **arguments)
+
+
+def _rebuild_meta_buffers(parent: nn.Module, config, device: torch.device, init,
+                          skip: str | None = None) -> None:
+    """Each child of parent with meta buffers built again on device from its own config
+    (else config); the children of a module list (Granite Swash's rotary embedding per
+    RoPE theta) one by one. A module not built from a config (Gemma's scaled embedding) has
+    its buffers filled in place by transformers' own initialisation (init), which leaves
+    the loaded parameters alone."""
+    for name, module in list(parent.named_children()):
+        if name == skip or not any(b.is_meta for b in module.buffers(recurse=True)):
+            continue
+        if isinstance(module, nn.ModuleList | nn.ModuleDict):
+            _rebuild_meta_buffers(module, config, device, init)
+        elif "config" in inspect.signature(type(module)).parameters:
+            with torch.device(device):
+                setattr(parent, name, type(module)(config=getattr(module, "config", config)))
+        else:
+            _initialise_buffers(module, device, init)
+
+
+def _initialise_buffers(module: nn.Module, device: torch.device, init) -> None:
+    """module's meta buffers allocated on device and filled by init (a model's
+    _init_weights), its parameters marked initialised so init keeps them."""
+    for owner in module.modules():
+        for key, buffer in list(owner.named_buffers(recurse=False)):
+            if buffer.is_meta:
+                owner.register_buffer(key, torch.empty_like(buffer, device=device),
+                                      persistent=key not in owner._non_persistent_buffers_set)
+    for parameter in module.parameters():
+        parameter._is_hf_initialized = True
+    for owner in module.modules():
+        init(owner)
+
+
+def _experts_prefix(block: str) -> str:
+    """The routed experts' state-dict prefix in a layer whose MoE block is at `block` ("":
+    the layer itself, as Gemma 4's)."""
+    return f"{block}.{EXPERTS_ATTRIBUTE}." if block else f"{EXPERTS_ATTRIBUTE}."
 
 
 def _moe_path(layer: nn.Module) -> str | None:

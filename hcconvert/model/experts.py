@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activation import SILU, Activation
-from .families import ExpertLayout, Fused
+from .layouts import ExpertLayout, Fused, Stacked
 
 # Each per-expert tensor's neuron (ffn) axis, below the expert axis: permuting neurons moves
 # these together and leaves an expert's output unchanged. down_bias has none.
@@ -48,9 +48,10 @@ _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 @dataclass
 class Experts:
     """One MoE block's routed experts, stacked. gate, up: [E, F, H]; down: [E, H, F]; the
-    optional biases (GPT-OSS) gate_bias, up_bias [E, F] and down_bias [E, H]."""
+    optional biases (GPT-OSS) gate_bias, up_bias [E, F] and down_bias [E, H]. Ungated experts
+    (Nemotron-H's: down(act(up x))) have no gate."""
 
-    gate: torch.Tensor
+    gate: torch.Tensor | None
     up: torch.Tensor
     down: torch.Tensor
     gate_bias: torch.Tensor | None = None
@@ -68,9 +69,11 @@ class Experts:
                    pin: bool = False) -> Experts:
         """Read the experts whichever way the checkpoint stores them, onto device and dtype
         (default: where and as w holds them); pin: into pinned host memory."""
-        if isinstance(layout, Fused):
-            fused = _from_fused(w, layout, activation).to(device, dtype)
-            return fused.pinned() if pin else fused
+        if isinstance(layout, Fused | Stacked):
+            whole = (_from_fused(w, layout, activation) if isinstance(layout, Fused) else
+                     cls(w[layout.gate], w[layout.up], w[layout.down], activation=activation))
+            whole = whole.to(device, dtype)
+            return whole.pinned() if pin else whole
 
         def stack(template: str) -> torch.Tensor:
             # Straight into the destination, expert by expert: no host-side stacked copy, and
@@ -85,14 +88,14 @@ class Experts:
             return out
 
         names = layout.names
-        return cls(stack(names.gate), stack(names.up), stack(names.down),
-                   activation=activation)
+        gate = stack(names.gate) if names.gate is not None else None
+        return cls(gate, stack(names.up), stack(names.down), activation=activation)
 
     @classmethod
     def stacked(cls, members: list[dict[str, torch.Tensor]], activation: Activation) -> Experts:
         """Experts from one parts() dict per expert."""
-        return cls(**{name: torch.stack([m[name] for m in members]) for name in members[0]},
-                   activation=activation)
+        stacked = {name: torch.stack([m[name] for m in members]) for name in members[0]}
+        return cls(**{"gate": None, **stacked}, activation=activation)  # ungated: no gate
 
     def parts(self) -> dict[str, torch.Tensor]:
         """The stacked tensors present, by field name (gate, up, down, then any biases)."""
@@ -103,10 +106,11 @@ class Experts:
         """The tensors to store, in the layout read (per-expert names renumbered 0..E-1)."""
         if isinstance(layout, Fused):
             return _to_fused(self, layout)
+        if isinstance(layout, Stacked):
+            return {layout.gate: self.gate, layout.up: self.up, layout.down: self.down}
         out = {}
         for e in range(len(self)):
-            for template, stacked in zip(layout.names.all(), (self.gate, self.up, self.down),
-                                         strict=True):
+            for template, stacked in layout.names.stacked(self):
                 out[template.format(expert=e)] = stacked[e]
         return out
 
@@ -125,7 +129,7 @@ class Experts:
     @property
     def device(self) -> torch.device:
         """Where the experts compute."""
-        return self.compute_device or self.gate.device
+        return self.compute_device or self.up.device
 
     @property
     def expert_bytes(self) -> int:
@@ -142,7 +146,7 @@ class Experts:
         copied; with one (a budget) they are, the CPU included, so a chunk costs the same
         wherever it runs."""
         indices = list(indices)
-        if self.chunk_experts is None and self.gate.device == self.device:
+        if self.chunk_experts is None and self.up.device == self.device:
             return dataclasses.replace(self, compute_device=None, chunk_experts=None), indices
         chunk = dataclasses.replace(
             self, compute_device=None, chunk_experts=None,
@@ -160,9 +164,12 @@ class Experts:
             for e, at in places:
                 yield e, chunk.expert(at)
 
-    def projections(self, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[t, F] expert e's gate and up projections of x [t, H], computed in x's dtype."""
-        gate = F.linear(x, self.gate[e].to(x.dtype), _row(self.gate_bias, e, x.dtype))
+    def projections(self, x: torch.Tensor,
+                    e: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """[t, F] expert e's gate (None: ungated) and up projections of x [t, H], computed in
+        x's dtype."""
+        gate = None if self.gate is None else F.linear(x, self.gate[e].to(x.dtype),
+                                                       _row(self.gate_bias, e, x.dtype))
         up = F.linear(x, self.up[e].to(x.dtype), _row(self.up_bias, e, x.dtype))
         return gate, up
 
@@ -178,6 +185,7 @@ class Experts:
         products first (2.4e-3 against 2.6e-3 relative error), and the summing forward takes
         9 % less time (docs/DESIGN.md, "Every FLOP once")."""
         if (x.device.type != "cpu" or x.dtype == torch.float32 or self.activation != SILU
+                or self.gate is None
                 or self.gate_bias is not None or self.up_bias is not None
                 or not _fused_products_available(x.dtype)):
             return None
@@ -193,7 +201,7 @@ class Experts:
         return self.down_projection(self.hidden(x, e), e)
 
     def __len__(self) -> int:
-        return self.gate.shape[0]
+        return self.up.shape[0]
 
 
 class ExpertChunks:
@@ -371,11 +379,14 @@ class RoutingRecord:
     saliency_sum: torch.Tensor | None = None  # [E] fp64
     picked: torch.Tensor | None = None  # [E] fp64
     sums: torch.Tensor | None = None  # [E, F] fp32, with activation_sums
+    # What the router read, per call, where it is not the experts' input (Gemma 4's router
+    # reads the residual, its experts a normed copy): [t, H] each, in call order.
+    router_reads: list[torch.Tensor] = field(default_factory=list)
 
     def sums_for(self, experts: Experts) -> torch.Tensor | None:
         """The running activation sums the forward adds to (None without activation_sums)."""
         if self.activation_sums and self.sums is None:
-            self.sums = torch.zeros(experts.gate.shape[:2], device=experts.device)
+            self.sums = torch.zeros(experts.up.shape[:2], device=experts.device)
         return self.sums
 
     def observe(self, x: torch.Tensor, index: torch.Tensor) -> None:
@@ -384,6 +395,14 @@ class RoutingRecord:
         self.inputs[self.filled:self.filled + x.shape[0]] = x
         self.filled += x.shape[0]
         self.index.append(index)
+
+    def observe_router(self, x: torch.Tensor) -> None:
+        self.router_reads.append(x.reshape(-1, x.shape[-1]))
+
+    def router_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """[T, H] what the router read for each token: the recorded reads, else inputs (the
+        experts' inputs, which most routers read)."""
+        return torch.cat(self.router_reads) if self.router_reads else inputs
 
     def observe_sum(self, out: torch.Tensor) -> None:
         """The routed-expert output of the tokens observe saw last."""

@@ -16,179 +16,42 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .activation import Activation, clamped_swiglu, silu
+from .activation import (
+    Activation,
+    clamped_silu,
+    clamped_swiglu,
+    gelu_tanh,
+    relu2,
+    silu,
+    silu_clamped_per_layer,
+)
 from .config_checks import MAX_EXPERTS, MAX_WIDTH, check_config, check_model_type
+from .layouts import (
+    NEXTN,
+    ExpertLayout,
+    ExpertNames,
+    Fused,
+    MtpLayout,
+    PerExpert,
+    RoutingGroups,
+    Stacked,
+    group_limited,
+    no_groups,
+    qwen_mtp,
+)
+from .refused import REFUSED
 from .tiktoken_vocab import TiktokenVocab
 
 
-@dataclass(frozen=True)
-class ExpertNames:
-    """One expert's gate, up and down projection names."""
-
-    gate: str
-    up: str
-    down: str
-
-    def all(self) -> list[str]:
-        return [self.gate, self.up, self.down]
-
-
-@dataclass(frozen=True)
-class PerExpert:
-    """Routed experts stored one tensor per projection per expert: gate, up [F, H], down [H, F]."""
-
-    names: ExpertNames  # each name holds `{expert}`
-    description = "per-expert tensors"
-
-    def shapes(self, count: int, ffn: int, hidden: int) -> dict[str, tuple[int, ...]]:
-        """Every stored tensor of `count` experts, name -> shape, in write order."""
-        shape = {self.names.gate: (ffn, hidden), self.names.up: (ffn, hidden),
-                 self.names.down: (hidden, ffn)}
-        return {template.format(expert=e): dims for e in range(count)
-                for template, dims in shape.items()}
-
-    def prefixes(self) -> tuple[str, ...]:
-        """Name prefixes that only routed-expert tensors have."""
-        return tuple(dict.fromkeys(name.split("{expert}")[0] for name in self.names.all()))
-
-    @property
-    def biases(self) -> tuple[str, ...]:
-        """The stored expert biases: none."""
-        return ()
-
-    @property
-    def marker(self) -> str:
-        """A tensor every layer stored this way has."""
-        return self.names.gate.format(expert=0)
-
-
-@dataclass(frozen=True)
-class Fused:
-    """Routed experts stacked on disk: gate_up [E, 2F, H] (gate rows first), down [E, H, F];
-    GPT-OSS stores them transposed (x @ W: [E, H, 2F], [E, F, H]), gate and up interleaved
-    (gate at even positions of 2F), with biases gate_up [E, 2F] and down [E, H]."""
-
-    gate_up: str
-    down: str
-    transposed: bool = False
-    interleaved: bool = False
-    gate_up_bias: str | None = None
-    down_bias: str | None = None
-
-    @property
-    def description(self) -> str:
-        if self.transposed:
-            return "fused tensors, transposed (gate_up [E, H, 2F], down [E, F, H])"
-        return "fused tensors (gate_up [E, 2F, H], down [E, H, F])"
-
-    def shapes(self, count: int, ffn: int, hidden: int) -> dict[str, tuple[int, ...]]:
-        gate_up, down = (hidden, 2 * ffn), (ffn, hidden)
-        shapes = {self.gate_up: (count, *(gate_up if self.transposed else gate_up[::-1])),
-                  self.down: (count, *(down if self.transposed else down[::-1]))}
-        if self.gate_up_bias is not None:
-            shapes[self.gate_up_bias] = (count, 2 * ffn)
-        if self.down_bias is not None:
-            shapes[self.down_bias] = (count, hidden)
-        return shapes
-
-    def prefixes(self) -> tuple[str, ...]:
-        return tuple(self.shapes(1, 1, 1))
-
-    @property
-    def biases(self) -> tuple[str, ...]:
-        """The stored expert bias names."""
-        return tuple(b for b in (self.gate_up_bias, self.down_bias) if b is not None)
-
-    @property
-    def marker(self) -> str:
-        return self.gate_up
-
-
-ExpertLayout = PerExpert | Fused
-
-
-def _per_expert(block: str, gate: str = "gate_proj", up: str = "up_proj",
+def _per_expert(block: str, gate: str | None = "gate_proj", up: str = "up_proj",
                 down: str = "down_proj") -> PerExpert:
     return PerExpert(_mlp(f"{block}.experts.{{expert}}", gate, up, down))
 
 
-def _mlp(module: str, gate: str = "gate_proj", up: str = "up_proj",
+def _mlp(module: str, gate: str | None = "gate_proj", up: str = "up_proj",
          down: str = "down_proj") -> ExpertNames:
-    return ExpertNames(f"{module}.{gate}.weight", f"{module}.{up}.weight",
+    return ExpertNames(gate and f"{module}.{gate}.weight", f"{module}.{up}.weight",
                        f"{module}.{down}.weight")
-
-
-def _group_limited(method_key: str | None = None, method: str = "", min_per_group: int = 1):
-    """Routing groups read from n_group / topk_group (DeepSeek): a token picks its experts
-    within its best topk_group groups, each group ranked by its top `min_per_group` scores.
-    method_key: a config key that must equal `method` for the groups to apply (DeepSeek-V2's
-    topk_method)."""
-    def groups(config: dict) -> RoutingGroups | None:
-        if method_key is not None and config.get(method_key, "greedy") != method:
-            return None
-        n_group, topk_group = config.get("n_group") or 1, config.get("topk_group") or 1
-        return RoutingGroups(n_group, topk_group, min_per_group) if n_group > 1 else None
-    return groups
-
-
-@dataclass(frozen=True)
-class RoutingGroups:
-    """Group-limited routing: experts form `count` contiguous groups; a token picks from its
-    best `picked` groups, each group ranked by its best `ranked_by` scores."""
-
-    count: int
-    picked: int
-    ranked_by: int
-
-
-def no_groups(config: dict) -> RoutingGroups | None:
-    return None
-
-
-@dataclass(frozen=True)
-class MtpLayout:
-    """Where a family stores its multi-token-prediction (MTP) layer and the tensors that feed
-    its decoder layer x = projection(cat(embedding_norm(embed(t_{i+1})), hidden_norm(h_i)))
-    (mtp.py). Tensor names are below own_prefix; every supported family's engines put the
-    embedding first and take h_i after the final norm, so neither is a field."""
-
-    count_key: str  # the config key of how many MTP layers there are
-    default_count: int = 0  # without count_key: the count vLLM assumes
-    # Where MTP layer d's decoder layer is ({depth} stands for d): None after the decoder
-    # layers, at index num_hidden_layers + d (DeepSeek-V3, GLM).
-    layer_prefix: str | None = None
-    own_prefix: str | None = None  # where its own tensors are: None beside its decoder layer
-    embedding_norm: str = "enorm.weight"
-    hidden_norm: str = "hnorm.weight"
-    projection: str = "eh_proj.weight"  # [H, 2H]
-    output_norm: str = "shared_head.norm.weight"  # before the LM head; not calibrated
-    # Copies of the embedding and the LM head some checkpoints add (DeepSeek-V3's layer 61).
-    optional: tuple[str, ...] = ("shared_head.head.weight", "embed_tokens.weight")
-
-    @property
-    def required(self) -> tuple[str, ...]:
-        return (self.embedding_norm, self.hidden_norm, self.projection, self.output_norm)
-
-    def shapes(self, hidden: int, vocab: int) -> dict[str, tuple[int, ...]]:
-        """The shape of each of its own tensors, by name: the projection [H, 2H], the
-        embedding and head copies [V, H], the norms [H]."""
-        return {name: (hidden, 2 * hidden) if name == self.projection
-                else (vocab, hidden) if name in self.optional else (hidden,)
-                for name in self.required + self.optional}
-
-
-# DeepSeek-V3's and GLM's: model.layers.{num_hidden_layers}, its own tensors beside.
-NEXTN = MtpLayout("num_nextn_predict_layers")
-
-
-def _qwen_mtp(count_key: str) -> MtpLayout:
-    """Qwen3-Next's and Qwen3.5's, outside the text model: mtp.fc, mtp.pre_fc_norm_embedding,
-    mtp.pre_fc_norm_hidden and mtp.norm beside the decoder layer mtp.layers.0 (vLLM's
-    qwen3_next_mtp.py, qwen3_5_mtp.py; one layer unless config.json says otherwise)."""
-    return MtpLayout(count_key, default_count=1, layer_prefix="mtp.layers.{depth}.",
-                     own_prefix="mtp.", embedding_norm="pre_fc_norm_embedding.weight",
-                     hidden_norm="pre_fc_norm_hidden.weight", projection="fc.weight",
-                     output_norm="norm.weight", optional=())
 
 
 @dataclass(frozen=True)
@@ -208,6 +71,8 @@ class Family:
     top_k_mirrors: tuple[str, ...] = ()
     ffn_key: str = "moe_intermediate_size"  # config key of one routed expert's ffn size
     scoring: str = "softmax"  # "softmax" or "sigmoid": how the router turns logits to scores
+    # A config key that names the scoring where the model can do either (Cohere2-MoE's).
+    scoring_key: str | None = None
     routing_groups: Callable[[dict], RoutingGroups | None] = no_groups
     transformers_type: str | None = None  # model_type transformers knows it by, if another
     text_config_key: str | None = None  # a vision-language wrapper's text config
@@ -215,8 +80,8 @@ class Family:
     # The keyword by which a layer is given the state the layer before it returned beside its
     # hidden states (GLM-5's indexer top-k, shared between layers).
     carried: str | None = None
-    # The experts' activation, from the transformers config (activation.py).
-    activation: Callable[[object], Activation] = silu
+    # The experts' activation, from the transformers config and the layer (activation.py).
+    activation: Callable[[object, int], Activation] = silu
     # How the tokenizer reads tiktoken.model, where the Hub ships it and no tokenizer.json.
     tiktoken: TiktokenVocab | None = None
     # The router picks top_k experts whatever config.json says (Phi-3.5-MoE's sparsemixer
@@ -232,6 +97,15 @@ class Family:
     mtp: MtpLayout = NEXTN  # where a multi-token-prediction layer would be stored
     # The token embedding's name on disk where it is not the text model's embed_tokens.
     embedding_name: str | None = None
+    # Where the MoE block is the whole decoder layer (Gemma 4's), the module below the layer
+    # that routes on its own (router(x) -> (scores, weights, index)), x what it reads.
+    router_module: str | None = None
+    # The model_type whose checkpoint conversions transformers keeps on the vision-language
+    # wrapper although they rename the text model's tensors (MiniMax-M3's).
+    wrapper_mapping: str | None = None
+    # What of a config the family's entry cannot reduce, as a phrase (None: nothing): a
+    # variant of the family whose experts or routing differ from the entry's.
+    unsupported: Callable[[dict], str | None] = lambda text: None
 
     @property
     def config_ranges(self) -> dict[str, tuple[int, int]]:
@@ -240,6 +114,22 @@ class Family:
         counts = {key: (1, MAX_EXPERTS)
                   for key in (*self.experts_keys, self.top_k_key, *self.top_k_mirrors)}
         return {**counts, self.ffn_key: (1, MAX_WIDTH)}
+
+    @property
+    def router_tensors(self) -> tuple[str, ...]:
+        """The router's weight and per-expert bias (below the layer prefix): one row or entry
+        per expert, reduced with the experts."""
+        return (self.router,) + ((self.router_bias,) if self.router_bias else ())
+
+    def top_k_of(self, text: dict):
+        """The top-k this (text) config says, under the family's key or a mirror of it
+        (Step-3.5's original moe_top_k); None when it says none."""
+        return next((text[key] for key in (self.top_k_key, *self.top_k_mirrors)
+                     if text.get(key) is not None), None)
+
+    def scoring_of(self, text: dict) -> str:
+        """How the router scores experts under this (text) config."""
+        return text.get(self.scoring_key, self.scoring) if self.scoring_key else self.scoring
 
     def experts_key(self, config: dict) -> str | None:
         """The expert-count key this config.json uses (None when it has none)."""
@@ -289,7 +179,7 @@ class Family:
         return f"{self.layers_prefix}{layer}."
 
 
-DEEPSEEK_V3_GROUPS = _group_limited(min_per_group=2)  # groups ranked by their top-2 scores
+DEEPSEEK_V3_GROUPS = group_limited(min_per_group=2)  # groups ranked by their top-2 scores
 
 
 # Kimi-K2's tokenizer (TikTokenTokenizer in the repos' tokenization_kimi.py, remote code we
@@ -308,12 +198,36 @@ KIMI_TIKTOKEN = TiktokenVocab(pattern="|".join([
 ]), special_tokens=258)
 
 
+DEEPSEEK_V3_BIAS = "mlp.gate.e_score_correction_bias"
+
+
 def _deepseek_v3(model_type: str, **changes) -> Family:
     """DeepSeek-V3's design: sigmoid scores, a selection-only correction bias, groups."""
-    return Family(model_type=model_type, experts_keys=("n_routed_experts",),
-                  experts=_per_expert("mlp"), router="mlp.gate.weight",
-                  router_bias="mlp.gate.e_score_correction_bias", scoring="sigmoid",
-                  routing_groups=DEEPSEEK_V3_GROUPS, **changes)
+    design = dict(experts_keys=("n_routed_experts",), experts=_per_expert("mlp"),
+                  router="mlp.gate.weight", router_bias=DEEPSEEK_V3_BIAS,
+                  scoring="sigmoid", routing_groups=DEEPSEEK_V3_GROUPS)
+    return Family(model_type=model_type, **{**design, **changes})
+
+
+def _latent_experts(text: dict) -> str | None:
+    """Nemotron-H's latent MoE (moe_latent_size): the experts see a projection of the hidden
+    states the router does not, and the statistics, router fits and layer fits are taken on
+    one input for both."""
+    if text.get("moe_latent_size"):
+        return (f"moe_latent_size={text['moe_latent_size']}: the routed experts work on a "
+                "latent projection of the router's input, which hcconvert does not reduce")
+    return None
+
+
+def _shared_keys_and_values(text: dict) -> str | None:
+    """Layers that reuse another layer's keys and values (kv_source_layers): the layer-at-a-
+    time forward runs every layer over each batch of sequences in turn, so the source's keys
+    for that batch are gone when a later layer would read them."""
+    sources = text.get("kv_source_layers") or []
+    if any(source != layer for layer, source in enumerate(sources)):
+        return ("kv_source_layers: layers reuse the keys and values of earlier layers, which "
+                "hcconvert's layer-at-a-time forward does not hand over")
+    return None
 
 
 FAMILIES: dict[str, Family] = {
@@ -331,11 +245,21 @@ FAMILIES: dict[str, Family] = {
                router="mlp.gate.weight", ffn_key="intermediate_size"),
         Family(model_type="deepseek_v2", experts_keys=("n_routed_experts",),
                experts=_per_expert("mlp"), router="mlp.gate.weight",
-               routing_groups=_group_limited("topk_method", "group_limited_greedy")),
-        Family(model_type="granitemoe", experts_keys=("num_local_experts",),
-               experts=Fused("block_sparse_moe.input_linear.weight",
-                             "block_sparse_moe.output_linear.weight"),
-               router="block_sparse_moe.router.layer.weight", ffn_key="intermediate_size"),
+               routing_groups=group_limited("topk_method", "group_limited_greedy")),
+        # Granite 3 (granitemoe) and Granite 4 (a shared MLP beside; Mamba-2 layers between
+        # attention ones): the experts fused as input_linear [E, 2F, H] and output_linear
+        # [E, H, F].
+        *[Family(model_type=model_type, experts_keys=("num_local_experts",),
+                 experts=Fused("block_sparse_moe.input_linear.weight",
+                               "block_sparse_moe.output_linear.weight"),
+                 router="block_sparse_moe.router.layer.weight", ffn_key="intermediate_size")
+          for model_type in ("granitemoe", "granitemoeshared", "granitemoehybrid")],
+        # Granite Swash (sliding-window layers): transformers 5's own names, which it reads
+        # the checkpoints by.
+        Family(model_type="granitemoe_swa", experts_keys=("num_local_experts",),
+               experts=Fused("block_sparse_moe.experts.gate_up_proj",
+                             "block_sparse_moe.experts.down_proj"),
+               router="block_sparse_moe.router.weight", ffn_key="intermediate_size"),
         _deepseek_v3("deepseek_v3"),
         # Kimi-K2's config.json says kimi_k2 (remote code); its text model is DeepSeek-V3's.
         _deepseek_v3("kimi_k2", transformers_type="deepseek_v3", tiktoken=KIMI_TIKTOKEN),
@@ -352,6 +276,203 @@ FAMILIES: dict[str, Family] = {
         _deepseek_v3("deepseek_v32"),
         _deepseek_v3("glm_moe_dsa", carried="prev_topk_indices"),
         _deepseek_v3("dots1"),
+        # Cohere's: softmax over the top-k logits or sigmoid scores (expert_selection_fn), a
+        # shared expert summed or averaged in, dense layers first.
+        Family(model_type="cohere2_moe", experts_keys=("num_experts",),
+               experts=_per_expert("mlp"), router="mlp.gate.weight", ffn_key="intermediate_size",
+               scoring_key="expert_selection_fn"),
+        Family(model_type="flex_olmo", experts_keys=("num_experts",), experts=_per_expert("mlp"),
+               router="mlp.gate.weight", ffn_key="intermediate_size"),
+        # MiniMax-Text-01 / M1: lightning-attention layers between softmax ones.
+        Family(model_type="minimax", experts_keys=("num_local_experts",),
+               experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
+               router="block_sparse_moe.gate.weight", ffn_key="intermediate_size"),
+        # Arcee's AFMoE (Trinity): a sigmoid router whose selection-only bias sits on the block.
+        Family(model_type="afmoe", experts_keys=("num_experts",), experts=_per_expert("mlp"),
+               router="mlp.router.gate.weight", router_bias="mlp.expert_bias",
+               scoring="sigmoid"),
+        # K-EXAONE: DeepSeek-V3's routing with the correction bias on the block.
+        _deepseek_v3("exaone_moe", experts_keys=("num_experts",),
+                     router_bias="mlp.e_score_correction_bias"),
+        _deepseek_v3("solar_open"),  # Solar-Open: DeepSeek-V3's routing, GQA attention
+        # Hy3: sigmoid top-k with a selection-only bias on the block, no groups.
+        Family(model_type="hy_v3", experts_keys=("num_experts",), experts=_per_expert("mlp"),
+               router="mlp.router.gate.weight", router_bias="mlp.expert_bias",
+               scoring="sigmoid"),
+        # Kolibri-1: the top-k of logits plus a bias stored outside the MoE block.
+        Family(model_type="kolibri1", experts_keys=("num_local_experts", "num_experts"),
+               experts=_per_expert("mlp"), router="mlp.gate.weight",
+               router_bias="moe.router.expert_bias", scoring="sigmoid"),
+        # Laguna: sigmoid scores (soft-capped logits), the bias stored among the experts.
+        Family(model_type="laguna", experts_keys=("num_experts",), experts=_per_expert("mlp"),
+               router="mlp.gate.weight", router_bias="mlp.experts.e_score_correction_bias",
+               scoring="sigmoid"),
+        # Flint: sigmoid top-k without a bias, a shared expert, dense first layers.
+        Family(model_type="flint", experts_keys=("num_experts",), experts=_per_expert("mlp"),
+               router="mlp.gate.weight", scoring="sigmoid"),
+        # DeepSeek-V3's routing and layout under other attention: MiMo-V2-Flash (sliding
+        # window, no shared expert), MiniCPM5-MoE, A.X-K1 (MLA, a norm after the block),
+        # A.X-K2 (indexed attention), Beam (no shared expert), Sarvam-105B (MLA; the Hub
+        # writes num_experts).
+        _deepseek_v3("mimo_v2_flash"),
+        _deepseek_v3("minicpm5_moe"),
+        _deepseek_v3("axk1"),
+        _deepseek_v3("axk2"),
+        _deepseek_v3("beam", experts_keys=("num_experts",)),
+        _deepseek_v3("sarvam_mla", experts_keys=("num_experts", "n_routed_experts")),
+        # Kimi-Linear: Kimi Delta Attention layers beside MLA ones, DeepSeek-V3's routing
+        # under the keys of its original config (num_experts_per_token, num_expert_group).
+        Family(model_type="kimi_linear", experts_keys=("num_experts",),
+               experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
+               router="block_sparse_moe.gate.weight",
+               router_bias="block_sparse_moe.gate.e_score_correction_bias",
+               top_k_key="num_experts_per_token", scoring="sigmoid",
+               routing_groups=group_limited(min_per_group=2, count_key="num_expert_group"),
+               tiktoken=KIMI_TIKTOKEN),
+        # Sarvam-30B and Param2: GLM-4.5's model under the original checkpoints' names (a
+        # fused q/k/v transformers splits, word_embeddings, the bias as gate.expert_bias).
+        *[_deepseek_v3(model_type, experts_keys=("num_experts", "n_routed_experts"),
+                       router_bias="mlp.gate.expert_bias",
+                       embedding_name="model.word_embeddings.weight")
+          for model_type in ("sarvam_moe", "param2moe")],
+        # Qwen3-VL-MoE: the text model under model.language_model., experts fused as x @ W
+        # (transformers 5 reads them so, and writes them untransposed).
+        Family(model_type="qwen3_vl_moe", experts_keys=("num_experts", "num_local_experts"),
+               experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+                             transposed=True),
+               router="mlp.gate.weight", text_config_key="text_config",
+               text_prefix="model.language_model."),
+        # GLM-4.5V: GLM-4.5's text model under model.language_model., a vision tower beside.
+        _deepseek_v3("glm4v_moe", text_config_key="text_config",
+                     text_prefix="model.language_model."),
+        # Nemotron-H (Nemotron 3): Mamba-2 and attention layers between MoE layers whose
+        # experts are ungated (down(relu(up x))²), below backbone.
+        Family(model_type="nemotron_h", experts_keys=("n_routed_experts",),
+               experts=_per_expert("mixer", gate=None), router="mixer.gate.weight",
+               router_bias="mixer.gate.e_score_correction_bias", scoring="sigmoid",
+               routing_groups=DEEPSEEK_V3_GROUPS, activation=relu2, text_prefix="backbone.",
+               embedding_name="backbone.embeddings.weight", unsupported=_latent_experts),
+        # Hunyuan-A13B: a softmax router under gate.wg, a shared MLP; moe_topk is its top-k.
+        Family(model_type="hunyuan_v1_moe", experts_keys=("num_experts",),
+               experts=_per_expert("mlp"), router="mlp.gate.wg.weight", top_k_key="moe_topk",
+               ffn_key="intermediate_size"),
+        # Jamba: Mamba layers between attention ones, MoE every other layer.
+        Family(model_type="jamba", experts_keys=("num_experts",),
+               experts=_per_expert("feed_forward"), router="feed_forward.router.weight",
+               ffn_key="intermediate_size"),
+        # LFM2-MoE: short-convolution layers beside attention ones, sigmoid scores with a
+        # selection-only bias on the block.
+        Family(model_type="lfm2_moe", experts_keys=("num_experts",),
+               experts=_per_expert("feed_forward", "w1", "w3", "w2"),
+               router="feed_forward.gate.weight", router_bias="feed_forward.expert_bias",
+               scoring="sigmoid"),
+        # Hy-V4 (Tencent): hyper-connections (hc_mult residual streams) around indexed MLA
+        # whose top-k a layer hands the next, DeepSeek-V3's routing, experts fused with a
+        # clamped SiLU (swiglu_limit).
+        # Hy-V4-VL: the same text model (under model., as on its own), the vision tower at vit.
+        *[_deepseek_v3(model_type, experts=Fused("mlp.experts.gate_up_proj",
+                                                 "mlp.experts.down_proj"),
+                       activation=clamped_silu, carried="prev_topk_indices", **wrapper)
+          for model_type, wrapper in [("hy_v4", {}),
+                                      ("hy_v4_vl", dict(text_config_key="text_config"))]],
+        # GLM-5-Next: a vision-language wrapper whose text model mixes Kimi Delta Attention
+        # layers with indexed MLA (the top-k handed on), under hyper-connections; experts
+        # with a clamped SiLU.
+        _deepseek_v3("glm5_next", text_config_key="text_config",
+                     text_prefix="model.language_model.", activation=clamped_silu,
+                     carried="prev_topk_indices"),
+        # Mellum: a softmax router over per-expert tensors.
+        Family(model_type="mellum", experts_keys=("num_local_experts", "num_experts"),
+               experts=_per_expert("mlp"), router="mlp.gate.weight"),
+        # Aria: experts fused as x @ W under fc1 [E, H, 2F] and fc2 [E, F, H], a shared
+        # expert; the vision-language checkpoint keeps the text model under language_model.
+        *[Family(model_type=model_type, experts_keys=("moe_num_experts",),
+                 experts=Fused("mlp.experts.fc1.weight", "mlp.experts.fc2.weight",
+                               transposed=True),
+                 router="mlp.router.weight", top_k_key="moe_topk", ffn_key="intermediate_size",
+                 **wrapper)
+          for model_type, wrapper in [
+              ("aria_text", {}),
+              ("aria", dict(text_config_key="text_config", text_prefix="language_model.model.",
+                            head_prefix="language_model."))]],
+        # MiniMax-M3: sigmoid routing with a correction bias, a shared expert, GPT-OSS's
+        # clamped SwiGLU on gate-first experts. The vision-language checkpoint stores them per
+        # expert as MiniMax-M2 does, under language_model.; the text model on its own in
+        # transformers 5's fused layout.
+        Family(model_type="minimax_m3_vl", experts_keys=("num_local_experts",),
+               experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
+               router="block_sparse_moe.gate.weight",
+               router_bias="block_sparse_moe.e_score_correction_bias",
+               ffn_key="intermediate_size", scoring="sigmoid", activation=clamped_swiglu,
+               text_config_key="text_config", text_prefix="language_model.model.",
+               head_prefix="language_model.", wrapper_mapping="minimax_m3_vl"),
+        Family(model_type="minimax_m3_vl_text", experts_keys=("num_local_experts",),
+               experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+               router="mlp.gate.weight", router_bias=DEEPSEEK_V3_BIAS,
+               ffn_key="intermediate_size", scoring="sigmoid", activation=clamped_swiglu),
+        # dots.llm3's text model: DeepSeek-V3's MLA, indexer and routing.
+        _deepseek_v3("dots3_note_text"),
+        # Ling-2.5 (bailing_hybrid): Kimi Delta Attention layers (their q/k/v convolutions
+        # joined on loading) beside MLA ones, DeepSeek-V3's routing under its original keys
+        # (as Kimi-Linear), the bias as gate.expert_bias, experts clamped per layer after the
+        # SiLU (expert_swiglu_limit_list).
+        Family(model_type="bailing_hybrid", experts_keys=("num_experts",),
+               experts=_per_expert("mlp"), router="mlp.gate.weight",
+               router_bias="mlp.gate.expert_bias", top_k_key="num_experts_per_token",
+               scoring="sigmoid",
+               routing_groups=group_limited(min_per_group=2, count_key="num_expert_group"),
+               activation=silu_clamped_per_layer,
+               embedding_name="model.word_embeddings.weight"),
+        # Step-3.7 (vision-language; its text model is Step-3.5's): experts stacked per
+        # projection under moe., a sigmoid router with its bias beside, SiLU clamped per layer
+        # after the activation; the text model below model. as on its own. The original
+        # config's keys (moe_num_experts, moe_top_k) and transformers 5's are both read.
+        Family(model_type="step3p7", experts_keys=("moe_num_experts", "n_routed_experts"),
+               experts=Stacked("moe.gate_proj.weight", "moe.up_proj.weight",
+                               "moe.down_proj.weight"),
+               router="moe.gate.weight", router_bias="moe.router_bias",
+               top_k_mirrors=("moe_top_k",), scoring="sigmoid",
+               activation=silu_clamped_per_layer, text_config_key="text_config",
+               wrapper_mapping="step3p7"),
+        # Gemma 4 (26B-A4B): every layer's MLP beside a MoE block that is the decoder layer
+        # itself (router and experts on the layer); the router reads the residual through its
+        # own norm and scale, the experts a normed copy; GeGLU experts fused as transformers
+        # stores them; each routed weight times the expert's per_expert_scale.
+        *[Family(model_type=model_type, experts_keys=("num_experts",),
+                 experts=Fused("experts.gate_up_proj", "experts.down_proj"),
+                 router="router.proj.weight", router_bias="router.per_expert_scale",
+                 top_k_key="top_k_experts", activation=gelu_tanh, router_module="router",
+                 **wrapper)
+          for model_type, wrapper in [
+              ("gemma4_text", {}),
+              ("gemma4", dict(text_config_key="text_config",
+                              text_prefix="model.language_model."))]],
+        # Lara-4-Mini: gated-DeltaNet layers (their fused in_proj split by transformers on
+        # loading) beside attention, a shared expert, experts fused as transformers stores them.
+        Family(model_type="lara_mini", experts_keys=("num_experts",),
+               experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+               router="mlp.gate.weight"),
+        # Mistral-Large-4 (vision-language) in Mistral's own format, which transformers reads
+        # by the wrapper's renamings: layers.{L}.experts.{e}.w1/w3/w2, layers.{L}.gate,
+        # tok_embeddings, output; MLA with an indexer, softmax routing groups (Mistral-4's).
+        Family(model_type="mistral_large4", experts_keys=("n_routed_experts",),
+               experts=PerExpert(_mlp("experts.{expert}", "w1", "w3", "w2")),
+               router="gate.weight", routing_groups=DEEPSEEK_V3_GROUPS,
+               text_config_key="text_config", text_prefix="",
+               embedding_name="tok_embeddings.weight", wrapper_mapping="mistral_large4",
+               carried="prev_topk_indices", unsupported=_shared_keys_and_values),
+        # DeepSeek-OCR-2 and Unlimited-OCR: a DeepSeek-V2-style text model (softmax routing,
+        # shared experts) below model. beside SAM and a second vision encoder.
+        *[Family(model_type=model_type, experts_keys=("n_routed_experts",),
+                 experts=_per_expert("mlp"), router="mlp.gate.weight",
+                 routing_groups=group_limited("topk_method", "group_limited_greedy"),
+                 text_config_key="text_config")
+          for model_type in ("deepseek_ocr2", "unlimited_ocr")],
+        # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
+        # scores without a correction bias, the experts fused as transformers 5 stores them.
+        Family(model_type="mistral4", experts_keys=("n_routed_experts",),
+               experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+               router="mlp.gate.weight", routing_groups=DEEPSEEK_V3_GROUPS),
         Family(model_type="minimax_m2", experts_keys=("num_local_experts",),
                experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
                router="block_sparse_moe.gate.weight",
@@ -365,7 +486,7 @@ FAMILIES: dict[str, Family] = {
         # Gated-DeltaNet linear-attention layers beside full attention: transformers' modules.
         Family(model_type="qwen3_next", experts_keys=("num_experts",),
                experts=_per_expert("mlp"), router="mlp.gate.weight",
-               mtp=_qwen_mtp("num_nextn_predict_layers")),
+               mtp=qwen_mtp("num_nextn_predict_layers")),
         # GPT-OSS: experts fused as x @ W with gate/up interleaved and biases, a clamped
         # SwiGLU, a router bias. The Hub's MXFP4 matrices are read as these weights
         # (quantization.Mxfp4 dequantizes to the transpose of what it stores).
@@ -398,12 +519,16 @@ FAMILIES: dict[str, Family] = {
                               text_prefix="language_model.model.",
                               head_prefix="language_model."))]],
         # A vision-language wrapper; the official checkpoints fuse the experts, re-saves (and
-        # MTP layers) store them per expert: each layer is written back as it was read.
-        Family(model_type="qwen3_5_moe", experts_keys=("num_experts",),
-               experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
-               other_layouts=(_per_expert("mlp"),), router="mlp.gate.weight",
-               text_config_key="text_config", text_prefix="model.language_model.",
-               mtp=_qwen_mtp("mtp_num_hidden_layers")),
+        # MTP layers) store them per expert: each layer is written back as it was read. Its
+        # text model on its own (qwen3_5_moe_text) likewise, below model.
+        *[Family(model_type=model_type, experts_keys=("num_experts",),
+                 experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+                 other_layouts=(_per_expert("mlp"),), router="mlp.gate.weight",
+                 mtp=qwen_mtp("mtp_num_hidden_layers"), **wrapper)
+          for model_type, wrapper in [
+              ("qwen3_5_moe", dict(text_config_key="text_config",
+                                   text_prefix="model.language_model.")),
+              ("qwen3_5_moe_text", {})]],
     ]
 }
 
@@ -412,6 +537,8 @@ def family_for(config: dict) -> Family:
     """The family of config.json's model_type, after its values are checked (config_checks)."""
     check_model_type(config)
     model_type = config.get("model_type")
+    if model_type in REFUSED:
+        raise UserError(f"model_type {model_type!r} is not supported: {REFUSED[model_type]}")
     if model_type not in FAMILIES:
         raise UserError(f"model_type {model_type!r} is not a supported MoE family "
                         f"(supported: {supported_families()})")

@@ -2,7 +2,7 @@
 Qwen3-Next's and Qwen3.5's mtp.layers.0.
 
 Such a checkpoint stores a full MoE decoder layer with as many routed experts as the others
-(families.MtpLayout says where) beside the MTP layer's own tensors: two norms, a projection and
+(layouts.MtpLayout says where) beside the MTP layer's own tensors: two norms, a projection and
 an output norm (DeepSeek, GLM: enorm, hnorm, eh_proj, shared_head.norm beside the layer at
 `model.layers.{L}.`, L = num_hidden_layers, and in some checkpoints copies of the embedding and
 the LM head; Qwen: mtp.pre_fc_norm_embedding, mtp.pre_fc_norm_hidden, mtp.fc, mtp.norm outside

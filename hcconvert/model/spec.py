@@ -12,7 +12,8 @@ from ..errors import UserError
 from ..io.quantization import quant_format
 from ..io.source import Checkpoint, open_checkpoint
 from .decoder import Decoder
-from .families import Family, RoutingGroups, family_for
+from .families import Family, family_for
+from .layouts import RoutingGroups
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,14 @@ class ModelSpec:
             hidden=_required(text, "hidden_size"),
             num_experts=text[family.experts_key(config)],
             ffn=_required(text, family.ffn_key),
-            routing=Routing(_required(text, family.top_k_key), family.scoring,
+            routing=Routing(_top_k(text, family), family.scoring_of(text),
                             family.routing_groups(text)),
             moe_layers=tuple(i for i in range(layers) if decoder.moe_block(i) is not None),
             mtp_layers=tuple(range(layers, layers + _mtp_count(text, family))),
         )
+        unsupported = family.unsupported(text)
+        if unsupported is not None:
+            raise UserError(f"config.json: {unsupported}")
         if not 1 <= spec.top_k <= spec.num_experts:
             raise UserError(f"config.json asks for top-{spec.top_k} routing over "
                             f"{spec.num_experts} experts")
@@ -128,6 +132,13 @@ def _mtp_count(text: dict, family: Family) -> int:
     (Qwen3-Next's config.json has no count; vLLM assumes one)."""
     count = text.get(family.mtp.count_key)
     return family.mtp.default_count if count is None else count or 0
+
+
+def _top_k(text: dict, family: Family) -> int:
+    top_k = family.top_k_of(text)
+    if top_k is None:
+        raise UserError(f"config.json has no {family.top_k_key}")
+    return top_k
 
 
 def _required(config: dict, key: str):

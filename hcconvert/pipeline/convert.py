@@ -258,11 +258,13 @@ class LayerPipeline:
                                    activation_sums=("output" in self.needs
                                                     and self.device.type == "cpu"))
             module = self.decoder.build_layer(layer, tensors, RoutedExperts(experts, record))
+            self.decoder.record_router_inputs(module, record)
             layer_input = stream.hidden.clone() if self.propagator is not None else None
             stream.advance(layer, module)
             del module
         with self.timer.stage("statistics"):
             x, selected = record.routing()
+            router_x = record.router_inputs(x)
             router = {s: dense[s].to(self.device) for s in router_suffixes(spec)}
             stats = collect_layer_stats(x, selected, router[family.router], experts,
                                         self.needs, self.seed, record)
@@ -270,7 +272,7 @@ class LayerPipeline:
         for reducer in self.reducers:
             reduced_router, merged, produced = reducer.reduce(
                 layer, raw, router, experts, x, stats, matcher, self.routing(layer, tensors),
-                record.outputs)
+                record.outputs, router_x)
             background.submit(functools.partial(reducer.write_layer, layer, raw, produced))
             if reducer is self.propagator:
                 with self.timer.stage("forward"):
@@ -285,7 +287,8 @@ class LayerPipeline:
         if any(layer in reducer.plan.requantized for reducer in self.reducers):
             return
         prefixes = self.spec.family.stored_layout(raw).prefixes()
-        for name in [name for name in raw if name.startswith(prefixes)]:
+        router = set(router_suffixes(self.spec))  # some families keep a bias among the experts
+        for name in [n for n in raw if n.startswith(prefixes) and n not in router]:
             del raw[name]
 
     def expert_chunk(self, layer: int) -> int | None:

@@ -43,7 +43,7 @@ def reduced_config(config: dict, family: Family, experts: int, top_k: int) -> di
     for key in family.experts_keys:
         if key in text:
             text[key] = experts
-    if top_k < text[family.top_k_key]:  # checks.check_experts has said so
+    if top_k < family.top_k_of(text):  # checks.check_experts has said so
         for key in (family.top_k_key, *family.top_k_mirrors):
             if key in text:
                 text[key] = top_k

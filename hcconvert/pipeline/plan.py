@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import UserError
+import torch
+
+from ..errors import UserError, first_line
 from ..io.source import Checkpoint
 from ..io.storage import Shape, Storage
 from ..io.tensors import OutputTensor
 from ..model.decoder import Decoder
-from ..model.families import ExpertLayout
+from ..model.layouts import ExpertLayout
 from ..model.spec import ModelSpec
 
 
@@ -54,8 +56,7 @@ class Plan:
 
 def router_suffixes(spec: ModelSpec) -> list[str]:
     """The router tensors a reduction gives one row (or entry) per remaining expert."""
-    family = spec.family
-    return [family.router] + ([family.router_bias] if family.router_bias else [])
+    return list(spec.family.router_tensors)
 
 
 def moe_suffixes(spec: ModelSpec, layout: ExpertLayout, count: int) -> list[str]:
@@ -97,6 +98,7 @@ def validate_tensors(ckpt: Checkpoint, spec: ModelSpec,
     decoder = spec.decoder()
     every = storage.logical(ckpt.tensors, ckpt.tensors)
     _check_globals(every, decoder)
+    _refuse_experts_outside_layers(spec, ckpt.tensors)
     per_layer = _names_by_layer(ckpt, spec)
     for layer, names in enumerate(per_layer):
         own = _check_mtp_tensors(every, spec, decoder, layer) if layer in spec.mtp_layers \
@@ -105,6 +107,17 @@ def validate_tensors(ckpt: Checkpoint, spec: ModelSpec,
         _check_layer({n: info for n, info in tensors.items() if n not in own}, spec, decoder,
                      layer)
     return per_layer
+
+
+def _refuse_experts_outside_layers(spec: ModelSpec, names) -> None:
+    """Routed experts outside every layer the family reduces (a multi-token-prediction layer
+    stored where the family does not say, as mtp.*) would be copied with E experts into an
+    R-expert checkpoint: refused by name."""
+    stray = next((name for name in spec.global_names(names) if ".experts." in name), None)
+    if stray is not None:
+        raise UserError(f"tensor {stray} holds routed experts outside the decoder layers "
+                        f"hcconvert reduces for {spec.family.model_type}: a copy would keep "
+                        f"{spec.num_experts} experts there")
 
 
 def _check_globals(tensors: dict[str, tuple[str, Shape]], decoder: Decoder) -> None:
@@ -151,23 +164,54 @@ def _check_layer(tensors: dict[str, tuple[str, Shape]], spec: ModelSpec, decoder
     expected = decoder.expected_tensors(layer)
     layout = stored_layout(spec, layer, list(tensors))
     experts = _expert_shapes(spec, layout) if spec.reduces(layer) else {}
+    stored = {name.removeprefix(prefix): name for name in tensors
+              if name.removeprefix(prefix) not in experts}
+    plain, groups = decoder.conversions(text_prefix, stored)
     found = set()
-    for name in tensors:
-        suffix = name.removeprefix(prefix)
-        if suffix in experts:
-            continue
-        module = decoder.module_name(text_prefix + suffix).removeprefix(module_prefix)
-        if module not in expected:
-            raise UserError(f"tensor {name} is not part of a {spec.family.model_type} layer "
-                            "as config.json describes it")
-        _check_shape(tensors, name, expected[module][0])
+    for suffix, module in plain.items():
+        module = module.removeprefix(module_prefix)
+        _check_module(spec, stored[suffix], module, expected)
+        _check_shape(tensors, stored[suffix], expected[module][0])
         found.add(module)
+    for joined in groups:
+        found |= _check_joined(spec, decoder, joined, {s: stored[s] for s in joined.names},
+                               tensors, module_prefix, expected)
     missing = sorted(set(expected) - found)
     if missing:
         stored = decoder.disk_name(module_prefix + missing[0]).removeprefix(text_prefix)
         raise UserError(f"tensor {prefix + stored} is missing from the checkpoint")
     if experts:
         _check_experts(tensors, prefix, experts, layout.biases)
+
+
+def _check_module(spec: ModelSpec, name: str, module: str, expected: dict) -> None:
+    if module not in expected:
+        raise UserError(f"tensor {name} is not part of a {spec.family.model_type} layer "
+                        "as config.json describes it")
+
+
+def _check_joined(spec: ModelSpec, decoder: Decoder, joined, names: dict[str, str],
+                  tensors: dict[str, tuple[str, Shape]], module_prefix: str,
+                  expected: dict) -> set[str]:
+    """Stored tensors transformers joins or splits on loading (names: stored name below the
+    layer -> full name) make the modules' tensors with their shapes; returns those modules."""
+    meta = {suffix: torch.empty(tensors[name][1], device="meta")
+            for suffix, name in names.items()}
+    listed = ", ".join(names.values())
+    try:
+        made = decoder.convert(joined, meta)
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise UserError(f"tensors {listed} do not make the "
+                        f"{spec.family.model_type} layer's tensors: {first_line(err)}") from None
+    modules = set()
+    for full, tensor in made.items():
+        module = full.removeprefix(module_prefix)
+        _check_module(spec, listed, module, expected)
+        if tuple(tensor.shape) != expected[module][0]:
+            raise UserError(f"tensors {listed} make {module} of shape {list(tensor.shape)}, "
+                            f"expected {list(expected[module][0])} from config.json")
+        modules.add(module)
+    return modules
 
 
 def _check_mtp_tensors(tensors: dict[str, tuple[str, Shape]], spec: ModelSpec,

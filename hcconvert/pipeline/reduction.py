@@ -26,7 +26,7 @@ from ..methods.ream import cosine_distance, floored, official_distance, pseudo_g
 from ..methods.router import reduce_router, reduce_router_bias
 from ..methods.statistics import LayerStats, group_logsumexp_gram
 from ..model.experts import Experts
-from ..model.families import ExpertLayout, PerExpert
+from ..model.layouts import ExpertLayout, PerExpert
 from .options import ConvertOptions
 from .plan import stored_layout
 from .recipes import Reduction
@@ -107,14 +107,16 @@ class Reducer:
     def reduce(self, layer: int, stored: Mapping[str, torch.Tensor],
                router: dict[str, torch.Tensor], experts: Experts, x: torch.Tensor,
                stats: LayerStats, matcher: NeuronMatcher, routing: Routing,
-               target: torch.Tensor | None = None):
+               target: torch.Tensor | None = None, router_x: torch.Tensor | None = None):
         """One MoE layer: the new router tensors (by their names below the layer) and experts
         (on the compute device), and the tensors to write (by full name, on the CPU).
         stored: the layer's tensors as stored, by their names below the layer;
         router: the router's weight and per-expert bias, by their names below the layer;
-        target: the original layer's routed-expert output on x, for the layer fit."""
+        target: the original layer's routed-expert output on x, for the layer fit;
+        router_x: what the router read for each row of x, where it is not x (Gemma 4's)."""
+        router_x = x if router_x is None else router_x
         choice, best, tried = self.best_reduction(layer, experts, x, router, stats, matcher,
-                                                  routing, target)
+                                                  routing, target, router_x)
         with self.timer.stage("requantize" if layer in self.plan.requantized else "reduce"):
             produced, requantization = self.stored_tensors(layer, best, experts, stored)
             self.conversion.layers.append(
@@ -133,7 +135,8 @@ class Reducer:
 
     def best_reduction(self, layer: int, experts: Experts, x: torch.Tensor, router: dict,
                        stats: LayerStats, matcher: NeuronMatcher, routing: Routing,
-                       target: torch.Tensor | None) -> tuple[str, Reduced, dict]:
+                       target: torch.Tensor | None,
+                       router_x: torch.Tensor) -> tuple[str, Reduced, dict]:
         """The candidate whose reduced layer reproduces the original's output best on the
         held-out calibration tokens (the only candidate, without --method auto), and each
         candidate's held-out errors by name."""
@@ -147,7 +150,7 @@ class Reducer:
                 continue
             seen.append((name, reduction, groups))
             reduced = self.reduce_with(name, reduction, groups, experts, x, router, target,
-                                       stats, matcher, routing)
+                                       stats, matcher, routing, router_x)
             tried[name] = reduced.fit.to_json() if reduced.fit else {}
             if best is None or reduced.fit.error < best[1].fit.error:
                 best = name, reduced  # only the best so far stays in memory
@@ -156,7 +159,7 @@ class Reducer:
     def reduce_with(self, name: str, reduction: Reduction, groups: list[list[int]],
                     experts: Experts, x: torch.Tensor, router: dict,
                     target: torch.Tensor | None, stats: LayerStats, matcher: NeuronMatcher,
-                    routing: Routing) -> Reduced:
+                    routing: Routing, router_x: torch.Tensor) -> Reduced:
         """One candidate reduction of the layer with its groups: merged experts, router, and
         with layer_fit the down projections refitted to the original layer's output target."""
         family = self.spec.family
@@ -166,7 +169,7 @@ class Reducer:
                        else stats.counts)
             merged = merge_experts(experts, groups, weights, reduction.merge, matcher)
             weight = router[family.router]
-            gram, cross = self.router_gram(reduction, x, weight, groups)
+            gram, cross = self.router_gram(reduction, router_x, weight, groups)
             reduced = {family.router: reduce_router(weight, groups, stats.counts,
                                                     reduction.router, gram, cross)}
             if family.router_bias is not None:
@@ -177,7 +180,8 @@ class Reducer:
         if target is None:
             raise ValueError("the layer fit needs the original layer's output")
         with self.timer.stage(f"fit {name}"):
-            fitted, report = fit_layer(x, target, merged, routing(reduced, len(groups)))
+            fitted, report = fit_layer(x, target, merged, routing(reduced, len(groups)),
+                                       router_x=router_x)
         return Reduced(groups, reduced, fitted, report)
 
     def router_gram(self, reduction: Reduction, x: torch.Tensor, router: torch.Tensor,
@@ -255,9 +259,8 @@ def unchanged_weights(layout: ExpertLayout, groups: list[list[int]], merged: Exp
     for new, group in enumerate(groups):
         if len(group) != 1:
             continue
-        for template, after, before in zip(
-                layout.names.all(), (merged.gate, merged.up, merged.down),
-                (original.gate, original.up, original.down), strict=True):
+        for (template, after), (_, before) in zip(layout.names.stacked(merged),
+                                                  layout.names.stacked(original), strict=True):
             if torch.equal(after[new], before[group[0]]):
                 found[prefix + template.format(expert=new)] = \
                     prefix + template.format(expert=group[0])
