@@ -1,6 +1,6 @@
-"""One MoE layer at a real model's expert shape, phase by phase, for each method.
+"""MoE layers at a real model's expert shape, phase by phase, for each method.
 
-Builds a one-layer Mixtral-style checkpoint whose MoE layer has the expert shape of a real
+Builds a two-layer Mixtral-style checkpoint whose MoE layers have the expert shape of a real
 model (random bf16 weights; --experts-like random or sharing a base, as upcycled and real
 experts do), converts it in a fresh process per method, and prints each phase's seconds (the
 pipeline's own stage timer), the peak host memory, and the --dry-run estimate of both.
@@ -69,37 +69,45 @@ def random(generator: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=generator) / shape[-1] ** 0.5
 
 
-def build(directory: Path, shape: str, base: str, scale: int) -> tuple[int, int]:
-    """The one-layer checkpoint; returns the experts it has and how many to keep."""
+def build(directory: Path, shape: str, base: str, scale: int,
+          layers: int = 2) -> tuple[int, int]:
+    """The checkpoint: `layers` MoE layers of the shape (two, so that reading the next layer
+    and writing the last overlap a layer's compute as in a real model); returns the experts
+    each has and how many to keep."""
     hidden, ffn, experts, top_k, kept, heads, kv_heads = SHAPES[shape]
     experts, kept = experts // scale, kept // scale
     directory.mkdir(parents=True)
     vocab = write_tokenizer(directory)
     gen = torch.Generator().manual_seed(0)
     head_dim = hidden // heads
-    prefix = "model.layers.0."
     tensors = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=gen),
                "model.norm.weight": torch.ones(hidden),
-               "lm_head.weight": random(gen, vocab, hidden),
-               prefix + "input_layernorm.weight": torch.ones(hidden),
-               prefix + "post_attention_layernorm.weight": torch.ones(hidden),
-               prefix + "self_attn.q_proj.weight": random(gen, hidden, hidden),
-               prefix + "self_attn.k_proj.weight": random(gen, kv_heads * head_dim, hidden),
-               prefix + "self_attn.v_proj.weight": random(gen, kv_heads * head_dim, hidden),
-               prefix + "self_attn.o_proj.weight": random(gen, hidden, hidden),
-               prefix + "block_sparse_moe.gate.weight": random(gen, experts, hidden) * 4}
-    shared = {name: random(gen, *dims) for name, dims in
-              (("w1", (ffn, hidden)), ("w3", (ffn, hidden)), ("w2", (hidden, ffn)))}
-    for e in range(experts):
-        for name, dims in (("w1", (ffn, hidden)), ("w3", (ffn, hidden)), ("w2", (hidden, ffn))):
-            own = random(gen, *dims)
-            weight = shared[name] + 0.3 * own if base == "shared" else own
-            tensors[f"{prefix}block_sparse_moe.experts.{e}.{name}.weight"] = weight
+               "lm_head.weight": random(gen, vocab, hidden)}
+    for layer in range(layers):
+        prefix = f"model.layers.{layer}."
+        tensors.update({
+            prefix + "input_layernorm.weight": torch.ones(hidden),
+            prefix + "post_attention_layernorm.weight": torch.ones(hidden),
+            prefix + "self_attn.q_proj.weight": random(gen, hidden, hidden),
+            prefix + "self_attn.k_proj.weight": random(gen, kv_heads * head_dim, hidden),
+            prefix + "self_attn.v_proj.weight": random(gen, kv_heads * head_dim, hidden),
+            prefix + "self_attn.o_proj.weight": random(gen, hidden, hidden),
+            prefix + "block_sparse_moe.gate.weight": random(gen, experts, hidden) * 4})
+        shared = {name: random(gen, *dims) for name, dims in
+                  (("w1", (ffn, hidden)), ("w3", (ffn, hidden)), ("w2", (hidden, ffn)))}
+        for e in range(experts):
+            for name, dims in (("w1", (ffn, hidden)), ("w3", (ffn, hidden)),
+                               ("w2", (hidden, ffn))):
+                own = random(gen, *dims)
+                weight = shared[name] + 0.3 * own if base == "shared" else own
+                # bf16 at once: two layers of Mixtral's experts in fp32 would hold 11 GB
+                tensors[f"{prefix}block_sparse_moe.experts.{e}.{name}.weight"] = weight.to(
+                    torch.bfloat16)
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()},
               str(directory / "model.safetensors"), metadata={"format": "pt"})
     config = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
               "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": ffn,
-              "num_hidden_layers": 1, "num_attention_heads": heads,
+              "num_hidden_layers": layers, "num_attention_heads": heads,
               "num_key_value_heads": kv_heads, "num_local_experts": experts,
               "num_experts_per_tok": top_k, "rope_theta": 1e6, "rms_norm_eps": 1e-5,
               "max_position_embeddings": 4096, "hidden_act": "silu",

@@ -30,6 +30,7 @@ from hcconvert.errors import UserError
 from hcconvert.model import experts as experts_module
 from hcconvert.model.families import FAMILIES
 from hcconvert.model.spec import open_source
+from hcconvert.model.tokenizer import embedding_rows
 from hcconvert.pipeline.checks import plan_for
 from hcconvert.pipeline.convert import convert
 from hcconvert.pipeline.options import ConvertOptions
@@ -428,6 +429,21 @@ def as_kimi_k25(src, directory):
     for side in src.glob("tokenizer*"):
         shutil.copy(side, directory / side.name)
     return directory
+
+
+@pytest.mark.parametrize("name", [*CASES, "kimi_k25"])
+def test_the_token_id_check_finds_every_familys_embedding(tmp_path, name):
+    """Calibration refuses token ids beyond the embedding table only if it finds the table:
+    under the family's own name (Llama-4's and Qwen3.5's language_model., Kimi-K2.5's)."""
+    if name == "kimi_k25":
+        src = as_kimi_k25(save_family_model(CASES["deepseek_v3"], tmp_path / "v3"),
+                          tmp_path / "src")
+    else:
+        src = save_family_model(CASES[name], tmp_path / "src")
+    ckpt, _ = open_source(str(src))
+    embedding = next(t for n, t in load_all(src).items() if n == FAMILIES[
+        json.loads((src / "config.json").read_text())["model_type"]].embedding)
+    assert embedding_rows(ckpt) == embedding.shape[0]
 
 
 @pytest.mark.parametrize("int4", [False, True])

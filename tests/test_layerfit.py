@@ -101,6 +101,23 @@ def test_what_the_fit_keeps_between_rounds_changes_nothing(layer, monkeypatch, c
     torch.testing.assert_close(kept_down, recomputed, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("tokens", [T, 300])  # experts with more tokens than neurons, and fewer
+def test_the_dual_form_fits_what_the_primal_form_fits(layer, monkeypatch, tokens):
+    """The dual form works on coefficients of AᵀC and never forms the change to the down
+    projection until the end; its fit and held-out errors equal the primal form's."""
+    x, router, experts, target = layer
+    small_router, survivors = kept(router, experts, [0, 2, 5, 7])
+    x, target = x[:tokens], target[:tokens]
+    found = {}
+    for form in (True, False):
+        monkeypatch.setattr(layerfit, "dual_form", lambda n, ffn, form=form: form)
+        found[form] = fit_layer(x, target, survivors, top2(small_router))
+    (dual, dual_report), (primal, primal_report) = found[True], found[False]
+    assert dual_report.ridge == primal_report.ridge and dual_report.fitted
+    assert dual_report.error_after == pytest.approx(primal_report.error_after, rel=1e-3)
+    torch.testing.assert_close(dual.down, primal.down, atol=1e-4, rtol=1e-3)
+
+
 def test_held_out_error_is_reported_and_the_fit_kept_only_when_it_helps(layer):
     x, router, experts, target = layer
     small_router, survivors = kept(router, experts, [1, 3, 4, 6])
@@ -163,8 +180,9 @@ def test_what_the_fit_holds_stays_within_the_estimates_bound(layer, tokens):
     rule = top2(router[:4])
     cut = int(tokens * (1 - HOLDOUT_FRACTION))
     fit = layerfit._DownFit(x[:cut], torch.randn(cut, H), wide, layerfit._routed(*rule(x[:cut])))
-    held = sum(s.gram.gram.numel() * 4 for s in fit.systems.values()) + sum(
+    held = sum(s.system.gram.numel() * 4 for s in fit.systems.values()) + sum(
         r.kept.numel() * 4 for r in fit.routed.values() if r.kept is not None)
-    largest = max(s.gram.gram.numel() * 4 for s in fit.systems.values())
-    assert any(s.dual for s in fit.systems.values()) == (tokens == 300)
-    assert 0 < held + largest <= layerfit.fit_bytes(tokens, 2, 4, 4 * F * 10)
+    largest = max(s.system.gram.numel() * 4 for s in fit.systems.values())
+    dual = [isinstance(s, layerfit._Dual) for s in fit.systems.values()]
+    assert any(dual) == (tokens == 300)
+    assert 0 < held + largest <= layerfit.fit_bytes(tokens, 2, 4, 4 * F * 10, H)

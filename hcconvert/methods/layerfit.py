@@ -8,9 +8,12 @@ calibration tokens. With the reduced layer's routing held fixed, its output
 is linear in every expert's down projection, so block coordinate descent solves it exactly one
 expert at a time: for expert r, with the others fixed, the tokens routed to r must supply the
 residual y_t − ŷ_t + (r's current contribution), a ridge least-squares problem in down_r
-(lstsq.py: fp32 Cholesky, in the dual form when the expert has fewer tokens than neurons). The
-ridge pulls towards the unfitted down projection, so directions calibration never excites stay
-as they were. A few rounds settle the tokens that two fitted experts share.
+(lstsq.py: fp32 Cholesky). The ridge pulls towards the unfitted down projection, so directions
+calibration never excites stay as they were. A few rounds settle the tokens that two fitted
+experts share. An expert with fewer routed tokens n than neurons F (a reduced calibration, or
+Mixtral's F = 14336) is solved in the dual form, where each change to its down projection is
+AᵀC: its rounds cost n²H instead of nFH, and F enters only in forming A, AAᵀ and, once, the
+fitted projection.
 
 The calibration tokens are split: the fit sees the first part, the rest is held out. The ridge
 is chosen per layer on the held-out tokens from RIDGES, and the fitted weights are kept only
@@ -146,35 +149,78 @@ def layer_output(x: torch.Tensor, experts: Experts, route: Route) -> torch.Tenso
     return out
 
 
-class _System:
-    """Expert e's ridge system over its routed fit tokens: the Gram matrix of A in the
-    smaller form (AᵀA [F, F], or AAᵀ [n, n] with A kept when n < F)."""
+def dual_form(tokens: int, ffn: int) -> bool:
+    """Whether an expert with this many fit tokens is solved in the dual form."""
+    return tokens < ffn
+
+
+class _Primal:
+    """Expert e's fit with at least as many routed tokens n as neurons F: AᵀA [F, F] is formed
+    once over token chunks, and the state is the change D [F, H] to its down projection
+    (transposed). A is kept within the budget, else recomputed each round."""
 
     def __init__(self, x, experts: Experts, at: int, routed: _Routed, budget: list[int]):
         ffn = experts.up.shape[1]
-        self.dual = routed.token.numel() < ffn
-        # In the dual form A is smaller than the primal Gram matrix would be: always kept.
-        routed.keep(x, experts, at, budget, always=self.dual)
-        if self.dual:
-            self.gram = RidgeSystem(routed.kept @ routed.kept.T, unknowns=ffn)
-            return
+        routed.keep(x, experts, at, budget)
         gram = torch.zeros(ffn, ffn, device=x.device)
         for _, a in routed.activations(x, experts, at):
             gram += a.T @ a
-        self.gram = RidgeSystem(gram)
+        self.system = RidgeSystem(gram)
 
-    def change(self, x, experts: Experts, at: int, routed: _Routed, residual: torch.Tensor,
-               offset: torch.Tensor, ridge: float) -> torch.Tensor:
-        """D [F, H] minimising ||A D − (residual + A offset)||² + λ||D||² (offset = the
-        current down − the unfitted one, transposed; residual [n, H] on routed's tokens)."""
-        if self.dual:
-            a = routed.kept
-            return a.T @ self.gram.solve(residual + a @ offset, ridge)
-        rhs = self.gram.gram @ offset
+    def start(self, hidden: int) -> torch.Tensor:
+        return torch.zeros(self.system.gram.shape[0], hidden, device=self.system.gram.device)
+
+    def step(self, x, experts: Experts, at: int, routed: _Routed, change: torch.Tensor,
+             residual: torch.Tensor, ridge: float, predicted: torch.Tensor) -> torch.Tensor:
+        """The change minimising ||A D − (residual + A change)||² + λ||D||², with predicted
+        (the layer's output) updated by A (D − change)."""
+        rhs = self.system.gram @ change
         for part, a in routed.activations(x, experts, at):
-            rows = torch.searchsorted(routed.token, part)
-            rhs += a.T @ residual[rows]
-        return self.gram.solve(rhs, ridge)
+            rhs += a.T @ residual[torch.searchsorted(routed.token, part)]
+        solved = self.system.solve(rhs, ridge)
+        routed.add_output(predicted, x, experts, at, (solved - change).T)
+        return solved
+
+    def add_held_out(self, out, held: _Routed, x, experts: Experts, at: int,
+                     change: torch.Tensor) -> None:
+        held.add_output(out, x, experts, at, change.T)
+
+    def down(self, unfitted: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        return unfitted + change.T
+
+
+class _Dual:
+    """Expert e's fit with fewer routed tokens n than neurons F: every change to its down
+    projection is AᵀC for coefficients C [n, H] (the dual solution), so a round works on
+    AAᵀ [n, n] and [n, H] matrices only and never on F; A [n, F] is kept to form the down
+    projection once, at the end, and the held-out tokens' K = A_held Aᵀ [n_held, n] once."""
+
+    def __init__(self, x, experts: Experts, at: int, routed: _Routed, budget: list[int]):
+        routed.keep(x, experts, at, budget, always=True)
+        self.a = routed.kept
+        self.system = RidgeSystem(self.a @ self.a.T, unknowns=experts.up.shape[1])
+        self.held: torch.Tensor | None = None
+
+    def start(self, hidden: int) -> torch.Tensor:
+        return torch.zeros(self.a.shape[0], hidden, device=self.a.device)
+
+    def step(self, x, experts: Experts, at: int, routed: _Routed, coefficients: torch.Tensor,
+             residual: torch.Tensor, ridge: float, predicted: torch.Tensor) -> torch.Tensor:
+        """C' = (AAᵀ + λI)⁻¹ (residual + AAᵀ C), the dual of _Primal.step; predicted gains
+        AAᵀ (C' − C) on the expert's tokens."""
+        gram = self.system.gram
+        solved = self.system.solve(residual + gram @ coefficients, ridge)
+        predicted.index_add_(0, routed.token, gram @ (solved - coefficients))
+        return solved
+
+    def add_held_out(self, out, held: _Routed, x, experts: Experts, at: int,
+                     coefficients: torch.Tensor) -> None:
+        if self.held is None:
+            self.held = torch.cat([a @ self.a.T for _, a in held.activations(x, experts, at)])
+        out.index_add_(0, held.token, self.held @ coefficients)
+
+    def down(self, unfitted: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        return unfitted + coefficients.T @ self.a
 
 
 def fit_down(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Route,
@@ -183,45 +229,63 @@ def fit_down(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Rou
     layer (its experts, routing fixed by route) reproduce target [T, H] on x [T, H]; ridge
     towards experts.down, relative to each Gram matrix's mean diagonal."""
     fit = _DownFit(x, target, experts, _routed(*route(x)))
-    return fit.solve(ridge, rounds)[0]
+    return fit.down(fit.solve(ridge, rounds))
+
+
+@dataclass
+class _FitState:
+    """Where block coordinate descent stands: each expert's change (D or C) and the layer's
+    output with them on the fit tokens."""
+
+    changes: dict[int, torch.Tensor]
+    predicted: torch.Tensor
+
+    def copy(self) -> _FitState:
+        return _FitState({e: c.clone() for e, c in self.changes.items()}, self.predicted.clone())
 
 
 class _DownFit:
-    """The normal equations of every routed expert, formed once for all ridges."""
+    """The normal equations of every routed expert, formed once for all ridges and rounds."""
 
     def __init__(self, x, target, experts: Experts, routed: dict[int, _Routed]):
         self.x, self.target, self.experts, self.routed = x, target, experts, routed
         budget = [FIT_KEEP_BYTES]
-        self.systems = {e: _System(x, chunk, at, routed[e], budget)
+        self.systems = {e: (_Dual if dual_form(routed[e].token.numel(), experts.up.shape[1])
+                            else _Primal)(x, chunk, at, routed[e], budget)
                         for chunk, places in experts.chunks(list(routed)) for e, at in places}
         self.unfitted = _routed_sum(x, experts, routed)  # the layer's output as reduced
 
     def solve(self, ridge: float, rounds: int = ROUNDS,
-              start: tuple[torch.Tensor, torch.Tensor] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block coordinate descent at one ridge, from the unfitted down projections or from
-        start, an earlier solve's result, which it goes on updating: (down [R, H, F], the
-        layer's output with them [T, H])."""
-        if start is None:
-            start = self.experts.down.float().clone(), self.unfitted.clone()
-        down, predicted = start
+              start: _FitState | None = None) -> _FitState:
+        """Block coordinate descent at one ridge, from the unfitted layer or from start (which
+        it updates)."""
+        state = start or _FitState({e: s.start(self.x.shape[1]) for e, s in self.systems.items()},
+                                   self.unfitted.clone())
         for _ in range(rounds):
             for chunk, places in self.experts.chunks(list(self.routed)):
                 for e, at in places:
-                    self._step(chunk, e, at, down, predicted, ridge)
-        return down, predicted
+                    routed = self.routed[e]
+                    residual = self.target[routed.token] - state.predicted[routed.token]
+                    state.changes[e] = self.systems[e].step(
+                        self.x, chunk, at, routed, state.changes[e], residual, ridge,
+                        state.predicted)
+        return state
 
-    def _step(self, chunk: Experts, e: int, at: int, down: torch.Tensor,
-              predicted: torch.Tensor, ridge: float) -> None:
-        """Expert e's down projection refitted with the others fixed; predicted updated."""
-        routed = self.routed[e]
-        unfitted = chunk.down[at].float()
-        current = down[e].to(self.x.device)
-        residual = self.target[routed.token] - predicted[routed.token]
-        offset = (current - unfitted).T
-        solved = self.systems[e].change(self.x, chunk, at, routed, residual, offset, ridge)
-        routed.add_output(predicted, self.x, chunk, at, (solved - offset).T)
-        down[e] = (unfitted + solved.T).to(down.device)
+    def held_out(self, x: torch.Tensor, held: dict[int, _Routed], unfitted: torch.Tensor,
+                 state: _FitState) -> torch.Tensor:
+        """The fitted layer's output on held-out tokens x, from their unfitted output."""
+        out = unfitted.clone()
+        for chunk, places in self.experts.chunks([e for e in held if e in self.systems]):
+            for e, at in places:
+                self.systems[e].add_held_out(out, held[e], x, chunk, at, state.changes[e])
+        return out
+
+    def down(self, state: _FitState) -> torch.Tensor:
+        """[R, H, F] fp32 down projections of the state (unchanged where no token went)."""
+        down = self.experts.down.float().clone()
+        for e, system in self.systems.items():
+            down[e] = system.down(down[e].to(self.x.device), state.changes[e]).to(down.device)
+        return down
 
 
 def fit_layer(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Route,
@@ -239,7 +303,8 @@ def fit_layer(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Ro
     for chunk, places in experts.chunks(list(held)):
         for e, at in places:
             held[e].keep(held_x, chunk, at, budget)
-    before = relative_error(_routed_sum(held_x, experts, held), held_y)
+    held_unfitted = _routed_sum(held_x, experts, held)
+    before = relative_error(held_unfitted, held_y)
     weights, index = route(router_x[:cut])
     per_expert = index.numel() // len(experts)
     if per_expert < MIN_FIT_TOKENS:
@@ -247,37 +312,38 @@ def fit_layer(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Ro
             f"{per_expert} fit tokens per kept expert, fewer than {MIN_FIT_TOKENS}"))
     fit = _DownFit(x[:cut], target[:cut], experts, _routed(weights, index))
 
-    def held_out_error(down: torch.Tensor) -> float:
-        return relative_error(_routed_sum(held_x, experts, held, down), held_y)
+    def held_out_error(state: _FitState) -> float:
+        return relative_error(fit.held_out(held_x, held, held_unfitted, state), held_y)
 
     # The ridge is chosen after one round (the later rounds move the held-out error in its
     # third digit, not the ranking of ridges: docs/BENCHMARKS.md); only it goes on.
     best = None
     for ridge in RIDGES:
-        down, predicted = fit.solve(ridge, rounds=1)
-        error = held_out_error(down)
+        state = fit.solve(ridge, rounds=1)
+        error = held_out_error(state)
         if best is None or error < best[0]:
-            best = error, ridge, down, predicted
-    error, ridge, down, predicted = best
+            best = error, ridge, state
+    error, ridge, state = best
     if ROUNDS > 1:
-        more, _ = fit.solve(ridge, ROUNDS - 1, start=(down.clone(), predicted))
-        error, down = min((error, down), (held_out_error(more), more), key=lambda p: p[0])
+        more = fit.solve(ridge, ROUNDS - 1, start=state.copy())
+        error, state = min((error, state), (held_out_error(more), more), key=lambda p: p[0])
     report = FitReport(before, error, error < before, ridge)
     if not report.fitted:
         return experts, report
-    return dataclasses.replace(experts, down=down.to(experts.down.dtype)), report
+    return dataclasses.replace(experts, down=fit.down(state).to(experts.down.dtype)), report
 
 
-def fit_bytes(tokens: int, top_k: int, experts: int, ffn: int) -> int:
+def fit_bytes(tokens: int, top_k: int, experts: int, ffn: int, hidden: int) -> int:
     """The most fit_layer holds for a layer fitted on `tokens` calibration tokens routed
     top_k over `experts` experts of `ffn` neurons, however unevenly they are routed: the
     Gram matrices (an expert's n tokens give min(n, F)² entries, n summing to the routed
-    slots), one factorisation, and the activations (an expert in the dual form keeps its
+    slots), one factorisation, the activations (an expert in the dual form keeps its
     [n, F], one in the primal form within FIT_KEEP_BYTES, the held-out tokens' within it
-    too)."""
+    too), and the fp32 down projections fitted and the prior they start from."""
     fit_tokens = int(tokens * (1 - HOLDOUT_FRACTION))
     slots, largest = fit_tokens * top_k, min(fit_tokens, ffn)
     grams = min(slots * largest, experts * ffn * ffn)
     kept = min(slots * ffn, FIT_KEEP_BYTES // 4 + experts * ffn * ffn)
     held_out = min((tokens - fit_tokens) * top_k * ffn, FIT_KEEP_BYTES // 4)
-    return 4 * (grams + largest * largest + kept + held_out)
+    down = 2 * experts * hidden * ffn
+    return 4 * (grams + largest * largest + kept + held_out + down)

@@ -106,6 +106,8 @@ def moe_layer_work(spec: ModelSpec, options: ConvertOptions, element: int,
     needs = frozenset().union(*(r.needs for r in options.reductions().values()))
     sums = every if "output" in needs else 0
     attention = 2 * tokens * 4 * hidden * hidden + 2 * tokens * options.seq_len * hidden
+    if sums and not gpu:  # the summing forward reuses the routed tokens' gate and up products
+        routed //= 3
     work = {"read": Work(reads=experts * expert_values * element),
             "forward": Work(products=attention + routed + (0 if gpu else sums),
                             copies=experts * expert_values * (element + 4)),
@@ -133,21 +135,32 @@ def _reduce_work(spec: ModelSpec, options: ConvertOptions, reduction, tokens: in
 
 
 def _fit_work(spec: ModelSpec, kept: int, tokens: int) -> Work:
-    """The layer fit: each kept expert's activations and Gram matrix once, then for every
-    ridge and round a factorisation and the products of one solve, and each ridge's held-out
-    output."""
+    """The layer fit (layerfit.py), each kept expert with n routed fit tokens: its activations
+    A and Gram matrix once (AᵀA in the primal form, n ≥ F; AAᵀ in the dual), then a round of
+    solves at every ridge and the chosen ridge's further rounds, each ridge's held-out output;
+    the dual form's rounds never touch F, the primal form recomputes the activations it could
+    not keep (FIT_KEEP_BYTES) in every round."""
     hidden, ffn, top_k = spec.hidden, spec.ffn, min(spec.top_k, kept)
     fit_tokens = int(tokens * (1 - layerfit.HOLDOUT_FRACTION))
-    held = tokens - fit_tokens
     n = max(1, fit_tokens * top_k // kept)
-    size = min(n, ffn)
-    solves = len(layerfit.RIDGES) * layerfit.ROUNDS * kept
-    once = kept * (4 * n * hidden * ffn + 2 * n * size * max(n, ffn))
-    per_solve = 6 * n * ffn * hidden + 2 * size * size * hidden
-    # the held-out activations once, then each ridge's output from them
-    held_out = held * top_k * (4 * hidden * ffn + len(layerfit.RIDGES) * 2 * ffn * hidden)
-    return Work(fp32_products=once + solves * per_solve + held_out,
-                factorisations=solves * size**3 / 3)
+    held = max(1, (tokens - fit_tokens) * top_k // kept)
+    steps = len(layerfit.RIDGES) + layerfit.ROUNDS - 1  # rounds, each a solve per expert
+    activations = 4 * hidden * ffn  # per token: gate and up
+    unfitted = 2 * (n + held) * ffn * hidden  # the reduced layer's output before the fit
+    if layerfit.dual_form(n, ffn):
+        once = (n + held) * activations + 2 * n * n * ffn + 2 * held * n * ffn \
+            + 2 * n * ffn * hidden
+        per_step = 6 * n * n * hidden
+        held_out = len(layerfit.RIDGES) * 2 * held * n * hidden
+        size = n
+    else:
+        unkept = 1 - min(1.0, layerfit.FIT_KEEP_BYTES / (kept * n * ffn * 4))
+        once = (n + held) * activations + 2 * n * ffn * ffn
+        per_step = 4 * n * ffn * hidden + 6 * ffn * ffn * hidden + unkept * n * activations
+        held_out = len(layerfit.RIDGES) * 2 * held * ffn * hidden
+        size = ffn
+    return Work(fp32_products=kept * (once + unfitted + steps * per_step + held_out),
+                factorisations=kept * steps * size**3 / 3)
 
 
 def layer_seconds(spec: ModelSpec, options: ConvertOptions, rates: Rates, element: int,
@@ -157,9 +170,16 @@ def layer_seconds(spec: ModelSpec, options: ConvertOptions, rates: Rates, elemen
             for phase, work in moe_layer_work(spec, options, element, gpu).items()}
 
 
+def last_write_work(spec: ModelSpec, options: ConvertOptions, element: int) -> Work:
+    """Writing the last layer's kept experts (each layer's write overlaps the next layer's
+    compute, the last one's does not): cast to the stored dtype, then written."""
+    values = options.experts * 3 * spec.hidden * spec.ffn
+    return Work(copies=values * (element + 2), reads=values * 2)
+
+
 def run_seconds(spec: ModelSpec, options: ConvertOptions, rates: Rates, element: int,
                 gpu: bool, layers: int) -> float:
-    """The whole conversion: the start, then the reduced layers (dense layers and writing
-    are small beside them)."""
-    return START_SECONDS + layers * sum(layer_seconds(spec, options, rates, element,
-                                                      gpu).values())
+    """The whole conversion: the start, the reduced layers, the last layer's write (dense
+    layers are small beside them)."""
+    return (START_SECONDS + last_write_work(spec, options, element).seconds(rates)
+            + layers * sum(layer_seconds(spec, options, rates, element, gpu).values()))

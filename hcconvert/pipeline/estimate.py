@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..io.source import Checkpoint
 from ..methods.alignment import ALIGN_CHUNK_TOKENS
 from ..methods.layerfit import CHUNK_TOKENS, fit_bytes
+from ..methods.merging import ACTIVATION_RULES
 from ..methods.ream_alignment import PCA_COMPONENTS, SAMPLE_TOKENS
 from ..model.decoder import compute_dtype
 from ..model.spec import ModelSpec
@@ -105,9 +106,11 @@ def layer_budget(spec: ModelSpec, options: ConvertOptions, dtype: torch.dtype,
     no limit); a budget that cannot hold the token buffers, the layer's other weights and two
     experts is a UserError."""
     fixed = (_token_bytes(spec, options, dtype, mtp) + other_values * element_bytes(dtype)
-             + _work_bytes(spec) + _ream_bytes(spec, options))
+             + _work_bytes(spec, options) + _ream_bytes(spec, options))
     expert = expert_bytes(spec, dtype)
-    whole = LayerBudget(fixed, expert, None, spec.num_experts, options.experts)
+    # With several candidates (auto) the best so far is held beside the one being made.
+    kept = options.experts * min(2, len(options.reductions()))
+    whole = LayerBudget(fixed, expert, None, spec.num_experts, kept)
     if budget is None or whole.device <= budget:
         return whole
     chunk = (budget - fixed) // (2 * expert)
@@ -117,7 +120,7 @@ def layer_budget(spec: ModelSpec, options: ConvertOptions, dtype: torch.dtype,
             f"{human_bytes(fixed)} on the GPU for its token buffers and other weights, plus "
             f"{human_bytes(2 * expert)} for two experts; give at least "
             f"{human_bytes(fixed + 2 * expert)}, or use fewer calibration tokens")
-    return LayerBudget(fixed, expert, chunk, spec.num_experts, options.experts)
+    return LayerBudget(fixed, expert, chunk, spec.num_experts, kept)
 
 
 def estimate_memory(ckpt: Checkpoint, spec: ModelSpec, options: ConvertOptions,
@@ -167,7 +170,7 @@ def _token_bytes(spec: ModelSpec, options: ConvertOptions, dtype: torch.dtype,
     total = copies * tokens * spec.hidden * element_bytes(dtype)
     if options.fits_layers:
         total += 2 * tokens * spec.hidden * 4 + fit_bytes(tokens, spec.top_k, options.experts,
-                                                          spec.ffn)
+                                                          spec.ffn, spec.hidden)
     return total
 
 
@@ -180,11 +183,14 @@ def _ream_bytes(spec: ModelSpec, options: ConvertOptions) -> int:
     return 4 * neurons * PCA_COMPONENTS * 4 + spec.num_experts * SAMPLE_TOKENS * 8
 
 
-def _work_bytes(spec: ModelSpec) -> int:
-    """One expert's merge or fit: its fp32 accumulators, the [F, F] and [F, H] fp64 normal
-    equations or correlations, and a token chunk's fp32 activations and outputs."""
+def _work_bytes(spec: ModelSpec, options: ConvertOptions) -> int:
+    """A token chunk's fp32 activations and outputs (the forward's, a merge's or a fit's),
+    and, where a reduction merges, one expert's fp32 accumulators, with the [F, F] and
+    [F, H] fp64 correlations of the merges that match neurons by their activations."""
     ffn, hidden = spec.ffn, spec.hidden
-    accumulators = 3 * ffn * hidden * 4
-    equations = 2 * ffn * ffn * 8 + ffn * hidden * 8
     activations = 3 * max(CHUNK_TOKENS, ALIGN_CHUNK_TOKENS) * max(ffn, hidden) * 4
-    return accumulators + equations + activations
+    merges = [r.merge for r in options.reductions().values() if r.merges]
+    accumulators = 3 * ffn * hidden * 4 if merges else 0
+    matched = any(merge in ACTIVATION_RULES for merge in merges)
+    equations = 2 * ffn * ffn * 8 + ffn * hidden * 8 if matched else 0
+    return activations + accumulators + equations
