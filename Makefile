@@ -53,7 +53,7 @@ $(MODELS)/mixtral-upcycled/train_log.json: $(CORPUS)/manifest.json
 		--out $(@D)
 $(MODELS)/qwen2_moe-fine/train_log.json: $(CORPUS)/manifest.json
 	$(TRAIN) --kind scratch --family qwen2_moe --experts 64 --top-k 6 --intermediate 128 \
-		--shared-intermediate 512 --steps 3000 --save-at 1500 --out $(@D)
+		--shared-intermediate 512 --steps 1200 --save-at 600 --out $(@D)
 BENCH_MODELS := $(MODELS)/mixtral-scratch $(MODELS)/mixtral-upcycled $(MODELS)/qwen2_moe-fine
 
 bench-models: $(BENCH_MODELS:%=%/train_log.json)

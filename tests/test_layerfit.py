@@ -108,6 +108,7 @@ def test_the_dual_form_fits_what_the_primal_form_fits(layer, monkeypatch, tokens
     x, router, experts, target = layer
     small_router, survivors = kept(router, experts, [0, 2, 5, 7])
     x, target = x[:tokens], target[:tokens]
+    monkeypatch.setattr(layerfit, "MIN_FIT_TOKENS", 16)
     found = {}
     for form in (True, False):
         monkeypatch.setattr(layerfit, "dual_form", lambda n, ffn, form=form: form)
@@ -151,7 +152,8 @@ def test_random_grouping_draws_a_different_partition_in_each_layer():
     assert len({json.dumps(p) for p in partitions}) > 1
 
 
-def test_auto_records_each_layers_choice_and_error(tmp_path, calib_text):
+def test_auto_records_each_layers_choice_and_error(tmp_path, calib_text, monkeypatch):
+    monkeypatch.setattr(layerfit, "MIN_FIT_TOKENS", 16)  # a tiny calibration
     src = save_tiny_mixtral(tmp_path / "src")
     options = ConvertOptions(experts=2, method="auto", calib=str(calib_text), calib_samples=4,
                              seq_len=64)

@@ -239,6 +239,19 @@ def test_the_default_sequence_fits_a_short_context(tmp_path, calib_text):
                               *extra), "max_position_embeddings (64); give at most 64")
 
 
+def test_too_little_calibration_for_the_fit_is_said_in_the_dry_run_and_the_run(
+        tmp_path, src, calib_text):
+    """auto's layer fit needs layerfit.MIN_FIT_TOKENS per kept expert: below it both say
+    so once, and the run keeps every layer's unfitted reduction."""
+    args = (src, "--experts", 3, "--calib", calib_text, "--calib-samples", 4, "--seq-len", 64)
+    dry, done = run(*args, "--dry-run"), run(*args, "--out", tmp_path / "out")
+    for result in (dry, done):
+        assert result.exit_code == 0, result.stderr
+        assert result.stderr.count("fit tokens per kept expert, fewer than the 512") == 1
+    layers = json.loads((tmp_path / "out" / "hcconvert.json").read_text())["layers"]
+    assert all(not entry["layer_fit"]["fitted"] for entry in layers)
+
+
 def test_dry_run_counts_the_samples_the_text_gives(tmp_path, src):
     few = tmp_path / "few.txt"
     few.write_text("a short text " * 40)

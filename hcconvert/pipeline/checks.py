@@ -7,6 +7,7 @@ import dataclasses
 
 from ..errors import UserError, warn
 from ..io.source import Checkpoint
+from ..methods.layerfit import MIN_FIT_TOKENS, fit_tokens_per_expert
 from ..model.spec import ModelSpec
 from .options import DEFAULT_SEQ_LEN, ConvertOptions, flag
 from .plan import Plan, build_plan
@@ -29,7 +30,23 @@ def for_model(options: ConvertOptions, spec: ModelSpec) -> ConvertOptions:
     check_experts(spec, options.experts)
     for name, reduction in options.reductions().items():
         check_reduction(spec, options, name, reduction)
-    return dataclasses.replace(options, seq_len=sequence_length(spec, options.seq_len))
+    options = dataclasses.replace(options, seq_len=sequence_length(spec, options.seq_len))
+    check_fit_tokens(spec, options)
+    return options
+
+
+def check_fit_tokens(spec: ModelSpec, options: ConvertOptions) -> None:
+    """Say once when the calibration gives the layer fit too few tokens per kept expert: the
+    layers will keep their unfitted candidates."""
+    if not options.fits_layers:
+        return
+    tokens = options.calib_samples * options.seq_len
+    per_expert = fit_tokens_per_expert(tokens, min(spec.top_k, options.experts),
+                                       options.experts)
+    if per_expert < MIN_FIT_TOKENS:
+        warn(f"the calibration gives about {per_expert} fit tokens per kept expert, fewer "
+             f"than the {MIN_FIT_TOKENS} the layer fit needs: layers keep their unfitted "
+             "reductions (more --calib-samples or a longer --seq-len give the fit its tokens)")
 
 
 def sequence_length(spec: ModelSpec, given: int | None) -> int:

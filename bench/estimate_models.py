@@ -1,0 +1,60 @@
+"""The --dry-run time estimate (pipeline/cost.py) for whole real models on devices not here.
+
+The rates of this machine are measured as --dry-run measures them; an H100 and a 24 GB
+workstation GPU (RTX 4090) get rates from their published peaks, derated as stated below,
+because no GPU was lent to this project: these rows are projections, not measurements.
+docs/BENCHMARKS.md ("The default's cost at real shapes") prints the table.
+
+    python bench/estimate_models.py
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from hcconvert.pipeline.cost import Rates, measured_rates, run_seconds
+from hcconvert.pipeline.options import ConvertOptions
+
+# name: hidden, expert ffn, experts, top-k, MoE layers, experts kept (half)
+MODELS = {
+    "Mixtral-8x7B": (4096, 14336, 8, 2, 32, 4),
+    "Qwen3-30B-A3B": (2048, 768, 128, 8, 48, 64),
+    "DeepSeek-V3": (7168, 2048, 256, 8, 58, 128),
+}
+
+T = 10**12
+# Published dense peaks at half of them achieved (large products reach 60-70 % of peak; the
+# fit's and merges' smaller ones less); copies at half the memory bandwidth (a read and a
+# write); reads: a 3 GB/s NVMe, the weights' first touch. The matching runs in scipy on the
+# host: the rate measured here.
+GPUS = {
+    "H100 SXM (80 GB)": dict(products=989 * T / 2, fp32_products=67 * T / 2,
+                             factorisations=10 * T, copies=3.35e12 / 2, reads=3e9),
+    "RTX 4090 (24 GB)": dict(products=165 * T / 2, fp32_products=82.6 * T / 2,
+                             factorisations=5 * T, copies=1.0e12 / 2, reads=3e9),
+}
+
+
+def main() -> None:
+    here = measured_rates(torch.device("cpu"), torch.float32)
+    devices = {"this CPU (2 cores, fp32)": (here, 4, False)}
+    devices.update({name: (Rates(matching=here.matching, **rates), 2, True)
+                    for name, rates in GPUS.items()})
+    print("| model | device | hc-smoe (min) | auto (min) | auto / hc-smoe |")
+    print("| --- | --- | --- | --- | --- |")
+    for model, (hidden, ffn, experts, top_k, layers, kept) in MODELS.items():
+        spec = SimpleNamespace(hidden=hidden, ffn=ffn, num_experts=experts, top_k=top_k)
+        for device, (rates, element, gpu) in devices.items():
+            # hcconvert's defaults: 32 samples of 2048 tokens
+            options = {method: ConvertOptions(experts=kept, method=method, seq_len=2048)
+                       for method in ("hc-smoe", "auto")}
+            minutes = {method: run_seconds(spec, option, rates, element, gpu, layers) / 60
+                       for method, option in options.items()}
+            print(f"| {model} | {device} | {minutes['hc-smoe']:.1f} | {minutes['auto']:.1f} | "
+                  f"{minutes['auto'] / minutes['hc-smoe']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
