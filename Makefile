@@ -58,10 +58,18 @@ BENCH_MODELS := $(MODELS)/mixtral-scratch $(MODELS)/mixtral-upcycled $(MODELS)/q
 
 bench-models: $(BENCH_MODELS:%=%/train_log.json)
 
+QUALITY := $(PY) bench/quality.py
+# docs/BENCHMARKS.md's quality tables: every method at half and a quarter of the experts on
+# the mixed calibration; the default's candidates at three calibration sizes of one domain;
+# the ranking at half the training steps.
 bench-quality: bench-models
-	$(PY) bench/quality.py $(BENCH_MODELS) --fractions 0.5 0.25
-	$(PY) bench/quality.py $(MODELS)/mixtral-scratch --fractions 0.5 \
-		--calib $(CORPUS)/calib-en.jsonl --calib-tokens 8192 32768 65536
+	$(QUALITY) $(BENCH_MODELS) --fractions 0.5 0.25 \
+		--methods auto,o-prune,f-prune,msmoe,hc-smoe,mergemoe,ream,ream-balanced
+	$(QUALITY) $(MODELS)/mixtral-scratch --fractions 0.5 --calib $(CORPUS)/calib-en.jsonl \
+		--calib-tokens 8192 32768 65536 \
+		--methods auto,o-prune,f-prune,o-prune-fit,f-prune-fit,msmoe-fit,hc-smoe,ream
+	$(QUALITY) $(MODELS)/mixtral-scratch/step-1500 $(MODELS)/qwen2_moe-fine/step-600 \
+		--fractions 0.5 --methods auto,o-prune,f-prune,ream
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hcconvert kernels tests bench

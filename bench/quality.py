@@ -39,7 +39,8 @@ def domain_files(corpus: Path) -> list[Path]:
 
 def domain(fidelity, name: str):
     """A domain's scores (eval-DOMAIN.txt) in a result over several texts."""
-    return fidelity.sources[next(key for key in fidelity.sources if name in key)]
+    return fidelity.sources[next(key for key in fidelity.sources
+                                 if Path(key).name == f"eval-{name}.txt")]
 
 
 def layer_errors(out: Path) -> list[dict]:
@@ -61,7 +62,8 @@ def run(model: Path, fraction: float, calib: Path, tokens: int, methods: list[st
                           seq_len=SEQ_LEN, samples=EVAL_SAMPLES, device="cpu")
         errors = {r.label: layer_errors(r.conversion.out) for r in results}
     names = [text.stem.removeprefix("eval-") for text in texts]
-    return {"model": model.name, "experts": f"{spec.num_experts}->{experts}",
+    label = f"{model.parent.name}/{model.name}" if model.name.startswith("step-") else model.name
+    return {"model": label, "experts": f"{spec.num_experts}->{experts}",
             "calib": calib.name, "tokens": tokens,
             "methods": {r.label: {
                 "kl": r.fidelity.kl, "top1": r.fidelity.top1_agreement,
