@@ -25,7 +25,8 @@ def test_each_cached_step_picks_the_full_forwards_argmax(tmp_path, monkeypatch, 
     """Teacher-forced over the continuation, the model's full forward (no cache) gives each
     position's logits from the whole prefix: the cached step's token must be their argmax
     (within rounding of a near tie). The first layer is kept built between steps, the others
-    read again each step."""
+    read again each step. Families without a cached step (Family.cached_generation: their
+    cached step failed this test) recompute the sequence each step, and hold to it too."""
     src = save_family_model(CASES[name], tmp_path / "m")
     ckpt, spec = open_source(str(src))
     layers = CheckpointLayers(ckpt, spec, CPU)
@@ -39,6 +40,17 @@ def test_each_cached_step_picks_the_full_forwards_argmax(tmp_path, monkeypatch, 
         logits = full.log_probs(row)[8:-1]  # the positions that chose tokens 9..13
         chosen = logits.gather(1, continued[row, 9:, None]).squeeze(1)
         torch.testing.assert_close(chosen, logits.max(-1).values, atol=1e-4, rtol=0)
+
+
+def test_the_recomputed_continuation_writes_what_the_cached_one_writes(tmp_path):
+    """The path of families without a cached step gives a cached family's tokens."""
+    ckpt, spec = open_source(str(save_family_model(CASES["mixtral"], tmp_path / "m")))
+    prompts = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(1))
+    cached = greedy.greedy_continuation(CheckpointLayers(ckpt, spec, CPU), prompts, steps=4,
+                                        progress=False)
+    recomputed = greedy._recomputed_continuation(CheckpointLayers(ckpt, spec, CPU), prompts, 4,
+                                                 progress=False, label="")
+    assert torch.equal(cached, recomputed)
 
 
 def test_repeated_and_distinct_ngrams():

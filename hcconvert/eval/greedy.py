@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..model.experts import RoutedExperts
-from .streamed import CheckpointLayers
+from .streamed import CheckpointLayers, StreamedModel, stream_side_by_side
 
 # Prompts per evaluation source, their length, and the continuation's.
 PROMPTS = 8
@@ -43,7 +43,11 @@ def greedy_continuation(layers: CheckpointLayers, prompts: torch.Tensor,
                         label: str = "") -> torch.Tensor:
     """[P, S + steps] prompts [P, S] followed by the model's greedy continuation: one pass
     over its layers per token, each feeding only the new tokens, so it shows its progress.
-    The weights are checked for NaN on the first pass only (each later pass reads the same)."""
+    The weights are checked for NaN on the first pass only (each later pass reads the same).
+    Families whose cached step is not known to match the full forward
+    (Family.cached_generation) recompute the whole sequence at every step instead."""
+    if not layers.spec.family.cached_generation:
+        return _recomputed_continuation(layers, prompts, steps, progress, label)
     decoder, device = layers.decoder, layers.device
     layers.load_head()  # the embedding and the head serve every step
     new, cache, written = prompts.to(device), None, [prompts]
@@ -63,6 +67,21 @@ def greedy_continuation(layers: CheckpointLayers, prompts: torch.Tensor,
         written.append(new.cpu())
     decoder.drop_globals()
     return torch.cat(written, dim=1)
+
+
+def _recomputed_continuation(layers: CheckpointLayers, prompts: torch.Tensor, steps: int,
+                             progress: bool, label: str) -> torch.Tensor:
+    """greedy_continuation without a cache: every step streams the whole sequence through
+    the model's full forward, as evaluation does (slower by the sequence's length)."""
+    tokens = prompts
+    for _ in tqdm(range(steps), desc=f"greedy continuation{label} (recomputed)", unit="token",
+                  disable=not progress, file=sys.stderr):
+        model = StreamedModel(layers.ckpt, layers.spec, tokens, layers.device,
+                              layers.decoder.dtype)
+        stream_side_by_side([model], lambda every: every)
+        last = torch.stack([model.log_probs(row)[-1] for row in range(tokens.shape[0])])
+        tokens = torch.cat((tokens, last.argmax(-1, keepdim=True).cpu()), dim=1)
+    return tokens
 
 
 def held_bytes(module: nn.Module) -> int:

@@ -80,6 +80,10 @@ class Family:
     # The keyword by which a layer is given the state the layer before it returned beside its
     # hidden states (GLM-5's indexer top-k, shared between layers).
     carried: str | None = None
+    # Whether greedy continuations may run through transformers' cache one token a step. False
+    # where the cached step was not shown to pick the full forward's token (multimodal position
+    # ids, lightning attention, hyper-connections...): each step then recomputes the sequence.
+    cached_generation: bool = True
     # The experts' activation, from the transformers config and the layer (activation.py).
     activation: Callable[[object, int], Activation] = silu
     # How the tokenizer reads tiktoken.model, where the Hub ships it and no tokenizer.json.
@@ -286,7 +290,8 @@ FAMILIES: dict[str, Family] = {
         # MiniMax-Text-01 / M1: lightning-attention layers between softmax ones.
         Family(model_type="minimax", experts_keys=("num_local_experts",),
                experts=_per_expert("block_sparse_moe", "w1", "w3", "w2"),
-               router="block_sparse_moe.gate.weight", ffn_key="intermediate_size"),
+               router="block_sparse_moe.gate.weight", ffn_key="intermediate_size",
+               cached_generation=False),
         # Arcee's AFMoE (Trinity): a sigmoid router whose selection-only bias sits on the block.
         Family(model_type="afmoe", experts_keys=("num_experts",), experts=_per_expert("mlp"),
                router="mlp.router.gate.weight", router_bias="mlp.expert_bias",
@@ -341,10 +346,10 @@ FAMILIES: dict[str, Family] = {
                experts=Fused("mlp.experts.gate_up_proj", "mlp.experts.down_proj",
                              transposed=True),
                router="mlp.gate.weight", text_config_key="text_config",
-               text_prefix="model.language_model."),
+               text_prefix="model.language_model.", cached_generation=False),
         # GLM-4.5V: GLM-4.5's text model under model.language_model., a vision tower beside.
         _deepseek_v3("glm4v_moe", text_config_key="text_config",
-                     text_prefix="model.language_model."),
+                     text_prefix="model.language_model.", cached_generation=False),
         # Nemotron-H (Nemotron 3): Mamba-2 and attention layers between MoE layers whose
         # experts are ungated (down(relu(up x))²), below backbone.
         Family(model_type="nemotron_h", experts_keys=("n_routed_experts",),
@@ -374,13 +379,14 @@ FAMILIES: dict[str, Family] = {
                                                  "mlp.experts.down_proj"),
                        activation=clamped_silu, carried="prev_topk_indices", **wrapper)
           for model_type, wrapper in [("hy_v4", {}),
-                                      ("hy_v4_vl", dict(text_config_key="text_config"))]],
+                                      ("hy_v4_vl", dict(text_config_key="text_config",
+                                                       cached_generation=False))]],
         # GLM-5-Next: a vision-language wrapper whose text model mixes Kimi Delta Attention
         # layers with indexed MLA (the top-k handed on), under hyper-connections; experts
         # with a clamped SiLU.
         _deepseek_v3("glm5_next", text_config_key="text_config",
                      text_prefix="model.language_model.", activation=clamped_silu,
-                     carried="prev_topk_indices"),
+                     carried="prev_topk_indices", cached_generation=False),
         # Mellum: a softmax router over per-expert tensors.
         Family(model_type="mellum", experts_keys=("num_local_experts", "num_experts"),
                experts=_per_expert("mlp"), router="mlp.gate.weight"),
@@ -433,7 +439,7 @@ FAMILIES: dict[str, Family] = {
                router="moe.gate.weight", router_bias="moe.router_bias",
                top_k_mirrors=("moe_top_k",), scoring="sigmoid",
                activation=silu_clamped_per_layer, text_config_key="text_config",
-               wrapper_mapping="step3p7"),
+               wrapper_mapping="step3p7", cached_generation=False),
         # Gemma 4 (26B-A4B): every layer's MLP beside a MoE block that is the decoder layer
         # itself (router and experts on the layer); the router reads the residual through its
         # own norm and scale, the experts a normed copy; GeGLU experts fused as transformers
@@ -460,13 +466,14 @@ FAMILIES: dict[str, Family] = {
                router="gate.weight", routing_groups=DEEPSEEK_V3_GROUPS,
                text_config_key="text_config", text_prefix="",
                embedding_name="tok_embeddings.weight", wrapper_mapping="mistral_large4",
-               carried="prev_topk_indices", unsupported=_shared_keys_and_values),
+               carried="prev_topk_indices", unsupported=_shared_keys_and_values,
+               cached_generation=False),
         # DeepSeek-OCR-2 and Unlimited-OCR: a DeepSeek-V2-style text model (softmax routing,
         # shared experts) below model. beside SAM and a second vision encoder.
         *[Family(model_type=model_type, experts_keys=("n_routed_experts",),
                  experts=_per_expert("mlp"), router="mlp.gate.weight",
                  routing_groups=group_limited("topk_method", "group_limited_greedy"),
-                 text_config_key="text_config")
+                 text_config_key="text_config", cached_generation=False)
           for model_type in ("deepseek_ocr2", "unlimited_ocr")],
         # Mistral-Small-4's text model: DeepSeek-V3's attention and routing groups, softmax
         # scores without a correction bias, the experts fused as transformers 5 stores them.
