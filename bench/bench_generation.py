@@ -23,23 +23,12 @@ import torch
 from hcconvert.cli.demo import DemoShape, build_planted_mixtral, data_file
 from hcconvert.eval import greedy
 from hcconvert.eval.evaluate import held_out_tokens
-from hcconvert.eval.streamed import CheckpointLayers, StreamedModel, stream_side_by_side
+from hcconvert.eval.streamed import CheckpointLayers
 from hcconvert.model.spec import open_source
 
 CPU = torch.device("cpu")
 SHAPES = {"2 layers, H 64": DemoShape(layers=2, hidden=64, ffn=128, heads=4, kv_heads=2),
           "4 layers, H 256": DemoShape(layers=4, hidden=256, ffn=512, heads=8, kv_heads=4)}
-
-
-def full_recompute(src: str, prompts: torch.Tensor, steps: int) -> torch.Tensor:
-    """prompts [P, S] continued greedily, each step a streamed pass over the whole sequence."""
-    tokens = prompts
-    for _ in range(steps):
-        model = StreamedModel(*open_source(src), tokens, CPU)
-        stream_side_by_side([model], lambda layers: layers)
-        last = torch.stack([model.log_probs(i)[-1] for i in range(tokens.shape[0])])
-        tokens = torch.cat((tokens, last.argmax(-1, keepdim=True)), dim=1)
-    return tokens
 
 
 def timed(function, *args) -> tuple[torch.Tensor, float]:
@@ -71,7 +60,8 @@ def main() -> None:
                                       False)
                 written.append(tokens)
                 seconds.append(taken)
-            tokens, taken = timed(full_recompute, str(src), prompts, args.steps)
+            tokens, taken = timed(greedy.recomputed_continuation,
+                                  CheckpointLayers(ckpt, spec, CPU), prompts, args.steps, False)
             written.append(tokens)
             seconds.append(taken)
             size = sum(p.stat().st_size for p in src.glob("*.safetensors")) / 1e6

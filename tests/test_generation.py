@@ -48,8 +48,8 @@ def test_the_recomputed_continuation_writes_what_the_cached_one_writes(tmp_path)
     prompts = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(1))
     cached = greedy.greedy_continuation(CheckpointLayers(ckpt, spec, CPU), prompts, steps=4,
                                         progress=False)
-    recomputed = greedy._recomputed_continuation(CheckpointLayers(ckpt, spec, CPU), prompts, 4,
-                                                 progress=False, label="")
+    recomputed = greedy.recomputed_continuation(CheckpointLayers(ckpt, spec, CPU), prompts, 4,
+                                                progress=False)
     assert torch.equal(cached, recomputed)
 
 

@@ -47,7 +47,7 @@ def greedy_continuation(layers: CheckpointLayers, prompts: torch.Tensor,
     Families whose cached step is not known to match the full forward
     (Family.cached_generation) recompute the whole sequence at every step instead."""
     if not layers.spec.family.cached_generation:
-        return _recomputed_continuation(layers, prompts, steps, progress, label)
+        return recomputed_continuation(layers, prompts, steps, progress, label)
     decoder, device = layers.decoder, layers.device
     layers.load_head()  # the embedding and the head serve every step
     new, cache, written = prompts.to(device), None, [prompts]
@@ -69,8 +69,9 @@ def greedy_continuation(layers: CheckpointLayers, prompts: torch.Tensor,
     return torch.cat(written, dim=1)
 
 
-def _recomputed_continuation(layers: CheckpointLayers, prompts: torch.Tensor, steps: int,
-                             progress: bool, label: str) -> torch.Tensor:
+def recomputed_continuation(layers: CheckpointLayers, prompts: torch.Tensor,
+                            steps: int = CONTINUATION_TOKENS, progress: bool = True,
+                            label: str = "") -> torch.Tensor:
     """greedy_continuation without a cache: every step streams the whole sequence through
     the model's full forward, as evaluation does (slower by the sequence's length)."""
     tokens = prompts

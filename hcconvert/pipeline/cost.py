@@ -4,8 +4,8 @@ docs/BENCHMARKS.md checks it against measured runs).
 Per layer, each phase's work is counted from the shapes and the options: products (FLOPs, in
 the compute dtype or in fp32), Cholesky factorisations, neuron matchings, and bytes copied or
 read; the device's rates for each are measured once per process by timing small examples
-(about a third of a second), or given for a device that is not here (bench/bench_layer.py
-estimates an H100 and a 24 GB workstation GPU from their published rates).
+(about a third of a second), or given for a device that is not here (bench/estimate_models.py
+projects an H100 and a 24 GB workstation GPU from their published rates).
 T tokens, S sequence, H hidden, F expert ffn, E experts, R kept, K top-k, n an expert's tokens.
 """
 
@@ -141,9 +141,8 @@ def _fit_work(spec: ModelSpec, kept: int, tokens: int) -> Work:
     the dual form's rounds never touch F, the primal form recomputes the activations it could
     not keep (FIT_KEEP_BYTES) in every round."""
     hidden, ffn, top_k = spec.hidden, spec.ffn, min(spec.top_k, kept)
-    fit_tokens = int(tokens * (1 - layerfit.HOLDOUT_FRACTION))
-    n = max(1, fit_tokens * top_k // kept)
-    held = max(1, (tokens - fit_tokens) * top_k // kept)
+    n = max(1, layerfit.fit_tokens_per_expert(tokens, top_k, kept))
+    held = max(1, tokens * top_k // kept - n)
     steps = len(layerfit.RIDGES) + layerfit.ROUNDS - 1  # rounds, each a solve per expert
     activations = 4 * hidden * ffn  # per token: gate and up
     unfitted = 2 * (n + held) * ffn * hidden  # the reduced layer's output before the fit
