@@ -141,6 +141,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
         experts, kept = build(src, args.shape, args.base, args.scale_experts)
+        os.sync()  # the checkpoint's writeback would slow the dry run's timing of the rates
         hidden, ffn = SHAPES[args.shape][:2]
         print(f"machine: {platform.node()} {platform.machine()}, {torch.get_num_threads()} "
               f"threads, torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; load "

@@ -16,6 +16,7 @@ from hcconvert.methods.layerfit import (
     layer_output,
     relative_error,
 )
+from hcconvert.methods.lstsq import rounded_product, wide_product
 from hcconvert.methods.statistics import LayerStats
 from hcconvert.model.experts import Experts, RoutedExperts
 from hcconvert.pipeline.convert import convert
@@ -119,6 +120,47 @@ def test_the_dual_form_fits_what_the_primal_form_fits(layer, monkeypatch, tokens
     torch.testing.assert_close(dual.down, primal.down, atol=1e-4, rtol=1e-3)
 
 
+def test_a_fit_in_half_precision_keeps_its_activations_there_and_fits_as_well(layer):
+    """With the tokens and experts in bf16 (a GPU's compute dtype) the fit keeps A in bf16,
+    half the bytes, and its products accumulate in fp32: the held-out error it reaches is
+    the fp32 fit's to within bf16's rounding of the activations."""
+    x, router, experts, target = layer
+    small_router, survivors = kept(router, experts, [1, 3, 4, 6])
+    half = Experts(*(w.bfloat16() for w in (survivors.gate, survivors.up, survivors.down)))
+    _, wide = fit_layer(x, target, survivors, top2(small_router))
+    fitted, report = fit_layer(x.bfloat16(), target, half, top2(small_router))
+    assert report.fitted and fitted.down.dtype == torch.bfloat16
+    assert report.error_after == pytest.approx(wide.error_after, rel=0.05)
+    routed = layerfit._routed(*top2(small_router)(x))
+    routed[1].keep(x.bfloat16(), half, 1, [1 << 30])
+    assert routed[1].kept.dtype == torch.bfloat16
+
+
+def test_wide_products_accumulate_half_precision_operands_in_fp32():
+    """On the CPU the operands are widened (the same sums as fp32 products of the rounded
+    values); elsewhere torch.mm's out_dtype gives fp32 from half operands (checked here on
+    the meta device, which has the kernel's signature and result type)."""
+    a, b = torch.randn(64, 300).bfloat16(), torch.randn(300, 8)
+    torch.testing.assert_close(wide_product(a, b), a.float() @ b.bfloat16().float(),
+                               atol=0, rtol=0)
+    meta = wide_product(a.to("meta"), b.to("meta"))
+    assert meta.dtype == torch.float32 and meta.shape == (64, 8)
+
+
+def test_rounded_products_take_the_cpus_half_precision_kernel_and_are_wide_elsewhere():
+    """Where a rounded result will do, the CPU multiplies half operands as they are (its
+    matrix unit), the result in their dtype; fp32 operands, and any GPU, get wide_product."""
+    a, b = torch.randn(64, 300).bfloat16(), torch.randn(300, 8)
+    rounded = rounded_product(a, b)
+    assert rounded.dtype == torch.bfloat16
+    torch.testing.assert_close(rounded, a @ b.bfloat16(), atol=0, rtol=0)
+    wide = wide_product(a, b)
+    assert (rounded.float() - wide).norm() < 1e-2 * wide.norm()  # bf16's rounding
+    torch.testing.assert_close(rounded_product(a.float(), b), a.float() @ b, atol=0, rtol=0)
+    meta = rounded_product(a.to("meta"), b.to("meta"))
+    assert meta.dtype == torch.float32 and meta.shape == (64, 8)
+
+
 def test_held_out_error_is_reported_and_the_fit_kept_only_when_it_helps(layer):
     x, router, experts, target = layer
     small_router, survivors = kept(router, experts, [1, 3, 4, 6])
@@ -174,8 +216,9 @@ def test_the_model_cards_command_spells_the_fit_as_a_switch(tmp_path):
 
 @pytest.mark.parametrize("tokens", [T, 300])  # the primal form, and the dual (n < F)
 def test_what_the_fit_holds_stays_within_the_estimates_bound(layer, tokens):
-    """The --dry-run estimate counts layerfit.fit_bytes for the Gram matrices and the
-    activations the fit keeps (here F is raised so that 300 tokens give the dual form)."""
+    """The --dry-run estimate counts layerfit.fit_bytes for the Gram matrices, the
+    activations the fit keeps and two states (the best ridge's and the next one's); here F is
+    raised so that 300 tokens give the dual form."""
     x, router, _, _ = layer
     wide = Experts(torch.randn(4, 4 * F * 10, H) / H**0.5, torch.randn(4, 4 * F * 10, H) / H**0.5,
                    torch.randn(4, H, 4 * F * 10) / F**0.5)
@@ -183,8 +226,11 @@ def test_what_the_fit_holds_stays_within_the_estimates_bound(layer, tokens):
     cut = int(tokens * (1 - HOLDOUT_FRACTION))
     fit = layerfit._DownFit(x[:cut], torch.randn(cut, H), wide, layerfit._routed(*rule(x[:cut])))
     held = sum(s.system.gram.numel() * 4 for s in fit.systems.values()) + sum(
-        r.kept.numel() * 4 for r in fit.routed.values() if r.kept is not None)
+        r.kept.numel() * r.kept.element_size() for r in fit.routed.values() if r.kept is not None)
     largest = max(s.system.gram.numel() * 4 for s in fit.systems.values())
     dual = [isinstance(s, layerfit._Dual) for s in fit.systems.values()]
     assert any(dual) == (tokens == 300)
-    assert 0 < held + largest <= layerfit.fit_bytes(tokens, 2, 4, 4 * F * 10, H)
+    state = fit.solve(layerfit.RIDGES[0], rounds=1)
+    states = 2 * 4 * (sum(c.numel() for c in state.changes.values()) + state.predicted.numel())
+    down = 2 * 4 * wide.down.numel()  # the fitted projections and their prior, fp32
+    assert 0 < held + largest + states + down <= layerfit.fit_bytes(tokens, 2, 4, 4 * F * 10, H, 4)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.experts import Experts
-from .lstsq import RidgeSystem
+from .lstsq import RidgeSystem, rounded_product, wide_product
 
 # route(x [T, H]) -> (weights [T, K], index [T, K]): a layer's routing rule, router included
 # (transformers' own router of the family, with the layer's reduced router tensors).
@@ -44,22 +44,28 @@ Route = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # generalises.
 HOLDOUT_FRACTION = 0.25
 # Coordinate-descent sweeps over the experts: after two, the shared tokens barely move (the
-# held-out error changes in the fourth digit on the bench models).
+# held-out error changes in the fourth digit on the bench models); one alone left the trained
+# Mixtral-shaped bench model at KL 0.105 instead of 0.099 (8 -> 4; a layer's held-out error
+# 0.030 instead of 0.023), so the second round stays despite its quarter of the fit's cost.
 ROUNDS = 2
 # The ridges tried per layer, relative to the mean diagonal of each expert's AᵀA (lstsq.py);
 # the one with the lowest held-out error is kept. A constant ridge overfitted small calibrations
-# and under-fitted large ones (docs/BENCHMARKS.md, "The fit at every calibration size").
-RIDGES = (1e-3, 1e-2, 1e-1, 1.0)
+# and under-fitted large ones (docs/BENCHMARKS.md, "The fit at every calibration size"). 1e-3
+# was tried too and chosen in none of 56 fits on the trained bench models (8k to 65k tokens,
+# up to 48 fit tokens per neuron; a real model's wider experts get fewer, wanting larger ridges).
+RIDGES = (1e-2, 1e-1, 1.0)
 # Fit tokens per kept expert below which the fit is not tried: on the trained bench model
 # (F = 512) the fit raised the held-out error in half the candidates at 192 and 384 tokens
 # per kept expert, in 1 of 8 at 768, in none at 1536 (docs/BENCHMARKS.md, "The fit at every
 # calibration size"); the held-out check is itself noisy at so few tokens.
 MIN_FIT_TOKENS = 512
 CHUNK_TOKENS = 8192
-# Bytes the fit may keep of its experts' activations between rounds and ridges; beyond it an
-# expert recomputes them from its tokens (the Gram matrices are always kept: the choice of
-# ridge reuses them).
-FIT_KEEP_BYTES = 1 << 30
+# Bytes the fit may keep of its experts' activations (in the compute dtype) between rounds and
+# ridges; beyond it an expert recomputes them from its tokens, twice a round (the Gram
+# matrices are always kept: the choice of ridge reuses them). A Mixtral layer's four kept
+# experts hold 2.8 GB in bf16 at the default calibration; at 1 GiB, recomputing the rest was
+# 40 % of the fit's products there (pipeline/cost.py).
+FIT_KEEP_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,8 @@ def relative_error(predicted: torch.Tensor, target: torch.Tensor) -> float:
 
 class _Routed:
     """One expert's routed tokens and their routing weights (fixed: the routing is), and its
-    scaled activations A = weight × a(x) [n, F] fp32, kept when the budget allows."""
+    scaled activations A = weight × a(x) [n, F] in the compute dtype (x's: what the reduced
+    model computes them in), kept when the budget allows."""
 
     def __init__(self, e: int, weights: torch.Tensor, index: torch.Tensor):
         self.e = e
@@ -103,23 +110,24 @@ class _Routed:
             if self.kept is not None:
                 yield part, self.kept[start:start + CHUNK_TOKENS]
                 continue
-            yield part, (experts.hidden(x[part].float(), at)
-                         * self.gate_weight[start:start + CHUNK_TOKENS, None])
+            yield part, (experts.hidden(x[part], at)
+                         * self.gate_weight[start:start + CHUNK_TOKENS, None].to(x.dtype))
 
     def keep(self, x: torch.Tensor, experts: Experts, at: int, budget: list[int],
              always: bool = False) -> None:
         """Keep A whole, always or if it fits in what is left of budget (a one-element list
         of bytes, which it then takes)."""
-        nbytes = self.token.numel() * experts.up.shape[1] * 4
+        nbytes = self.token.numel() * experts.up.shape[1] * x.element_size()
         if always or nbytes <= budget[0]:
             self.kept = torch.cat([a for _, a in self.activations(x, experts, at)])
             budget[0] -= 0 if always else nbytes
 
     def add_output(self, out: torch.Tensor, x, experts: Experts, at: int, down: torch.Tensor,
                    bias: torch.Tensor | None = None) -> None:
-        """out[tokens] += A downᵀ (+ the routed bias): the expert's routed output."""
+        """out[tokens] += A downᵀ (+ the routed bias): the expert's routed output (or its
+        change), each token's rounded to the compute dtype as the reduced model computes it."""
         for part, scaled in self.activations(x, experts, at):
-            out.index_add_(0, part, scaled @ down.T)
+            out.index_add_(0, part, rounded_product(scaled, down.T).float())
         if bias is not None:
             out.index_add_(0, self.token, self.gate_weight[:, None] * bias.float())
 
@@ -129,16 +137,13 @@ def _routed(weights: torch.Tensor, index: torch.Tensor) -> dict[int, _Routed]:
     return {e: _Routed(e, weights, index) for e in index.unique().tolist()}
 
 
-def _routed_sum(x, experts: Experts, routed: dict[int, _Routed],
-                down: torch.Tensor | None = None) -> torch.Tensor:
-    """[T, H] fp32 Σ_k weights[t, k] · expert index[t, k] (x_t) over routed; down [R, H, F]
-    replaces the experts' down projections where given."""
+def _routed_sum(x, experts: Experts, routed: dict[int, _Routed]) -> torch.Tensor:
+    """[T, H] fp32 Σ_k weights[t, k] · expert index[t, k] (x_t) over routed."""
     out = torch.zeros(x.shape[0], x.shape[1], device=x.device)
     for chunk, places in experts.chunks(list(routed)):
         for e, at in places:
-            projection = chunk.down[at].float() if down is None else down[e].to(x.device)
             bias = chunk.down_bias[at] if chunk.down_bias is not None else None
-            routed[e].add_output(out, x, chunk, at, projection, bias)
+            routed[e].add_output(out, x, chunk, at, chunk.down[at], bias)
     return out
 
 
@@ -149,6 +154,12 @@ def layer_output(x: torch.Tensor, experts: Experts, route: Route) -> torch.Tenso
         chunk = x[start:start + CHUNK_TOKENS]
         out[start:start + CHUNK_TOKENS] = _routed_sum(chunk, experts, _routed(*route(chunk)))
     return out
+
+
+def _times(matrix: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    """matrix @ change, skipped while change is still zero: every ridge's first round starts
+    from the unfitted weights, and the product is an [m, m] by [m, H] one."""
+    return matrix @ change if change.any() else torch.zeros_like(change)
 
 
 def dual_form(tokens: int, ffn: int) -> bool:
@@ -166,7 +177,7 @@ class _Primal:
         routed.keep(x, experts, at, budget)
         gram = torch.zeros(ffn, ffn, device=x.device)
         for _, a in routed.activations(x, experts, at):
-            gram += a.T @ a
+            gram += wide_product(a.T, a)
         self.system = RidgeSystem(gram)
 
     def start(self, hidden: int) -> torch.Tensor:
@@ -176,9 +187,9 @@ class _Primal:
              residual: torch.Tensor, ridge: float, predicted: torch.Tensor) -> torch.Tensor:
         """The change minimising ||A D − (residual + A change)||² + λ||D||², with predicted
         (the layer's output) updated by A (D − change)."""
-        rhs = self.system.gram @ change
+        rhs = _times(self.system.gram, change)
         for part, a in routed.activations(x, experts, at):
-            rhs += a.T @ residual[torch.searchsorted(routed.token, part)]
+            rhs += wide_product(a.T, residual[torch.searchsorted(routed.token, part)])
         solved = self.system.solve(rhs, ridge)
         routed.add_output(predicted, x, experts, at, (solved - change).T)
         return solved
@@ -187,8 +198,9 @@ class _Primal:
                      change: torch.Tensor) -> None:
         held.add_output(out, x, experts, at, change.T)
 
-    def down(self, unfitted: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
-        return unfitted + change.T
+    def change(self, change: torch.Tensor) -> torch.Tensor:
+        """The change to the down projection [H, F]."""
+        return change.T
 
 
 class _Dual:
@@ -200,7 +212,7 @@ class _Dual:
     def __init__(self, x, experts: Experts, at: int, routed: _Routed, budget: list[int]):
         routed.keep(x, experts, at, budget, always=True)
         self.a = routed.kept
-        self.system = RidgeSystem(self.a @ self.a.T, unknowns=experts.up.shape[1])
+        self.system = RidgeSystem(wide_product(self.a, self.a.T), unknowns=experts.up.shape[1])
         self.held: torch.Tensor | None = None
 
     def start(self, hidden: int) -> torch.Tensor:
@@ -211,22 +223,24 @@ class _Dual:
         """C' = (AAᵀ + λI)⁻¹ (residual + AAᵀ C), the dual of _Primal.step; predicted gains
         AAᵀ (C' − C) on the expert's tokens."""
         gram = self.system.gram
-        solved = self.system.solve(residual + gram @ coefficients, ridge)
+        solved = self.system.solve(residual + _times(gram, coefficients), ridge)
         predicted.index_add_(0, routed.token, gram @ (solved - coefficients))
         return solved
 
     def add_held_out(self, out, held: _Routed, x, experts: Experts, at: int,
                      coefficients: torch.Tensor) -> None:
         if self.held is None:
-            self.held = torch.cat([a @ self.a.T for _, a in held.activations(x, experts, at)])
+            self.held = torch.cat([wide_product(a, self.a.T)
+                                   for _, a in held.activations(x, experts, at)])
         out.index_add_(0, held.token, self.held @ coefficients)
 
-    def down(self, unfitted: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-        return unfitted + coefficients.T @ self.a
+    def change(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """The change to the down projection [H, F], CᵀA."""
+        return rounded_product(coefficients.T.to(self.a.dtype), self.a)
 
 
 def fit_down(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Route,
-             rounds: int = ROUNDS, ridge: float = RIDGES[1]) -> torch.Tensor:
+             rounds: int = ROUNDS, ridge: float = RIDGES[0]) -> torch.Tensor:
     """[R, H, F] fp32 down projections (kept where the experts are) that make the reduced
     layer (its experts, routing fixed by route) reproduce target [T, H] on x [T, H]; ridge
     towards experts.down, relative to each Gram matrix's mean diagonal."""
@@ -282,11 +296,13 @@ class _DownFit:
                 self.systems[e].add_held_out(out, held[e], x, chunk, at, state.changes[e])
         return out
 
-    def down(self, state: _FitState) -> torch.Tensor:
-        """[R, H, F] fp32 down projections of the state (unchanged where no token went)."""
-        down = self.experts.down.float().clone()
+    def down(self, state: _FitState, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[R, H, F] down projections of the state in dtype (unchanged where no token went),
+        each change added in place: fp32 copies of the layer's (0.9 GB at Mixtral's width)
+        cost seconds of fresh pages."""
+        down = self.experts.down.to(dtype, copy=True)
         for e, system in self.systems.items():
-            down[e] = system.down(down[e].to(self.x.device), state.changes[e]).to(down.device)
+            down[e] += system.change(state.changes[e]).to(down.device)
         return down
 
 
@@ -332,7 +348,7 @@ def fit_layer(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Ro
     report = FitReport(before, error, error < before, ridge)
     if not report.fitted:
         return experts, report
-    return dataclasses.replace(experts, down=fit.down(state).to(experts.down.dtype)), report
+    return dataclasses.replace(experts, down=fit.down(state, experts.down.dtype)), report
 
 
 def fit_tokens_per_expert(tokens: int, top_k: int, kept: int,
@@ -341,17 +357,21 @@ def fit_tokens_per_expert(tokens: int, top_k: int, kept: int,
     return max(1, int(tokens * (1 - holdout))) * top_k // kept
 
 
-def fit_bytes(tokens: int, top_k: int, experts: int, ffn: int, hidden: int) -> int:
+def fit_bytes(tokens: int, top_k: int, experts: int, ffn: int, hidden: int,
+              element: int) -> int:
     """The most fit_layer holds for a layer fitted on `tokens` calibration tokens routed
     top_k over `experts` experts of `ffn` neurons, however unevenly they are routed: the
     Gram matrices (an expert's n tokens give min(n, F)² entries, n summing to the routed
-    slots), one factorisation, the activations (an expert in the dual form keeps its
-    [n, F], one in the primal form within FIT_KEEP_BYTES, the held-out tokens' within it
-    too), and the fp32 down projections fitted and the prior they start from."""
+    slots), one factorisation, the fp32 down projections fitted and the prior they start
+    from, two states (the best ridge's and the one being tried: each expert's change, [F, H]
+    or [n, H], and the layer's prediction), and the activations in the compute dtype (element
+    bytes each: an expert in the dual form keeps its [n, F], one in the primal form within
+    FIT_KEEP_BYTES, the held-out tokens' within it too)."""
     fit_tokens = int(tokens * (1 - HOLDOUT_FRACTION))
     slots, largest = fit_tokens * top_k, min(fit_tokens, ffn)
     grams = min(slots * largest, experts * ffn * ffn)
-    kept = min(slots * ffn, FIT_KEEP_BYTES // 4 + experts * ffn * ffn)
-    held_out = min((tokens - fit_tokens) * top_k * ffn, FIT_KEEP_BYTES // 4)
+    states = 2 * (min(slots, experts * ffn) + fit_tokens) * hidden
+    kept = min(slots * ffn, FIT_KEEP_BYTES // element + experts * ffn * ffn)
+    held_out = min((tokens - fit_tokens) * top_k * ffn, FIT_KEEP_BYTES // element)
     down = 2 * experts * hidden * ffn
-    return 4 * (grams + largest * largest + kept + held_out + down)
+    return 4 * (grams + largest * largest + states + down) + element * (kept + held_out)

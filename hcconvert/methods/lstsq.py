@@ -24,6 +24,34 @@ import torch
 RIDGE = 1e-3
 
 
+# Where torch.mm takes out_dtype=float32 for half operands (the meta device: its shapes and
+# dtypes only, what the tests check).
+WIDE_PRODUCT_DEVICES = ("cuda", "meta")
+HALF = (torch.bfloat16, torch.float16)
+
+
+def wide_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32 from operands in the compute dtype: on a GPU, half-precision operands go
+    through the tensor cores with fp32 accumulation and an fp32 result (torch.mm's
+    out_dtype), the layer fit's large products at the compute dtype's rate; elsewhere (the CPU
+    has no such kernel) the operands are widened first. b is brought to a's dtype."""
+    b = b.to(a.dtype)
+    if a.device.type in WIDE_PRODUCT_DEVICES and a.dtype in HALF:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def rounded_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b where a result rounded to a's dtype loses nothing that matters: an output the
+    reduced model itself computes in that dtype, or a change to a projection stored in it. On
+    the CPU half-precision operands then take its matrix unit (fp32 accumulation, the result
+    in a's dtype), where widening them runs at the fp32 rate, 4 to 5 times slower with AMX;
+    elsewhere it is wide_product (fp32)."""
+    if a.device.type == "cpu" and a.dtype in HALF:
+        return a @ b.to(a.dtype)
+    return wide_product(a, b)
+
+
 class RidgeSystem:
     """One Gram matrix (AᵀA [m, m] or AAᵀ [n, n], fp32), solved against several right-hand
     sides and ridges (the layer fit's rounds and its choice of ridge share it). Each solve

@@ -26,6 +26,11 @@ from .options import ConvertOptions
 # Seconds the process spends before its first layer: the imports of torch and transformers,
 # the model's skeleton, the calibration text (measured on the bench machine).
 START_SECONDS = 8.0
+# The layer fit does its work at about 0.6 of the rates timed here on square products:
+# skinny products, row gathers, a Python loop over the experts (measured over estimated
+# seconds 1.5 to 1.8 on the Mixtral-, Qwen3- and DeepSeek-shaped bench layers on the CPU,
+# docs/BENCHMARKS.md).
+FIT_EFFICIENCY = 0.6
 
 
 @dataclass(frozen=True)
@@ -33,13 +38,17 @@ class Rates:
     """What a device does per second."""
 
     products: float  # FLOP/s of large products in the compute dtype
-    fp32_products: float  # FLOP/s of large fp32 products (the fit, the matching)
+    fp32_products: float  # FLOP/s of large fp32 products (the fit's solves, on a CPU its Gram
+    # matrices too; the matching)
     factorisations: float  # FLOP/s of an fp32 Cholesky factorisation (n³/3 FLOPs)
-    copies: float  # bytes/s of a copy with a dtype change (stacking, merging)
+    copies: float  # bytes/s of a copy with a dtype change (stacking, merging, gathers)
     reads: float  # bytes/s of weights read from the checkpoint
     # Seconds of one dense Hungarian matching of n neurons is matching · n³ (scipy's LAPJV on
     # correlation matrices; docs/BENCHMARKS.md measures it at Mixtral's F).
     matching: float
+    # The share of these rates the layer fit reaches (FIT_EFFICIENCY where they are timed;
+    # rates projected from a device's peak are derated already).
+    fit_efficiency: float = 1.0
 
 
 @dataclass
@@ -91,7 +100,8 @@ def measured_rates(device: torch.device, dtype: torch.dtype) -> Rates:
         factorisations=n**3 / 3 / _timed(lambda: (torch.linalg.cholesky(spd), sync())),
         copies=big.numel() * 2 / _timed(lambda: big.float()),
         reads=big.numel() * 2 / _timed(lambda: big.clone()),
-        matching=_timed(lambda: linear_sum_assignment(cost)) / 256**3)
+        matching=_timed(lambda: linear_sum_assignment(cost)) / 256**3,
+        fit_efficiency=FIT_EFFICIENCY)
 
 
 def moe_layer_work(spec: ModelSpec, options: ConvertOptions, element: int,
@@ -110,12 +120,13 @@ def moe_layer_work(spec: ModelSpec, options: ConvertOptions, element: int,
         routed //= 3
     work = {"read": Work(reads=experts * expert_values * element),
             "forward": Work(products=attention + routed + (0 if gpu else sums),
-                            copies=experts * expert_values * (element + 4)),
+                            # the experts stacked in the compute dtype
+                            copies=experts * expert_values * element),
             "statistics": Work(products=sums if gpu else 0)}
     for name, reduction in options.reductions().items():
         work[f"reduce {name}"] = _reduce_work(spec, options, reduction, tokens)
         if reduction.layer_fit:
-            work[f"fit {name}"] = _fit_work(spec, options.experts, tokens)
+            work[f"fit {name}"] = _fit_work(spec, options.experts, tokens, element, gpu)
     return work
 
 
@@ -134,38 +145,60 @@ def _reduce_work(spec: ModelSpec, options: ConvertOptions, reduction, tokens: in
     return work
 
 
-def _fit_work(spec: ModelSpec, kept: int, tokens: int) -> Work:
+def _fit_work(spec: ModelSpec, kept: int, tokens: int, element: int, gpu: bool) -> Work:
     """The layer fit (layerfit.py), each kept expert with n routed fit tokens: its activations
     A and Gram matrix once (AᵀA in the primal form, n ≥ F; AAᵀ in the dual), then a round of
-    solves at every ridge and the chosen ridge's further rounds, each ridge's held-out output;
-    the dual form's rounds never touch F, the primal form recomputes the activations it could
-    not keep (FIT_KEEP_BYTES) in every round."""
+    solves at every ridge and the chosen ridge's further rounds, each ridge's held-out output.
+    A is computed in the compute dtype (element bytes per value), and so are the products
+    whose results are rounded anyway (outputs, the fitted projection: lstsq.rounded_product);
+    the others with A (the Gram matrix, Aᵀr) run there too on a GPU (fp32 accumulation), in
+    fp32 on the CPU (lstsq.wide_product); the solves and the Gram matrix's own products in
+    fp32, the Gram matrix times the change only once there is one (after a ridge's first
+    round). The dual form's rounds never touch F; the primal form recomputes the activations
+    it could not keep (FIT_KEEP_BYTES) in every round."""
     hidden, ffn, top_k = spec.hidden, spec.ffn, min(spec.top_k, kept)
     n = max(1, layerfit.fit_tokens_per_expert(tokens, top_k, kept))
     held = max(1, tokens * top_k // kept - n)
-    steps = len(layerfit.RIDGES) + layerfit.ROUNDS - 1  # rounds, each a solve per expert
+    # rounds of solves per expert: one at each ridge, then the chosen ridge's further ones
+    ridges, later = len(layerfit.RIDGES), layerfit.ROUNDS - 1
     activations = 4 * hidden * ffn  # per token: gate and up
-    unfitted = 2 * (n + held) * ffn * hidden  # the reduced layer's output before the fit
+    size = min(n, ffn)  # the system's: AAᵀ or AᵀA
+    solve = 2 * size * size * hidden  # two triangular solves against H columns
+    steps = ridges + later
+    evaluations = ridges + min(later, 1)  # held-out errors: each ridge's, the later rounds'
+    output = 2 * ffn * hidden  # per token, an expert's output from A
+    rounded = (n + held) * output  # the reduced layer's output before the fit
     if layerfit.dual_form(n, ffn):
-        once = (n + held) * activations + 2 * n * n * ffn + 2 * held * n * ffn \
-            + 2 * n * ffn * hidden
-        per_step = 6 * n * n * hidden
-        held_out = len(layerfit.RIDGES) * 2 * held * n * hidden
-        size = n
+        computed = (n + held) * activations
+        wide = 2 * n * n * ffn + 2 * held * n * ffn  # AAᵀ and K = A_held Aᵀ
+        rounded += n * output  # the fitted projection, AᵀC
+        # AAᵀ C in every step, K C in every evaluation
+        fp32 = steps * 2 * n * n * hidden + evaluations * 2 * held * n * hidden
     else:
-        unkept = 1 - min(1.0, layerfit.FIT_KEEP_BYTES / (kept * n * ffn * 4))
-        once = (n + held) * activations + 2 * n * ffn * ffn
-        per_step = 4 * n * ffn * hidden + 6 * ffn * ffn * hidden + unkept * n * activations
-        held_out = len(layerfit.RIDGES) * 2 * held * ffn * hidden
-        size = ffn
-    return Work(fp32_products=kept * (once + unfitted + steps * per_step + held_out),
+        # A not kept is recomputed for the unfitted output and twice in every step (for Aᵀr,
+        # then for A ΔD)
+        unkept = 1 - min(1.0, layerfit.FIT_KEEP_BYTES / (kept * n * ffn * element))
+        computed = (n + held + unkept * n * (1 + 2 * steps)) * activations
+        wide = 2 * n * ffn * ffn + steps * n * output  # AᵀA, Aᵀr
+        rounded += steps * n * output + evaluations * held * output  # A ΔD, held-out outputs
+        fp32 = 0.0
+    # each step gathers its tokens' target and prediction rows, forms the residual and adds
+    # the update back: about five copies of an [n, H] fp32 matrix (10 bytes moved per value),
+    # many small experts' main cost beside their products; in the copies rate's bytes, each
+    # of which moves three (one read, two written)
+    moved = steps * 10 * n * hidden * 4 // 3
+    return Work(copies=kept * moved,
+                products=kept * (computed + rounded + (wide if gpu else 0)),
+                fp32_products=kept * (steps * solve + later * solve + fp32
+                                      + (0 if gpu else wide)),
                 factorisations=kept * steps * size**3 / 3)
 
 
 def layer_seconds(spec: ModelSpec, options: ConvertOptions, rates: Rates, element: int,
                   gpu: bool) -> dict[str, float]:
     """Each phase's estimated seconds in one MoE layer."""
-    return {phase: work.seconds(rates)
+    return {phase: work.seconds(rates) / (rates.fit_efficiency if phase.startswith("fit ")
+                                          else 1.0)
             for phase, work in moe_layer_work(spec, options, element, gpu).items()}
 
 

@@ -170,7 +170,8 @@ def _token_bytes(spec: ModelSpec, options: ConvertOptions, dtype: torch.dtype,
     total = copies * tokens * spec.hidden * element_bytes(dtype)
     if options.fits_layers:
         total += 2 * tokens * spec.hidden * 4 + fit_bytes(tokens, spec.top_k, options.experts,
-                                                          spec.ffn, spec.hidden)
+                                                          spec.ffn, spec.hidden,
+                                                          element_bytes(dtype))
     return total
 
 
