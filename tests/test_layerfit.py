@@ -214,6 +214,23 @@ def test_the_model_cards_command_spells_the_fit_as_a_switch(tmp_path):
                     "--out out")
 
 
+@pytest.mark.parametrize("ffn", [F, 80 * F])  # the primal form, and the dual (n < F)
+def test_parking_the_best_ridges_state_leaves_the_fit_as_it_was(layer, monkeypatch, ffn):
+    """On a GPU the best ridge's state waits on the host while the next is made; parked (here
+    as a copy on the CPU itself) the fit chooses and returns the same."""
+    x, router, experts, target = layer
+    small_router, survivors = kept(router, experts, [1, 3, 4, 6])
+    if ffn != F:  # as wide, the same layer's output: the fit has something to find
+        survivors = Experts(*(torch.cat([w] * 80, dim=axis) / scale for w, axis, scale in (
+            (survivors.gate, 1, 1), (survivors.up, 1, 1), (survivors.down, 2, 80))))
+    fitted, report = fit_layer(x, target, survivors, top2(small_router))
+    monkeypatch.setattr(layerfit, "PARKING", {"cpu": torch.device("cpu")})
+    parked, parked_report = fit_layer(x, target, survivors, top2(small_router))
+    assert layerfit.dual_form(layerfit.fit_tokens_per_expert(T, 2, 4), ffn) == (ffn != F)
+    assert report.fitted and parked_report == report
+    torch.testing.assert_close(parked.down, fitted.down, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("tokens", [T, 300])  # the primal form, and the dual (n < F)
 def test_what_the_fit_holds_stays_within_the_estimates_bound(layer, tokens):
     """The --dry-run estimate counts layerfit.fit_bytes for the Gram matrices, the

@@ -66,6 +66,9 @@ CHUNK_TOKENS = 8192
 # experts hold 2.8 GB in bf16 at the default calibration; at 1 GiB, recomputing the rest was
 # 40 % of the fit's products there (pipeline/cost.py).
 FIT_KEEP_BYTES = 4 << 30
+# Where the best ridge's state waits while the next is made, by the device the fit runs on:
+# a GPU's on the host.
+PARKING = {"cuda": torch.device("cpu")}
 
 
 @dataclass(frozen=True)
@@ -256,8 +259,11 @@ class _FitState:
     changes: dict[int, torch.Tensor]
     predicted: torch.Tensor
 
-    def copy(self) -> _FitState:
-        return _FitState({e: c.clone() for e, c in self.changes.items()}, self.predicted.clone())
+    def copy(self, device: torch.device | None = None) -> _FitState:
+        """A copy, on device (default: where it is)."""
+        def copied(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device or t.device, copy=True)
+        return _FitState({e: copied(c) for e, c in self.changes.items()}, copied(self.predicted))
 
 
 class _DownFit:
@@ -302,7 +308,7 @@ class _DownFit:
         cost seconds of fresh pages."""
         down = self.experts.down.to(dtype, copy=True)
         for e, system in self.systems.items():
-            down[e] += system.change(state.changes[e]).to(down.device)
+            down[e] += system.change(state.changes[e].to(self.x.device)).to(down.device)
         return down
 
 
@@ -334,16 +340,21 @@ def fit_layer(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Ro
         return relative_error(fit.held_out(held_x, held, held_unfitted, state), held_y)
 
     # The ridge is chosen after one round (the later rounds move the held-out error in its
-    # third digit, not the ranking of ridges: docs/BENCHMARKS.md); only it goes on.
+    # third digit, not the ranking of ridges: docs/BENCHMARKS.md); only it goes on. Off the
+    # CPU the best state waits on the host while the next is made (a state is each kept
+    # expert's [F, H] change: 7.5 GB for DeepSeek-V3), so one at a time is on the GPU.
+    park = PARKING.get(x.device.type)
     best = None
     for ridge in RIDGES:
         state = fit.solve(ridge, rounds=1)
         error = held_out_error(state)
         if best is None or error < best[0]:
-            best = error, ridge, state
+            best = None  # the earlier best goes before its successor is copied
+            best = error, ridge, state if park is None else state.copy(park)
+        del state  # before the next ridge's is made
     error, ridge, state = best
     if ROUNDS > 1:
-        more = fit.solve(ridge, ROUNDS - 1, start=state.copy())
+        more = fit.solve(ridge, ROUNDS - 1, start=state.copy(x.device))
         error, state = min((error, state), (held_out_error(more), more), key=lambda p: p[0])
     report = FitReport(before, error, error < before, ridge)
     if not report.fitted:
@@ -357,21 +368,28 @@ def fit_tokens_per_expert(tokens: int, top_k: int, kept: int,
     return max(1, int(tokens * (1 - holdout))) * top_k // kept
 
 
+def fit_state_bytes(tokens: int, top_k: int, experts: int, ffn: int, hidden: int) -> int:
+    """One state of the fit: each kept expert's change ([F, H] in the primal form, [n, H] in
+    the dual, fp32; their rows bounded by the routed slots) and the layer's prediction."""
+    fit_tokens = int(tokens * (1 - HOLDOUT_FRACTION))
+    return 4 * (min(fit_tokens * top_k, experts * ffn) + fit_tokens) * hidden
+
+
 def fit_bytes(tokens: int, top_k: int, experts: int, ffn: int, hidden: int,
-              element: int) -> int:
+              element: int, parked: bool = False) -> int:
     """The most fit_layer holds for a layer fitted on `tokens` calibration tokens routed
     top_k over `experts` experts of `ffn` neurons, however unevenly they are routed: the
     Gram matrices (an expert's n tokens give min(n, F)² entries, n summing to the routed
     slots), one factorisation, the fp32 down projections fitted and the prior they start
-    from, two states (the best ridge's and the one being tried: each expert's change, [F, H]
-    or [n, H], and the layer's prediction), and the activations in the compute dtype (element
-    bytes each: an expert in the dual form keeps its [n, F], one in the primal form within
+    from, two states (the best ridge's and the one being made; one where the best is parked
+    on the host, as off the CPU), and the activations in the compute dtype (element bytes
+    each: an expert in the dual form keeps its [n, F], one in the primal form within
     FIT_KEEP_BYTES, the held-out tokens' within it too)."""
     fit_tokens = int(tokens * (1 - HOLDOUT_FRACTION))
     slots, largest = fit_tokens * top_k, min(fit_tokens, ffn)
     grams = min(slots * largest, experts * ffn * ffn)
-    states = 2 * (min(slots, experts * ffn) + fit_tokens) * hidden
     kept = min(slots * ffn, FIT_KEEP_BYTES // element + experts * ffn * ffn)
     held_out = min((tokens - fit_tokens) * top_k * ffn, FIT_KEEP_BYTES // element)
     down = 2 * experts * hidden * ffn
-    return 4 * (grams + largest * largest + states + down) + element * (kept + held_out)
+    states = (1 if parked else 2) * fit_state_bytes(tokens, top_k, experts, ffn, hidden)
+    return 4 * (grams + largest * largest + down) + states + element * (kept + held_out)

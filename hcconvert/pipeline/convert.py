@@ -302,7 +302,7 @@ class LayerPipeline:
             self.reducers[0].options, experts=max(r.options.experts for r in self.reducers),
             layer_fit=any(r.fits_layers for r in self.reducers))
         return layer_budget(self.spec, options, self.dtype, other, bool(self.plan.mtp_layers),
-                            self.budget).chunk_experts
+                            self.budget, gpu=self.device.type == "cuda").chunk_experts
 
     def dense(self, stored: dict, layer: int | None):
         """A layer's stored tensors (the globals for None) as the forward reads them, quantized

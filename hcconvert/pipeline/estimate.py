@@ -24,7 +24,7 @@ import torch
 from ..errors import UserError
 from ..io.source import Checkpoint
 from ..methods.alignment import ALIGN_CHUNK_TOKENS
-from ..methods.layerfit import CHUNK_TOKENS, fit_bytes
+from ..methods.layerfit import CHUNK_TOKENS, fit_bytes, fit_state_bytes
 from ..methods.merging import ACTIVATION_RULES
 from ..methods.ream_alignment import PCA_COMPONENTS, SAMPLE_TOKENS
 from ..model.decoder import compute_dtype
@@ -101,11 +101,12 @@ def moe_layer_values(spec: ModelSpec) -> int:
 
 
 def layer_budget(spec: ModelSpec, options: ConvertOptions, dtype: torch.dtype,
-                 other_values: int, mtp: bool, budget: int | None) -> LayerBudget:
+                 other_values: int, mtp: bool, budget: int | None,
+                 gpu: bool = False) -> LayerBudget:
     """How a MoE layer whose other tensors hold other_values values fits budget bytes (None:
-    no limit); a budget that cannot hold the token buffers, the layer's other weights and two
-    experts is a UserError."""
-    fixed = (_token_bytes(spec, options, dtype, mtp) + other_values * element_bytes(dtype)
+    no limit) on a GPU or on the CPU; a budget that cannot hold the token buffers, the
+    layer's other weights and two experts is a UserError."""
+    fixed = (_token_bytes(spec, options, dtype, mtp, gpu) + other_values * element_bytes(dtype)
              + _work_bytes(spec, options) + _ream_bytes(spec, options))
     expert = expert_bytes(spec, dtype)
     # With several candidates (auto) the best so far is held beside the one being made.
@@ -146,32 +147,35 @@ def estimate_from_shapes(spec: ModelSpec, options: ConvertOptions, stored: torch
     other_values, the largest MoE layer's values besides its routed experts."""
     dtype = compute_dtype(torch.device("cuda" if gpu else "cpu"), stored, options.compute_dtype)
     scale = element_bytes(dtype) / element_bytes(stored)  # compute bytes per stored byte
-    start = int(globals_bytes * scale) + _token_bytes(spec, options, dtype, mtp)
+    start = int(globals_bytes * scale) + _token_bytes(spec, options, dtype, mtp, gpu)
     streamed = PROCESS_BYTES + 2 * layer_bytes + globals_bytes
     if not gpu:  # the budget is the GPU's: on the CPU the whole layer is computed at once
         layer = layer_budget(spec, options, dtype, other_values, mtp, None)
         return MemoryEstimate(0, streamed + max(start, layer.device))
-    layer = layer_budget(spec, options, dtype, other_values, mtp, budget)
+    layer = layer_budget(spec, options, dtype, other_values, mtp, budget, gpu=True)
     if budget is not None and start > budget:
         raise UserError(f"--max-gpu-memory {human_bytes(budget)} is too small: the embedding "
                         f"table and the calibration tokens need {human_bytes(start)} on the GPU")
-    return MemoryEstimate(max(start, layer.device), streamed + layer.host_experts,
+    tokens = options.calib_samples * options.seq_len
+    parked = fit_state_bytes(tokens, spec.top_k, options.experts, spec.ffn,
+                             spec.hidden) if options.fits_layers else 0
+    return MemoryEstimate(max(start, layer.device), streamed + layer.host_experts + parked,
                           layer.chunk_experts)
 
 
 def _token_bytes(spec: ModelSpec, options: ConvertOptions, dtype: torch.dtype,
-                 mtp: bool) -> int:
+                 mtp: bool, gpu: bool) -> int:
     """The hidden states, the MoE inputs the router record keeps, the layer's input with
     --propagate merged, the MTP layer's next-token embeddings, and with a layer fit its
     target (the original routed output) and its prediction, fp32, and what it keeps between
-    its rounds."""
+    its rounds (on a GPU, without the state it parks on the host)."""
     tokens = options.calib_samples * options.seq_len
     copies = 2 + options.propagates_merged + mtp
     total = copies * tokens * spec.hidden * element_bytes(dtype)
     if options.fits_layers:
         total += 2 * tokens * spec.hidden * 4 + fit_bytes(tokens, spec.top_k, options.experts,
                                                           spec.ffn, spec.hidden,
-                                                          element_bytes(dtype))
+                                                          element_bytes(dtype), parked=gpu)
     return total
 
 
