@@ -22,7 +22,7 @@ from pathlib import Path
 from hcconvert.eval import greedy
 from hcconvert.eval.compare import compare, named_variants
 from hcconvert.model.spec import open_source
-from hcconvert.pipeline.options import ConvertOptions
+from hcconvert.pipeline.options import COMPUTE_DTYPES, ConvertOptions
 
 METHODS = ["auto", "o-prune", "f-prune", "msmoe", "o-prune-fit", "f-prune-fit", "msmoe-fit",
            "hc-smoe", "mergemoe", "ream", "ream-balanced"]
@@ -51,11 +51,11 @@ def layer_errors(out: Path) -> list[dict]:
 
 
 def run(model: Path, fraction: float, calib: Path, tokens: int, methods: list[str],
-        corpus: Path) -> dict:
+        corpus: Path, compute_dtype: str = "auto") -> dict:
     _, spec = open_source(str(model))
     experts = max(1, round(spec.num_experts * fraction))
     base = ConvertOptions(experts=experts, calib=str(calib), calib_samples=tokens // SEQ_LEN,
-                          seq_len=SEQ_LEN, device="cpu")
+                          seq_len=SEQ_LEN, device="cpu", compute_dtype=compute_dtype)
     texts = domain_files(corpus)
     with tempfile.TemporaryDirectory() as tmp:
         results = compare(str(model), named_variants(methods, base), texts, Path(tmp),
@@ -64,7 +64,7 @@ def run(model: Path, fraction: float, calib: Path, tokens: int, methods: list[st
     names = [text.stem.removeprefix("eval-") for text in texts]
     label = f"{model.parent.name}/{model.name}" if model.name.startswith("step-") else model.name
     return {"model": label, "experts": f"{spec.num_experts}->{experts}",
-            "calib": calib.name, "tokens": tokens,
+            "calib": calib.name, "tokens": tokens, "compute_dtype": compute_dtype,
             "methods": {r.label: {
                 "kl": r.fidelity.kl, "top1": r.fidelity.top1_agreement,
                 "ppl": r.fidelity.perplexity_reduced,
@@ -79,7 +79,7 @@ def run(model: Path, fraction: float, calib: Path, tokens: int, methods: list[st
 def markdown(result: dict) -> str:
     domains = sorted(next(iter(result["methods"].values()))["kl_by_domain"])
     rows = [f"### {result['model']}, {result['experts']}, {result['tokens']} tokens of "
-            f"`{result['calib']}`", "",
+            f"`{result['calib']}`, {result['compute_dtype']} compute", "",
             "| method | KL (all domains) | " + " | ".join(domains)
             + " | repeated 4-grams | original's ppl of its text | own minutes |",
             "| --- " * (len(domains) + 5) + "|"]
@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--json", type=Path, help="also append each result as a JSON line")
+    parser.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="auto",
+                        help="the conversions' (the evaluation's stays the model's own)")
     args = parser.parse_args()
     calib = args.calib or args.corpus / "calib.jsonl"
     print(f"machine: {platform.node()} ({platform.machine()}), CPU, "
@@ -118,7 +120,7 @@ def main() -> None:
         for fraction in args.fractions:
             for tokens in args.calib_tokens:
                 result = run(model, fraction, calib, tokens, args.methods.split(","),
-                             args.corpus)
+                             args.corpus, args.compute_dtype)
                 print(markdown(result), flush=True)
                 if args.json:
                     with args.json.open("a") as f:
