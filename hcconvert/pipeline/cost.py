@@ -173,6 +173,9 @@ def _fit_work(spec: ModelSpec, kept: int, tokens: int, element: int, gpu: bool) 
     steps = ridges + later
     evaluations = ridges + min(later, 1)  # held-out errors: each ridge's, the later rounds'
     output = 2 * ffn * hidden  # per token, an expert's output from A
+    if layerfit.fit_tokens_per_expert(tokens, top_k, kept) < layerfit.MIN_FIT_TOKENS:
+        # the fit is not tried: the held-out tokens' unfitted error alone
+        return Work(products=kept * held * (activations + output))
     rounded = (n + held) * output  # the reduced layer's output before the fit
     if layerfit.dual_form(n, ffn):
         computed = (n + held) * activations
