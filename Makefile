@@ -54,7 +54,13 @@ $(MODELS)/mixtral-upcycled/train_log.json: $(CORPUS)/manifest.json
 $(MODELS)/qwen2_moe-fine/train_log.json: $(CORPUS)/manifest.json
 	$(TRAIN) --kind scratch --family qwen2_moe --experts 64 --top-k 6 --intermediate 128 \
 		--shared-intermediate 512 --steps 1200 --save-at 600 --out $(@D)
-BENCH_MODELS := $(MODELS)/mixtral-scratch $(MODELS)/mixtral-upcycled $(MODELS)/qwen2_moe-fine
+# DeepSeek-V3's routing: sigmoid scores and a correction bias moved towards balance, no
+# auxiliary loss
+$(MODELS)/deepseek_v3-fine/train_log.json: $(CORPUS)/manifest.json
+	$(TRAIN) --kind scratch --family deepseek_v3 --experts 64 --top-k 6 --intermediate 128 \
+		--shared-intermediate 512 --steps 1200 --save-at 600 --out $(@D)
+BENCH_MODELS := $(MODELS)/mixtral-scratch $(MODELS)/mixtral-upcycled $(MODELS)/qwen2_moe-fine \
+	$(MODELS)/deepseek_v3-fine
 
 bench-models: $(BENCH_MODELS:%=%/train_log.json)
 
@@ -69,6 +75,7 @@ bench-quality: bench-models
 		--calib-tokens 8192 32768 65536 \
 		--methods auto,o-prune,f-prune,o-prune-fit,f-prune-fit,msmoe-fit,hc-smoe,ream
 	$(QUALITY) $(MODELS)/mixtral-scratch/step-1500 $(MODELS)/qwen2_moe-fine/step-600 \
+		$(MODELS)/deepseek_v3-fine/step-600 $(MODELS)/deepseek_v3-fine \
 		--fractions 0.5 --methods auto,o-prune,f-prune,ream
 
 lint: $(STAMP)

@@ -121,6 +121,21 @@ def make_config(args, vocab: int, bos: int, eos: int, num_experts: int, top_k: i
 
         return MixtralConfig(intermediate_size=args.intermediate, num_local_experts=num_experts,
                              **common)
+    if args.family == "deepseek_v3":
+        from transformers import DeepseekV3Config
+
+        # DeepSeek-V3's routing at a small width: sigmoid scores, the top-k renormalised, a
+        # shared expert, every layer MoE, MLA attention; no auxiliary loss (balanced by the
+        # correction bias, SigmoidBalancer)
+        return DeepseekV3Config(
+            intermediate_size=args.shared_intermediate, moe_intermediate_size=args.intermediate,
+            n_routed_experts=num_experts, n_shared_experts=max(
+                1, args.shared_intermediate // args.intermediate),
+            first_k_dense_replace=0, n_group=1, topk_group=1, norm_topk_prob=True,
+            routed_scaling_factor=1.0, num_nextn_predict_layers=0, q_lora_rank=None,
+            kv_lora_rank=64,
+            qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+            **{**common, "output_router_logits": False, "num_key_value_heads": args.heads})
     from transformers import Qwen2MoeConfig
 
     return Qwen2MoeConfig(
@@ -136,12 +151,49 @@ def make_config(args, vocab: int, bos: int, eos: int, num_experts: int, top_k: i
 
 
 def make_model(config):
-    from transformers import MixtralForCausalLM, Qwen2MoeForCausalLM
+    from transformers import DeepseekV3ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM
 
-    cls = MixtralForCausalLM if config.model_type == "mixtral" else Qwen2MoeForCausalLM
+    cls = {"mixtral": MixtralForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM}.get(
+        config.model_type, Qwen2MoeForCausalLM)
     model = cls(config)
     model.to(torch.float32)
+    for gate in sigmoid_gates(model):
+        gate.register_forward_hook(record_picks)
     return model
+
+
+def sigmoid_gates(model) -> list:
+    """DeepSeek-V3-style routers (sigmoid scores and a correction bias), in layer order."""
+    return [m for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+
+
+def record_picks(gate, inputs, output) -> None:
+    gate.picked = output[2]  # (logits, weights, indices): the experts each token picked
+
+
+def picked_experts(model, out, top_k: int) -> list[torch.Tensor]:
+    """Each MoE layer's picked experts in the last forward: the sigmoid routers record them,
+    the softmax ones return their logits."""
+    gates = sigmoid_gates(model)
+    if gates:
+        return [gate.picked.flatten() for gate in gates]
+    return [torch.topk(rl.float(), top_k, dim=-1).indices.flatten() for rl in out.router_logits]
+
+
+class SigmoidBalancer:
+    """DeepSeek-V3's balancing without an auxiliary loss: after each step every router's
+    correction bias moves by `rate` up for the experts its tokens picked less than average
+    and down for the others (Wang et al. 2024; DeepSeek-V3 uses 0.001)."""
+
+    def __init__(self, model, rate: float = 1e-3):
+        self.gates, self.rate = sigmoid_gates(model), rate
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for gate in self.gates:
+            load = torch.bincount(gate.picked.flatten(),
+                                  minlength=gate.e_score_correction_bias.numel()).float()
+            gate.e_score_correction_bias += self.rate * torch.sign(load.mean() - load)
 
 
 def upcycle(dense, moe, noise: float, gen) -> dict:
@@ -277,6 +329,7 @@ def train_phase(model, name, data, args, gen, *, budget_s, steps, p0, p1, t_star
     runs after every step (the held-out curve, intermediate checkpoints).
     """
     opt = make_optimizer(model, args)
+    balancer = SigmoidBalancer(model)
     governor.reset()
     model.train()
     bos = model.config.bos_token_id
@@ -300,6 +353,7 @@ def train_phase(model, name, data, args, gen, *, budget_s, steps, p0, p1, t_star
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        balancer.step()
         aux = float(out.aux_loss.detach()) if use_aux and out.aux_loss is not None else 0.0
         ce = float(out.loss) - coef * aux if use_aux else float(out.loss)
         losses.append(ce)
@@ -347,14 +401,14 @@ def evaluate(model, eval_ids: np.ndarray, n_bytes: int, args) -> dict:
         batches = ([torch.stack(full)] if full else []) + [
             w[None] for w in group if len(w) != args.seq_len]
         for x in batches:
-            out = model(input_ids=x, output_router_logits=num_experts > 1)
+            out = model(input_ids=x, output_router_logits=num_experts > 1
+                        and not sigmoid_gates(model))
             logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
             tgt = x[:, 1:]
             nll -= float(logp.gather(-1, tgt[..., None]).sum())
             ntok += tgt.numel()
             if num_experts > 1:
-                for layer, rl in enumerate(out.router_logits):
-                    sel = torch.topk(rl.float(), top_k, dim=-1).indices.flatten()
+                for layer, sel in enumerate(picked_experts(model, out, top_k)):
                     counts[layer] += torch.bincount(sel, minlength=num_experts)
     model.train()
     res = {"eval_tokens": ntok, "eval_bytes": n_bytes, "eval_nll": nll / ntok,
@@ -382,9 +436,9 @@ def usage_by_source(model, tok, calib: Path, args, max_records: int = 24) -> dic
         counts = torch.zeros(model.config.num_hidden_layers, num_experts, dtype=torch.long)
         for text in by_src[src][:max_records]:
             ids = tok.encode(text).ids[: args.seq_len]
-            out = model(input_ids=torch.tensor([ids]), output_router_logits=True)
-            for layer, rl in enumerate(out.router_logits):
-                sel = torch.topk(rl.float(), top_k, dim=-1).indices.flatten()
+            out = model(input_ids=torch.tensor([ids]),
+                        output_router_logits=not sigmoid_gates(model))
+            for layer, sel in enumerate(picked_experts(model, out, top_k)):
                 counts[layer] += torch.bincount(sel, minlength=num_experts)
         freq = counts.double() / counts.sum(dim=1, keepdim=True)
         res[src] = [[round(float(f), 3) for f in row] for row in freq]
@@ -433,7 +487,8 @@ def saved_tensor_names(out: Path, layer: int = 0) -> list[str]:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Train a small MoE LM on CPU (HF format).")
     ap.add_argument("--kind", choices=["scratch", "upcycled"], default="scratch")
-    ap.add_argument("--family", choices=["mixtral", "qwen2_moe"], default="mixtral")
+    ap.add_argument("--family", choices=["mixtral", "qwen2_moe", "deepseek_v3"],
+                    default="mixtral")
     ap.add_argument("--out", required=True)
     ap.add_argument("--corpus", default="bench-out/corpus")
     ap.add_argument("--minutes", type=float, default=4.0, help="wall-clock training budget")
