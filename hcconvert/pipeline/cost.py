@@ -61,12 +61,14 @@ class Work:
     copies: float = 0.0  # bytes
     reads: float = 0.0  # bytes
     matchings: list[int] = field(default_factory=list)  # neurons of each dense matching
+    fit: bool = False  # the layer fit's: at the rates' fit_efficiency
 
     def seconds(self, rates: Rates) -> float:
-        return (self.products / rates.products + self.fp32_products / rates.fp32_products
-                + self.factorisations / rates.factorisations + self.copies / rates.copies
-                + self.reads / rates.reads
-                + sum(rates.matching * n ** 3 for n in self.matchings))
+        seconds = (self.products / rates.products + self.fp32_products / rates.fp32_products
+                   + self.factorisations / rates.factorisations + self.copies / rates.copies
+                   + self.reads / rates.reads
+                   + sum(rates.matching * n ** 3 for n in self.matchings))
+        return seconds / rates.fit_efficiency if self.fit else seconds
 
 
 def _timed(run, repeats: int = 3) -> float:
@@ -165,17 +167,17 @@ def _fit_work(spec: ModelSpec, kept: int, tokens: int, element: int, gpu: bool) 
     hidden, ffn, top_k = spec.hidden, spec.ffn, min(spec.top_k, kept)
     n = max(1, layerfit.fit_tokens_per_expert(tokens, top_k, kept))
     held = max(1, tokens * top_k // kept - n)
+    activations = 4 * hidden * ffn  # per token: gate and up
+    output = 2 * ffn * hidden  # per token, an expert's output from A
+    if n < layerfit.MIN_FIT_TOKENS:
+        # the fit is not tried: the held-out tokens' unfitted error alone
+        return Work(products=kept * held * (activations + output), fit=True)
     # rounds of solves per expert: one at each ridge, then the chosen ridge's further ones
     ridges, later = len(layerfit.RIDGES), layerfit.ROUNDS - 1
-    activations = 4 * hidden * ffn  # per token: gate and up
     size = min(n, ffn)  # the system's: AAᵀ or AᵀA
     solve = 2 * size * size * hidden  # two triangular solves against H columns
     steps = ridges + later
     evaluations = ridges + min(later, 1)  # held-out errors: each ridge's, the later rounds'
-    output = 2 * ffn * hidden  # per token, an expert's output from A
-    if layerfit.fit_tokens_per_expert(tokens, top_k, kept) < layerfit.MIN_FIT_TOKENS:
-        # the fit is not tried: the held-out tokens' unfitted error alone
-        return Work(products=kept * held * (activations + output))
     rounded = (n + held) * output  # the reduced layer's output before the fit
     if layerfit.dual_form(n, ffn):
         computed = (n + held) * activations
@@ -200,14 +202,13 @@ def _fit_work(spec: ModelSpec, kept: int, tokens: int, element: int, gpu: bool) 
                 products=kept * (computed + rounded + (wide if gpu else 0)),
                 fp32_products=kept * (steps * solve + later * solve + fp32
                                       + (0 if gpu else wide)),
-                factorisations=kept * steps * size**3 / 3)
+                factorisations=kept * steps * size**3 / 3, fit=True)
 
 
 def layer_seconds(spec: ModelSpec, options: ConvertOptions, rates: Rates, element: int,
                   gpu: bool) -> dict[str, float]:
     """Each phase's estimated seconds in one MoE layer."""
-    return {phase: work.seconds(rates) / (rates.fit_efficiency if phase.startswith("fit ")
-                                          else 1.0)
+    return {phase: work.seconds(rates)
             for phase, work in moe_layer_work(spec, options, element, gpu).items()}
 
 
