@@ -18,7 +18,8 @@ CALIBRATION = dict(calib_samples=2, seq_len=32)
 def budget_for(src, options: ConvertOptions, chunk: int) -> int:
     """The budget under which the pipeline brings `chunk` experts at a time."""
     _, spec = open_source(str(src))
-    whole = layer_budget(spec, options, torch.float32, moe_layer_values(spec), False, None)
+    whole = layer_budget(spec, options, torch.float32, moe_layer_values(spec), False, None,
+                         gpu=True)
     return whole.fixed + 2 * chunk * whole.expert
 
 
@@ -70,6 +71,15 @@ def test_a_budget_below_two_experts_is_one_line_before_any_work(tmp_path, calib_
     result = run(*convert_args(src, tmp_path / "out", calib_text, "--max-gpu-memory", budget))
     assert_user_error(result, "--max-gpu-memory")
     assert "is too small" in result.stderr and not (tmp_path / "out").exists()
+    dry = run(*convert_args(src, tmp_path / "out", calib_text, "--max-gpu-memory", budget),
+              "--dry-run")
+    assert_user_error(dry, "--max-gpu-memory")
+    assert "is too small" in dry.stderr and not (tmp_path / "out").exists()
+    # one byte more is enough for both, the run's chunks counted as the dry run counts them
+    for extra in ("--dry-run",), ():
+        enough = run(*convert_args(src, tmp_path / "out", calib_text, "--max-gpu-memory",
+                                   budget + 1), *extra)
+        assert enough.exit_code == 0, enough.output
 
 
 def test_a_malformed_budget_is_one_line(tmp_path, calib_text):

@@ -301,8 +301,10 @@ class LayerPipeline:
         options = dataclasses.replace(
             self.reducers[0].options, experts=max(r.options.experts for r in self.reducers),
             layer_fit=any(r.fits_layers for r in self.reducers))
+        # The budget is a GPU's, counted as --dry-run counts it (the fit's best state parked
+        # on the host) even where a CPU run stands in for the GPU, so both refuse alike.
         return layer_budget(self.spec, options, self.dtype, other, bool(self.plan.mtp_layers),
-                            self.budget, gpu=self.device.type == "cuda").chunk_experts
+                            self.budget, gpu=True).chunk_experts
 
     def dense(self, stored: dict, layer: int | None):
         """A layer's stored tensors (the globals for None) as the forward reads them, quantized
