@@ -8,7 +8,7 @@ import pytest
 import torch
 from checkpoints import save_tiny_mixtral
 
-from hcconvert.methods import layerfit
+from hcconvert.methods import layerfit, lstsq
 from hcconvert.methods.layerfit import (
     HOLDOUT_FRACTION,
     fit_down,
@@ -16,7 +16,7 @@ from hcconvert.methods.layerfit import (
     layer_output,
     relative_error,
 )
-from hcconvert.methods.lstsq import rounded_product, wide_product
+from hcconvert.methods.lstsq import gram_matrix, rounded_product, wide_product
 from hcconvert.methods.statistics import LayerStats
 from hcconvert.model.experts import Experts, RoutedExperts
 from hcconvert.pipeline.convert import convert
@@ -145,6 +145,23 @@ def test_wide_products_accumulate_half_precision_operands_in_fp32():
                                atol=0, rtol=0)
     meta = wide_product(a.to("meta"), b.to("meta"))
     assert meta.dtype == torch.float32 and meta.shape == (64, 8)
+
+
+@pytest.mark.parametrize("columns", [1, 9, 10, 23])
+def test_gram_matrix_multiplies_the_lower_blocks_only_and_mirrors_them(monkeypatch, columns):
+    """Σ aᵀa over row blocks from the blocks on and below the diagonal (column blocks of 3,
+    the last one partial or whole), equal to the full product and exactly symmetric; its FLOP
+    count is the blocks' products: about half the full product's when there are many."""
+    monkeypatch.setattr(lstsq, "GRAM_BLOCK", 3)
+    parts = [torch.randn(rows, columns).bfloat16() for rows in (7, 1, 30)]
+    full = sum(wide_product(a.T, a) for a in parts)
+    out = gram_matrix(parts, columns, torch.device("cpu"))
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out, out.T)
+    blocks = {1: [1], 9: [9, 6, 3], 10: [10, 7, 4, 1], 23: range(23, 0, -3)}[columns]
+    products = sum(2 * 38 * rows * min(3, rows) for rows in blocks)
+    assert lstsq.gram_flops(38, columns) == products
+    assert lstsq.gram_flops(38, 3000) < 0.51 * 2 * 38 * 3000**2
 
 
 def test_rounded_products_take_the_cpus_half_precision_kernel_and_are_wide_elsewhere():

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.experts import Experts
-from .lstsq import RidgeSystem, rounded_product, wide_product
+from .lstsq import RidgeSystem, gram_matrix, rounded_product, wide_product
 
 # route(x [T, H]) -> (weights [T, K], index [T, K]): a layer's routing rule, router included
 # (transformers' own router of the family, with the layer's reduced router tensors).
@@ -176,12 +176,9 @@ class _Primal:
     (transposed). A is kept within the budget, else recomputed each round."""
 
     def __init__(self, x, experts: Experts, at: int, routed: _Routed, budget: list[int]):
-        ffn = experts.up.shape[1]
         routed.keep(x, experts, at, budget)
-        gram = torch.zeros(ffn, ffn, device=x.device)
-        for _, a in routed.activations(x, experts, at):
-            gram += wide_product(a.T, a)
-        self.system = RidgeSystem(gram)
+        activations = (a for _, a in routed.activations(x, experts, at))
+        self.system = RidgeSystem(gram_matrix(activations, experts.up.shape[1], x.device))
 
     def start(self, hidden: int) -> torch.Tensor:
         return torch.zeros(self.system.gram.shape[0], hidden, device=self.system.gram.device)
@@ -215,7 +212,8 @@ class _Dual:
     def __init__(self, x, experts: Experts, at: int, routed: _Routed, budget: list[int]):
         routed.keep(x, experts, at, budget, always=True)
         self.a = routed.kept
-        self.system = RidgeSystem(wide_product(self.a, self.a.T), unknowns=experts.up.shape[1])
+        self.system = RidgeSystem(gram_matrix([self.a.T], self.a.shape[0], x.device),
+                                  unknowns=experts.up.shape[1])
         self.held: torch.Tensor | None = None
 
     def start(self, hidden: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ..methods import layerfit
+from ..methods import layerfit, lstsq
 from ..model.spec import ModelSpec
 from .options import ConvertOptions
 
@@ -155,8 +155,9 @@ def _reduce_work(spec: ModelSpec, options: ConvertOptions, reduction, tokens: in
 
 def _fit_work(spec: ModelSpec, kept: int, tokens: int, element: int, gpu: bool) -> Work:
     """The layer fit (layerfit.py), each kept expert with n routed fit tokens: its activations
-    A and Gram matrix once (AᵀA in the primal form, n ≥ F; AAᵀ in the dual), then a round of
-    solves at every ridge and the chosen ridge's further rounds, each ridge's held-out output.
+    A and Gram matrix once (AᵀA in the primal form, n ≥ F; AAᵀ in the dual; only its blocks
+    on and below the diagonal are multiplied), then a round of solves at every ridge and the
+    chosen ridge's further rounds, each ridge's held-out output.
     A is computed in the compute dtype (element bytes per value), and so are the products
     whose results are rounded anyway (outputs, the fitted projection: lstsq.rounded_product);
     the others with A (the Gram matrix, Aᵀr) run there too on a GPU (fp32 accumulation), in
@@ -181,7 +182,7 @@ def _fit_work(spec: ModelSpec, kept: int, tokens: int, element: int, gpu: bool) 
     rounded = (n + held) * output  # the reduced layer's output before the fit
     if layerfit.dual_form(n, ffn):
         computed = (n + held) * activations
-        wide = 2 * n * n * ffn + 2 * held * n * ffn  # AAᵀ and K = A_held Aᵀ
+        wide = lstsq.gram_flops(ffn, n) + 2 * held * n * ffn  # AAᵀ and K = A_held Aᵀ
         rounded += n * output  # the fitted projection, AᵀC
         # AAᵀ C in every step, K C in every evaluation
         fp32 = steps * 2 * n * n * hidden + evaluations * 2 * held * n * hidden
@@ -190,7 +191,7 @@ def _fit_work(spec: ModelSpec, kept: int, tokens: int, element: int, gpu: bool) 
         # then for A ΔD)
         unkept = 1 - min(1.0, layerfit.FIT_KEEP_BYTES / (kept * n * ffn * element))
         computed = (n + held + unkept * n * (1 + 2 * steps)) * activations
-        wide = 2 * n * ffn * ffn + steps * n * output  # AᵀA, Aᵀr
+        wide = lstsq.gram_flops(n, ffn) + steps * n * output  # AᵀA, Aᵀr
         rounded += steps * n * output + evaluations * held * output  # A ΔD, held-out outputs
         fp32 = 0.0
     # each step gathers its tokens' target and prediction rows, forms the residual and adds
