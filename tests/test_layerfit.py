@@ -248,6 +248,39 @@ def test_parking_the_best_ridges_state_leaves_the_fit_as_it_was(layer, monkeypat
     torch.testing.assert_close(parked.down, fitted.down, atol=0, rtol=0)
 
 
+# 48 fit tokens per neuron, above the threshold or below it; a noisy target wants the
+# largest ridge, so there the second ridge tried beats the middle one and the third is not tried
+@pytest.mark.parametrize(("threshold", "noise"), [(25, 0.0), (100, 3.0)])
+def test_the_ridges_go_from_the_middle_to_the_side_the_tokens_favour(layer, monkeypatch,
+                                                                     threshold, noise):
+    """fit_layer tries the middle ridge, then the smallest (many fit tokens per neuron) or
+    the largest (few), and the third only where the second did not beat the middle one;
+    it keeps the lowest held-out error of those tried."""
+    x, router, experts, target = layer
+    target = target + noise * target.std() * torch.randn_like(target)
+    small_router, survivors = kept(router, experts, [1, 3, 4, 6])
+    monkeypatch.setattr(layerfit, "RIDGE_TOKENS_PER_NEURON", threshold)
+    assert layerfit.fit_tokens_per_expert(T, 2, 4) / F == 48
+    tried, solve = [], layerfit._DownFit.solve
+
+    def recorded(self, ridge, rounds=layerfit.ROUNDS, start=None):
+        if start is None:
+            tried.append(ridge)
+        return solve(self, ridge, rounds, start)
+    monkeypatch.setattr(layerfit._DownFit, "solve", recorded)
+    _, report = fit_layer(x, target, survivors, top2(small_router))
+    order = list(tried)
+    small, middle, large = layerfit.RIDGES
+    assert order[:2] == [middle, small if threshold == 25 else large]
+    errors = {}
+    for ridge in layerfit.RIDGES:  # each ridge's held-out error after one round, alone
+        monkeypatch.setattr(layerfit, "RIDGES", (ridge,) * 3)
+        monkeypatch.setattr(layerfit, "ROUNDS", 1)
+        errors[ridge] = fit_layer(x, target, survivors, top2(small_router))[1].error_after
+    assert len(order) == (2 if errors[order[1]] < errors[middle] else 3) == (2 if noise else 3)
+    assert report.ridge == min(order, key=errors.get)
+
+
 @pytest.mark.parametrize("tokens", [T, 300])  # the primal form, and the dual (n < F)
 def test_what_the_fit_holds_stays_within_the_estimates_bound(layer, tokens):
     """The --dry-run estimate counts layerfit.fit_bytes for the Gram matrices, the

@@ -54,6 +54,12 @@ ROUNDS = 2
 # was tried too and chosen in none of 56 fits on the trained bench models (8k to 65k tokens,
 # up to 48 fit tokens per neuron; a real model's wider experts get fewer, wanting larger ridges).
 RIDGES = (1e-2, 1e-1, 1.0)
+# Fit tokens per neuron (per kept expert, n / F) below which the largest ridge is tried right
+# after the middle one, above which the smallest is. The best ridge grows as the tokens per
+# neuron fall (docs/DESIGN.md: the largest in 37 of 48 fits at 9, the smallest or the middle
+# one in 188 of 192 at 36 to 144), and the held-out error is unimodal in the ridge (in 286 of
+# 288 fits), so when the second ridge beats the middle one the third is not tried.
+RIDGE_TOKENS_PER_NEURON = 25
 # Fit tokens per kept expert below which the fit is not tried: on the trained bench model
 # (F = 512) the fit raised the held-out error in half the candidates at 192 and 384 tokens
 # per kept expert, in 1 of 8 at 768, in none at 1536 (docs/BENCHMARKS.md, "The fit at every
@@ -338,12 +344,15 @@ def fit_layer(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Ro
         return relative_error(fit.held_out(held_x, held, held_unfitted, state), held_y)
 
     # The ridge is chosen after one round (the later rounds move the held-out error in its
-    # third digit, not the ranking of ridges: docs/BENCHMARKS.md); only it goes on. Off the
+    # third digit, not the ranking of ridges: docs/BENCHMARKS.md), in ridge_order, the third
+    # only where the second did not beat the middle one; only the chosen one goes on. Off the
     # CPU the best state waits on the host while the next is made (a state is each kept
     # expert's [F, H] change: 7.5 GB for DeepSeek-V3), so one at a time is on the GPU.
     park = PARKING.get(x.device.type)
     best = None
-    for ridge in RIDGES:
+    for ridge in ridge_order(per_expert / experts.up.shape[1]):
+        if best is not None and best[1] != RIDGES[1]:
+            break  # the second ridge beat the middle one: the third lies beyond the middle
         state = fit.solve(ridge, rounds=1)
         error = held_out_error(state)
         if best is None or error < best[0]:
@@ -358,6 +367,15 @@ def fit_layer(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Ro
     if not report.fitted:
         return experts, report
     return dataclasses.replace(experts, down=fit.down(state, experts.down.dtype)), report
+
+
+def ridge_order(tokens_per_neuron: float) -> tuple[float, float, float]:
+    """RIDGES in the order fit_layer tries them: the middle one, then the one on the side
+    that this many fit tokens per neuron favours, then the other."""
+    small, middle, large = RIDGES
+    if tokens_per_neuron < RIDGE_TOKENS_PER_NEURON:
+        return middle, large, small
+    return middle, small, large
 
 
 def fit_tokens_per_expert(tokens: int, top_k: int, kept: int,
