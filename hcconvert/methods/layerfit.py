@@ -349,9 +349,10 @@ def fit_layer(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Ro
     # CPU the best state waits on the host while the next is made (a state is each kept
     # expert's [F, H] change: 7.5 GB for DeepSeek-V3), so one at a time is on the GPU.
     park = PARKING.get(x.device.type)
+    order = ridge_order(per_expert / experts.up.shape[1])
     best = None
-    for ridge in ridge_order(per_expert / experts.up.shape[1]):
-        if best is not None and best[1] != RIDGES[1]:
+    for ridge in order:
+        if best is not None and best[1] != order[0]:
             break  # the second ridge beat the middle one: the third lies beyond the middle
         state = fit.solve(ridge, rounds=1)
         error = held_out_error(state)
@@ -369,11 +370,16 @@ def fit_layer(x: torch.Tensor, target: torch.Tensor, experts: Experts, route: Ro
     return dataclasses.replace(experts, down=fit.down(state, experts.down.dtype)), report
 
 
+def largest_ridge_second(tokens_per_neuron: float) -> bool:
+    """Whether this many fit tokens per neuron favour the largest ridge over the smallest."""
+    return tokens_per_neuron < RIDGE_TOKENS_PER_NEURON
+
+
 def ridge_order(tokens_per_neuron: float) -> tuple[float, float, float]:
     """RIDGES in the order fit_layer tries them: the middle one, then the one on the side
     that this many fit tokens per neuron favours, then the other."""
     small, middle, large = RIDGES
-    if tokens_per_neuron < RIDGE_TOKENS_PER_NEURON:
+    if largest_ridge_second(tokens_per_neuron):
         return middle, large, small
     return middle, small, large
 

@@ -174,10 +174,10 @@ def _fit_work(spec: ModelSpec, kept: int, tokens: int, element: int, gpu: bool) 
         # the fit is not tried: the held-out tokens' unfitted error alone
         return Work(products=kept * held * (activations + output), fit=True)
     # rounds of solves per expert: one at each ridge tried, then the chosen ridge's further
-    # ones. Below RIDGE_TOKENS_PER_NEURON the largest ridge is tried second and mostly wins,
+    # ones. With few fit tokens per neuron the largest ridge is tried second and mostly wins,
     # so the third is not tried (37 of 48 fits at 9 tokens per neuron, 24 of 48 at 18:
-    # docs/DESIGN.md); above it the middle one wins most, and all three are tried.
-    ridges = 2 if n / ffn < layerfit.RIDGE_TOKENS_PER_NEURON else len(layerfit.RIDGES)
+    # docs/DESIGN.md); with many the middle one wins most, and all three are tried.
+    ridges = 2 if layerfit.largest_ridge_second(n / ffn) else len(layerfit.RIDGES)
     later = layerfit.ROUNDS - 1
     size = min(n, ffn)  # the system's: AAᵀ or AᵀA
     solve = 2 * size * size * hidden  # two triangular solves against H columns
